@@ -1,0 +1,43 @@
+# make demo: install into .venv/ and run the demo queue end to end.
+# make test: install into .venv/ and run the test suite.
+#
+# On a machine without an NVIDIA GPU, the CPU build of torch is installed first
+# ($(TORCH_CPU); set TORCH_INDEX=https://download.pytorch.org/whl/cpu where the
+# default index would hand out a CUDA build), so pulling in loraq never drags a
+# multi-GB CUDA build onto a CPU-only machine. With a GPU, torch comes from the
+# normal index as a CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= dev,ray,parquet
+STAMP := $(VENV)/.loraq-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "loraq: NVIDIA GPU found; torch comes from the normal index (CUDA build)"; \
+	elif $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
+		echo "loraq: torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "loraq: no GPU; installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/loraq demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) loraq-demo .pytest_cache

@@ -1,0 +1,199 @@
+"""Durable, atomic file operations: a reader never sees a half-written file.
+
+Every write that a reader or a restart could see goes through this module: a
+temporary sibling is written and fsynced, renamed over the target with
+``os.replace``, and the folder is fsynced so the rename itself survives a power
+cut. Folders are published the same way (write beside, fsync, rename).
+
+The OS calls go through :data:`ops`, an :class:`FileOps` object. Tests swap it
+for one that fails the k-th call (see ``tests/faults.py``) to prove the target is
+always either the old or the new content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".loraq-tmp-"
+
+
+class FileOps:
+    """The OS calls durable writes are made of. Swapped in tests to inject faults."""
+
+    def open_write(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        # os.rename of a folder onto an existing non-empty folder fails (ENOTEMPTY),
+        # which is what publishing wants: never merge into what is already there.
+        os.rename(src, dst)
+
+
+ops: FileOps = FileOps()
+
+
+@contextlib.contextmanager
+def use_ops(replacement: FileOps) -> Iterator[FileOps]:
+    """Route every durable write through ``replacement`` for the duration."""
+    global ops
+    previous, ops = ops, replacement
+    try:
+        yield replacement
+    finally:
+        ops = previous
+
+
+def tmp_sibling(target: Path) -> Path:
+    return target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ops.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = ops.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``target`` so that readers see the old or the new bytes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(target)
+    fd = ops.open_write(tmp)
+    try:
+        try:
+            _write_all(fd, data)
+            ops.fsync(fd)
+        finally:
+            ops.close(fd)
+        ops.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below ``root`` (files written by other libraries)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                ops.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def publish_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst`` in one rename.
+
+    ``src`` and ``dst`` must be on the same file system. ``dst`` must not exist
+    (or be empty); a published folder is never merged into or overwritten.
+    """
+    fsync_tree(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ops.rename(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
+    """Create folder ``target`` holding ``files`` (relative name -> bytes), atomically.
+
+    The folder appears whole or not at all; an existing ``target`` is replaced only
+    after the new one is complete on disk.
+    """
+    tmp = tmp_sibling(target)
+    tmp.mkdir(parents=True)
+    try:
+        for rel, data in files.items():
+            path = tmp / rel
+            if not path.resolve().is_relative_to(tmp.resolve()):
+                raise ValueError(f"file name {rel!r} leaves the folder")
+            atomic_write_bytes(path, data)
+        fsync_tree(tmp)
+        if target.exists():
+            remove_tree(target)
+        ops.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder so that no reader sees it half-deleted.
+
+    It is renamed to a hidden temporary name first (one atomic step), then deleted.
+    """
+    if not path.exists():
+        return
+    doomed = tmp_sibling(path)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete temporary siblings left by writes that a kill cut short."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for child in folder.iterdir():
+        if child.name.startswith(TMP_PREFIX):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    child.unlink()
+            removed.append(child)
+    return removed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

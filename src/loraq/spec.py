@@ -1,0 +1,347 @@
+"""The queue file: its schema, and how it becomes a list of resolved job specs.
+
+A queue file has ``defaults`` (merged under every job), ``jobs``, and queue-level
+settings. Every problem in the file is collected and raised at once as a
+:class:`~loraq.errors.SpecError`, each naming the file, the job and the field.
+Paths are relative to the queue file and must stay inside the allowed roots.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PathError, Problem, SpecError
+from .sandbox import Roots, is_pickle
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number (got {value})")
+    return value
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, gt=0, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+    @field_validator("alpha", "dropout")
+    @classmethod
+    def _is_finite(cls, value: float) -> float:
+        return _finite(value)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            if value != "all-linear":
+                raise ValueError("must be 'all-linear' or a list of module names")
+            return value
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError("must be a non-empty list of module names")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a module twice")
+        return value
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(3.0, gt=0, le=1000)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(2.0e-4, gt=0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096)
+    max_seq_len: int = Field(512, ge=8, le=1_048_576)
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("epochs", "learning_rate", "warmup_ratio", "weight_decay")
+    @classmethod
+    def _is_finite(cls, value: float) -> float:
+        return _finite(value)
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(min_length=1)
+    format: DatasetFormat | None = None
+
+
+class ValidationSpec(_Strict):
+    split: float = Field(0.05, ge=0.0, lt=1.0)
+    dataset: str | None = None
+    min_eval_loss_drop: float = 0.0
+
+    @field_validator("split", "min_eval_loss_drop")
+    @classmethod
+    def _is_finite(cls, value: float) -> float:
+        return _finite(value)
+
+    @model_validator(mode="after")
+    def _has_eval(self) -> ValidationSpec:
+        if self.split == 0.0 and self.dataset is None:
+            raise ValueError("needs split > 0 or a dataset: the eval loss gates publishing")
+        return self
+
+
+class JobSpec(_Strict):
+    """One adapter to train, as written in the queue (after defaults are merged)."""
+
+    name: str
+    base_model: str = Field(min_length=1)
+    revision: str | None = None
+    dataset: DatasetSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    validation: ValidationSpec = ValidationSpec()
+    max_retries: int = Field(2, ge=0, le=100)
+    priority: int = 0
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(
+                "must be 1-100 characters of [A-Za-z0-9._-] and must not start with a dot"
+            )
+        return value
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    def base_is_local(self) -> bool:
+        return base_is_local(self.base_model)
+
+
+class QueueSettings(_Strict):
+    pause_after_failures: int | None = Field(None, ge=1)
+    retry_backoff_s: float = Field(10.0, ge=0.0, le=86_400)
+
+
+class ResolvedJob(BaseModel):
+    """A validated job with absolute paths: what the store keeps and the trainer runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: JobSpec
+    queue_file: str
+    base_model: str  # absolute folder, or a hub id
+    dataset_path: str
+    eval_dataset_path: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Queue(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    settings: QueueSettings
+    jobs: list[ResolvedJob]
+
+
+def base_is_local(base_model: str) -> bool:
+    return base_model.startswith(("/", "./", "../", "~")) or base_model in (".", "..")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``; nested mappings merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in {"function-after", "str", "list[str]"})]
+    # pydantic reports which union member failed ("target_modules.str"); keep the field
+    parts = [p for p in parts if not p.startswith(("function-", "literal[", "int", "float", "none"))]
+    return ".".join(parts) or "(job)"
+
+
+def _pydantic_problems(where: str, exc: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        field = _field_path(err["loc"])
+        if field in seen:  # a union reports one error per member: keep the first
+            continue
+        seen.add(field)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; unknown keys are errors)"
+        elif err["type"] != "missing" and "input" in err:
+            message = f"{message} (got {err['input']!r})"
+        problems.append(Problem(f"{where}: {field}", message))
+    return problems
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(str(path), "queue file not found")]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem(str(path), "is a folder, expected a queue file")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    except OSError as exc:
+        raise SpecError([Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(where, f"not valid YAML: {problem}")]) from None
+
+
+def resolve_local(queue_dir: Path, value: str) -> Path:
+    return (queue_dir / Path(value).expanduser()).resolve()
+
+
+def load_queue(path: str | Path, roots: Roots) -> Queue:
+    """Parse, merge and validate a queue file; raise :class:`SpecError` listing every problem.
+
+    Checks the schema, names, and that every path exists inside ``roots``. Dataset
+    rows and base models are checked by :mod:`loraq.data` and :mod:`loraq.validate`.
+    """
+    qpath = Path(path).expanduser().absolute()
+    doc = _load_yaml(qpath)
+    where = str(path)
+    if not isinstance(doc, dict):
+        raise SpecError([Problem(where, "expected a mapping with 'jobs' (and optional 'defaults')")])
+    problems: list[Problem] = []
+    known = {"defaults", "jobs", *QueueSettings.model_fields}
+    for key in doc:
+        if key not in known:
+            problems.append(Problem(f"{where}: {key}", f"unknown key (expected one of: {', '.join(sorted(known))})"))
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.append(Problem(f"{where}: defaults", "must be a mapping"))
+        defaults = {}
+    if "name" in defaults:
+        problems.append(Problem(f"{where}: defaults.name", "a name is per job, not a default"))
+    try:
+        settings = QueueSettings.model_validate({k: v for k, v in doc.items() if k in QueueSettings.model_fields})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(where, exc))
+        settings = QueueSettings()
+    raw_jobs = doc.get("jobs")
+    if not isinstance(raw_jobs, list) or not raw_jobs:
+        problems.append(Problem(f"{where}: jobs", "must be a non-empty list of jobs"))
+        raise SpecError(problems)
+
+    queue_dir = qpath.parent
+    jobs: list[ResolvedJob] = []
+    names: dict[str, int] = {}
+    for index, raw in enumerate(raw_jobs):
+        label = f"job #{index + 1}"
+        if not isinstance(raw, dict):
+            problems.append(Problem(f"{where}: {label}", "must be a mapping"))
+            continue
+        if isinstance(raw.get("name"), str):
+            label = f"job {raw['name']!r}"
+        merged = deep_merge(defaults, raw)
+        try:
+            spec = JobSpec.model_validate(merged)
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(f"{where}: {label}", exc))
+            continue
+        if spec.name in names:
+            problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{names[spec.name]})"))
+            continue
+        names[spec.name] = index + 1
+        job, job_problems = _resolve_paths(spec, qpath, queue_dir, roots, f"{where}: {label}")
+        problems.extend(job_problems)
+        if job is not None:
+            jobs.append(job)
+    if problems:
+        raise SpecError(problems)
+    return Queue(path=str(qpath), settings=settings, jobs=jobs)
+
+
+def _check_file(value: str, field: str, queue_dir: Path, roots: Roots, where: str) -> tuple[Path | None, Problem | None]:
+    candidate = resolve_local(queue_dir, value)
+    try:
+        roots.check_read(candidate, what=field)
+    except PathError as exc:
+        return None, Problem(f"{where}: {field}", str(exc))
+    if not candidate.exists():
+        return None, Problem(f"{where}: {field}", f"file not found: {candidate}")
+    if not candidate.is_file():
+        return None, Problem(f"{where}: {field}", f"not a file: {candidate}")
+    if is_pickle(candidate):
+        return None, Problem(f"{where}: {field}", f"pickle files are refused: {candidate}")
+    return candidate, None
+
+
+def _resolve_paths(spec: JobSpec, qpath: Path, queue_dir: Path, roots: Roots, where: str) -> tuple[ResolvedJob | None, list[Problem]]:
+    problems: list[Problem] = []
+    dataset, problem = _check_file(spec.dataset.path, "dataset.path", queue_dir, roots, where)
+    if problem:
+        problems.append(problem)
+    eval_dataset = None
+    if spec.validation.dataset is not None:
+        eval_dataset, problem = _check_file(spec.validation.dataset, "validation.dataset", queue_dir, roots, where)
+        if problem:
+            problems.append(problem)
+    base = spec.base_model
+    if base_is_local(base) or (queue_dir / base).is_dir():
+        folder = resolve_local(queue_dir, base)
+        try:
+            roots.check_read(folder, what="base_model")
+        except PathError as exc:
+            problems.append(Problem(f"{where}: base_model", str(exc)))
+        else:
+            if not folder.is_dir():
+                problems.append(Problem(f"{where}: base_model", f"folder not found: {folder}"))
+            elif not (folder / "config.json").is_file():
+                problems.append(Problem(f"{where}: base_model", f"no config.json in {folder}: not a model folder"))
+            base = str(folder)
+    elif not HUB_ID_PATTERN.match(base):
+        problems.append(
+            Problem(f"{where}: base_model", f"{base!r} is neither a local folder (start it with ./ or /) nor a hub id like 'org/model'")
+        )
+    if problems:
+        return None, problems
+    assert dataset is not None
+    return (
+        ResolvedJob(
+            spec=spec,
+            queue_file=str(qpath),
+            base_model=base,
+            dataset_path=str(dataset),
+            eval_dataset_path=str(eval_dataset) if eval_dataset else None,
+        ),
+        [],
+    )

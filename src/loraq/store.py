@@ -1,0 +1,817 @@
+"""The durable queue: jobs, attempts, events and metrics in one SQLite file.
+
+Standard library only. Every state change is one ``BEGIN IMMEDIATE`` transaction
+that checks the transition table and the current state in the same
+``UPDATE … WHERE status = ?`` and writes an event row (who, when, from, to, why).
+
+A running job holds a lease with a fencing number (``epoch``) that grows on every
+claim. Heartbeats, progress and completion are accepted only with the current
+epoch, so a worker that was paused past its lease, or an orphaned trainer, can
+never complete or overwrite a job that someone else now owns.
+
+Time is a parameter (``clock``), so lease, retry and backoff tests never sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptStoreError, NotFoundError, StoreError, TransitionError
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+#: The lifecycle (DESIGN.md). Nothing else is allowed.
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        (PENDING, RUNNING),  # claim
+        (RUNNING, COMPLETED),  # trained, inspected, published
+        (RUNNING, FAILED),  # permanent error, inspection failed, or no attempts left
+        (RUNNING, PENDING),  # retryable error, lease expired, graceful stop
+        (PENDING, CANCELLED),
+        (RUNNING, CANCELLED),
+        (FAILED, PENDING),  # retry
+        (CANCELLED, PENDING),  # retry
+    }
+)
+
+# Outcomes of one attempt (attempts.outcome).
+OUTCOME_COMPLETED = "completed"
+OUTCOME_FAILED = "failed"  # the job failed for good
+OUTCOME_RETRY = "retry"  # failed, will be retried
+OUTCOME_STOPPED = "stopped"  # graceful stop, does not use an attempt
+OUTCOME_CANCELLED = "cancelled"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL CHECK (status IN ('pending','running','completed','failed','cancelled')),
+        priority INTEGER NOT NULL DEFAULT 0,
+        spec TEXT NOT NULL,
+        base_key TEXT NOT NULL,
+        max_retries INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_host TEXT,
+        lease_pid INTEGER,
+        lease_expires REAL,
+        not_before REAL NOT NULL DEFAULT 0,
+        progress_step INTEGER,
+        progress_total INTEGER,
+        train_loss REAL,
+        eval_loss REAL,
+        base_eval_loss REAL,
+        error_kind TEXT,
+        error TEXT,
+        verdict TEXT,
+        result TEXT,
+        dataset_sha256 TEXT,
+        queue_file TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_claim ON jobs (status, priority DESC, id);
+    CREATE TABLE attempts (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        n INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        outcome TEXT,
+        error_kind TEXT,
+        reason TEXT,
+        traceback TEXT,
+        resumed_from_step INTEGER,
+        last_step INTEGER,
+        counted INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER REFERENCES jobs (id),
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT,
+        reason TEXT
+    );
+    CREATE INDEX events_job ON events (job_id, id);
+    CREATE TABLE metrics (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        attempt INTEGER NOT NULL,
+        step INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value REAL NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX metrics_job ON metrics (job_id, attempt, step);
+    CREATE TABLE queue_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+BUSY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def current(cls) -> WorkerId:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What ``enqueue`` needs to add a job."""
+
+    name: str
+    spec: dict[str, Any]
+    base_key: str
+    priority: int = 0
+    max_retries: int = 2
+    dataset_sha256: str | None = None
+    queue_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str
+    status: str
+    priority: int
+    spec: dict[str, Any]
+    base_key: str
+    max_retries: int
+    attempts: int
+    epoch: int
+    lease_owner: str | None
+    lease_host: str | None
+    lease_pid: int | None
+    lease_expires: float | None
+    not_before: float
+    progress_step: int | None
+    progress_total: int | None
+    train_loss: float | None
+    eval_loss: float | None
+    base_eval_loss: float | None
+    error_kind: str | None
+    error: str | None
+    verdict: str | None
+    result: dict[str, Any] | None
+    dataset_sha256: str | None
+    queue_file: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def attempts_left(self) -> int:
+        return self.max_retries + 1 - self.attempts
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["spec"] = json.loads(data["spec"])
+        data["result"] = json.loads(data["result"]) if data["result"] else None
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job handed to a worker: the attempt number and the fencing epoch it holds."""
+
+    job: Job
+    attempt: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: int
+    n: int
+    epoch: int
+    worker: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+    error_kind: str | None
+    reason: str | None
+    traceback: str | None
+    resumed_from_step: int | None
+    last_step: int | None
+    counted: int
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: int | None
+    ts: float
+    actor: str
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class QueueState:
+    paused: bool
+    pause_reason: str | None
+    consecutive_failures: int
+    pause_after_failures: int | None
+    retry_backoff_s: float
+
+
+@dataclass
+class Store:
+    """The SQLite state of one home. Open with :meth:`open`; close when done."""
+
+    path: Path
+    clock: Callable[[], float] = time.time
+    actor: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _conn: sqlite3.Connection | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+        actor: str | None = None,
+        check: bool = False,
+    ) -> Store:
+        """Open (and migrate) the store at ``path``.
+
+        ``check`` runs ``PRAGMA quick_check`` first: workers do, so a damaged file
+        stops them before they write. A damaged file is never recreated.
+        """
+        path = Path(path)
+        if not path.exists() and not create:
+            raise NotFoundError(f"{path}: no loraq state here (run 'loraq submit' first)")
+        store = cls(path=path, clock=clock)
+        if actor:
+            store.actor = actor
+        store._connect(check=check)
+        return store
+
+    def _corrupt(self, exc: BaseException) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"{self.path}: the state database is damaged ({exc}); loraq will not touch it. "
+            f"Move it aside (mv {self.path} {self.path}.damaged) and restore a backup, "
+            "or start a new home and submit the queue again"
+        )
+
+    def _connect(self, *, check: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if check:
+                verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    conn.close()
+                    raise self._corrupt(RuntimeError(f"quick_check: {verdict}"))
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._conn = conn
+            self._migrate()
+        except CorruptStoreError:
+            raise
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(f"{self.path}: the database stayed locked for {BUSY_TIMEOUT_S:.0f} s") from exc
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: made by a newer loraq (schema {version}, this one knows "
+                    f"{len(MIGRATIONS)}); upgrade loraq"
+                )
+            for number in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: all of it commits, or none of it."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: the database stayed locked for {BUSY_TIMEOUT_S:.0f} s ({exc})") from exc
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # ---------------------------------------------------------------- helpers
+
+    def _event(self, conn: sqlite3.Connection, job_id: int | None, from_state: str | None, to_state: str | None, reason: str, actor: str | None = None) -> None:
+        conn.execute(
+            "INSERT INTO events (job_id, ts, actor, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, self.clock(), actor or self.actor, from_state, to_state, reason),
+        )
+
+    def _transition(
+        self,
+        conn: sqlite3.Connection,
+        job_id: int,
+        to_state: str,
+        *,
+        reason: str,
+        expect: Iterable[str] | None = None,
+        epoch: int | None = None,
+        sets: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> str:
+        """Move a job to ``to_state``; return the state it left.
+
+        The one place a job's status changes. It checks the transition table, the
+        expected states and (for a worker) the fencing epoch, and guards the UPDATE
+        with the state it read, so two writers can never both succeed.
+        """
+        row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        current = row["status"]
+        if expect is not None and current not in set(expect):
+            raise TransitionError(f"job {job_id} is {current}, not {' or '.join(expect)}")
+        if (current, to_state) not in TRANSITIONS:
+            raise TransitionError(f"job {job_id}: {current} -> {to_state} is not allowed")
+        if epoch is not None and row["epoch"] != epoch:
+            raise LeaseLost(job_id, epoch, row["epoch"])
+        now = self.clock()
+        clause, values = _assign({"status": to_state, "updated_at": now, **(sets or {})})
+        where = "id = ? AND status = ?" + (" AND epoch = ?" if epoch is not None else "")
+        params = [*values, job_id, current] + ([epoch] if epoch is not None else [])
+        if conn.execute(f"UPDATE jobs SET {clause} WHERE {where}", params).rowcount != 1:
+            raise TransitionError(f"job {job_id} changed while moving it to {to_state}")
+        self._event(conn, job_id, current, to_state, reason, actor)
+        return current
+
+    def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            row = conn.execute("SELECT id FROM jobs WHERE id = ?", (int(ref),)).fetchone()
+            if row is None and isinstance(ref, str):
+                row = conn.execute("SELECT id FROM jobs WHERE name = ?", (ref,)).fetchone()
+        else:
+            row = conn.execute("SELECT id FROM jobs WHERE name = ?", (ref,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job named {ref!r} (see 'loraq status')")
+        return int(row["id"])
+
+    def _state(self, conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+        row = conn.execute("SELECT value FROM queue_state WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else default
+
+    def _set_state(self, conn: sqlite3.Connection, key: str, value: str | None) -> None:
+        if value is None:
+            conn.execute("DELETE FROM queue_state WHERE key = ?", (key,))
+        else:
+            conn.execute("INSERT OR REPLACE INTO queue_state (key, value) VALUES (?, ?)", (key, value))
+
+    # ---------------------------------------------------------------- submit
+
+    def enqueue(self, jobs: Iterable[NewJob], *, settings: dict[str, Any] | None = None) -> list[int]:
+        """Add all ``jobs`` in one transaction, or none (a name taken raises)."""
+        jobs = list(jobs)
+        now = self.clock()
+        ids: list[int] = []
+        with self.transaction() as conn:
+            taken = [
+                job.name
+                for job in jobs
+                if conn.execute("SELECT 1 FROM jobs WHERE name = ?", (job.name,)).fetchone()
+            ]
+            if taken:
+                raise TransitionError(
+                    f"job name(s) already in this home: {', '.join(taken)}; rename them, "
+                    "or use 'loraq retry' to run a failed or cancelled job again"
+                )
+            for job in jobs:
+                cursor = conn.execute(
+                    """INSERT INTO jobs (name, status, priority, spec, base_key, max_retries,
+                                         dataset_sha256, queue_file, created_at, updated_at)
+                       VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (job.name, job.priority, json.dumps(job.spec, sort_keys=True), job.base_key,
+                     job.max_retries, job.dataset_sha256, job.queue_file, now, now),
+                )
+                job_id = int(cursor.lastrowid or 0)
+                ids.append(job_id)
+                self._event(conn, job_id, None, PENDING, "submitted")
+            for key, value in (settings or {}).items():
+                if value is not None:
+                    self._set_state(conn, key, json.dumps(value))
+        return ids
+
+    # ---------------------------------------------------------------- worker side
+
+    def claim(self, worker: WorkerId, *, lease_s: float, prefer_base: str | None = None) -> Claim | None:
+        """Take the best pending job and lease it to ``worker``; ``None`` if none is ready.
+
+        Highest priority first; within one priority, a job on ``prefer_base`` (the
+        base model a trainer has resident) before others, then oldest first.
+        """
+        now = self.clock()
+        with self.transaction() as conn:
+            if self._state(conn, "paused"):
+                return None
+            row = conn.execute(
+                """SELECT id FROM jobs WHERE status = 'pending' AND not_before <= ?
+                   ORDER BY priority DESC, (base_key = ?) DESC, id LIMIT 1""",
+                (now, prefer_base or ""),
+            ).fetchone()
+            if row is None:
+                return None
+            job_id = int(row["id"])
+            n = conn.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?", (job_id,)).fetchone()[0]
+            self._transition(
+                conn, job_id, RUNNING, reason=f"claimed by {worker} (attempt {n})", expect=(PENDING,),
+                sets={"epoch": _raw("epoch + 1"), "attempts": _raw("attempts + 1"), "lease_owner": str(worker),
+                      "lease_host": worker.host, "lease_pid": worker.pid, "lease_expires": now + lease_s,
+                      "started_at": _raw(f"COALESCE(started_at, {now!r})"), "error": None, "error_kind": None},
+                actor=str(worker),
+            )
+            job = Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            conn.execute(
+                "INSERT INTO attempts (job_id, n, epoch, worker, started_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, n, job.epoch, str(worker), now),
+            )
+        return Claim(job=job, attempt=n, epoch=job.epoch)
+
+    def heartbeat(self, job_id: int, epoch: int, *, lease_s: float) -> bool:
+        """Renew the lease; ``False`` means this worker no longer owns the job (stop it)."""
+        with self.transaction() as conn:
+            updated = conn.execute(
+                "UPDATE jobs SET lease_expires = ?, updated_at = ? WHERE id = ? AND epoch = ? AND status = 'running'",
+                (self.clock() + lease_s, self.clock(), job_id, epoch),
+            ).rowcount
+        return updated == 1
+
+    def record_progress(
+        self,
+        job_id: int,
+        epoch: int,
+        attempt: int,
+        *,
+        step: int,
+        total: int | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Write progress and metrics if ``epoch`` still owns the job; ``False`` if not."""
+        now = self.clock()
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        with self.transaction() as conn:
+            sets = {"progress_step": step, "updated_at": now}
+            if total is not None:
+                sets["progress_total"] = total
+            if "loss" in metrics:
+                sets["train_loss"] = metrics["loss"]
+            if "eval_loss" in metrics:
+                sets["eval_loss"] = metrics["eval_loss"]
+            if "base_eval_loss" in metrics:
+                sets["base_eval_loss"] = metrics["base_eval_loss"]
+            clause = ", ".join(f"{k} = ?" for k in sets)
+            owned = conn.execute(
+                f"UPDATE jobs SET {clause} WHERE id = ? AND epoch = ? AND status = 'running'",
+                [*sets.values(), job_id, epoch],
+            ).rowcount
+            if owned != 1:
+                return False
+            conn.executemany(
+                "INSERT INTO metrics (job_id, attempt, step, name, value, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job_id, attempt, step, name, value, now) for name, value in metrics.items()],
+            )
+            conn.execute(
+                "UPDATE attempts SET last_step = ? WHERE job_id = ? AND n = ?", (step, job_id, attempt)
+            )
+        return True
+
+    def note_resume(self, job_id: int, epoch: int, attempt: int, step: int) -> bool:
+        with self.transaction() as conn:
+            if not self._owns(conn, job_id, epoch):
+                return False
+            conn.execute("UPDATE attempts SET resumed_from_step = ? WHERE job_id = ? AND n = ?", (step, job_id, attempt))
+            self._event(conn, job_id, RUNNING, RUNNING, f"attempt {attempt} resumes from checkpoint step {step}")
+        return True
+
+    def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
+        row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row["status"] == RUNNING and row["epoch"] == epoch
+
+    def _end_attempt(self, conn: sqlite3.Connection, job_id: int, epoch: int, outcome: str, *, error_kind: str | None = None, reason: str | None = None, traceback: str | None = None, counted: bool = True) -> None:
+        conn.execute(
+            """UPDATE attempts SET ended_at = ?, outcome = ?, error_kind = ?, reason = ?, traceback = ?, counted = ?
+               WHERE job_id = ? AND epoch = ? AND ended_at IS NULL""",
+            (self.clock(), outcome, error_kind, reason, traceback, int(counted), job_id, epoch),
+        )
+
+    @contextlib.contextmanager
+    def fenced(self, job_id: int, epoch: int) -> Iterator[sqlite3.Connection]:
+        """A write transaction that proceeds only while ``epoch`` owns the running job.
+
+        Used to publish: the rename into ``adapters/`` happens inside it, so no other
+        worker can claim or complete the job between the check and the commit.
+        """
+        with self.transaction() as conn:
+            if not self._owns(conn, job_id, epoch):
+                row = conn.execute("SELECT epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                raise LeaseLost(job_id, epoch, row["epoch"] if row else None)
+            yield conn
+
+    def complete(self, job_id: int, epoch: int, *, result: dict[str, Any], verdict: str = "pass", conn: sqlite3.Connection | None = None) -> None:
+        """Mark the job completed. Raises :class:`LeaseLost` if ``epoch`` lost it."""
+        def run(c: sqlite3.Connection) -> None:
+            self._transition(
+                c, job_id, COMPLETED, reason="trained, inspected and published", epoch=epoch, expect=(RUNNING,),
+                sets={"result": json.dumps(result, sort_keys=True), "verdict": verdict, "finished_at": self.clock(),
+                      "lease_owner": None, "lease_expires": None,
+                      "train_loss": result.get("train_loss"), "eval_loss": result.get("eval_loss"),
+                      "base_eval_loss": result.get("base_eval_loss")},
+            )
+            self._end_attempt(c, job_id, epoch, OUTCOME_COMPLETED)
+            self._set_state(c, "consecutive_failures", "0")
+
+        if conn is not None:
+            run(conn)
+        else:
+            with self.transaction() as c:
+                run(c)
+
+    def fail(
+        self,
+        job_id: int,
+        epoch: int | None,
+        *,
+        kind: str,
+        reason: str,
+        retryable: bool,
+        traceback: str | None = None,
+        verdict: str | None = None,
+        result: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> str:
+        """End the running attempt as a failure; return the job's new status.
+
+        Retryable failures with attempts left go back to pending after a backoff
+        that doubles each attempt; otherwise the job fails for good. Every failed
+        attempt counts towards ``pause_after_failures``.
+        """
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job with id {job_id}")
+            job = Job.from_row(row)
+            if job.status != RUNNING or (epoch is not None and job.epoch != epoch):
+                raise LeaseLost(job_id, epoch, job.epoch)
+            again = retryable and job.attempts_left > 0
+            state = self.queue_state(conn)
+            sets: dict[str, Any] = {"error_kind": kind, "error": reason, "lease_owner": None, "lease_expires": None}
+            if verdict is not None:
+                sets["verdict"] = verdict
+            if result is not None:
+                sets["result"] = json.dumps(result, sort_keys=True)
+            if again:
+                backoff = state.retry_backoff_s * (2 ** max(job.attempts - 1, 0))
+                sets["not_before"] = self.clock() + min(backoff, 3600.0)
+                why = f"{kind}: {reason} (retrying, {job.attempts_left} attempt(s) left)"
+                new = PENDING
+            else:
+                sets["finished_at"] = self.clock()
+                why = f"{kind}: {reason}" + ("" if not retryable else " (no attempts left)")
+                new = FAILED
+            self._transition(conn, job_id, new, reason=why, epoch=epoch, expect=(RUNNING,), sets=sets, actor=actor)
+            self._end_attempt(conn, job.id, job.epoch, OUTCOME_RETRY if again else OUTCOME_FAILED,
+                              error_kind=kind, reason=reason, traceback=traceback)
+            failures = state.consecutive_failures + 1
+            self._set_state(conn, "consecutive_failures", str(failures))
+            if state.pause_after_failures and failures >= state.pause_after_failures and not state.paused:
+                message = f"{failures} attempts failed in a row (pause_after_failures: {state.pause_after_failures}); last: {job.name}: {reason}"
+                self._set_state(conn, "paused", "1")
+                self._set_state(conn, "pause_reason", message)
+                self._event(conn, None, None, None, f"queue paused: {message}")
+        return new
+
+    def requeue_stopped(self, job_id: int, epoch: int, *, reason: str = "graceful stop") -> None:
+        """Put a job that was stopped on purpose back to pending, not using an attempt."""
+        with self.transaction() as conn:
+            self._transition(
+                conn, job_id, PENDING, reason=f"{reason}; the attempt is not counted", epoch=epoch, expect=(RUNNING,),
+                sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None},
+            )
+            self._end_attempt(conn, job_id, epoch, OUTCOME_STOPPED, reason=reason, counted=False)
+
+    def expire_leases(self) -> list[int]:
+        """Put running jobs whose lease ran out back to pending (or failed), counting the attempt."""
+        now = self.clock()
+        rows = self.conn.execute(
+            "SELECT id, epoch, lease_owner FROM jobs WHERE status = 'running' AND lease_expires < ?", (now,)
+        ).fetchall()
+        return self._recover([(int(r["id"]), int(r["epoch"]), f"lease of {r['lease_owner']} expired") for r in rows])
+
+    def reclaim_dead(self, host: str, is_alive: Callable[[int], bool]) -> list[int]:
+        """Recover running jobs leased by processes on ``host`` that no longer exist."""
+        rows = self.conn.execute(
+            "SELECT id, epoch, lease_pid, lease_owner FROM jobs WHERE status = 'running' AND lease_host = ?", (host,)
+        ).fetchall()
+        dead = [(int(r["id"]), int(r["epoch"]), f"worker {r['lease_owner']} is gone (pid {r['lease_pid']} not running)")
+                for r in rows if r["lease_pid"] is not None and not is_alive(int(r["lease_pid"]))]
+        return self._recover(dead)
+
+    def _recover(self, lost: list[tuple[int, int, str]]) -> list[int]:
+        recovered = []
+        for job_id, epoch, why in lost:
+            with contextlib.suppress(LeaseLost, TransitionError):
+                self.fail(job_id, epoch, kind="lost", reason=why, retryable=True)
+                recovered.append(job_id)
+        return recovered
+
+    # ---------------------------------------------------------------- operator side
+
+    def cancel(self, ref: int | str) -> Job:
+        with self.transaction() as conn:
+            job_id = self._job_id(conn, ref)
+            row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            previous = self._transition(
+                conn, job_id, CANCELLED, reason="cancelled by the operator", expect=(PENDING, RUNNING),
+                sets={"finished_at": self.clock(), "lease_owner": None, "lease_expires": None},
+            )
+            if previous == RUNNING:
+                self._end_attempt(conn, job_id, row["epoch"], OUTCOME_CANCELLED, reason="cancelled", counted=True)
+        return self.job(job_id)
+
+    def retry(self, ref: int | str) -> Job:
+        """Put a failed or cancelled job back to pending with a fresh set of attempts."""
+        with self.transaction() as conn:
+            job_id = self._job_id(conn, ref)
+            self._transition(
+                conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
+                sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
+            )
+        return self.job(job_id)
+
+    def pause(self, reason: str = "paused by the operator") -> None:
+        with self.transaction() as conn:
+            self._set_state(conn, "paused", "1")
+            self._set_state(conn, "pause_reason", reason)
+            self._event(conn, None, None, None, f"queue paused: {reason}")
+
+    def resume(self) -> None:
+        with self.transaction() as conn:
+            self._set_state(conn, "paused", None)
+            self._set_state(conn, "pause_reason", None)
+            self._set_state(conn, "consecutive_failures", "0")
+            self._event(conn, None, None, None, "queue resumed")
+
+    # ---------------------------------------------------------------- reading
+
+    def queue_state(self, conn: sqlite3.Connection | None = None) -> QueueState:
+        c = conn or self.conn
+        after = self._state(c, "pause_after_failures")
+        backoff = self._state(c, "retry_backoff_s")
+        return QueueState(
+            paused=bool(self._state(c, "paused")),
+            pause_reason=self._state(c, "pause_reason"),
+            consecutive_failures=int(self._state(c, "consecutive_failures", "0") or 0),
+            pause_after_failures=int(json.loads(after)) if after else None,
+            retry_backoff_s=float(json.loads(backoff)) if backoff else 10.0,
+        )
+
+    def job(self, ref: int | str) -> Job:
+        job_id = self._job_id(self.conn, ref)
+        return Job.from_row(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def jobs(self, status: str | None = None) -> list[Job]:
+        if status:
+            rows = self.conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY id", (status,))
+        else:
+            rows = self.conn.execute("SELECT * FROM jobs ORDER BY id")
+        return [Job.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {state: 0 for state in STATES} | {r["status"]: int(r["n"]) for r in rows}
+
+    def attempts(self, ref: int | str) -> list[Attempt]:
+        job_id = self._job_id(self.conn, ref)
+        rows = self.conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
+        return [Attempt(**dict(r)) for r in rows]
+
+    def events(self, ref: int | str | None = None) -> list[Event]:
+        if ref is None:
+            rows = self.conn.execute("SELECT * FROM events ORDER BY id")
+        else:
+            rows = self.conn.execute("SELECT * FROM events WHERE job_id = ? ORDER BY id", (self._job_id(self.conn, ref),))
+        return [Event(**dict(r)) for r in rows]
+
+    def metrics(self, ref: int | str) -> list[dict[str, Any]]:
+        job_id = self._job_id(self.conn, ref)
+        rows = self.conn.execute(
+            "SELECT attempt, step, name, value, ts FROM metrics WHERE job_id = ? ORDER BY attempt, step, name", (job_id,)
+        )
+        return [dict(r) for r in rows]
+
+    def has_runnable(self) -> bool:
+        """Whether any job is pending or running (the queue is not finished)."""
+        row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
+        return row is not None
+
+    def next_ready_at(self) -> float | None:
+        row = self.conn.execute("SELECT MIN(not_before) FROM jobs WHERE status = 'pending'").fetchone()
+        return row[0]
+
+
+class LeaseLost(StoreError):
+    """The worker's epoch no longer owns the job: someone else does, or it ended."""
+
+    def __init__(self, job_id: int, epoch: int | None, current: int | None) -> None:
+        super().__init__(f"job {job_id}: lease lost (held epoch {epoch}, current {current})")
+        self.job_id = job_id
+
+
+class _raw(str):
+    """An SQL expression to use as-is in an assignment (``epoch + 1``), not a value."""
+
+
+def _assign(sets: dict[str, Any]) -> tuple[str, list[Any]]:
+    parts, params = [], []
+    for key, value in sets.items():
+        if isinstance(value, _raw):
+            parts.append(f"{key} = {value}")
+        else:
+            parts.append(f"{key} = ?")
+            params.append(value)
+    return ", ".join(parts), params

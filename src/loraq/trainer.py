@@ -1,0 +1,687 @@
+"""The trainer: torch, transformers and PEFT live here and nowhere on the supervisor side.
+
+A :class:`TrainerService` runs one job at a time and stays alive across jobs,
+keeping the last base model resident (:class:`BaseCache`). Each job gets a fresh
+LoRA on that base; afterwards the LoRA is removed and a checksum over a sample of
+the base's weights proves the base unchanged (on mismatch it is reloaded).
+
+Training is transformers' ``Trainer``: checkpoints, resume, gradient
+accumulation, precision and logging come from the library. loraq adds callbacks
+that stream progress, mark each checkpoint complete only once it is all on disk,
+inspect each checkpoint for non-finite weights, and stop gracefully on request.
+
+The service reports through an ``emit`` callback (a dict per event). ``python -m
+loraq.trainer`` serves it over two pipes as JSON lines (the local executor); a
+Ray actor wraps the same service (the Ray executor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoints, data, fsutil
+from .errors import DataError, TrainingError
+from .spec import JobSpec
+
+Emit = Callable[[dict[str, Any]], None]
+
+#: Weight values sampled per tensor for the base checksum.
+CHECKSUM_SAMPLES = 256
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": sys.version.split()[0]}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def device_memory() -> dict[str, float]:
+    import torch
+
+    out = {"rss_mb": round(rss_mb(), 1)}
+    if torch.cuda.is_available():
+        out["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+        out["cuda_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+    return out
+
+
+# ---------------------------------------------------------------- base models
+
+
+@dataclass(frozen=True)
+class BaseKey:
+    path: str
+    revision: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision or 'main'}[{self.dtype}]"
+
+
+def base_key_of(spec: dict[str, Any]) -> str:
+    """The key that groups jobs on one resident base model (used by the store, torch-free)."""
+    job = spec["spec"]
+    return json.dumps([spec["base_model"], job.get("revision"), job.get("training", {}).get("precision", "auto")])
+
+
+def weights_checksum(model: Any, samples: int = CHECKSUM_SAMPLES) -> str:
+    """A cheap fingerprint of a model's weights: evenly spaced values of every tensor."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() > samples:
+                index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
+                flat = flat[index]
+            digest.update(name.encode())
+            digest.update(flat.to(torch.float64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Resident:
+    key: BaseKey
+    model: Any
+    tokenizer: Any
+    checksum: str
+    loaded_at: float
+
+
+@dataclass
+class BaseCache:
+    """Keeps the last base model resident; loads another only when the key changes."""
+
+    device: str = "cpu"
+    resident: Resident | None = None
+    loads: int = 0
+
+    def get(self, key: BaseKey) -> tuple[Resident, bool]:
+        """The resident base for ``key`` and whether it was reused (not loaded now)."""
+        if self.resident is not None and self.resident.key == key:
+            return self.resident, True
+        self.drop()
+        self.resident = self._load(key)
+        self.loads += 1
+        return self.resident, False
+
+    def drop(self) -> None:
+        self.resident = None
+        release_memory()
+
+    def verify(self) -> bool:
+        """Whether the resident base is unchanged since it was loaded; drop it if not."""
+        if self.resident is None:
+            return True
+        if weights_checksum(self.resident.model) == self.resident.checksum:
+            return True
+        self.drop()
+        return False
+
+    def _load(self, key: BaseKey) -> Resident:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = resolve_dtype(key.dtype, self.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(key.path, revision=key.revision, trust_remote_code=key.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                key.path, revision=key.revision, dtype=dtype, trust_remote_code=key.trust_remote_code,
+                use_safetensors=True,
+            )
+        except OSError as exc:
+            if _is_transient_io(exc):
+                raise TrainingError(f"I/O error loading base model {key.path}: {exc}", retryable=True, kind="io") from exc
+            raise TrainingError(f"cannot load base model {key.path}: {exc}", retryable=False, kind="base_model") from exc
+        except (ValueError, KeyError, ImportError) as exc:
+            raise TrainingError(f"cannot load base model {key.path}: {exc}", retryable=False, kind="base_model") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.to(self.device)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        del torch  # only the import mattered
+        return Resident(key=key, model=model, tokenizer=tokenizer, checksum=weights_checksum(model), loaded_at=time.time())
+
+
+def resolve_dtype(precision: str, device: str) -> Any:
+    import torch
+
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _is_transient_io(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno in {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.ENOMEM}
+
+
+# ---------------------------------------------------------------- data
+
+
+class ListDataset:
+    """A map-style dataset over encoded rows (what ``Trainer`` needs)."""
+
+    def __init__(self, items: list[dict[str, list[int]]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.items[index]
+
+
+@dataclass
+class Collator:
+    pad_id: int
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(item["input_ids"]) for item in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), data.IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item["input_ids"])
+            ids[row, :n] = torch.tensor(item["input_ids"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: ListDataset
+    eval: ListDataset
+    n_train: int
+    n_eval: int
+    truncated: int
+    train_tokens: int
+
+
+def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
+    spec = JobSpec.model_validate(request["job"]["spec"])
+    job = request["job"]
+    dataset = data.load_dataset(job["dataset_path"], spec.dataset.format)
+    rows = dataset.rows
+    if job.get("eval_dataset_path"):
+        eval_set = data.load_dataset(job["eval_dataset_path"], spec.dataset.format or dataset.format)
+        train_rows, eval_rows = rows, eval_set.rows
+    else:
+        data.check_split(dataset.path, len(rows), spec.validation.split)
+        train_idx, eval_idx = data.split_indices(len(rows), spec.validation.split, spec.training.seed)
+        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+
+    def encode_all(subset: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], int]:
+        items, truncated = [], 0
+        for row in subset:
+            try:
+                enc = data.encode(row, dataset.format, tokenizer, spec.training.max_seq_len)
+            except data.TemplateError as exc:
+                raise TrainingError(f"{dataset.path}: {exc}", retryable=False, kind="data") from exc
+            truncated += enc.truncated
+            if enc.trainable:
+                items.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        return items, truncated
+
+    train_items, truncated = encode_all(train_rows)
+    eval_items, _ = encode_all(eval_rows)
+    if not train_items or not eval_items:
+        raise TrainingError(f"{dataset.path}: no row keeps a trainable token after truncation to "
+                            f"max_seq_len {spec.training.max_seq_len}", retryable=False, kind="data")
+    return Prepared(
+        train=ListDataset(train_items), eval=ListDataset(eval_items), n_train=len(train_items),
+        n_eval=len(eval_items), truncated=truncated,
+        train_tokens=sum(sum(1 for label in item["labels"] if label != data.IGNORE_INDEX) for item in train_items),
+    )
+
+
+def evaluate_loss(model: Any, dataset: ListDataset, collator: Collator, batch_size: int) -> float:
+    """Mean loss per trainable token over ``dataset`` (the same measure for base and adapter)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                ignore_index=data.IGNORE_INDEX, reduction="sum",
+            )
+            total += float(loss)
+            tokens += int((shift_labels != data.IGNORE_INDEX).sum())
+    if was_training:
+        model.train()
+    return total / max(tokens, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def total_steps(spec: JobSpec, n_train: int) -> int:
+    if spec.training.max_steps:
+        return spec.training.max_steps
+    batches = math.ceil(n_train / spec.training.batch_size)
+    per_epoch = max(1, math.ceil(batches / spec.training.grad_accum))
+    return max(1, math.ceil(spec.training.epochs * per_epoch))
+
+
+class Stop(Exception):
+    """Raised inside training when the job must end at once (cancel)."""
+
+
+@dataclass
+class Flags:
+    """What the controller asked of the running job; set from another thread."""
+
+    graceful: threading.Event = field(default_factory=threading.Event)
+    abort: threading.Event = field(default_factory=threading.Event)
+
+    def clear(self) -> None:
+        self.graceful.clear()
+        self.abort.clear()
+
+
+def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: list[str]) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class LoraqCallback(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.total = state.max_steps
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            logs = logs or {}
+            metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k not in {"epoch", "step"}}
+            metrics = {("loss" if k == "train_loss" else k): v for k, v in metrics.items()
+                       if k in {"loss", "eval_loss", "learning_rate", "grad_norm", "train_loss"}}
+            if not metrics:
+                return
+            emit({"ev": "progress", "step": state.global_step, "max_steps": state.max_steps, "metrics": metrics})
+            log(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+            loss = metrics.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                problems.append(f"training loss became {loss} at step {state.global_step}; lower the learning_rate")
+                control.should_training_stop = True
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if flags.abort.is_set():
+                raise Stop("aborted")
+            if flags.graceful.is_set() and not control.should_training_stop:
+                control.should_save = True
+                control.should_training_stop = True
+            else:
+                emit({"ev": "heartbeat", "step": state.global_step, "max_steps": state.max_steps})
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            finding = checkpoints.check_weights(folder)
+            if finding:
+                problems.append(f"checkpoint at step {state.global_step}: {finding}")
+                control.should_training_stop = True
+                return
+            checkpoints.mark_complete(folder, step=state.global_step)
+            emit({"ev": "checkpoint", "step": state.global_step, "path": str(folder)})
+            log(f"checkpoint saved at step {state.global_step}: {folder}")
+
+    return [LoraqCallback()]
+
+
+@dataclass
+class TrainerService:
+    """Runs jobs one after another in this process, keeping the base model hot."""
+
+    device: str = "cpu"
+    cache: BaseCache = field(init=False)
+    flags: Flags = field(default_factory=Flags)
+    jobs_run: int = 0
+
+    def __post_init__(self) -> None:
+        self.cache = BaseCache(device=self.device)
+        _quiet_libraries()
+
+    def run_job(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Train one job; emit events; return the ``done`` or ``stopped`` event."""
+        self.flags.clear()
+        log_path = Path(request["log_path"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with _redirect_output(log_path) as log:
+            try:
+                result = self._train(request, emit, log)
+            except Stop:
+                log("aborted on request")
+                result = {"ev": "aborted"}
+            except TrainingError as exc:
+                log(f"FAILED ({exc.kind}): {exc}")
+                result = {"ev": "failed", "kind": exc.kind, "retryable": exc.retryable, "message": str(exc),
+                          "traceback": traceback.format_exc()}
+            except BaseException as exc:  # the one catch-all: the traceback goes into the attempt
+                kind, retryable = classify(exc)
+                log(f"FAILED ({kind}): {exc!r}\n{traceback.format_exc()}")
+                result = {"ev": "failed", "kind": kind, "retryable": retryable,
+                          "message": f"{type(exc).__name__}: {exc}".strip(), "traceback": traceback.format_exc()}
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+            finally:
+                self.jobs_run += 1
+        return result
+
+    def _train(self, request: dict[str, Any], emit: Emit, log: Callable[[str], None]) -> dict[str, Any]:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import Trainer, TrainingArguments, set_seed
+
+        job = request["job"]
+        spec = JobSpec.model_validate(job["spec"])
+        t0 = time.time()
+        key = BaseKey(job["base_model"], spec.revision, spec.training.precision, spec.trust_remote_code)
+        resident, reused = self.cache.get(key)
+        load_s = time.time() - t0
+        log(f"job {spec.name} attempt {request['attempt']}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
+        try:
+            prepared = prepare(request, resident.tokenizer)
+        except DataError as exc:
+            raise TrainingError(str(exc), retryable=False, kind="data") from exc
+        collator = Collator(pad_id=resident.tokenizer.pad_token_id)
+        steps = total_steps(spec, prepared.n_train)
+        base_eval = evaluate_loss(resident.model, prepared.eval, collator, spec.training.batch_size)
+        resume = request.get("resume_from")
+        emit({"ev": "started", "max_steps": steps, "base_reused": reused, "base_eval_loss": base_eval,
+              "resume_from": resume, "n_train": prepared.n_train, "n_eval": prepared.n_eval})
+        log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
+
+        set_seed(spec.training.seed)
+        lora = LoraConfig(
+            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(resident.model, lora)
+        except ValueError as exc:  # e.g. target modules not found in the base model
+            raise TrainingError(f"lora: {exc}", retryable=False, kind="spec") from exc
+        trainer = None
+        problems: list[str] = []
+        try:
+            precision = resolve_dtype(spec.training.precision, self.device)
+            args = TrainingArguments(
+                output_dir=request["checkpoints_dir"],
+                per_device_train_batch_size=spec.training.batch_size,
+                per_device_eval_batch_size=spec.training.batch_size,
+                gradient_accumulation_steps=spec.training.grad_accum,
+                learning_rate=spec.training.learning_rate,
+                max_steps=steps,
+                lr_scheduler_type=spec.training.lr_scheduler,
+                warmup_steps=math.ceil(spec.training.warmup_ratio * steps),
+                weight_decay=spec.training.weight_decay,
+                logging_steps=spec.training.logging_steps,
+                save_strategy="steps",
+                save_steps=spec.training.save_steps,
+                save_total_limit=2,
+                eval_strategy="steps",
+                eval_steps=spec.training.eval_steps or spec.training.save_steps,
+                seed=spec.training.seed,
+                data_seed=spec.training.seed,
+                bf16=precision == torch.bfloat16 and self.device != "cpu",
+                fp16=precision == torch.float16,
+                use_cpu=self.device == "cpu",
+                report_to=[],
+                disable_tqdm=True,
+                remove_unused_columns=False,
+                dataloader_num_workers=0,
+                dataloader_pin_memory=False,
+            )
+            trainer = Trainer(
+                model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                data_collator=collator, callbacks=_callbacks(emit, self.flags, log, problems),
+            )
+            t_train = time.time()
+            output = trainer.train(resume_from_checkpoint=resume)
+            train_s = time.time() - t_train
+            if problems:
+                raise TrainingError("; ".join(problems), retryable=False, kind="diverged")
+            step = trainer.state.global_step
+            if self.flags.graceful.is_set() and step < steps:
+                log(f"stopped gracefully at step {step}")
+                return {"ev": "stopped", "step": step}
+            staging = Path(request["staging_dir"])
+            if staging.exists():
+                fsutil.remove_tree(staging)
+            model.save_pretrained(staging, safe_serialization=True)
+            eval_loss = evaluate_loss(model, prepared.eval, collator, spec.training.batch_size)
+            result = {
+                "steps": step,
+                "max_steps": steps,
+                "train_loss": _last_train_loss(trainer, output),
+                "eval_loss": eval_loss,
+                "base_eval_loss": base_eval,
+                "n_train": prepared.n_train,
+                "n_eval": prepared.n_eval,
+                "truncated_rows": prepared.truncated,
+                "train_tokens": prepared.train_tokens,
+                "base_reused": reused,
+                "base_load_s": round(load_s, 3),
+                "train_s": round(train_s, 3),
+                "resumed_from": resume,
+                "versions": versions(),
+                "device": self.device,
+                "staging": str(staging),
+            }
+        finally:
+            del trainer
+            base = model.unload()
+            base.eval()
+            del model
+            release_memory()
+        if not self.cache.verify():
+            log("base model weights changed during the job: dropped; the next job reloads it")
+        result["memory"] = device_memory()
+        log(f"done: eval loss {base_eval:.4f} -> {result['eval_loss']:.4f} in {result['train_s']:.1f} s")
+        return {"ev": "done", "result": result}
+
+
+def _last_train_loss(trainer: Any, output: Any) -> float | None:
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
+    return float(output.training_loss) if output is not None else None
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """``(kind, retryable)`` for an exception that escaped training."""
+    text = str(exc).lower()
+    name = type(exc).__name__
+    if "out of memory" in text or name == "OutOfMemoryError":
+        return "oom", True
+    if "cuda" in text or "nccl" in text or "cublas" in text:
+        return "cuda", True
+    if isinstance(exc, OSError):
+        return "io", True
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return "interrupted", True
+    return "error", True
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
+
+
+@contextlib.contextmanager
+def _redirect_output(path: Path) -> Iterator[Callable[[str], None]]:
+    """Send this process's stdout and stderr (and loraq's own lines) to ``path``.
+
+    fd-level, so output from C extensions lands in the log too. Each attempt has
+    its own log file, so a failed attempt's log survives the retry.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+    def log(line: str) -> None:
+        sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+        sys.stdout.flush()
+
+    try:
+        yield log
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+# ---------------------------------------------------------------- the pipe protocol
+
+
+class PipeChannel:
+    """JSON lines over two file descriptors shared with the supervisor."""
+
+    def __init__(self, fd_in: int, fd_out: int) -> None:
+        self._in = os.fdopen(fd_in, "r", encoding="utf-8")
+        self._out = os.fdopen(fd_out, "w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def send(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=str)
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self._in.readline()
+        return json.loads(line) if line else None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the supervisor dies (no orphans)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def serve(channel: PipeChannel, service: TrainerService) -> None:
+    """Run jobs sent over ``channel`` until told to exit or the supervisor goes away."""
+    jobs: list[dict[str, Any]] = []
+    wake = threading.Condition()
+    done = threading.Event()
+
+    def reader() -> None:
+        while True:
+            try:
+                message = channel.receive()
+            except (OSError, ValueError):
+                message = None
+            if message is None:  # the supervisor is gone: an orphan must not go on training
+                os._exit(3)
+            op = message.get("op")
+            if op == "train":
+                with wake:
+                    jobs.append(message)
+                    wake.notify()
+            elif op == "stop":
+                service.flags.graceful.set()
+            elif op == "abort":
+                service.flags.abort.set()
+            elif op == "exit":
+                done.set()
+                with wake:
+                    wake.notify()
+                return
+
+    threading.Thread(target=reader, name="loraq-commands", daemon=True).start()
+    channel.send({"ev": "ready", "pid": os.getpid(), "device": service.device, "versions": versions()})
+    while True:
+        with wake:
+            while not jobs and not done.is_set():
+                wake.wait()
+            if done.is_set() and not jobs:
+                break
+            request = jobs.pop(0)
+
+        def emit(event: dict[str, Any], _job: int = request["job_id"]) -> None:
+            channel.send({**event, "job_id": _job})
+
+        outcome = service.run_job(request, emit)
+        emit({**outcome, "memory": device_memory(), "base_loads": service.cache.loads})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loraq.trainer")
+    parser.add_argument("--fd-in", type=int, required=True)
+    parser.add_argument("--fd-out", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    channel = PipeChannel(args.fd_in, args.fd_out)
+    serve(channel, TrainerService(device=args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
