@@ -9,6 +9,7 @@ Paths are relative to the queue file and must stay inside the allowed roots.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -156,6 +157,11 @@ class ResolvedJob(BaseModel):
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def base_key(self) -> str:
+        """Jobs with the same key can share one resident base model."""
+        return json.dumps([self.base_model, self.spec.revision, self.spec.training.precision])
 
 
 class Queue(BaseModel):

@@ -81,12 +81,6 @@ class BaseKey:
         return f"{self.path}@{self.revision or 'main'}[{self.dtype}]"
 
 
-def base_key_of(spec: dict[str, Any]) -> str:
-    """The key that groups jobs on one resident base model (used by the store, torch-free)."""
-    job = spec["spec"]
-    return json.dumps([spec["base_model"], job.get("revision"), job.get("training", {}).get("precision", "auto")])
-
-
 def weights_checksum(model: Any, samples: int = CHECKSUM_SAMPLES) -> str:
     """A cheap fingerprint of a model's weights: evenly spaced values of every tensor."""
     import torch

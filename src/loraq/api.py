@@ -1,0 +1,312 @@
+"""The library API: one typed function per command, returning a result object.
+
+The CLI only parses arguments and prints what these return; tests and scripts
+call them directly. Nothing here prints. Functions on the supervisor side
+(``status``, ``show``, ``cancel`` ...) never import torch; ``run`` starts trainer
+processes that do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFoundError, Problem, SpecError, TransitionError
+from .store import Attempt, Event, Job, QueueState, Store
+from .workspace import Home
+
+# ---------------------------------------------------------------- submit
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    queue_file: str
+    dry_run: bool
+    job_names: list[str]
+    job_ids: list[int]
+    datasets: dict[str, Any]  # job name -> dataset report (datacheck.DatasetReport)
+
+
+def open_store(home: Home, *, create: bool = True, check: bool = False) -> Store:
+    return Store.open(home.db_path, create=create, check=check)
+
+
+def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), dry_run: bool = False) -> SubmitResult:
+    """Validate every job of a queue file and enqueue all of them, or none.
+
+    Raises :class:`SpecError` (or :class:`DataError`) listing every problem found.
+    """
+    from . import datacheck, spec
+    from .store import NewJob
+
+    path = Path(queue_file).expanduser()
+    roots = home.roots(queue_dir=path.absolute().parent, extra=allow_roots)
+    queue = spec.load_queue(path, roots)
+    reports, problems = datacheck.analyze_queue(queue, cache_dir=home.root / "cache" / "datasets" if not dry_run or home.db_path.exists() else None)
+    problems = list(problems)
+    if home.db_path.exists():
+        with open_store(home, create=False) as store:
+            for job in queue.jobs:
+                try:
+                    existing = store.job(job.name)
+                except NotFoundError:
+                    continue
+                problems.append(Problem(f"{queue_file}: job {job.name!r}: name",
+                                        f"a job named {job.name!r} is already in {home.root} ({existing.status}); "
+                                        "rename it, or 'loraq retry' the existing one"))
+    if problems:
+        raise SpecError(problems)
+    names = [job.name for job in queue.jobs]
+    if dry_run:
+        return SubmitResult(str(path), True, names, [], reports)
+    new_jobs = [
+        NewJob(
+            name=job.name,
+            spec=job.model_dump(mode="json"),
+            base_key=job.base_key,
+            priority=job.spec.priority,
+            max_retries=job.spec.max_retries,
+            dataset_sha256=reports[job.name].sha256 if job.name in reports else None,
+            queue_file=str(path.absolute()),
+        )
+        for job in queue.jobs
+    ]
+    settings = queue.settings.model_dump(exclude_defaults=False)
+    with open_store(home) as store:
+        try:
+            ids = store.enqueue(new_jobs, settings=settings)
+        except TransitionError as exc:  # a name taken between the check and the insert
+            raise SpecError([Problem(str(queue_file), str(exc))]) from exc
+    home.ensure()
+    return SubmitResult(str(path), False, names, ids, reports)
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    devices: str | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    lease_s: float = 60.0
+    heartbeat_s: float = 2.0
+    stall_s: float = 600.0
+    idle_exit: bool = True
+    max_jobs: int | None = None
+    recycle_growth_mb: float = 2048.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    completed: list[str]
+    failed: list[str]
+    requeued: list[str]
+    interrupted: bool
+    paused: str | None
+    counts: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("failed", 0) == 0 and not self.interrupted
+
+
+def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> RunResult:
+    """Work the queue until it is empty or paused."""
+    from .worker import Worker, WorkerConfig
+
+    options = options or RunOptions()
+    home.ensure()
+    executor = make_executor(home, options)
+    config = WorkerConfig(lease_s=options.lease_s, heartbeat_s=options.heartbeat_s, stall_s=options.stall_s,
+                          idle_exit=options.idle_exit, max_jobs=options.max_jobs,
+                          recycle_growth_mb=options.recycle_growth_mb)
+    with open_store(home, check=True) as store:
+        summary = Worker(home, store, executor, config=config, observer=observer).run()
+        counts = store.counts()
+    return RunResult(summary.completed, summary.failed, summary.requeued, summary.interrupted, summary.paused, counts)
+
+
+def make_executor(home: Home, options: RunOptions) -> Any:
+    from .executor import LocalExecutor, parse_devices
+
+    if options.executor == "local":
+        return LocalExecutor(parse_devices(options.devices), log_dir=home.root / "logs")
+    if options.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(home=home, devices=options.devices, address=options.ray_address)
+    from .errors import UsageError
+
+    raise UsageError(f"--executor: {options.executor!r} is not one of local, ray")
+
+
+# ---------------------------------------------------------------- status and show
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    name: str
+    status: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    step: int | None
+    total_steps: int | None
+    train_loss: float | None
+    eval_loss: float | None
+    base_eval_loss: float | None
+    verdict: str | None
+    error_kind: str | None
+    error: str | None
+    adapter: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobRow:
+        return cls(
+            id=job.id, name=job.name, status=job.status, attempts=job.attempts, max_attempts=job.max_retries + 1,
+            priority=job.priority, step=job.progress_step, total_steps=job.progress_total,
+            train_loss=job.train_loss, eval_loss=job.eval_loss, base_eval_loss=job.base_eval_loss,
+            verdict=job.verdict, error_kind=job.error_kind, error=job.error,
+            adapter=(job.result or {}).get("adapter"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "status": self.status, "attempts": self.attempts,
+            "max_attempts": self.max_attempts, "priority": self.priority,
+            "progress": {"step": self.step, "total": self.total_steps},
+            "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
+            "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
+        }
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    jobs: list[JobRow]
+    queue: QueueState | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"jobs": [row.to_json() for row in self.jobs]}
+        if self.queue is not None and self.queue.paused:
+            out["queue"] = {"paused": True, "reason": self.queue.pause_reason}
+        return out
+
+
+def status(home: Home) -> StatusResult:
+    if not home.db_path.exists():
+        return StatusResult([], None)
+    with open_store(home, create=False) as store:
+        return StatusResult([JobRow.of(j) for j in store.jobs()], store.queue_state())
+
+
+@dataclass(frozen=True)
+class ShowResult:
+    job: Job
+    attempts: list[Attempt]
+    events: list[Event]
+    metrics: list[dict[str, Any]]
+    inspection: dict[str, Any] | None
+    log_path: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "job": JobRow.of(self.job).to_json() | {"spec": self.job.spec, "result": self.job.result,
+                                                    "created_at": self.job.created_at, "started_at": self.job.started_at,
+                                                    "finished_at": self.job.finished_at, "dataset_sha256": self.job.dataset_sha256},
+            "attempts": [asdict(a) for a in self.attempts],
+            "events": [asdict(e) for e in self.events],
+            "metrics": self.metrics,
+            "inspection": self.inspection,
+            "log": self.log_path,
+        }
+
+
+def _require_store(home: Home) -> Store:
+    if not home.db_path.exists():
+        raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
+    return open_store(home, create=False)
+
+
+def show(home: Home, ref: str) -> ShowResult:
+    with _require_store(home) as store:
+        job = store.job(ref)
+        attempts = store.attempts(job.id)
+        inspection = (job.result or {}).get("inspection")
+        if inspection is None:
+            path = home.adapter_dir(job.name) / "inspection.json"
+            if path.is_file():
+                inspection = json.loads(path.read_text(encoding="utf-8"))
+        log = newest_log(home, job.id, attempts)
+        return ShowResult(job, attempts, store.events(job.id), store.metrics(job.id), inspection, str(log) if log else None)
+
+
+def newest_log(home: Home, job_id: int, attempts: list[Attempt]) -> Path | None:
+    for attempt in reversed(attempts):
+        path = home.attempt_dir(job_id, attempt.n) / "train.log"
+        if path.exists():
+            return path
+    return None
+
+
+def log_path(home: Home, ref: str, attempt: int | None = None) -> Path:
+    with _require_store(home) as store:
+        job = store.job(ref)
+        attempts = store.attempts(job.id)
+    if attempt is not None:
+        path = home.attempt_dir(job.id, attempt) / "train.log"
+        if not path.exists():
+            raise NotFoundError(f"job {job.name!r} has no log for attempt {attempt}")
+        return path
+    path = newest_log(home, job.id, attempts)
+    if path is None:
+        raise NotFoundError(f"job {job.name!r} has no training log yet ({job.status})")
+    return path
+
+
+# ---------------------------------------------------------------- operator verbs
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    changed: list[JobRow]
+    refused: list[str] = field(default_factory=list)  # one message per job that could not change
+
+
+def _each(home: Home, refs: Iterable[str], verb: str) -> ChangeResult:
+    changed, refused = [], []
+    with _require_store(home) as store:
+        for ref in refs:
+            try:
+                job = store.cancel(ref) if verb == "cancel" else store.retry(ref)
+                changed.append(JobRow.of(job))
+            except (NotFoundError, TransitionError) as exc:
+                refused.append(f"{ref}: {exc}")
+    return ChangeResult(changed, refused)
+
+
+def cancel(home: Home, refs: Iterable[str]) -> ChangeResult:
+    """Cancel pending or running jobs; a running job's worker stops its trainer within seconds."""
+    return _each(home, refs, "cancel")
+
+
+def retry(home: Home, refs: Iterable[str]) -> ChangeResult:
+    return _each(home, refs, "retry")
+
+
+def pause(home: Home, reason: str = "paused by the operator") -> QueueState:
+    with open_store(home) as store:
+        store.pause(reason)
+        return store.queue_state()
+
+
+def resume(home: Home) -> QueueState:
+    with open_store(home) as store:
+        store.resume()
+        return store.queue_state()

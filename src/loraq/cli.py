@@ -1,0 +1,481 @@
+"""The command line: parses arguments, calls :mod:`loraq.api`, prints the result.
+
+Errors are mapped to exit codes in one place (:func:`main`): every
+:class:`~loraq.errors.LoraqError` prints one line per problem to stderr and exits
+with its code (1 by default, 2 for usage and "cannot inspect").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import api
+from .errors import LoraqError, NotFoundError, ProblemsError
+from .workspace import Home
+
+app = typer.Typer(
+    name="loraq",
+    help="Train many LoRA adapters unattended and safely.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Context:
+    def __init__(self, home: str | None, allow_roots: list[str]) -> None:
+        self.home = Home.locate(home)
+        self.allow_roots = allow_roots
+
+
+def _ctx(ctx: typer.Context) -> Context:
+    obj: Context = ctx.obj
+    return obj
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    home: Optional[str] = typer.Option(None, "--home", envvar="LORAQ_HOME", help="loraq's home (default ./.loraq)."),
+    allow_root: list[str] = typer.Option([], "--allow-root", help="Also allow reading inside DIR (repeatable)."),
+) -> None:
+    ctx.obj = Context(home, allow_root)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line.rstrip("\n") + "\n")
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
+
+
+# ---------------------------------------------------------------- submit
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    queue_file: Path = typer.Argument(..., help="The queue file (YAML)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would run; enqueue nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> int:
+    """Validate every job of QUEUE_FILE and enqueue all of them, or none."""
+    c = _ctx(ctx)
+    result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run)
+    from . import datacheck
+
+    if as_json:
+        _print_json({"queue": result.queue_file, "dry_run": result.dry_run, "jobs": [
+            {"name": name, "id": result.job_ids[i] if result.job_ids else None,
+             "dataset": datacheck.report_json(result.datasets[name]) if name in result.datasets else None}
+            for i, name in enumerate(result.job_names)]})
+        return 0
+    for name in result.job_names:
+        report = result.datasets.get(name)
+        if dry_run:
+            print(f"{name}:")
+            for line in datacheck.describe(report):
+                print(f"  {line}")
+        else:
+            print(f"{name}: " + (datacheck.summary(report) if report is not None else "enqueued"))
+    if dry_run:
+        print(f"dry run: {len(result.job_names)} job(s) valid; nothing enqueued")
+    else:
+        print(f"enqueued {len(result.job_ids)} job(s) into {c.home.root}")
+    return 0
+
+
+# ---------------------------------------------------------------- run
+
+
+class _Progress:
+    """Shows a running queue: rich bars on a terminal, one line per event elsewhere."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stdout.isatty()
+        self.bars: Any = None
+        self.tasks: dict[str, Any] = {}
+        if self.tty and not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+            self.bars.start()
+
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bars is not None:
+            self.bars.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        name = info.get("name", "")
+        if kind == "progress":
+            metrics = info.get("metrics", {})
+            text = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
+            if self.bars is not None:
+                task = self.tasks.get(name)
+                if task is None:
+                    task = self.tasks[name] = self.bars.add_task(name, total=info.get("max_steps"), info="")
+                self.bars.update(task, completed=info.get("step", 0), total=info.get("max_steps"), info=text)
+            elif text and not self.quiet:
+                print(f"[{name}] step {info.get('step')}/{info.get('max_steps')} {text}", flush=True)
+        elif kind == "claimed":
+            resume = f", resuming from step {info['resume_step']}" if info.get("resume_step") else ""
+            self._line(f"[{name}] attempt {info['attempt']} on {info['slot']}{resume}")
+        elif kind == "started":
+            reused = "base reused" if info.get("base_reused") else "base loaded"
+            self._line(f"[{name}] {info.get('n_train')} train / {info.get('n_eval')} eval rows, {info.get('max_steps')} steps, "
+                       f"{reused}, base eval loss {_num(info.get('base_eval_loss'))}")
+        elif kind == "completed":
+            if self.bars is not None and name in self.tasks:
+                self.bars.update(self.tasks[name], completed=info.get("steps"))
+            self._line(f"[{name}] completed: eval loss {_num(info.get('base_eval_loss'))} -> {_num(info.get('eval_loss'))}, "
+                       f"published to {info.get('adapter')}")
+        elif kind == "failed":
+            final = "failed" if info.get("final") else "attempt failed (will retry)"
+            self._line(f"[{name}] {final}: {info.get('kind')}: {info.get('reason')}")
+        elif kind in ("stopping", "stopping_now"):
+            what = "asking trainers to checkpoint and stop (again to stop at once)" if kind == "stopping" else "stopping at once"
+            self._line(f"{info.get('signal')}: {what}")
+        elif kind == "stopped":
+            self._line(f"[{name}] stopped at step {info.get('step')}; back in the queue (no attempt used)")
+        elif kind in ("recovered", "reclaimed", "lease_expired", "lost", "stalled", "recycled"):
+            detail = {k: v for k, v in info.items() if k != "name"}
+            self._line(f"[{name or 'queue'}] {kind}: {detail}")
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to use, e.g. 0,1; or cpu,cpu. Default: every GPU, else the CPU."),
+    executor: str = typer.Option("local", "--executor", help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster: auto or ADDRESS (with --executor ray)."),
+    lease: float = typer.Option(60.0, "--lease", help="Seconds a job's lease lasts without a heartbeat."),
+    stall: float = typer.Option(600.0, "--stall-timeout", help="Kill and retry a trainer silent this long (seconds)."),
+    wait: bool = typer.Option(False, "--wait", help="Keep waiting for new jobs instead of returning when the queue is empty."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> int:
+    """Work the queue until it is empty or paused. Exit 0 if every job completed, 1 if any failed."""
+    c = _ctx(ctx)
+    options = api.RunOptions(devices=devices, executor=executor, ray_address=ray_address, lease_s=lease,
+                             stall_s=stall, idle_exit=not wait)
+    progress = _Progress(quiet=quiet)
+    try:
+        result = api.run(c.home, options, observer=progress)
+    finally:
+        progress.close()
+    counts = result.counts
+    if not quiet:
+        print(" · ".join(f"{counts[k]} {k}" for k in ("completed", "failed", "pending", "running", "cancelled")))
+        if result.paused:
+            print(f"queue paused: {result.paused}  (loraq resume to continue)")
+        if result.interrupted:
+            print("interrupted: unfinished jobs are back in the queue; run again to continue")
+    if result.interrupted:
+        return 130
+    return 0 if result.ok and not result.paused else 1
+
+
+# ---------------------------------------------------------------- status, show, logs
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> int:
+    """One row per job: name, status, attempts, progress, losses, verdict."""
+    result = api.status(_ctx(ctx).home)
+    if as_json:
+        _print_json(result.to_json())
+        return 0
+    if result.queue is not None and result.queue.paused:
+        print(f"queue paused: {result.queue.pause_reason}  (loraq resume to continue)")
+    if not result.jobs:
+        print("no jobs (loraq submit QUEUE.yaml to add some)")
+        return 0
+    rows = []
+    for job in result.jobs:
+        progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
+        note = job.verdict or ""
+        if job.status in ("failed", "pending") and job.error:
+            note = f"{job.error_kind}: {job.error}"[:100]
+        rows.append([job.name, job.status, f"{job.attempts}/{job.max_attempts}", progress, _num(job.train_loss),
+                     f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note])
+    _table(None, ["job", "status", "attempts", "progress", "train loss", "eval loss base -> adapter", "verdict / why"], rows)
+    return 0
+
+
+@app.command()
+def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> int:
+    """Spec, attempts, events, metrics and inspection of one job."""
+    result = api.show(_ctx(ctx).home, job)
+    if as_json:
+        _print_json(result.to_json())
+        return 0
+    j = result.job
+    print(f"{j.name} (id {j.id}): {j.status}, attempts {j.attempts}/{j.max_retries + 1}, priority {j.priority}")
+    print(f"  base model: {j.spec.get('base_model')}")
+    print(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
+    print(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
+    if j.error:
+        print(f"  why:        {j.error_kind}: {j.error}")
+    if (j.result or {}).get("adapter"):
+        print(f"  adapter:    {j.result['adapter']}")
+    print("attempts:")
+    for a in result.attempts:
+        resumed = f", resumed from step {a.resumed_from_step}" if a.resumed_from_step else ""
+        reason = f": {a.error_kind}: {a.reason}" if a.reason else ""
+        counted = "" if a.counted else " (not counted)"
+        print(f"  #{a.n} {a.outcome or 'running'}{counted}, last step {a.last_step}{resumed}{reason}")
+    print("events:")
+    for e in result.events:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts))
+        print(f"  {stamp} {e.from_state or '-'} -> {e.to_state or '-'}: {e.reason} ({e.actor})")
+    if result.inspection:
+        verdict = "pass" if result.inspection.get("passed") else "fail"
+        print(f"inspection: {verdict}")
+        for f in result.inspection.get("findings", []):
+            print(f"  {f.get('severity')} [{f.get('code')}] {f.get('message')}")
+    if result.log_path:
+        print(f"log: {result.log_path}")
+    return 0
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job: str = typer.Argument(..., help="Job name or id."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing while the job runs."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="An earlier attempt's log."),
+) -> int:
+    """The training log of the job's newest attempt."""
+    home = _ctx(ctx).home
+    path = api.log_path(home, job, attempt)
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 16)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            if not follow:
+                return 0
+            current = api.status(home)
+            state = next((r for r in current.jobs if r.name == job or str(r.id) == job), None)
+            newest = api.log_path(home, job)
+            if newest != path:  # a new attempt started: follow its log
+                fh.close()
+                path = newest
+                fh = open(path, "rb")  # noqa: SIM115
+                continue
+            if state is None or state.status not in ("running", "pending"):
+                return 0
+            time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- operator verbs
+
+
+def _change(result: api.ChangeResult, verb: str) -> int:
+    for row in result.changed:
+        print(f"{row.name}: {row.status}")
+    for line in result.refused:
+        _err(f"loraq {verb}: {line}")
+    return 1 if result.refused else 0
+
+
+@app.command()
+def cancel(ctx: typer.Context, jobs: list[str] = typer.Argument(..., help="Job names or ids.")) -> int:
+    """Cancel pending or running jobs (a running trainer stops within seconds)."""
+    return _change(api.cancel(_ctx(ctx).home, jobs), "cancel")
+
+
+@app.command()
+def retry(ctx: typer.Context, jobs: list[str] = typer.Argument(..., help="Job names or ids.")) -> int:
+    """Put failed or cancelled jobs back in the queue with fresh attempts."""
+    return _change(api.retry(_ctx(ctx).home, jobs), "retry")
+
+
+@app.command()
+def pause(ctx: typer.Context, reason: str = typer.Option("paused by the operator", "--reason")) -> int:
+    """Stop claiming new jobs (running ones finish)."""
+    api.pause(_ctx(ctx).home, reason)
+    print(f"queue paused: {reason}")
+    return 0
+
+
+@app.command()
+def resume(ctx: typer.Context) -> int:
+    """Continue a paused queue (and reset the failure count)."""
+    api.resume(_ctx(ctx).home)
+    print("queue resumed")
+    return 0
+
+
+# ---------------------------------------------------------------- inspect, report, demo
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(..., help="An adapter folder."),
+    base: Optional[str] = typer.Option(None, "--base", help="Check against this base model (folder or hub id)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --base: eval loss base vs adapter on this dataset."),
+    min_drop: float = typer.Option(0.0, "--min-eval-loss-drop", help="Quality gate with --data."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> int:
+    """Inspect one adapter folder. Exit 0 pass, 1 fail, 2 cannot inspect."""
+    from . import inspector
+
+    c = _ctx(ctx)
+    roots = c.home.roots(queue_dir=Path.cwd(), extra=c.allow_roots)
+    if data is not None and base is None:
+        raise LoraqError("--data needs --base: the eval loss is measured on the base model with and without the adapter")
+    for value, what in ((base, "--base"), (data, "--data")):
+        if value is not None and (what == "--data" or Path(value).exists()):
+            roots.check_read(value, what=what)
+    result = inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
+                                       min_eval_loss_drop=min_drop)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        print(f"{result.path}: {'PASS' if result.passed else 'FAIL'}")
+        for f in result.findings:
+            print(f"  {f.severity:<7} [{f.code}] {f.message}")
+    return 0 if result.passed else 1
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    fmt: str = typer.Option("md", "--format", help="json | md | html"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here (default <home>/reports/report.<format>)."),
+) -> int:
+    """The queue report: per job status, attempts and why, losses, curves, findings."""
+    from . import report as report_mod
+    from .errors import UsageError
+
+    if fmt not in report_mod.FORMATS:
+        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(report_mod.FORMATS)}")
+    home = _ctx(ctx).home
+    if not home.db_path.exists():
+        raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
+    with api.open_store(home, create=False) as store:
+        target, text = report_mod.write(home, store, fmt, output)
+    if output is None and fmt != "html":
+        sys.stdout.write(text)
+    _err(f"wrote {target}")
+    return 0
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Argument(Path("loraq-demo"), help="Where to write the demo (default ./loraq-demo)."),
+    no_run: bool = typer.Option(False, "--no-run", help="Only write the files."),
+) -> int:
+    """Write a tiny base model, datasets and queue.yaml into DIRECTORY, then submit and run it."""
+    from . import demo as demo_mod
+
+    started = time.time()
+    files = demo_mod.prepare(directory)
+    home = Home(files.root / ".loraq")
+    print(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
+          f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
+    if no_run:
+        print(f"run it: loraq --home {home.root} submit {files.queue} && loraq --home {home.root} run")
+        return 0
+    submitted = api.submit(files.queue, home=home)
+    print(f"submitted {len(submitted.job_ids)} jobs")
+    progress = _Progress()
+    try:
+        result = api.run(home, api.RunOptions(devices="cpu"), observer=progress)
+    finally:
+        progress.close()
+    rows = []
+    for job in api.status(home).jobs:
+        details = api.show(home, job.name)
+        adapter = Path(job.adapter) if job.adapter else None
+        size = sum(p.stat().st_size for p in adapter.iterdir()) / 1024 if adapter and adapter.is_dir() else None
+        took = (details.job.finished_at - details.job.started_at) if details.job.finished_at and details.job.started_at else None
+        rows.append([job.name, job.status, str(job.step or "-"), _num(job.train_loss),
+                     f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", f"{size:.0f} KB" if size else "-",
+                     f"{took:.1f} s" if took else "-"])
+    _table("loraq demo", ["adapter", "status", "steps", "train loss", "eval loss base -> adapter", "size", "time"], rows)
+    print(f"adapters in {home.adapters_dir}; total {time.time() - started:.0f} s. "
+          f"Try: loraq --home {home.root} status | show support-bot | report --format html")
+    return 0 if result.ok else 1
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; map errors to exit codes (0 ok, 1 failed/rejected, 2 usage or cannot inspect)."""
+    try:
+        code = app(args=argv, prog_name="loraq", standalone_mode=False)
+    except ProblemsError as exc:
+        for problem in exc.problems:
+            _err(str(problem))
+        if exc.summary:
+            _err(exc.summary)
+        code = exc.exit_code
+    except LoraqError as exc:
+        _err(f"loraq: {exc}")
+        code = exc.exit_code
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        _err("loraq: aborted")
+        code = 130
+    except KeyboardInterrupt:
+        _err("loraq: interrupted")
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as exc:
+        # Typer's (vendored) click usage errors: a bad option, a missing argument.
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                _err(exc.format_message())
+            else:
+                _err(f"loraq: {exc.format_message()}")
+            code = exc.exit_code
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Executors: where trainers run. The worker talks to every executor the same way.
+
+An executor owns *slots*, one trainer each (a process per device locally, a Ray
+actor per GPU on a cluster). The worker hands a job request to an idle slot and
+polls for events; the trainer keeps its base model hot between jobs.
+
+Events a trainer sends (dicts with ``ev``): ``ready``, ``started``, ``progress``,
+``heartbeat``, ``checkpoint``, then one of ``done``, ``stopped``, ``failed``,
+``aborted``. The executor adds ``exited`` when a trainer dies.
+
+This module never imports torch: the supervisor stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import UsageError
+
+Event = dict[str, Any]
+
+
+@dataclass
+class Slot:
+    """One trainer: its device, what it is doing, and the base model it keeps hot."""
+
+    index: int
+    device: str
+    job_id: int | None = None
+    hot_base: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    baseline_rss_mb: float | None = None
+    jobs_done: int = 0
+    ready: bool = False
+    failed_starts: int = 0  # trainers in a row that died before they were ready
+    handle: Any = None
+
+    @property
+    def busy(self) -> bool:
+        return self.job_id is not None
+
+    @property
+    def name(self) -> str:
+        return f"slot-{self.index}({self.device})"
+
+
+class Executor(Protocol):
+    slots: list[Slot]
+
+    def start(self) -> None: ...
+    def submit(self, slot: Slot, request: dict[str, Any]) -> None: ...
+    def poll(self, timeout: float) -> list[tuple[Slot, Event]]: ...
+    def stop_job(self, slot: Slot, *, graceful: bool) -> None: ...
+    def recycle(self, slot: Slot) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def parse_devices(devices: str | None) -> list[str]:
+    """``"0,1"`` -> GPUs 0 and 1; ``"cpu,cpu"`` -> two CPU trainers; ``None`` -> every GPU, else one CPU."""
+    if not devices:
+        return detect_gpus() or ["cpu"]
+    out = []
+    for item in devices.split(","):
+        item = item.strip()
+        if item == "cpu" or item.isdigit():
+            out.append(item)
+        elif item.startswith("cuda:") and item[5:].isdigit():
+            out.append(item[5:])
+        else:
+            raise UsageError(f"--devices: {item!r} is not a GPU index or 'cpu' (e.g. --devices 0,1 or cpu,cpu)")
+    if not out:
+        raise UsageError("--devices: no device given")
+    return out
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices visible to this process, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in (x.strip() for x in visible.split(",")) if d and d != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+@dataclass
+class _Proc:
+    popen: subprocess.Popen[bytes]
+    to_child: Any  # text file, JSON lines to the trainer
+    from_child: int  # fd, JSON lines from the trainer
+    buffer: bytes = b""
+
+
+class LocalExecutor:
+    """A trainer process per device on this machine, each pinned with ``CUDA_VISIBLE_DEVICES``."""
+
+    def __init__(self, devices: list[str], *, log_dir: Path, python: str = sys.executable) -> None:
+        self.slots = [Slot(index=i, device=d) for i, d in enumerate(devices)]
+        self.log_dir = log_dir
+        self.python = python
+        self._selector = selectors.DefaultSelector()
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        for slot in self.slots:
+            if slot.handle is None:
+                self._spawn(slot)
+
+    def _spawn(self, slot: Slot) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = "" if slot.device == "cpu" else slot.device
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"trainer-{slot.index}.log", "ab")  # noqa: SIM115 (the child owns it)
+        try:
+            popen = subprocess.Popen(
+                [self.python, "-m", "loraq.trainer", "--fd-in", str(to_child_r), "--fd-out", str(from_child_w),
+                 "--device", "cpu" if slot.device == "cpu" else "cuda"],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                # Its own session: a Ctrl-C in the terminal reaches the supervisor only,
+                # which then asks the trainer to checkpoint and stop.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+            os.close(to_child_r)
+            os.close(from_child_w)
+        os.set_blocking(from_child_r, False)
+        proc = _Proc(popen=popen, to_child=os.fdopen(to_child_w, "w", encoding="utf-8"), from_child=from_child_r)
+        slot.handle = proc
+        slot.ready = False
+        slot.hot_base = None
+        slot.baseline_rss_mb = None
+        slot.last_seen = time.monotonic()
+        self._selector.register(from_child_r, selectors.EVENT_READ, slot)
+
+    def pid(self, slot: Slot) -> int | None:
+        proc: _Proc | None = slot.handle
+        return proc.popen.pid if proc else None
+
+    def _send(self, slot: Slot, message: dict[str, Any]) -> bool:
+        proc: _Proc | None = slot.handle
+        if proc is None:
+            return False
+        try:
+            proc.to_child.write(json.dumps(message) + "\n")
+            proc.to_child.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def submit(self, slot: Slot, request: dict[str, Any]) -> None:
+        if slot.handle is None:
+            self._spawn(slot)
+        slot.job_id = int(request["job_id"])
+        slot.last_seen = time.monotonic()
+        self._send(slot, {"op": "train", **request})  # a dead trainer shows up as an 'exited' event
+
+    def stop_job(self, slot: Slot, *, graceful: bool) -> None:
+        self._send(slot, {"op": "stop" if graceful else "abort"})
+
+    def kill(self, slot: Slot) -> None:
+        """SIGKILL the slot's trainer (a stall, a second Ctrl-C); its death arrives as 'exited'."""
+        proc: _Proc | None = slot.handle
+        if proc is not None and proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+
+    def recycle(self, slot: Slot) -> None:
+        """Replace the slot's trainer with a fresh process (memory grew, base changed badly)."""
+        self._close(slot, graceful=True)
+        self._spawn(slot)
+
+    def _close(self, slot: Slot, *, graceful: bool, timeout: float = 10.0) -> int | None:
+        proc: _Proc | None = slot.handle
+        if proc is None:
+            return None
+        if graceful:
+            self._send(slot, {"op": "exit"})
+        with contextlib.suppress(OSError, ValueError):
+            proc.to_child.close()
+        try:
+            code = proc.popen.wait(timeout=timeout if graceful else 0.01)
+        except subprocess.TimeoutExpired:
+            self.kill(slot)
+            code = proc.popen.wait()
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(proc.from_child)
+        with contextlib.suppress(OSError):
+            os.close(proc.from_child)
+        slot.handle = None
+        slot.ready = False
+        return code
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            self._close(slot, graceful=not slot.busy, timeout=10.0)
+        self._selector.close()
+
+    # -------------------------------------------------------------- events
+
+    def poll(self, timeout: float) -> list[tuple[Slot, Event]]:
+        events: list[tuple[Slot, Event]] = []
+        if not self._selector.get_map():
+            time.sleep(timeout)
+            return events
+        for key, _mask in self._selector.select(timeout):
+            slot: Slot = key.data
+            events.extend((slot, ev) for ev in self._read(slot))
+        return events
+
+    def _read(self, slot: Slot) -> list[Event]:
+        proc: _Proc = slot.handle
+        events: list[Event] = []
+        try:
+            chunk = os.read(proc.from_child, 1 << 16)
+        except BlockingIOError:
+            return events
+        except OSError:
+            chunk = b""
+        if chunk:
+            proc.buffer += chunk
+            *lines, proc.buffer = proc.buffer.split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn line from a dying trainer carries nothing to act on
+                slot.last_seen = time.monotonic()
+                if event.get("ev") == "ready":
+                    slot.ready = True
+                    slot.failed_starts = 0
+                events.append(event)
+            return events
+        # EOF: the trainer is gone
+        was_ready = slot.ready
+        code = self._close(slot, graceful=False, timeout=5.0)
+        events.append({"ev": "exited", "returncode": code, "job_id": slot.job_id, "reason": describe_exit(code),
+                       "was_ready": was_ready, "log": str(self.log_dir / f"trainer-{slot.index}.log")})
+        return events
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "trainer process vanished"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"trainer process killed by {signal.Signals(-code).name}"
+        return f"trainer process killed by signal {-code}"
+    if code == 3:
+        return "trainer process exited: lost its supervisor"
+    return f"trainer process exited with code {code}"

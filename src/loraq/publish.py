@@ -1,0 +1,165 @@
+"""Publishing: a staged adapter becomes ``adapters/<name>/`` in one rename, under the lease.
+
+The worker writes the manifest, model card and inspection report into the staging
+folder, fsyncs it, and renames it into ``adapters/`` inside a store transaction
+that first checks its fencing epoch still owns the job. A worker killed between
+the rename and the commit leaves a published adapter whose manifest names the job
+and attempt: the next worker recognises it and completes the job exactly once.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import fsutil
+from .store import Claim, Store
+from .workspace import Home
+
+MANIFEST = "loraq-manifest.json"
+INSPECTION = "inspection.json"
+MODEL_CARD = "README.md"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+class PublishConflict(Exception):
+    """``adapters/<name>`` already holds an adapter of another job."""
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[str, Any]:
+    job = claim.job
+    files = {}
+    for name in (CONFIG, WEIGHTS):
+        path = staging / name
+        files[name] = {"bytes": path.stat().st_size, "sha256": fsutil.sha256_file(path)}
+    return {
+        "loraq_manifest": 1,
+        "job_id": job.id,
+        "name": job.name,
+        "attempt": claim.attempt,
+        "epoch": claim.epoch,
+        "created_at": time.time(),
+        "base_model": job.spec["base_model"],
+        "revision": job.spec["spec"].get("revision"),
+        "dataset": {"path": job.spec["dataset_path"], "sha256": job.dataset_sha256,
+                    "format": result.get("dataset_format") or job.spec["spec"]["dataset"].get("format"),
+                    "n_train": result.get("n_train"), "n_eval": result.get("n_eval")},
+        "spec": job.spec["spec"],
+        "versions": result.get("versions", {}),
+        "train_loss": result.get("train_loss"),
+        "eval_loss": result.get("eval_loss"),
+        "base_eval_loss": result.get("base_eval_loss"),
+        "steps": result.get("steps"),
+        "resumed_from": result.get("resumed_from"),
+        "files": files,
+    }
+
+
+def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
+    spec = manifest["spec"]
+    lora, training = spec.get("lora", {}), spec.get("training", {})
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {manifest['base_model']}",
+        "tags: [lora, loraq]",
+        "---",
+        "",
+        f"# {manifest['name']}",
+        "",
+        f"A LoRA adapter for `{manifest['base_model']}`, trained by loraq (job {manifest['job_id']}, attempt {manifest['attempt']}).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| dataset | `{Path(manifest['dataset']['path']).name}` ({manifest['dataset'].get('format')}), sha256 `{str(manifest['dataset'].get('sha256'))[:16]}…` |",
+        f"| rows | {manifest['dataset'].get('n_train')} train / {manifest['dataset'].get('n_eval')} eval |",
+        f"| LoRA | r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets={lora.get('target_modules')} |",
+        f"| training | {manifest.get('steps')} steps, lr={training.get('learning_rate')}, batch={training.get('batch_size')}×{training.get('grad_accum')}, seed={training.get('seed')} |",
+        f"| eval loss | base {fmt(manifest.get('base_eval_loss'))} → adapter {fmt(manifest.get('eval_loss'))} |",
+        f"| inspection | {'pass' if inspection.get('passed') else 'fail'} ({len(inspection.get('findings', []))} finding(s)) |",
+        f"| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())) + " |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from peft import PeftModel",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({manifest['base_model']!r})",
+        "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str, Any]) -> None:
+    fsutil.atomic_write_json(staging / INSPECTION, inspection)
+    fsutil.atomic_write_text(staging / MODEL_CARD, model_card(manifest, inspection))
+    # The manifest is written last: its presence says the folder is complete.
+    fsutil.atomic_write_json(staging / MANIFEST, manifest)
+
+
+def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[str, Any]) -> Path:
+    """Rename ``staging`` to ``adapters/<name>`` and complete the job, both under the lease.
+
+    Raises :class:`~loraq.store.LeaseLost` if the lease is gone (nothing is published),
+    :class:`PublishConflict` if another job's adapter holds the name.
+    """
+    target = home.adapter_dir(claim.job.name)
+    with store.fenced(claim.job.id, claim.epoch) as conn:
+        try:
+            fsutil.publish_dir(staging, target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or (target.exists() and any(target.iterdir())):
+                existing = read_manifest(target)
+                if existing and existing.get("job_id") == claim.job.id:
+                    fsutil.remove_tree(staging)  # already published by an earlier attempt: keep that one
+                else:
+                    raise PublishConflict(
+                        f"{target} already holds an adapter"
+                        + (f" of job {existing.get('job_id')}" if existing else "")
+                        + "; move it away, then 'loraq retry' this job"
+                    ) from exc
+            else:
+                raise
+        store.complete(claim.job.id, claim.epoch, result=result | {"adapter": str(target)}, conn=conn)
+    return target
+
+
+def adopt_published(store: Store, home: Home, claim: Claim) -> dict[str, Any] | None:
+    """Complete a freshly claimed job whose adapter an earlier, killed attempt published.
+
+    Returns the manifest if the job was completed this way, ``None`` if there is nothing
+    to adopt. The claim's fresh epoch makes the completion exactly-once.
+    """
+    target = home.adapter_dir(claim.job.name)
+    manifest = read_manifest(target)
+    if not manifest or manifest.get("job_id") != claim.job.id:
+        return None
+    result = {k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}
+    result |= {"adapter": str(target), "recovered": True, "published_by_attempt": manifest.get("attempt")}
+    inspection = {}
+    try:
+        inspection = json.loads((target / INSPECTION).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    result["inspection"] = inspection
+    store.complete(claim.job.id, claim.epoch, result=result)
+    return manifest

@@ -1,0 +1,244 @@
+"""The queue report: what ran, how it went, and why anything failed.
+
+Built from the store alone (torch-free). One dict (``build``) rendered three ways:
+JSON for scripts, Markdown for a pull request or a chat, and a self-contained HTML
+page with the train/eval loss curves drawn as inline SVG. Written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from . import fsutil
+from .store import Store
+from .workspace import Home
+
+FORMATS = ("json", "md", "html")
+REPORT_VERSION = 1
+
+
+def build(store: Store, home: Home) -> dict[str, Any]:
+    jobs = []
+    for job in store.jobs():
+        attempts = store.attempts(job.id)
+        metrics = store.metrics(job.id)
+        curves: dict[str, list[list[float]]] = {}
+        for row in metrics:
+            if row["name"] in ("loss", "eval_loss"):
+                curves.setdefault(row["name"], []).append([row["step"], row["value"]])
+        inspection = (job.result or {}).get("inspection")
+        if inspection is None:
+            path = home.adapter_dir(job.name) / "inspection.json"
+            if path.is_file():
+                try:
+                    inspection = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    inspection = None
+        adapter = (job.result or {}).get("adapter")
+        size = _folder_size(Path(adapter)) if adapter and Path(adapter).is_dir() else None
+        jobs.append({
+            "id": job.id,
+            "name": job.name,
+            "status": job.status,
+            "base_model": job.spec.get("base_model"),
+            "dataset": job.spec.get("dataset_path"),
+            "dataset_sha256": job.dataset_sha256,
+            "attempts": [
+                {"n": a.n, "outcome": a.outcome or ("running" if a.ended_at is None else None),
+                 "error_kind": a.error_kind, "reason": a.reason, "resumed_from_step": a.resumed_from_step,
+                 "last_step": a.last_step, "counted": bool(a.counted),
+                 "duration_s": round(a.ended_at - a.started_at, 3) if a.ended_at else None}
+                for a in attempts
+            ],
+            "attempts_used": job.attempts,
+            "max_attempts": job.max_retries + 1,
+            "duration_s": round(job.finished_at - job.started_at, 3) if job.finished_at and job.started_at else None,
+            "steps": job.progress_step,
+            "train_loss": job.train_loss,
+            "eval_loss": job.eval_loss,
+            "base_eval_loss": job.base_eval_loss,
+            "verdict": job.verdict,
+            "error_kind": job.error_kind,
+            "error": job.error,
+            "adapter": adapter,
+            "adapter_bytes": size,
+            "findings": (inspection or {}).get("findings", []),
+            "curves": curves,
+        })
+    state = store.queue_state()
+    return {
+        "loraq_report": REPORT_VERSION,
+        "generated_at": time.time(),
+        "home": str(home.root),
+        "counts": store.counts(),
+        "queue": {"paused": state.paused, "pause_reason": state.pause_reason},
+        "jobs": jobs,
+    }
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def why(job: dict[str, Any]) -> str:
+    if job["status"] == "completed":
+        return ""
+    if job.get("error"):
+        return f"{job.get('error_kind')}: {job['error']}"
+    return ""
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    counts = report["counts"]
+    lines = [
+        "# loraq queue report",
+        "",
+        f"Home `{report['home']}`, generated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report['generated_at']))}.",
+        "",
+        " · ".join(f"{counts[k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled")),
+        "",
+    ]
+    if report["queue"]["paused"]:
+        lines += [f"**Queue paused:** {report['queue']['pause_reason']}", ""]
+    lines += [
+        "| job | status | attempts | steps | train loss | eval loss base → adapter | adapter | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for job in report["jobs"]:
+        lines.append(
+            f"| {job['name']} | {job['status']} | {job['attempts_used']}/{job['max_attempts']} | {_num(job['steps'])} "
+            f"| {_num(job['train_loss'])} | {_num(job['base_eval_loss'])} → {_num(job['eval_loss'])} "
+            f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s |"
+        )
+    for job in report["jobs"]:
+        problems = [a for a in job["attempts"] if a["reason"]]
+        findings = [f for f in job["findings"] if f.get("severity") in ("error", "warning")]
+        if not problems and not findings:
+            continue
+        lines += ["", f"## {job['name']}", ""]
+        for attempt in job["attempts"]:
+            resumed = f", resumed from step {attempt['resumed_from_step']}" if attempt["resumed_from_step"] else ""
+            reason = f": {attempt['error_kind']}: {attempt['reason']}" if attempt["reason"] else ""
+            lines.append(f"- attempt {attempt['n']}: {attempt['outcome']}{resumed}{reason}")
+        for finding in findings:
+            lines.append(f"- {finding['severity']} `{finding['code']}`: {finding['message']}")
+    return "\n".join(lines) + "\n"
+
+
+def _svg(curves: dict[str, list[list[float]]], width: int = 360, height: int = 140) -> str:
+    points = [p for series in curves.values() for p in series if math.isfinite(p[1])]
+    if not points:
+        return "<span class=muted>no metrics</span>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = y1 if y1 > y0 else y0 + 1
+    pad = 28
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - pad - 8)
+
+    def sy(y: float) -> float:
+        return 8 + (y1 - y) / (y1 - y0) * (height - pad - 8)
+
+    colors = {"loss": "#2563eb", "eval_loss": "#dc2626"}
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="loss curves">',
+             f'<line x1="{pad}" y1="{height - pad + 8}" x2="{width - 8}" y2="{height - pad + 8}" stroke="#999"/>',
+             f'<line x1="{pad}" y1="8" x2="{pad}" y2="{height - pad + 8}" stroke="#999"/>',
+             f'<text x="2" y="14" font-size="10">{y1:.2f}</text><text x="2" y="{height - pad + 8}" font-size="10">{y0:.2f}</text>',
+             f'<text x="{width - 40}" y="{height - 6}" font-size="10">step {int(x1)}</text>']
+    for name, series in curves.items():
+        finite = [p for p in series if math.isfinite(p[1])]
+        if not finite:
+            continue
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in finite)
+        color = colors.get(name, "#555")
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"><title>{name}</title></polyline>')
+        if len(finite) == 1:
+            x, y = finite[0]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(report: dict[str, Any]) -> str:
+    e = html.escape
+    rows = []
+    for job in report["jobs"]:
+        findings = "".join(
+            f"<li><b>{e(f['severity'])}</b> <code>{e(f['code'])}</code> {e(f['message'])}</li>"
+            for f in job["findings"] if f.get("severity") in ("error", "warning"))
+        attempts = "".join(
+            f"<li>attempt {a['n']}: {e(str(a['outcome']))}"
+            + (f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else "")
+            + (f": {e(str(a['error_kind']))}: {e(str(a['reason']))}" if a["reason"] else "") + "</li>"
+            for a in job["attempts"])
+        rows.append(
+            f"<tr class='{e(job['status'])}'><td><b>{e(job['name'])}</b><br><span class=muted>{e(str(job['base_model']))}</span></td>"
+            f"<td>{e(job['status'])}</td><td>{job['attempts_used']}/{job['max_attempts']}</td>"
+            f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b></td>"
+            f"<td>{_svg(job['curves'])}<div class=legend><span style='color:#2563eb'>■ train</span> "
+            f"<span style='color:#dc2626'>■ eval</span></div></td>"
+            f"<td>{_bytes(job['adapter_bytes'])}<br>{_num(job['duration_s'], 1)} s</td>"
+            f"<td><ul>{attempts}</ul><ul>{findings}</ul></td></tr>"
+        )
+    counts = " · ".join(f"{report['counts'][k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled"))
+    paused = f"<p class=warn>Queue paused: {e(str(report['queue']['pause_reason']))}</p>" if report["queue"]["paused"] else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>loraq report</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }}
+tr.failed td:nth-child(2) {{ color: #b91c1c; font-weight: bold; }}
+tr.completed td:nth-child(2) {{ color: #15803d; font-weight: bold; }}
+.muted {{ color: #777; font-size: 12px; }} .warn {{ color: #b45309; font-weight: bold; }}
+ul {{ margin: 0; padding-left: 1.2em; }} .legend {{ font-size: 11px; }}
+</style></head><body>
+<h1>loraq queue report</h1>
+<p>Home <code>{e(report['home'])}</code> · {counts}</p>{paused}
+<table><thead><tr><th>job</th><th>status</th><th>attempts</th><th>eval loss base → adapter</th><th>loss curves</th><th>size / time</th><th>attempts and findings</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+</body></html>
+"""
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
+    if fmt == "md":
+        return to_markdown(report)
+    if fmt == "html":
+        return to_html(report)
+    raise ValueError(f"unknown report format {fmt!r}")
+
+
+def write(home: Home, store: Store, fmt: str, output: Path | None = None) -> tuple[Path, str]:
+    """Build the report, write it atomically (default ``<home>/reports/report.<ext>``)."""
+    text = render(build(store, home), fmt)
+    target = output or home.reports_dir / f"report.{fmt}"
+    fsutil.atomic_write_text(target, text)
+    return target, text

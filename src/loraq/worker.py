@@ -1,0 +1,455 @@
+"""The worker: the supervisor that works the queue. It never imports torch.
+
+It claims jobs with a lease, hands each to an idle trainer slot of its executor,
+writes the progress the trainer streams into the store, renews the lease while the
+trainer lives, and on success inspects the staged adapter and publishes it. It
+stops a job whose lease it lost or that was cancelled, kills a trainer that
+stalled, and on SIGINT/SIGTERM asks every trainer to checkpoint and stop (a second
+signal stops at once).
+
+On start it reconciles what a killed predecessor left: jobs leased by dead
+processes on this host go back to the queue, staging folders of dead attempts are
+removed, and an adapter published but not recorded is recognised by its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoints, fsutil, publish
+from .errors import LoraqError
+from .executor import Event, Executor, Slot
+from .store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
+from .workspace import Home
+
+Observer = Callable[[str, dict[str, Any]], None]
+MAX_FAILED_STARTS = 3
+
+
+class TrainerStartError(LoraqError):
+    """A trainer process cannot even start (a broken install, a bad device)."""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class WorkerConfig:
+    lease_s: float = 60.0
+    heartbeat_s: float = 2.0
+    stall_s: float = 600.0  # no event from a busy trainer for this long: kill it, retry the job
+    poll_s: float = 0.2
+    idle_exit: bool = True  # return when nothing is left to run (else wait for new jobs)
+    recycle_growth_mb: float = 2048.0  # RSS growth over the trainer's first job that recycles it
+    max_jobs: int | None = None  # stop claiming after this many (tests, benchmarks)
+
+
+@dataclass
+class Running:
+    claim: Claim
+    slot: Slot
+    attempt_dir: Path
+    started: float = field(default_factory=time.monotonic)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    stopping: str | None = None  # why the worker asked the trainer to stop
+
+
+@dataclass
+class RunSummary:
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    paused: str | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        home: Home,
+        store: Store,
+        executor: Executor,
+        *,
+        config: WorkerConfig | None = None,
+        observer: Observer | None = None,
+        worker_id: WorkerId | None = None,
+    ) -> None:
+        self.home = home
+        self.store = store
+        self.executor = executor
+        self.config = config or WorkerConfig()
+        self.observer = observer or (lambda kind, info: None)
+        self.id = worker_id or WorkerId.current()
+        self.store.actor = str(self.id)
+        self.running: dict[int, Running] = {}
+        self.summary = RunSummary()
+        self._signals = 0
+        self._claimed = 0
+
+    # -------------------------------------------------------------- signals
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.observer("stopping", {"signal": signal.Signals(signum).name, "running": len(self.running)})
+            for run in self.running.values():
+                run.stopping = "graceful stop"
+                self.executor.stop_job(run.slot, graceful=True)
+        else:
+            self.observer("stopping_now", {"signal": signal.Signals(signum).name})
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Any:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -------------------------------------------------------------- main loop
+
+    def run(self) -> RunSummary:
+        self.reconcile()
+        in_main_thread = True
+        try:
+            signal.getsignal(signal.SIGINT)
+        except ValueError:
+            in_main_thread = False
+        with self._signal_handlers() if in_main_thread else contextlib.nullcontext():
+            self.executor.start()
+            try:
+                self._loop()
+            finally:
+                self._stop_all_now()
+                self.executor.shutdown()
+        state = self.store.queue_state()
+        self.summary.paused = state.pause_reason if state.paused else None
+        return self.summary
+
+    def _loop(self) -> None:
+        last_sweep = 0.0
+        while True:
+            if self._signals >= 2:
+                self.summary.interrupted = True
+                return
+            if self._signals == 0:
+                self._fill_slots()
+            for slot, event in self.executor.poll(self.config.poll_s):
+                self._handle(slot, event)
+            now = time.monotonic()
+            self._heartbeats(now)
+            self._watchdog(now)
+            if now - last_sweep > max(self.config.lease_s / 4, 1.0):
+                last_sweep = now
+                for job_id in self.store.expire_leases():
+                    self.observer("lease_expired", {"job_id": job_id})
+            if not self.running:
+                if self._signals:
+                    self.summary.interrupted = True
+                    return
+                if self._done():
+                    return
+
+    def _done(self) -> bool:
+        if self.config.max_jobs is not None and self._claimed >= self.config.max_jobs:
+            return True
+        if not self.config.idle_exit:
+            return False
+        state = self.store.queue_state()
+        if state.paused:
+            return True
+        # Jobs running elsewhere or pending behind a backoff keep this worker waiting.
+        return not self.store.has_runnable()
+
+    def _fill_slots(self) -> None:
+        for slot in self.executor.slots:
+            if slot.busy:
+                continue
+            if self.config.max_jobs is not None and self._claimed >= self.config.max_jobs:
+                return
+            claim = self.store.claim(self.id, lease_s=self.config.lease_s, prefer_base=slot.hot_base)
+            if claim is None:
+                return
+            self._claimed += 1
+            self._start(slot, claim)
+
+    def _start(self, slot: Slot, claim: Claim) -> None:
+        job = claim.job
+        if publish.adopt_published(self.store, self.home, claim):
+            self.observer("recovered", {"name": job.name, "job_id": job.id})
+            self.summary.completed.append(job.name)
+            return
+        job_dir = self.home.job_dir(job.id)
+        attempt_dir = self.home.attempt_dir(job.id, claim.attempt)
+        try:
+            attempt_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_incomplete(job_dir, except_attempt=claim.attempt)
+        except OSError as exc:
+            self._fail(claim, kind="io", reason=f"cannot prepare {attempt_dir}: {exc}", retryable=True)
+            return
+        resume = checkpoints.newest_complete(job_dir)
+        request = {
+            "job_id": job.id,
+            "attempt": claim.attempt,
+            "epoch": claim.epoch,
+            "job": job.spec,
+            "log_path": str(attempt_dir / "train.log"),
+            "checkpoints_dir": str(attempt_dir / "checkpoints"),
+            "staging_dir": str(attempt_dir / "staging"),
+            "resume_from": str(resume.path) if resume else None,
+        }
+        self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir)
+        slot.hot_base = job.base_key
+        self.executor.submit(slot, request)
+        self.observer("claimed", {"name": job.name, "job_id": job.id, "attempt": claim.attempt, "slot": slot.name,
+                                  "resume_step": resume.step if resume else None})
+
+    # -------------------------------------------------------------- events
+
+    def _handle(self, slot: Slot, event: Event) -> None:
+        kind = event.get("ev")
+        job_id = event.get("job_id")
+        run = self.running.get(job_id) if job_id is not None else None
+        if kind == "exited":
+            self._trainer_died(slot, event)
+            return
+        if run is None or run.slot is not slot:
+            return  # a late event of a job this worker already let go
+        claim = run.claim
+        if kind == "started":
+            if event.get("resume_from"):
+                step = _checkpoint_step(event["resume_from"])
+                self.store.note_resume(claim.job.id, claim.epoch, claim.attempt, step)
+            self._progress(run, 0, event.get("max_steps"), {"base_eval_loss": event["base_eval_loss"]})
+            self.observer("started", {"name": claim.job.name, **event})
+        elif kind == "progress":
+            self._progress(run, event["step"], event.get("max_steps"), event.get("metrics", {}))
+            self.observer("progress", {"name": claim.job.name, **event})
+        elif kind == "checkpoint":
+            checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
+        elif kind == "done":
+            self._finish(run, event["result"])
+            self._after_job(slot, event)
+        elif kind == "stopped":
+            self._release(run)
+            with contextlib.suppress(LeaseLost):
+                self.store.requeue_stopped(claim.job.id, claim.epoch, reason=run.stopping or "stopped")
+                self.summary.requeued.append(claim.job.name)
+            self.observer("stopped", {"name": claim.job.name, "step": event.get("step")})
+            self._after_job(slot, event)
+        elif kind == "failed":
+            self._release(run)
+            if run.stopping == "graceful stop" and event.get("kind") == "interrupted":
+                with contextlib.suppress(LeaseLost):
+                    self.store.requeue_stopped(claim.job.id, claim.epoch)
+            else:
+                self._fail(claim, kind=event.get("kind", "error"), reason=event.get("message", "failed"),
+                           retryable=bool(event.get("retryable", True)), traceback=event.get("traceback"))
+            self._after_job(slot, event)
+        elif kind == "aborted":
+            self._release(run)
+            self._after_job(slot, event)
+
+    def _progress(self, run: Running, step: int, total: int | None, metrics: dict[str, float]) -> None:
+        claim = run.claim
+        if not self.store.record_progress(claim.job.id, claim.epoch, claim.attempt, step=step, total=total, metrics=metrics):
+            self._lost(run, "the job was cancelled or taken over")
+
+    def _after_job(self, slot: Slot, event: Event) -> None:
+        slot.job_id = None
+        slot.jobs_done += 1
+        rss = (event.get("memory") or {}).get("rss_mb")
+        if rss is None:
+            return
+        if slot.baseline_rss_mb is None:
+            slot.baseline_rss_mb = rss
+        elif rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
+            self.observer("recycled", {"slot": slot.name, "rss_mb": rss, "baseline_mb": slot.baseline_rss_mb})
+            self.executor.recycle(slot)
+
+    def _release(self, run: Running) -> None:
+        self.running.pop(run.claim.job.id, None)
+
+    def _fail(self, claim: Claim, *, kind: str, reason: str, retryable: bool, traceback: str | None = None, **extra: Any) -> None:
+        try:
+            new = self.store.fail(claim.job.id, claim.epoch, kind=kind, reason=reason, retryable=retryable,
+                                  traceback=traceback, **extra)
+        except LeaseLost:
+            return
+        if new == FAILED:
+            self.summary.failed.append(claim.job.name)
+        self.observer("failed", {"name": claim.job.name, "kind": kind, "reason": reason, "final": new == FAILED})
+
+    def _lost(self, run: Running, why: str) -> None:
+        """This worker no longer owns the job: stop its trainer, keep nothing it makes."""
+        if run.stopping != why:
+            run.stopping = why
+            self.executor.stop_job(run.slot, graceful=False)
+            self.observer("lost", {"name": run.claim.job.name, "why": why})
+
+    def _trainer_died(self, slot: Slot, event: Event) -> None:
+        run = next((r for r in self.running.values() if r.slot is slot), None)
+        slot.job_id = None
+        if run is not None:
+            self._release(run)
+            if self._signals >= 2 or run.stopping == "stopped at once":
+                with contextlib.suppress(LeaseLost):
+                    self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason="stopped at once")
+            elif run.stopping and run.stopping != "graceful stop":
+                pass  # cancelled or lease lost: the store already says what happened
+            else:
+                kind = "stalled" if run.stopping == "stalled" else "died"
+                reason = event.get("reason", "trainer process died")
+                if kind == "stalled":
+                    reason = f"no progress for {self.config.stall_s:.0f} s; the trainer was killed"
+                self._fail(run.claim, kind=kind, reason=reason, retryable=True)
+        if not event.get("was_ready", True):
+            slot.failed_starts += 1
+            if slot.failed_starts >= MAX_FAILED_STARTS:
+                raise TrainerStartError(
+                    f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
+                    f"({event.get('reason')}); see {event.get('log')}"
+                )
+        if self._signals == 0:
+            self.executor.start()  # replace the dead trainer
+
+    # -------------------------------------------------------------- leases
+
+    def _heartbeats(self, now: float) -> None:
+        for run in list(self.running.values()):
+            if now - run.last_heartbeat < self.config.heartbeat_s:
+                continue
+            run.last_heartbeat = now
+            claim = run.claim
+            if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
+                self._lost(run, "the job was cancelled or taken over")
+
+    def _watchdog(self, now: float) -> None:
+        for run in list(self.running.values()):
+            if now - run.slot.last_seen > self.config.stall_s and run.stopping != "stalled":
+                run.stopping = "stalled"
+                self.observer("stalled", {"name": run.claim.job.name})
+                kill = getattr(self.executor, "kill", None)
+                if kill:
+                    kill(run.slot)
+
+    def _stop_all_now(self) -> None:
+        """On the way out: trainers still running are killed and their jobs requeued uncounted."""
+        for run in list(self.running.values()):
+            run.stopping = "stopped at once"
+            kill = getattr(self.executor, "kill", None)
+            if kill:
+                kill(run.slot)
+            with contextlib.suppress(LeaseLost):
+                self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason="stopped at once")
+                self.summary.requeued.append(run.claim.job.name)
+            self._release(run)
+
+    # -------------------------------------------------------------- finishing
+
+    def _finish(self, run: Running, result: dict[str, Any]) -> None:
+        from . import inspector  # numpy only; loaded when the first adapter is done
+
+        claim = run.claim
+        self._release(run)
+        staging = Path(result["staging"])
+        spec = claim.job.spec["spec"]
+        report = inspector.inspect_adapter(staging)
+        findings = list(report.findings)
+        gate = inspector.quality_gate(result.get("base_eval_loss"), result.get("eval_loss"),
+                                      spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
+        if gate is not None:
+            findings.append(gate)
+        inspection = report.to_json() | {
+            "passed": not any(f.severity == "error" for f in findings),
+            "findings": [dataclasses.asdict(f) for f in findings],
+            "quality": {"base_eval_loss": result.get("base_eval_loss"), "eval_loss": result.get("eval_loss"),
+                        "min_eval_loss_drop": spec.get("validation", {}).get("min_eval_loss_drop", 0.0)},
+        }
+        result = result | {"inspection": inspection}
+        if not inspection["passed"]:
+            errors = [f for f in findings if f.severity == "error"]
+            reason = "adapter failed inspection: " + "; ".join(f"[{f.code}] {f.message}" for f in errors)
+            with contextlib.suppress(OSError):
+                fsutil.atomic_write_json(run.attempt_dir / publish.INSPECTION, inspection)
+                os.replace(staging, run.attempt_dir / "rejected")
+            self._fail(claim, kind="inspection", reason=reason, retryable=False, verdict="fail", result=result)
+            return
+        try:
+            manifest = publish.build_manifest(claim, result, staging)
+            publish.stage_metadata(staging, manifest, inspection)
+            target = publish.publish(self.store, self.home, claim, staging, result)
+        except LeaseLost:
+            self.observer("lost", {"name": claim.job.name, "why": "lease lost before publishing; nothing published"})
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(staging)
+            return
+        except publish.PublishConflict as exc:
+            self._fail(claim, kind="conflict", reason=str(exc), retryable=False)
+            return
+        except OSError as exc:
+            self._fail(claim, kind="io", reason=f"cannot publish: {exc}", retryable=True)
+            return
+        self.summary.completed.append(claim.job.name)
+        self._cleanup_checkpoints(claim.job.id)
+        self.observer("completed", {"name": claim.job.name, "adapter": str(target), **result})
+
+    def _cleanup_checkpoints(self, job_id: int) -> None:
+        """A completed job needs no checkpoints; its logs stay."""
+        job_dir = self.home.job_dir(job_id)
+        for attempt_dir in job_dir.glob("attempt-*"):
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(attempt_dir / "checkpoints")
+
+    # -------------------------------------------------------------- reconcile
+
+    def reconcile(self) -> None:
+        """Clean up after killed predecessors before claiming anything."""
+        self.home.ensure()
+        # A published adapter whose job is still marked running: the worker was killed
+        # between the rename and the commit. Complete it under the epoch it recorded.
+        for job in self.store.jobs(RUNNING):
+            manifest = publish.read_manifest(self.home.adapter_dir(job.name))
+            if manifest and manifest.get("job_id") == job.id and manifest.get("epoch") == job.epoch:
+                with contextlib.suppress(LeaseLost):
+                    self.store.complete(job.id, job.epoch, result={
+                        "adapter": str(self.home.adapter_dir(job.name)), "recovered": True,
+                        **{k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}})
+                    self.observer("recovered", {"name": job.name, "job_id": job.id})
+        for job_id in self.store.reclaim_dead(self.id.host, pid_alive):
+            self.observer("reclaimed", {"job_id": job_id})
+        self.store.expire_leases()
+        fsutil.remove_stale_tmp(self.home.adapters_dir)
+        for job in self.store.jobs():
+            if job.status == RUNNING:
+                continue  # owned by a live worker: its folders are its own
+            job_dir = self.home.job_dir(job.id)
+            for staging in job_dir.glob("attempt-*/staging"):
+                with contextlib.suppress(OSError):
+                    fsutil.remove_tree(staging)
+            if job.status == COMPLETED:
+                self._cleanup_checkpoints(job.id)
+
+
+def _checkpoint_step(path: str) -> int:
+    name = Path(path).name
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0

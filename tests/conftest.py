@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny base model built once per session, demo datasets, a home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+LORAQ = str(Path(sys.executable).with_name("loraq"))
+
+
+class Clock:
+    """A clock tests move by hand: lease and backoff logic runs instantly and exactly."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny Llama (random init plus a short pretraining) with its tokenizer."""
+    from loraq.demo import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "tiny", pretrain_steps=100)
+
+
+@pytest.fixture(scope="session")
+def demo_datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import random
+
+    from loraq import demo
+
+    folder = tmp_path_factory.mktemp("data")
+    rng = random.Random(1)
+    return {key: demo.write_jsonl(folder / name, make(120, rng)) for key, (name, make) in demo.DATASETS.items()}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, tiny_model: Path, demo_datasets: dict[str, Path]) -> Path:
+    """A folder holding models/tiny and data/*.jsonl, as a user's project would."""
+    (tmp_path / "models").mkdir()
+    # A copy, not a symlink: a link leading out of the queue's folder is refused, as it should be.
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    (tmp_path / "data").mkdir()
+    for path in demo_datasets.values():
+        shutil.copy(path, tmp_path / "data" / path.name)
+    return tmp_path
+
+
+def write_queue(folder: Path, body: str, name: str = "queue.yaml") -> Path:
+    path = folder / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+#: A queue of tiny jobs that train in seconds on the CPU.
+TINY_DEFAULTS = """\
+defaults:
+  base_model: ./models/tiny
+  lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}
+  training: {max_steps: 6, learning_rate: 5.0e-3, batch_size: 8, max_seq_len: 64, save_steps: 3, logging_steps: 1, seed: 3}
+  validation: {split: 0.1}
+retry_backoff_s: 0
+"""

@@ -1,0 +1,102 @@
+"""Atomic writes and publishing: a reader sees the old content or the new, never a mix."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from loraq import fsutil
+
+
+def test_atomic_write_replaces_whole(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    fsutil.atomic_write_json(target, {"v": 1})
+    fsutil.atomic_write_json(target, {"v": 2})
+    assert target.read_text() == '{\n  "v": 2\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+class FailAt(fsutil.FileOps):
+    """Fails the k-th durable-write call (of any kind) with ``err``."""
+
+    def __init__(self, k: int, err: int = errno.EIO) -> None:
+        self.k, self.err, self.calls = k, err, 0
+
+    def _tick(self) -> None:
+        self.calls += 1
+        if self.calls == self.k:
+            raise OSError(self.err, os.strerror(self.err))
+
+    def write(self, fd: int, data: bytes) -> int:
+        self._tick()
+        return super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        self._tick()
+        super().fsync(fd)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        self._tick()
+        super().replace(src, dst)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._tick()
+        super().rename(src, dst)
+
+
+@pytest.mark.parametrize("k", range(1, 6))
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_a_failed_write_leaves_the_old_content(tmp_path: Path, k: int, err: int) -> None:
+    target = tmp_path / "report.json"
+    fsutil.atomic_write_bytes(target, b"old" * 1000)
+    ops = FailAt(k, err)
+    with fsutil.use_ops(ops):
+        try:
+            fsutil.atomic_write_bytes(target, b"new" * 1000)
+            wrote = True
+        except OSError as exc:
+            assert exc.errno == err
+            wrote = False
+    content = target.read_bytes()
+    assert content in (b"old" * 1000, b"new" * 1000)
+    if not wrote:
+        # the failure came before the replace, or at the folder fsync after it
+        assert content == b"old" * 1000 or ops.calls >= 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(fsutil.TMP_PREFIX)]
+
+
+def test_publish_dir_is_one_rename_and_never_merges(tmp_path: Path) -> None:
+    staging = tmp_path / "jobs" / "staging"
+    staging.mkdir(parents=True)
+    (staging / "adapter_model.safetensors").write_bytes(b"x")
+    target = tmp_path / "adapters" / "a"
+    fsutil.publish_dir(staging, target)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"x"
+    assert not staging.exists()
+    other = tmp_path / "jobs" / "other"
+    other.mkdir()
+    (other / "adapter_model.safetensors").write_bytes(b"y")
+    with pytest.raises(OSError):
+        fsutil.publish_dir(other, target)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"x"
+
+
+def test_write_dir_atomic_appears_whole(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    fsutil.write_dir_atomic(target, {"a.bin": b"1", "sub/b.json": b"{}"})
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == ["a.bin", "sub/b.json"]
+    with pytest.raises(ValueError):
+        fsutil.write_dir_atomic(tmp_path / "evil", {"../escape": b"x"})
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "evil").exists()
+
+
+def test_remove_tree_and_stale_tmp(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("x")
+    fsutil.remove_tree(tmp_path / "d")
+    (tmp_path / f"{fsutil.TMP_PREFIX}x").write_text("left by a kill")
+    assert len(fsutil.remove_stale_tmp(tmp_path)) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,264 @@
+"""The store: the lifecycle table, claims, leases and fencing, retries, pause."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from loraq.errors import CorruptStoreError, NotFoundError, TransitionError
+from loraq.store import (
+    CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, LeaseLost, NewJob, Store, WorkerId,
+)
+
+W1 = WorkerId("host-a", 101, "w1")
+W2 = WorkerId("host-b", 202, "w2")
+
+
+def new_job(name: str = "a", *, priority: int = 0, base: str = "base-1", max_retries: int = 2) -> NewJob:
+    return NewJob(name=name, spec={"name": name}, base_key=base, priority=priority, max_retries=max_retries)
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock) -> Store:
+    s = Store.open(tmp_path / "loraq.db", clock=clock)
+    yield s
+    s.close()
+
+
+def job_in(store: Store, state: str, name: str) -> int:
+    """A job brought to ``state`` through the public verbs, as a user's queue would."""
+    (job_id,) = store.enqueue([new_job(name)])
+    if state == PENDING:
+        return job_id
+    if state == CANCELLED:
+        store.cancel(job_id)
+        return job_id
+    claim = store.claim(W1, lease_s=30)
+    assert claim is not None and claim.job.id == job_id
+    if state == COMPLETED:
+        store.complete(job_id, claim.epoch, result={})
+    elif state == FAILED:
+        store.fail(job_id, claim.epoch, kind="data", reason="bad row", retryable=False)
+    return job_id
+
+
+@pytest.mark.parametrize(("source", "target"), list(itertools.product(STATES, STATES)))
+def test_every_transition_is_allowed_exactly_when_the_table_says(store: Store, source: str, target: str) -> None:
+    job_id = job_in(store, source, f"{source}-{target}")
+    assert store.job(job_id).status == source
+    before = len(store.events(job_id))
+    with store.transaction() as conn:
+        if (source, target) in TRANSITIONS:
+            store._transition(conn, job_id, target, reason="test")
+        else:
+            with pytest.raises(TransitionError):
+                store._transition(conn, job_id, target, reason="test")
+    job = store.job(job_id)
+    events = store.events(job_id)
+    if (source, target) in TRANSITIONS:
+        assert job.status == target
+        assert len(events) == before + 1
+        assert (events[-1].from_state, events[-1].to_state) == (source, target)
+    else:
+        assert job.status == source
+        assert len(events) == before
+
+
+def test_the_table_is_the_documented_lifecycle() -> None:
+    assert TRANSITIONS == {
+        (PENDING, RUNNING), (RUNNING, COMPLETED), (RUNNING, FAILED), (RUNNING, PENDING),
+        (PENDING, CANCELLED), (RUNNING, CANCELLED), (FAILED, PENDING), (CANCELLED, PENDING),
+    }
+
+
+@pytest.mark.parametrize("state", [COMPLETED, FAILED, CANCELLED])
+def test_cancel_refuses_finished_jobs(store: Store, state: str) -> None:
+    job_id = job_in(store, state, "x")
+    with pytest.raises(TransitionError):
+        store.cancel(job_id)
+    assert store.job(job_id).status == state
+
+
+@pytest.mark.parametrize("state", [PENDING, RUNNING, COMPLETED])
+def test_retry_refuses_jobs_that_did_not_end_badly(store: Store, state: str) -> None:
+    job_id = job_in(store, state, "x")
+    with pytest.raises(TransitionError):
+        store.retry(job_id)
+
+
+def test_retry_gives_fresh_attempts(store: Store) -> None:
+    job_id = job_in(store, FAILED, "x")
+    job = store.retry("x")
+    assert (job.status, job.attempts, job.error) == (PENDING, 0, None)
+    assert store.claim(W1, lease_s=30).job.id == job_id
+
+
+def test_enqueue_is_all_or_nothing(store: Store) -> None:
+    store.enqueue([new_job("a")])
+    with pytest.raises(TransitionError, match="already in this home: a"):
+        store.enqueue([new_job("b"), new_job("a")])
+    assert [j.name for j in store.jobs()] == ["a"]
+
+
+def test_claim_takes_highest_priority_then_hot_base_then_oldest(store: Store) -> None:
+    store.enqueue([new_job("old", base="x"), new_job("same-base", base="hot"), new_job("urgent", priority=5, base="x")])
+    assert store.claim(W1, lease_s=30, prefer_base="hot").job.name == "urgent"
+    assert store.claim(W1, lease_s=30, prefer_base="hot").job.name == "same-base"
+    assert store.claim(W1, lease_s=30, prefer_base="hot").job.name == "old"
+    assert store.claim(W1, lease_s=30) is None
+
+
+def test_each_claim_raises_the_epoch_and_numbers_the_attempt(store: Store, clock) -> None:
+    store.enqueue([new_job("a", max_retries=5)])
+    epochs = []
+    for expected_attempt in (1, 2, 3):
+        claim = store.claim(W1, lease_s=30)
+        assert claim.attempt == expected_attempt
+        epochs.append(claim.epoch)
+        store.fail(claim.job.id, claim.epoch, kind="died", reason="killed", retryable=True)
+        clock.advance(10_000)
+    assert epochs == sorted(set(epochs))
+
+
+def test_a_stale_epoch_cannot_heartbeat_progress_or_complete(store: Store, clock) -> None:
+    store.enqueue([new_job("a")])
+    first = store.claim(W1, lease_s=30)
+    clock.advance(31)
+    assert store.expire_leases() == [first.job.id]
+    clock.advance(10_000)  # past the backoff
+    second = store.claim(W2, lease_s=30)
+    assert second.epoch > first.epoch
+    assert not store.heartbeat(first.job.id, first.epoch, lease_s=30)
+    assert not store.record_progress(first.job.id, first.epoch, first.attempt, step=5, metrics={"loss": 1.0})
+    with pytest.raises(LeaseLost):
+        store.complete(first.job.id, first.epoch, result={})
+    with pytest.raises(LeaseLost):
+        store.fail(first.job.id, first.epoch, kind="x", reason="late", retryable=True)
+    assert store.heartbeat(second.job.id, second.epoch, lease_s=30)
+    store.complete(second.job.id, second.epoch, result={"adapter": "x"})
+    completions = [e for e in store.events(second.job.id) if e.to_state == COMPLETED]
+    assert len(completions) == 1
+    assert store.metrics(first.job.id) == []
+
+
+def test_expired_lease_counts_the_attempt_and_backs_off(store: Store, clock) -> None:
+    store.enqueue([new_job("a", max_retries=1)])
+    claim = store.claim(W1, lease_s=30)
+    clock.advance(29)
+    assert store.expire_leases() == []
+    clock.advance(2)
+    assert store.expire_leases() == [claim.job.id]
+    job = store.job("a")
+    assert (job.status, job.attempts, job.error_kind) == (PENDING, 1, "lost")
+    assert store.claim(W1, lease_s=30) is None  # backing off
+    clock.advance(store.queue_state().retry_backoff_s)
+    second = store.claim(W1, lease_s=30)
+    clock.advance(31)
+    store.expire_leases()
+    assert store.job("a").status == FAILED  # no attempts left
+    assert [a.outcome for a in store.attempts("a")] == ["retry", "failed"]
+    assert second.attempt == 2
+
+
+def test_backoff_doubles_each_attempt(store: Store, clock) -> None:
+    store.enqueue([new_job("a", max_retries=3)], settings={"retry_backoff_s": 5.0})
+    waits = []
+    for _ in range(3):
+        claim = store.claim(W1, lease_s=30)
+        store.fail(claim.job.id, claim.epoch, kind="oom", reason="out of memory", retryable=True)
+        waits.append(store.job("a").not_before - clock())
+        clock.advance(10_000)
+    assert waits == [5.0, 10.0, 20.0]
+
+
+def test_permanent_failure_is_not_retried(store: Store) -> None:
+    store.enqueue([new_job("a", max_retries=2)])
+    claim = store.claim(W1, lease_s=30)
+    assert store.fail(claim.job.id, claim.epoch, kind="data", reason="row 3 is not JSON", retryable=False) == FAILED
+    job = store.job("a")
+    assert (job.status, job.error_kind, job.error) == (FAILED, "data", "row 3 is not JSON")
+
+
+def test_reclaim_dead_worker_at_once_on_the_same_host(store: Store) -> None:
+    store.enqueue([new_job("a"), new_job("b")])
+    dead = WorkerId("here", 999_999, "dead")
+    alive = WorkerId("here", 1, "alive")
+    elsewhere = WorkerId("there", 999_999, "far")
+    store.claim(dead, lease_s=3600)
+    store.claim(elsewhere, lease_s=3600)
+    assert store.reclaim_dead("here", lambda pid: pid == alive.pid) == [1]
+    assert store.job("a").status == PENDING
+    assert store.job("b").status == RUNNING  # another host: only its lease can free it
+
+
+def test_graceful_stop_does_not_use_an_attempt(store: Store) -> None:
+    store.enqueue([new_job("a")])
+    claim = store.claim(W1, lease_s=30)
+    store.requeue_stopped(claim.job.id, claim.epoch)
+    job = store.job("a")
+    assert (job.status, job.attempts) == (PENDING, 0)
+    assert store.attempts("a")[0].outcome == "stopped"
+    assert store.claim(W1, lease_s=30).attempt == 2  # a new folder, the same budget
+
+
+def test_cancel_running_job_makes_its_heartbeat_fail(store: Store) -> None:
+    store.enqueue([new_job("a")])
+    claim = store.claim(W1, lease_s=30)
+    store.cancel("a")
+    assert not store.heartbeat(claim.job.id, claim.epoch, lease_s=30)
+    assert store.job("a").status == CANCELLED
+
+
+def test_pause_after_failures_pauses_and_resume_continues(store: Store) -> None:
+    store.enqueue([new_job(n, max_retries=0) for n in "abcd"], settings={"pause_after_failures": 2})
+    for _ in range(2):
+        claim = store.claim(W1, lease_s=30)
+        store.fail(claim.job.id, claim.epoch, kind="inspection", reason="lora_B all zero", retryable=False)
+    state = store.queue_state()
+    assert state.paused and "2 attempts failed in a row" in state.pause_reason
+    assert store.claim(W1, lease_s=30) is None
+    store.resume()
+    assert store.claim(W1, lease_s=30).job.name == "c"
+
+
+def test_a_completion_resets_the_failure_count(store: Store) -> None:
+    store.enqueue([new_job(n, max_retries=0) for n in "abc"], settings={"pause_after_failures": 2})
+    claim = store.claim(W1, lease_s=30)
+    store.fail(claim.job.id, claim.epoch, kind="x", reason="x", retryable=False)
+    claim = store.claim(W1, lease_s=30)
+    store.complete(claim.job.id, claim.epoch, result={})
+    claim = store.claim(W1, lease_s=30)
+    store.fail(claim.job.id, claim.epoch, kind="x", reason="x", retryable=False)
+    assert not store.queue_state().paused
+
+
+def test_unknown_job_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(NotFoundError, match="no job named 'nope'"):
+        store.job("nope")
+
+
+def test_wal_and_integrity(store: Store) -> None:
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.integrity_check() == "ok"
+
+
+def test_a_damaged_database_is_refused_not_recreated(tmp_path: Path) -> None:
+    db = tmp_path / "loraq.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CorruptStoreError, match="damaged.*Move it aside"):
+        Store.open(db, check=True)
+    assert db.read_bytes() == b"this is not a database" * 100
+
+
+def test_a_database_from_a_newer_loraq_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "loraq.db"
+    Store.open(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(Exception, match="newer loraq"):
+        Store.open(db)
