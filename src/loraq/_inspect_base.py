@@ -1,0 +1,252 @@
+"""The inspector's checks that need the base model; torch, transformers and peft are imported here only.
+
+First the adapter's module names and shapes are compared with the base model
+built from its config on the meta device (no weights loaded, so a 70B base costs
+a second, not minutes). Only an adapter that fits is then loaded for real with
+``PeftModel.from_pretrained`` and must change the model's output on a few tokens;
+with a dataset, base and adapter eval losses go through :func:`quality_gate`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, InspectionError, PathError
+from .inspector import KEY_PREFIX, WEIGHTS_NAME, Findings, LoraSettings, Weights, check_targets, quality_gate
+from .sandbox import Roots
+
+#: Rows of an eval dataset the inspector scores (the first ones): enough to judge, quick on a CPU.
+MAX_EVAL_ROWS = 256
+EVAL_BATCH = 8
+#: A logit change below this (relative to the largest logit) counts as no change.
+NO_EFFECT_RTOL = 1e-6
+PROBE_TEXT = "The adapter under inspection must change what this model says next."
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """The base model's adaptable layers and parameters, from its config alone."""
+
+    modules: dict[str, tuple[str, int, int]]  # name -> (kind, in, out); kind: linear | embedding | conv
+    params: dict[str, tuple[int, ...]]
+    linear: frozenset[str]  # what target_modules="all-linear" selects
+
+
+def resolve_base(base: str, roots: Roots | None) -> str:
+    path = Path(base).expanduser()
+    if path.exists():
+        if roots is not None:
+            try:
+                roots.check_read(path, what="base model")
+            except PathError as exc:
+                raise InspectionError(str(exc)) from None
+        if not path.resolve().is_dir():
+            raise InspectionError(f"base model {base!r} is not a folder")
+        return str(path.resolve())
+    if base.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(base):
+        raise InspectionError(f"base model {base!r} does not exist")
+    return base  # a hub id, read from the local Hugging Face cache only
+
+
+def base_layout(base: str) -> BaseLayout:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(base, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise InspectionError(f"base model {base}: cannot build it from its config: {exc}") from None
+    output = model.get_output_embeddings()
+    modules: dict[str, tuple[str, int, int]] = {}
+    linear = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            modules[name] = ("linear", module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+            modules[name] = ("linear", module.weight.shape[0], module.weight.shape[1])
+        elif isinstance(module, torch.nn.Embedding):
+            modules[name] = ("embedding", module.num_embeddings, module.embedding_dim)
+        elif isinstance(module, torch.nn.modules.conv._ConvNd):
+            modules[name] = ("conv", module.in_channels, module.out_channels)
+        else:
+            continue
+        if modules[name][0] == "linear" and module is not output:
+            linear.add(name)
+    params = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    return BaseLayout(modules, params, frozenset(linear))
+
+
+def check_layout(layout: BaseLayout, weights: Weights, cfg: LoraSettings, found: Findings, *, base: str) -> None:
+    """Every module and copy exists in the base with fitting shapes; every targeted layer has weights."""
+    f = WEIGHTS_NAME
+    for m in sorted(weights.modules.values(), key=lambda m: m.name):
+        have = layout.modules.get(m.name)
+        if have is None:
+            found.add("base_mismatch", "error", f"module {m.name!r} is not a layer of the base model {base}; PEFT "
+                                                "would drop its weights (made for another architecture?)", f)
+            continue
+        kind, n_in, n_out = have
+        if m.embedding != (kind == "embedding"):
+            found.add("base_shape_mismatch", "error", f"module {m.name!r} is a {kind} layer in the base but the "
+                                                      f"adapter stores {'embedding' if m.embedding else 'linear'} "
+                                                      "LoRA weights for it", f)
+        elif m.dims is not None and m.dims != (n_in, n_out):
+            found.add("base_shape_mismatch", "error", f"module {m.name!r}: the adapter maps {m.dims[0]} -> "
+                                                      f"{m.dims[1]} features but the base layer maps {n_in} -> "
+                                                      f"{n_out}; made for a model of another width?", f)
+    for t in weights.copies:
+        rest = t.name[len(KEY_PREFIX):]
+        if "trainable_tokens_" in rest:
+            continue
+        name = rest.replace(".base_layer.", ".")
+        want = layout.params.get(name)
+        if want is None:
+            found.add("base_mismatch", "error", f"tensor {t.name!r} copies {name!r}, which the base model lacks", f)
+        elif want != t.shape:
+            found.add("base_shape_mismatch", "error", f"tensor {t.name!r} has shape {list(t.shape)} but the base's "
+                                                      f"{name} has {list(want)}", f)
+    if cfg.targets == "all-linear":
+        check_targets(weights, cfg, found, all_linear=layout.linear)
+    targeted = [n for n in layout.modules if cfg.targets_module(n, layout.linear)]
+    for name in targeted:
+        if name not in weights.modules:
+            found.add("missing_targets", "error", f"target_modules selects the base's {name!r} but the adapter has "
+                                                  "no weights for it; PEFT would load it untrained", f)
+    _check_budget(layout, weights, cfg, targeted, found)
+
+
+def _check_budget(layout: BaseLayout, weights: Weights, cfg: LoraSettings, targeted: list[str],
+                  found: Findings) -> None:
+    """The file may not be much bigger than r x (in + out) per targeted layer implies."""
+    lora = [t for m in weights.modules.values() for t in (m.a, m.b) if t is not None]
+    itemsize = max((t.nbytes // max(1, _numel(t.shape)) for t in lora if _numel(t.shape)), default=4)
+    per_layer = sum(cfg.rank_of(n) * (layout.modules[n][1] + layout.modules[n][2]) + 2 * layout.modules[n][2]
+                    for n in targeted)  # + DoRA magnitude and lora bias, at most one output vector each
+    budget = 8 + weights.header.header_len + int(1.25 * per_layer * itemsize) + weights.copy_bytes + (64 << 10)
+    if weights.header.file_size > budget:
+        found.add("oversized", "error", f"{WEIGHTS_NAME} is {weights.header.file_size / 2**20:,.2f} MiB but rank "
+                                        f"{cfg.r} on the {len(targeted)} targeted layers of this base needs at most "
+                                        f"{budget / 2**20:,.2f} MiB", WEIGHTS_NAME)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Findings, stats: dict[str, Any], *,
+                    roots: Roots | None, base: str, data: str | None, min_drop: float, max_seq_len: int) -> None:
+    """Check the adapter against ``base`` (and ``data``), adding findings and stats."""
+    base = resolve_base(base, roots)
+    stats["base"] = base
+    data_path = _resolve_data(data, roots) if data is not None else None
+    check_layout(base_layout(base), weights, cfg, found, base=base)
+    if found.has_errors():
+        return  # loading an adapter already known to be broken proves nothing more
+    _run(root, base, data_path, found, stats, min_drop=min_drop, max_seq_len=max_seq_len,
+         n_modules=len(weights.modules))
+
+
+def _resolve_data(data: str, roots: Roots | None) -> Path:
+    path = Path(data).expanduser()
+    if roots is not None:
+        try:
+            roots.check_read(path, what="eval dataset")
+        except PathError as exc:
+            raise InspectionError(str(exc)) from None
+    if not path.is_file():
+        raise InspectionError(f"eval dataset {data!r} does not exist")
+    return path
+
+
+def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: dict[str, Any], *,
+         min_drop: float, max_seq_len: int, n_modules: int) -> None:
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .trainer import Collator, evaluate_loss
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise InspectionError(f"base model {base}: cannot load it: {exc}") from None
+    model.eval()
+    eval_set = _eval_set(data_path, tokenizer, max_seq_len) if data_path is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    collator = Collator(pad_id=pad_id)
+    probe = _probe(tokenizer, model.config.vocab_size)
+    with torch.no_grad():
+        before = model(input_ids=probe).logits.float()
+    base_loss = evaluate_loss(model, eval_set, collator, EVAL_BATCH) if eval_set is not None else None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapted = PeftModel.from_pretrained(model, str(root), is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 -- third-party code on an untrusted folder: any failure is a finding
+        found.add("load_failed", "error", f"PeftModel.from_pretrained fails on this adapter: "
+                                          f"{type(exc).__name__}: {str(exc)[:300]}")
+        return
+    for w in caught:
+        if "missing" in str(w.message).lower() and "key" in str(w.message).lower():
+            found.add("load_mismatch", "error", f"PEFT loads the adapter with a warning: {str(w.message)[:300]}")
+    loaded = sum(1 for m in adapted.modules() if isinstance(m, LoraLayer)
+                 and ("default" in m.lora_A or "default" in m.lora_embedding_A))
+    if loaded != n_modules:
+        found.add("load_mismatch", "error", f"PEFT put LoRA on {loaded} layers but the file holds weights for "
+                                            f"{n_modules}")
+    adapted.eval()
+    with torch.no_grad():
+        after = adapted(input_ids=probe).logits.float()
+    change = float((after - before).abs().max())
+    stats["max_logit_change"] = change
+    if not bool(torch.isfinite(after).all()):
+        found.add("nonfinite_output", "error", "the model with this adapter outputs NaN or Inf")
+    elif change <= NO_EFFECT_RTOL * max(1.0, float(before.abs().max())):
+        found.add("no_effect", "error", f"loaded onto {base}, the adapter changes no output logit (largest change "
+                                        f"{change:.3g}); it is untrained or scaled to nothing")
+    if eval_set is not None and base_loss is not None:
+        loss = evaluate_loss(adapted, eval_set, collator, EVAL_BATCH)
+        stats.update(base_eval_loss=base_loss, eval_loss=loss, eval_rows=len(eval_set))
+        if (gate := quality_gate(base_loss, loss, min_drop)) is not None:
+            found.add(gate.code, gate.severity, gate.message)
+
+
+def _probe(tokenizer: Any, vocab_size: int) -> Any:
+    import torch
+
+    ids = [i for i in tokenizer(PROBE_TEXT)["input_ids"][:32] if 0 <= i < vocab_size]
+    if len(ids) < 4:
+        ids = list(range(1, min(vocab_size, 17)))
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _eval_set(path: Path, tokenizer: Any, max_seq_len: int) -> Any:
+    from . import data
+    from .trainer import ListDataset
+
+    try:
+        dataset = data.load_dataset(path)
+        items = []
+        for row in dataset.rows[:MAX_EVAL_ROWS]:
+            encoded = data.encode(row, dataset.format, tokenizer, max_seq_len)
+            if encoded.trainable:
+                items.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    except (DataError, data.TemplateError) as exc:
+        raise InspectionError(f"eval dataset {path}: {exc}") from None
+    if not items:
+        raise InspectionError(f"eval dataset {path}: no row keeps a trainable token within {max_seq_len} tokens")
+    return ListDataset(items)
