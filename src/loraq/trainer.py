@@ -332,9 +332,10 @@ def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: l
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
-            metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k not in {"epoch", "step"}}
-            metrics = {("loss" if k == "train_loss" else k): v for k, v in metrics.items()
-                       if k in {"loss", "eval_loss", "learning_rate", "grad_norm", "train_loss"}}
+            # Per-step values only: the run average transformers logs at the end ("train_loss")
+            # would sit on the loss curve as if it were the last step's loss.
+            metrics = {k: float(v) for k, v in logs.items()
+                       if k in {"loss", "eval_loss", "learning_rate", "grad_norm"} and isinstance(v, (int, float))}
             if not metrics:
                 return
             emit({"ev": "progress", "step": state.global_step, "max_steps": state.max_steps, "metrics": metrics})
