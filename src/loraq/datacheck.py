@@ -1,0 +1,562 @@
+"""Submit-time dataset analysis: every row of every job, checked with the base model's own tokenizer.
+
+``loraq submit`` calls :func:`analyze_queue` before anything is enqueued. For each
+job it reads and checks every row (:mod:`loraq.data`), splits train from eval as
+the trainer will, renders and tokenises every row with the base model's tokenizer
+and chat template, and finds what would otherwise surface mid-run or never:
+
+- errors: rows that break a format rule, rows the chat template cannot render,
+  rows left with no trainable token after truncation to ``max_seq_len`` (the
+  trainer would silently drop them), too few rows to split, a tokenizer that
+  cannot be loaded;
+- warnings: truncated rows, duplicate rows, eval rows that also train, special
+  token text inside rows, tiny train or eval sets, ``max_steps`` short of an epoch.
+
+Tokenising is the expensive step, so it happens once per dataset file and
+tokenizer: a :class:`FileProfile` (per-row token counts and first trained token)
+is kept in memory (:class:`TokenCache`) and on disk under the home, keyed by the
+file's sha256, the tokenizer's fingerprint and the format. Any ``max_seq_len`` is
+answered from the same profile.
+
+The module imports neither torch nor transformers until a tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import data, fsutil
+from .data import Dataset, ProblemList, RowProblem
+from .errors import DataError, Problem
+from .spec import Queue, ResolvedJob
+from .trainer import total_steps
+
+#: Bump when what a profile holds, or how rows are rendered, changes: old cache files are then ignored.
+ANALYSIS_VERSION = 1
+CHUNK_ROWS = 4096  # rows rendered and tokenised per batch: bounds memory on large files
+FEW_TRAIN_ROWS = 10  # the OpenAI fine-tuning API's minimum
+FEW_EVAL_ROWS = 10
+
+TokenizerLoader = Callable[[ResolvedJob], Any]
+
+
+# ---------------------------------------------------------------- profiles and their cache
+
+
+@dataclass(frozen=True)
+class FileProfile:
+    """What the token checks need from one dataset file under one tokenizer, at any max_seq_len."""
+
+    lengths: list[int]  # tokens per row, before truncation
+    first_label: list[int]  # index of each row's first trained token; -1: none, or the template failed
+    keys: list[str]  # a hash of each row's trained content, for duplicates and eval leaks
+    template_errors: dict[int, str] = field(default_factory=dict)  # row index -> why it cannot be rendered
+    special_rows: list[int] = field(default_factory=list)  # rows whose own text holds a special token's text
+    special_example: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": ANALYSIS_VERSION, "lengths": self.lengths, "first_label": self.first_label,
+                "keys": self.keys, "template_errors": {str(k): v for k, v in self.template_errors.items()},
+                "special_rows": self.special_rows, "special_example": self.special_example}
+
+    @classmethod
+    def from_json(cls, doc: Any, rows: int) -> FileProfile | None:
+        """The profile in ``doc``, or None when it is from another version or does not fit ``rows``."""
+        try:
+            if doc["version"] != ANALYSIS_VERSION:
+                return None
+            profile = cls(lengths=list(doc["lengths"]), first_label=list(doc["first_label"]), keys=list(doc["keys"]),
+                          template_errors={int(k): str(v) for k, v in doc["template_errors"].items()},
+                          special_rows=list(doc["special_rows"]), special_example=str(doc["special_example"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if not len(profile.lengths) == len(profile.first_label) == len(profile.keys) == rows:
+            return None
+        return profile
+
+    @cached_property
+    def stats(self) -> TokenStats:
+        return TokenStats.of(self.lengths)
+
+    @cached_property
+    def duplicates(self) -> list[tuple[int, int]]:
+        """``(row, earlier row with the same content)`` for every repeat."""
+        first: dict[str, int] = {}
+        repeats = []
+        for index, key in enumerate(self.keys):
+            if key in first:
+                repeats.append((index, first[key]))
+            else:
+                first[key] = index
+        return repeats
+
+
+def content_key(rendered: data.Rendered) -> str:
+    """A hash of what a row trains on (its text and loss spans): rows equal here are duplicates."""
+    payload = f"{rendered.text}\x00{rendered.spans}"
+    return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _row_texts(row: dict[str, Any], fmt: str) -> list[str]:
+    if fmt == "chat":
+        return [m["content"] for m in row["messages"]]
+    return [row[k] for k in (*data.FORMAT_KEYS[fmt], "input") if isinstance(row.get(k), str)]
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t}, key=len,
+                      reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def profile_dataset(dataset: Dataset, tokenizer: Any) -> FileProfile:
+    """Render and tokenise every row in batches. Raises TemplateError when a chat file meets no template."""
+    n = len(dataset.rows)
+    lengths, firsts = [0] * n, [-1] * n
+    # a row the template cannot render is keyed by its position: it duplicates nothing
+    keys = [f"unrendered-{dataset.sha256[:12]}-{i}" for i in range(n)]
+    errors: dict[int, str] = {}
+    for start in range(0, n, CHUNK_ROWS):
+        rendered = data.render_many(dataset.rows[start:start + CHUNK_ROWS], dataset.format, tokenizer)
+        good = [(start + i, item) for i, item in enumerate(rendered) if isinstance(item, data.Rendered)]
+        for i, item in enumerate(rendered):
+            if isinstance(item, data.TemplateError):
+                errors[start + i] = str(item)
+        if not good:
+            continue
+        texts = [item.text for _, item in good]
+        for (index, item), tokens in zip(good, data.tokenize_many(tokenizer, texts, good[0][1].add_special_tokens),
+                                         strict=True):
+            lengths[index] = len(tokens)
+            firsts[index] = data.first_label(tokens, item.spans)
+            keys[index] = content_key(item)
+    special_rows: list[int] = []
+    example = ""
+    pattern = _special_pattern(tokenizer)
+    if pattern is not None:
+        for index, row in enumerate(dataset.rows):
+            for text in _row_texts(row, dataset.format):
+                if found := pattern.search(text):
+                    special_rows.append(index)
+                    example = example or found.group()
+                    break
+    return FileProfile(lengths=lengths, first_label=firsts, keys=keys,
+                       template_errors=errors, special_rows=special_rows, special_example=example)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides how rows tokenise: vocabulary, rules, template, versions."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    versions = {name: getattr(sys.modules.get(name), "__version__", "") for name in ("transformers", "tokenizers")}
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+        json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True, default=str),
+        json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str),
+        json.dumps(sorted(getattr(tokenizer, "all_special_tokens", []))),
+        str(getattr(tokenizer, "split_special_tokens", False)),
+        json.dumps(versions, sort_keys=True),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+class TokenCache:
+    """File profiles in memory (a small LRU) and on disk, keyed by file content, tokenizer and format.
+
+    ``tokenisations`` counts the files actually tokenised, the expensive step: a
+    queue of 50 jobs on one dataset and one base model adds 1.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._profiles: OrderedDict[str, FileProfile] = OrderedDict()
+        # id(tokenizer) -> (tokenizer, fingerprint); the tokenizer is held so that its id stays its own
+        self._fingerprints: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+        self.tokenisations = 0
+        self.memory_hits = 0
+        self.disk_hits = 0
+        self.disk_errors = 0  # cache files that could not be written (the analysis is still complete)
+
+    def fingerprint(self, tokenizer: Any) -> str:
+        held = self._fingerprints.get(id(tokenizer))
+        if held is None or held[0] is not tokenizer:
+            held = (tokenizer, tokenizer_fingerprint(tokenizer))
+            self._fingerprints[id(tokenizer)] = held
+            while len(self._fingerprints) > self.capacity:
+                self._fingerprints.popitem(last=False)
+        return held[1]
+
+    def key(self, dataset: Dataset, tokenizer: Any) -> str:
+        mixed = f"{ANALYSIS_VERSION}|{dataset.format}|{self.fingerprint(tokenizer)}"
+        return f"{dataset.sha256}-{hashlib.sha256(mixed.encode()).hexdigest()[:16]}"
+
+    def profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None = None) -> FileProfile:
+        key = self.key(dataset, tokenizer)
+        if key in self._profiles:
+            self.memory_hits += 1
+            self._profiles.move_to_end(key)
+            return self._profiles[key]
+        profile = self._read(directory / f"{key}.json", len(dataset.rows)) if directory else None
+        if profile is not None:
+            self.disk_hits += 1
+        else:
+            profile = profile_dataset(dataset, tokenizer)
+            self.tokenisations += 1
+            if directory is not None:
+                try:
+                    fsutil.atomic_write_text(directory / f"{key}.json", json.dumps(profile.to_json(), separators=(",", ":")))
+                except OSError:
+                    self.disk_errors += 1
+        self._profiles[key] = profile
+        while len(self._profiles) > self.capacity:
+            self._profiles.popitem(last=False)
+        return profile
+
+    @staticmethod
+    def _read(path: Path, rows: int) -> FileProfile | None:
+        try:
+            return FileProfile.from_json(json.loads(path.read_text(encoding="utf-8")), rows)
+        except (OSError, ValueError):
+            return None  # absent or damaged: tokenise again and overwrite it
+
+
+#: The process's cache: a long-lived process (the API) keeps profiles across submits.
+DEFAULT_CACHE = TokenCache()
+
+
+def cache_dir_of(home_root: Path) -> Path:
+    """Where profiles live on disk: ``<home>/cache/datasets``."""
+    return home_root / "cache" / "datasets"
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    mean: float
+    p95: int
+    max: int
+    total: int
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> TokenStats:
+        if not lengths:
+            return cls(0.0, 0, 0, 0)
+        ordered = sorted(lengths)
+        p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+        return cls(round(sum(ordered) / len(ordered), 1), p95, ordered[-1], sum(ordered))
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What submit learned about one job's data; ``to_json`` is what manifests and reports keep."""
+
+    job: str
+    path: str
+    format: str
+    sha256: str
+    rows: int
+    n_train: int
+    n_eval: int
+    eval_source: str  # "split" (validation.split of the dataset) | "file" (validation.dataset)
+    eval_path: str | None
+    eval_sha256: str | None
+    base_model: str  # whose tokenizer counted the tokens
+    max_seq_len: int
+    tokens: TokenStats  # per row of the dataset file, before truncation
+    truncated_rows: int  # rows of the dataset (and eval) file longer than max_seq_len
+    untrainable_rows: int  # rows with no trainable token after truncation: errors
+    duplicate_rows: int
+    est_steps: int
+    est_epochs: float
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["warnings"] = list(self.warnings)
+        return doc
+
+
+def problems_to_json(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """Problems as JSON objects, with ``category`` (None for problems outside datasets)."""
+    return [p.to_json() if isinstance(p, RowProblem) else {"where": p.where, "category": None, "message": p.message}
+            for p in problems]
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def load_tokenizer(job: ResolvedJob) -> Any:
+    """The job's base-model tokenizer: a local folder, or a hub id already in the local cache (no download)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(job.base_model, revision=job.spec.revision, local_files_only=True,
+                                         trust_remote_code=job.spec.trust_remote_code)
+
+
+def _problem(where: str, category: str, message: str) -> RowProblem:
+    return RowProblem(where, f"[{category}] {message}", category=category)
+
+
+class _Run:
+    """One analysis: each tokenizer loaded once, each file read once, a shared file's problems listed once.
+
+    Whatever depends only on a file (and a split, or a max_seq_len) is computed once
+    per run, so each job after the first costs next to nothing.
+    """
+
+    def __init__(self, loader: TokenizerLoader | None, cache_dir: Path | None, cache: TokenCache | None) -> None:
+        self.loader = loader or load_tokenizer
+        self.cache_dir = cache_dir
+        self.cache = cache if cache is not None else DEFAULT_CACHE
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        self._reported: dict[tuple[Any, ...], str] = {}
+
+    def memo(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def tokenizer(self, job: ResolvedJob) -> tuple[Any, RowProblem | None]:
+        return self.memo(("tokenizer", job.base_model, job.spec.revision, job.spec.trust_remote_code),  # type: ignore[no-any-return]
+                         lambda: self._load(job))
+
+    def _load(self, job: ResolvedJob) -> tuple[Any, RowProblem | None]:
+        try:
+            tokenizer = self.loader(job)
+        except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError, ...
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return None, _problem("base_model", "tokenizer",
+                                  f"cannot load the tokenizer of base_model {job.base_model!r}: {reason}")
+        if not getattr(tokenizer, "is_fast", False):
+            return None, _problem("base_model", "tokenizer", f"the tokenizer of {job.base_model!r} is not a fast "
+                                  "(Rust) tokenizer; loraq needs its character offsets to mask the loss")
+        return tokenizer, None
+
+    def dataset(self, path: str, fmt: str | None) -> tuple[Dataset | None, ProblemList]:
+        return self.memo(("dataset", path, fmt), lambda: data.check_dataset(path, fmt))  # type: ignore[no-any-return]
+
+    def profile(self, dataset: Dataset, tokenizer: Any) -> FileProfile:
+        return self.memo(("profile", dataset.path, dataset.format, id(tokenizer)),  # type: ignore[no-any-return]
+                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir))
+
+    def once(self, key: tuple[Any, ...], job: str, problems: list[Problem], shared: str) -> list[Problem]:
+        """``problems`` the first time; for a later job, one line pointing at the job they were listed for."""
+        if not problems:
+            return []
+        if key not in self._reported:
+            self._reported[key] = job
+            return problems
+        return [_problem(problems[0].where if shared == "base model" else str(key[1]), "repeated",
+                         f"the same problem(s) as listed for job {self._reported[key]!r}, which uses this {shared} too")]
+
+
+def _token_problems(dataset: Dataset, profile: FileProfile, max_seq_len: int) -> ProblemList:
+    out = ProblemList(dataset.path, dataset.kind)
+    bad = [i for i, first in enumerate(profile.first_label) if first < 0 or first >= max_seq_len]
+    for index in bad:
+        line, record = dataset.locate(index)
+        first = profile.first_label[index]
+        if index in profile.template_errors:
+            out.add("template_error", profile.template_errors[index], line=line, row=record)
+        elif first < 0:
+            out.add("untrainable", "no token to train on: the trained part renders to no token", line=line, row=record)
+        else:
+            out.add("untrainable", f"no token left to train on after truncation to max_seq_len {max_seq_len}: the "
+                    f"row has {profile.lengths[index]} tokens and its first trained token is number {first + 1}; "
+                    "raise training.max_seq_len or shorten the prompt", line=line, row=record)
+    return out
+
+
+def _where(dataset: Dataset, index: int) -> str:
+    return data.where_in(dataset.path, dataset.kind, *dataset.locate(index))
+
+
+def _truncation(label: str, dataset: Dataset, profile: FileProfile, max_seq_len: int) -> tuple[int, str | None]:
+    """How many rows are cut at ``max_seq_len``, and the warning that says so."""
+    over = [i for i, n in enumerate(profile.lengths) if n > max_seq_len]
+    if not over:
+        return 0, None
+    longest = max(over, key=profile.lengths.__getitem__)
+    return len(over), (f"{label}{len(over)} of {len(profile.lengths)} rows ({100 * len(over) / len(profile.lengths):.1f}%)"
+                       f" are longer than max_seq_len {max_seq_len} tokens and will be cut (longest: "
+                       f"{profile.lengths[longest]} tokens, {_where(dataset, longest)})")
+
+
+def _leaked(profile: FileProfile, eval_profile: FileProfile | None, train_idx: list[int], eval_idx: list[int]) -> int:
+    """Eval rows whose content is also trained on."""
+    if eval_profile is not None:
+        train_keys = set(profile.keys)
+        return sum(1 for k in eval_profile.keys if k in train_keys)
+    train_keys = {profile.keys[i] for i in train_idx}
+    return sum(1 for i in eval_idx if profile.keys[i] in train_keys)
+
+
+def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Problem]]:
+    spec, training = job.spec, job.spec.training
+    max_seq_len = training.max_seq_len
+    problems: list[Problem] = []
+    train, found = run.dataset(job.dataset_path, spec.dataset.format)
+    problems += run.once(("rows", job.dataset_path, spec.dataset.format), job.name, found.problems(), "file")
+    eval_set = None
+    if job.eval_dataset_path:
+        eval_format = spec.dataset.format or (train.format if train else None)
+        eval_set, found = run.dataset(job.eval_dataset_path, eval_format)
+        problems += run.once(("rows", job.eval_dataset_path, eval_format), job.name, found.problems(), "file")
+    if train is None:
+        return None, problems
+
+    split: tuple[Any, ...] = ("file", job.eval_dataset_path)
+    if job.eval_dataset_path:
+        train_idx, eval_idx = list(range(len(train))), []
+        n_eval = len(eval_set) if eval_set else 0
+    else:
+        try:
+            data.check_split(train.path, len(train), spec.validation.split)
+        except DataError as exc:
+            problems += exc.problems
+        split = (len(train), spec.validation.split, training.seed)
+        train_idx, eval_idx = run.memo(("split", *split), lambda: data.split_indices(*split))
+        n_eval = len(eval_idx)
+
+    tokenizer, problem = run.tokenizer(job)
+    base_key = ("base", job.base_model, spec.revision)
+    if problem is not None:
+        return None, problems + run.once(base_key, job.name, [problem], "base model")
+    try:
+        profile = run.profile(train, tokenizer)
+        eval_profile = run.profile(eval_set, tokenizer) if eval_set else None
+    except data.TemplateError as exc:
+        no_template = _problem("base_model", "template_error", f"{job.base_model!r}: {exc}")
+        return None, problems + run.once(base_key, job.name, [no_template], "base model")
+
+    warnings: list[str] = []
+    untrainable = truncated = 0
+    for label, dataset, file_profile in (("", train, profile), ("eval file: ", eval_set, eval_profile)):
+        if dataset is None or file_profile is None:
+            continue
+        found = run.memo(("tokens", dataset.path, id(file_profile), max_seq_len),
+                         lambda d=dataset, f=file_profile: _token_problems(d, f, max_seq_len))
+        untrainable += found.count
+        problems += run.once(("tokens", str(dataset.path), dataset.format, id(tokenizer), max_seq_len), job.name,
+                             found.problems(), "file")
+        cut, warning = run.memo(("cut", label, dataset.path, id(file_profile), max_seq_len),
+                                lambda d=dataset, f=file_profile, l=label: _truncation(l, d, f, max_seq_len))
+        truncated += cut
+        warnings += [warning] if warning else []
+
+    repeats = profile.duplicates
+    if repeats:
+        row, original = repeats[0]
+        warnings.append(f"{len(repeats)} row(s) repeat an earlier row (e.g. {_where(train, row)} repeats line "
+                        f"{train.locate(original)[0]})")
+    leaked = run.memo(("leak", id(profile), id(eval_profile), *split),
+                      lambda: _leaked(profile, eval_profile, train_idx, eval_idx))
+    if leaked:
+        warnings.append(f"{leaked} eval row(s) also appear among the training rows: the eval loss that gates "
+                        "publishing will read better than it is")
+    if profile.special_rows:
+        warnings.append(f"{len(profile.special_rows)} row(s) contain the text of a special token (e.g. "
+                        f"{profile.special_example!r} at {_where(train, profile.special_rows[0])}); the tokenizer "
+                        "reads it as that control token, not as text")
+
+    n_train = len(train_idx)
+    steps = total_steps(spec, n_train)  # the trainer's own formula
+    per_epoch = max(1, math.ceil(math.ceil(n_train / training.batch_size) / training.grad_accum))
+    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else training.epochs
+    if n_train < FEW_TRAIN_ROWS:
+        warnings.append(f"only {n_train} training row(s); fine-tuning usually needs at least {FEW_TRAIN_ROWS}")
+    if 0 < n_eval < FEW_EVAL_ROWS:
+        warnings.append(f"only {n_eval} eval row(s): the eval loss that gates publishing will be noisy")
+    if training.max_steps and epochs < 1:
+        warnings.append(f"max_steps {training.max_steps} covers {epochs:.2f} of an epoch: some rows are never trained on")
+
+    report = DatasetReport(
+        job=job.name, path=str(train.path), format=train.format, sha256=train.sha256, rows=len(train),
+        n_train=n_train, n_eval=n_eval, eval_source="file" if job.eval_dataset_path else "split",
+        eval_path=job.eval_dataset_path, eval_sha256=eval_set.sha256 if eval_set else None,
+        base_model=job.base_model, max_seq_len=max_seq_len, tokens=profile.stats,
+        truncated_rows=truncated, untrainable_rows=untrainable, duplicate_rows=len(repeats),
+        est_steps=steps, est_epochs=epochs, warnings=tuple(warnings),
+    )
+    return report, problems
+
+
+def _for_job(job: ResolvedJob, problems: list[Problem]) -> list[Problem]:
+    return [dataclasses.replace(p, where=f"job {job.name!r}: {p.where}") for p in problems]
+
+
+def analyze_job(job: ResolvedJob, *, tokenizer_loader: TokenizerLoader | None = None, cache_dir: Path | None = None,
+                cache: TokenCache | None = None) -> DatasetReport:
+    """Analyse one job's data; raise :class:`DataError` listing every problem (each prefixed with the job)."""
+    report, problems = _analyze(job, _Run(tokenizer_loader, cache_dir, cache))
+    if problems:
+        raise DataError(_for_job(job, problems))
+    assert report is not None
+    return report
+
+
+def analyze_queue(queue: Queue, *, cache_dir: Path | None = None, tokenizer_loader: TokenizerLoader | None = None,
+                  cache: TokenCache | None = None) -> tuple[dict[str, DatasetReport], list[Problem]]:
+    """Analyse every job: ``(reports by job name, every problem of every job)``.
+
+    Submit enqueues nothing unless the problem list is empty. A job whose data was
+    read and tokenised has a report even when it has problems (``--dry-run`` shows
+    both). Each tokenizer is loaded once and each dataset file tokenised once.
+    """
+    run = _Run(tokenizer_loader, cache_dir, cache)
+    reports: dict[str, DatasetReport] = {}
+    problems: list[Problem] = []
+    for job in queue.jobs:
+        report, job_problems = _analyze(job, run)
+        if report is not None:
+            reports[job.name] = report
+        problems += _for_job(job, job_problems)
+    return reports, problems
+
+
+# ---------------------------------------------------------------- text for people
+
+
+def report_json(report: DatasetReport) -> dict[str, Any]:
+    """The report as JSON (``submit --json``, the adapter manifest)."""
+    return report.to_json()
+
+
+def describe(report: DatasetReport | None) -> list[str]:
+    """The lines ``loraq submit --dry-run`` prints under a job's name (unindented)."""
+    if report is None:
+        return ["dataset not analysed"]
+    tokens = report.tokens
+    eval_from = f"validation.dataset {report.eval_path}" if report.eval_source == "file" else "a seeded split"
+    lines = [
+        f"dataset: {report.path} ({report.format}, {report.rows} rows, sha256 {report.sha256[:12]})",
+        f"train / eval: {report.n_train} / {report.n_eval} rows (eval from {eval_from})",
+        f"tokens per row: mean {tokens.mean:g}, p95 {tokens.p95}, max {tokens.max} "
+        f"({tokens.total} in all; max_seq_len {report.max_seq_len})",
+        f"truncated rows: {report.truncated_rows}",
+        f"estimated: {report.est_steps} steps, {report.est_epochs:g} epoch(s)",
+    ]
+    if report.untrainable_rows:
+        lines.append(f"untrainable rows: {report.untrainable_rows} (errors)")
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    return lines
+
+
+def summary(report: DatasetReport) -> str:
+    """The one line a plain ``loraq submit`` prints after a job's name."""
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    return (f"{report.rows} {report.format} rows, {report.n_train} train / {report.n_eval} eval, "
+            f"~{report.est_steps} steps{warned}")
