@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loraq import data
 from loraq.data import RowProblem
@@ -333,3 +335,23 @@ def test_row_problem_is_a_problem_and_serialises() -> None:
     assert problem.to_json() == {"where": "d.jsonl:3", "category": "not_json", "file": "d.jsonl", "line": 3,
                                  "row": None, "message": "[not_json] bad"}
     assert str(DataError([problem])) == "d.jsonl:3: [not_json] bad"
+
+
+KEYS = ["messages", "role", "content", "weight", "name", "prompt", "completion", "instruction", "input", "output", "text", "x"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2) | st.floats(allow_nan=False) | st.sampled_from(["", " ", "hi", "user", "assistant", "bot"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=5),
+    max_leaves=12,
+)
+messages = st.lists(st.dictionaries(st.sampled_from(["role", "content", "weight", "name", "x"]),
+                                    st.none() | st.sampled_from(["user", "assistant", "system", "tool", "", "hi", 0, 1, 2, True]),
+                                    max_size=4), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(row=json_values | st.fixed_dictionaries({"messages": messages}), fmt=st.sampled_from(list(data.FORMAT_KEYS)))
+def test_row_checks_never_crash_and_always_name_a_known_category(row: Any, fmt: str) -> None:
+    problem = data.row_problem(row, fmt)
+    if problem is not None:
+        category, message = problem
+        assert category in data.CATEGORIES and isinstance(message, str) and message

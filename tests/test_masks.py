@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -245,3 +244,21 @@ def test_labels_for_spans() -> None:
 
 def test_session_tokenizer_is_a_real_fast_tokenizer(tokenizer: Any) -> None:
     assert tokenizer.is_fast and tokenizer.chat_template == demo.CHAT_TEMPLATE
+
+
+chat_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": text_piece},
+    optional={"weight": st.sampled_from([0, 1, None])})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(chat_message, min_size=1, max_size=5))
+def test_every_chat_row_that_passes_the_checks_trains_on_something(tokenizer: Any, messages: list[dict[str, Any]]) -> None:
+    row = {"messages": messages}
+    if data.row_problem(row, "chat") is not None:
+        return
+    encoded = data.encode(row, "chat", tokenizer, max_seq_len=10_000)
+    assert encoded.trainable > 0
+    trained_turns = [m for m in messages if m["role"] == "assistant" and m.get("weight") != 0]
+    labelled = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX])
+    assert labelled.count("<|end|>") >= len(trained_turns)  # each trained turn ends with its end marker

@@ -144,7 +144,8 @@ class ProblemList:
             for _, _, category, message, line, row in shown
         ]
         if self.count > len(shown):
-            problems.append(RowProblem(self.path, f"[more] ... and {self.count - len(shown)} more problem(s) not listed",
+            rest = self.count - len(shown)
+            problems.append(RowProblem(self.path, f"[more] ... and {rest} more problem(s) not listed",
                                        category="more", file=self.path))
         return problems
 
@@ -211,7 +212,8 @@ def _decode_lines(raw: bytes, out: ProblemList) -> list[str | None]:
         try:
             lines.append(chunk.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            out.add("invalid_utf8", f"not UTF-8 text (byte {exc.start + 1} of the line: {chunk[exc.start:exc.start + 4]!r})",
+            bad = chunk[exc.start:exc.start + 4]
+            out.add("invalid_utf8", f"not UTF-8 text (byte {exc.start + 1} of the line: {bad!r})",
                     line=number)
             lines.append(None)
     return lines
@@ -322,9 +324,10 @@ def _read_csv(text: str, out: ProblemList) -> list[Record]:
             if not fields:  # a blank line
                 continue
             if len(fields) != len(header):
-                out.add("csv_columns", f"has {len(fields)} field(s), the header has {len(header)}", line=line, row=number)
+                out.add("csv_columns", f"has {len(fields)} field(s), the header has {len(header)}",
+                        line=line, row=number)
                 continue
-            records.append((line, number, dict(zip(header, fields))))
+            records.append((line, number, dict(zip(header, fields, strict=True))))
     except csv.Error as exc:
         out.add("not_csv", f"not valid CSV: {exc}", line=reader.line_num)
     finally:
@@ -430,6 +433,31 @@ def _is_trained(message: dict[str, Any]) -> bool:
     return message.get("role") == "assistant" and message.get("weight") != 0  # no weight (or null) means 1
 
 
+def _message_problem(message: Any) -> tuple[str, str] | None:
+    """What is wrong with one message; the text follows ``messages[i]``. Kept lean: it runs per message."""
+    if not isinstance(message, dict):
+        return "not_object", f" must be an object, got {type(message).__name__}"
+    if not message.keys() <= MESSAGE_KEYS:
+        unknown = sorted(k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None)
+        if unknown:
+            return "unrecognized_key", f" has key(s) {unknown}; a message has {', '.join(sorted(MESSAGE_KEYS))}"
+    role, content, weight = message.get("role"), message.get("content"), message.get("weight")
+    if role is None:
+        return "missing_role", " has no 'role'"
+    if content is None:
+        return "missing_content", " has no 'content' (or it is null)"
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        return "unrecognized_role", f".role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}"
+    if not isinstance(content, str):
+        return "wrong_type", f".content must be a string, got {type(content).__name__}"
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            return "bad_weight", f".weight must be 0 or 1, got {weight!r}"
+        if role != "assistant":
+            return "bad_weight", f".weight is set on a {role} message; only assistant turns are weighted"
+    return None
+
+
 def _chat_problem(row: dict[str, Any]) -> tuple[str, str] | None:
     if row.get("messages") is None:
         other = detect_format(row)
@@ -441,28 +469,10 @@ def _chat_problem(row: dict[str, Any]) -> tuple[str, str] | None:
         return "missing_messages", "'messages' must be a non-empty list of messages"
     has_assistant = trainable = False
     for index, message in enumerate(messages):
-        at = f"messages[{index}]"
-        if not isinstance(message, dict):
-            return "not_object", f"{at} must be an object, got {type(message).__name__}"
-        unknown = sorted(k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None)
-        if unknown:
-            return "unrecognized_key", f"{at} has key(s) {unknown}; a message has {', '.join(sorted(MESSAGE_KEYS))}"
-        if message.get("role") is None:
-            return "missing_role", f"{at} has no 'role'"
-        if message.get("content") is None:
-            return "missing_content", f"{at} has no 'content' (or it is null)"
-        role = message["role"]
-        if role not in CHAT_ROLES:
-            return "unrecognized_role", f"{at}.role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}"
-        if problem := _text_problem(message["content"], f"{at}.content"):
-            return problem
-        weight = message.get("weight")
-        if weight is not None:
-            if isinstance(weight, bool) or weight not in (0, 1):
-                return "bad_weight", f"{at}.weight must be 0 or 1, got {weight!r}"
-            if role != "assistant":
-                return "bad_weight", f"{at}.weight is set on a {role} message; only assistant turns are weighted"
-        if role == "assistant":
+        if problem := _message_problem(message):
+            category, text = problem
+            return category, f"messages[{index}]{text}"
+        if message["role"] == "assistant":
             has_assistant = True
             trainable = trainable or (_is_trained(message) and bool(message["content"].strip()))
     if not has_assistant:
@@ -754,7 +764,8 @@ def tokenize_many(tokenizer: Any, texts: list[str], add_special_tokens: bool, *,
             fast = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         except Exception:
             fast = None
-        if fast is not None and all(f.ids == r.ids and list(f.offsets) == r.offsets for f, r in zip(fast, reference)):
+        if fast is not None and all(f.ids == r.ids and list(f.offsets) == r.offsets
+                                    for f, r in zip(fast, reference, strict=False)):  # the sample is a prefix
             return list(fast)
     enc = tokenizer(texts, **kwargs)
     return [_PlainTokens(list(ids), [tuple(o) for o in offs])  # type: ignore[misc]

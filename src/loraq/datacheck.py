@@ -32,7 +32,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,8 @@ class TokenCache:
             self.tokenisations += 1
             if directory is not None:
                 try:
-                    fsutil.atomic_write_text(directory / f"{key}.json", json.dumps(profile.to_json(), separators=(",", ":")))
+                    text = json.dumps(profile.to_json(), separators=(",", ":"))
+                    fsutil.atomic_write_text(directory / f"{key}.json", text)
                 except OSError:
                     self.disk_errors += 1
         self._profiles[key] = profile
@@ -360,7 +361,8 @@ class _Run:
             self._reported[key] = job
             return problems
         return [_problem(problems[0].where if shared == "base model" else str(key[1]), "repeated",
-                         f"the same problem(s) as listed for job {self._reported[key]!r}, which uses this {shared} too")]
+                         f"the same problem(s) as listed for job {self._reported[key]!r}, "
+                         f"which uses this {shared} too")]
 
 
 def _token_problems(dataset: Dataset, profile: FileProfile, max_seq_len: int) -> ProblemList:
@@ -390,7 +392,8 @@ def _truncation(label: str, dataset: Dataset, profile: FileProfile, max_seq_len:
     if not over:
         return 0, None
     longest = max(over, key=profile.lengths.__getitem__)
-    return len(over), (f"{label}{len(over)} of {len(profile.lengths)} rows ({100 * len(over) / len(profile.lengths):.1f}%)"
+    share = 100 * len(over) / len(profile.lengths)
+    return len(over), (f"{label}{len(over)} of {len(profile.lengths)} rows ({share:.1f}%)"
                        f" are longer than max_seq_len {max_seq_len} tokens and will be cut (longest: "
                        f"{profile.lengths[longest]} tokens, {_where(dataset, longest)})")
 
@@ -448,12 +451,12 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         if dataset is None or file_profile is None:
             continue
         found = run.memo(("tokens", dataset.path, id(file_profile), max_seq_len),
-                         lambda d=dataset, f=file_profile: _token_problems(d, f, max_seq_len))
+                         partial(_token_problems, dataset, file_profile, max_seq_len))
         untrainable += found.count
         problems += run.once(("tokens", str(dataset.path), dataset.format, id(tokenizer), max_seq_len), job.name,
                              found.problems(), "file")
         cut, warning = run.memo(("cut", label, dataset.path, id(file_profile), max_seq_len),
-                                lambda d=dataset, f=file_profile, l=label: _truncation(l, d, f, max_seq_len))
+                                partial(_truncation, label, dataset, file_profile, max_seq_len))
         truncated += cut
         warnings += [warning] if warning else []
 
@@ -481,7 +484,8 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     if 0 < n_eval < FEW_EVAL_ROWS:
         warnings.append(f"only {n_eval} eval row(s): the eval loss that gates publishing will be noisy")
     if training.max_steps and epochs < 1:
-        warnings.append(f"max_steps {training.max_steps} covers {epochs:.2f} of an epoch: some rows are never trained on")
+        warnings.append(f"max_steps {training.max_steps} covers {epochs:.2f} of an epoch: "
+                        "some rows are never trained on")
 
     report = DatasetReport(
         job=job.name, path=str(train.path), format=train.format, sha256=train.sha256, rows=len(train),
