@@ -29,6 +29,8 @@ import json
 import math
 import re
 import sys
+import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,16 +60,17 @@ TokenizerLoader = Callable[[ResolvedJob], Any]
 class FileProfile:
     """What the token checks need from one dataset file under one tokenizer, at any max_seq_len."""
 
-    lengths: list[int]  # tokens per row, before truncation
-    first_label: list[int]  # index of each row's first trained token; -1: none, or the template failed
-    keys: list[str]  # a hash of each row's trained content, for duplicates and eval leaks
+    # arrays, not lists: a profile of a million rows stays a few tens of MB in the cache
+    lengths: array[int]  # tokens per row, before truncation
+    first_label: array[int]  # index of each row's first trained token; -1: none, or the template failed
+    keys: array[int]  # a 64-bit hash of each row's trained content, for duplicates and eval leaks
     template_errors: dict[int, str] = field(default_factory=dict)  # row index -> why it cannot be rendered
     special_rows: list[int] = field(default_factory=list)  # rows whose own text holds a special token's text
     special_example: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": ANALYSIS_VERSION, "lengths": self.lengths, "first_label": self.first_label,
-                "keys": self.keys, "template_errors": {str(k): v for k, v in self.template_errors.items()},
+        return {"version": ANALYSIS_VERSION, "lengths": self.lengths.tolist(), "first_label": self.first_label.tolist(),
+                "keys": self.keys.tolist(), "template_errors": {str(k): v for k, v in self.template_errors.items()},
                 "special_rows": self.special_rows, "special_example": self.special_example}
 
     @classmethod
@@ -76,10 +79,11 @@ class FileProfile:
         try:
             if doc["version"] != ANALYSIS_VERSION:
                 return None
-            profile = cls(lengths=list(doc["lengths"]), first_label=list(doc["first_label"]), keys=list(doc["keys"]),
+            profile = cls(lengths=array("q", doc["lengths"]), first_label=array("q", doc["first_label"]),
+                          keys=array("Q", doc["keys"]),
                           template_errors={int(k): str(v) for k, v in doc["template_errors"].items()},
                           special_rows=list(doc["special_rows"]), special_example=str(doc["special_example"]))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None
         if not len(profile.lengths) == len(profile.first_label) == len(profile.keys) == rows:
             return None
@@ -92,7 +96,7 @@ class FileProfile:
     @cached_property
     def duplicates(self) -> list[tuple[int, int]]:
         """``(row, earlier row with the same content)`` for every repeat."""
-        first: dict[str, int] = {}
+        first: dict[int, int] = {}
         repeats = []
         for index, key in enumerate(self.keys):
             if key in first:
@@ -102,10 +106,9 @@ class FileProfile:
         return repeats
 
 
-def content_key(rendered: data.Rendered) -> str:
-    """A hash of what a row trains on (its text and loss spans): rows equal here are duplicates."""
-    payload = f"{rendered.text}\x00{rendered.spans}"
-    return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+def content_key(payload: str) -> int:
+    """A 64-bit hash of ``payload`` (a row's rendered text and loss spans): rows equal here are duplicates."""
+    return int.from_bytes(hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def _row_texts(row: dict[str, Any], fmt: str) -> list[str]:
@@ -123,9 +126,8 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
 def profile_dataset(dataset: Dataset, tokenizer: Any) -> FileProfile:
     """Render and tokenise every row in batches. Raises TemplateError when a chat file meets no template."""
     n = len(dataset.rows)
-    lengths, firsts = [0] * n, [-1] * n
-    # a row the template cannot render is keyed by its position: it duplicates nothing
-    keys = [f"unrendered-{dataset.sha256[:12]}-{i}" for i in range(n)]
+    lengths, firsts = array("q", [0]) * n, array("q", [-1]) * n
+    keys = array("Q", [0]) * n
     errors: dict[int, str] = {}
     for start in range(0, n, CHUNK_ROWS):
         rendered = data.render_many(dataset.rows[start:start + CHUNK_ROWS], dataset.format, tokenizer)
@@ -133,6 +135,8 @@ def profile_dataset(dataset: Dataset, tokenizer: Any) -> FileProfile:
         for i, item in enumerate(rendered):
             if isinstance(item, data.TemplateError):
                 errors[start + i] = str(item)
+                # keyed by its file and position: a row that cannot be rendered duplicates nothing
+                keys[start + i] = content_key(f"unrendered\x00{dataset.sha256}\x00{start + i}")
         if not good:
             continue
         texts = [item.text for _, item in good]
@@ -140,7 +144,7 @@ def profile_dataset(dataset: Dataset, tokenizer: Any) -> FileProfile:
                                          strict=True):
             lengths[index] = len(tokens)
             firsts[index] = data.first_label(tokens, item.spans)
-            keys[index] = content_key(item)
+            keys[index] = content_key(f"{item.text}\x00{item.spans}")
     special_rows: list[int] = []
     example = ""
     pattern = _special_pattern(tokenizer)
@@ -175,11 +179,13 @@ class TokenCache:
     """File profiles in memory (a small LRU) and on disk, keyed by file content, tokenizer and format.
 
     ``tokenisations`` counts the files actually tokenised, the expensive step: a
-    queue of 50 jobs on one dataset and one base model adds 1.
+    queue of 50 jobs on one dataset and one base model adds 1. Safe to share
+    between threads; one lock also keeps two submits from tokenising one file twice.
     """
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
+        self._lock = threading.RLock()
         self._profiles: OrderedDict[str, FileProfile] = OrderedDict()
         # id(tokenizer) -> (tokenizer, fingerprint); the tokenizer is held so that its id stays its own
         self._fingerprints: OrderedDict[int, tuple[Any, str]] = OrderedDict()
@@ -189,19 +195,24 @@ class TokenCache:
         self.disk_errors = 0  # cache files that could not be written (the analysis is still complete)
 
     def fingerprint(self, tokenizer: Any) -> str:
-        held = self._fingerprints.get(id(tokenizer))
-        if held is None or held[0] is not tokenizer:
-            held = (tokenizer, tokenizer_fingerprint(tokenizer))
-            self._fingerprints[id(tokenizer)] = held
-            while len(self._fingerprints) > self.capacity:
-                self._fingerprints.popitem(last=False)
-        return held[1]
+        with self._lock:
+            held = self._fingerprints.get(id(tokenizer))
+            if held is None or held[0] is not tokenizer:
+                held = (tokenizer, tokenizer_fingerprint(tokenizer))
+                self._fingerprints[id(tokenizer)] = held
+                while len(self._fingerprints) > self.capacity:
+                    self._fingerprints.popitem(last=False)
+            return held[1]
 
     def key(self, dataset: Dataset, tokenizer: Any) -> str:
         mixed = f"{ANALYSIS_VERSION}|{dataset.format}|{self.fingerprint(tokenizer)}"
         return f"{dataset.sha256}-{hashlib.sha256(mixed.encode()).hexdigest()[:16]}"
 
     def profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None = None) -> FileProfile:
+        with self._lock:
+            return self._profile(dataset, tokenizer, directory)
+
+    def _profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None) -> FileProfile:
         key = self.key(dataset, tokenizer)
         if key in self._profiles:
             self.memory_hits += 1
