@@ -257,6 +257,15 @@ def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> N
     assert dataset.lines == [1, 4]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_hostile_json_is_not_json_not_a_crash(tmp_path: Path, kind: str) -> None:
+    rows = [GOOD["text"], GOOD["text"], Raw("[" * 100_000 + "]" * 100_000), Raw('{"text": ' + "9" * 5000 + "}")]
+    problems = problems_of(write(tmp_path, kind, rows))
+    assert [p.category for p in problems][0] == "not_json"
+    assert problems[0].line == BAD_AT[kind][0]
+    assert "nested too deeply" in problems[0].message
+
+
 def test_a_pretty_printed_object_in_jsonl_gets_a_hint(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(GOOD["text"], indent=2) + "\n")

@@ -249,12 +249,20 @@ def _read_jsonl(lines: list[str | None], out: ProblemList) -> list[Record]:
             continue
         try:
             records.append((number, None, loads(line)))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             hint = ""
             if line.strip() in ("{", "[", "}", "]", "},", "],"):
                 hint = "; JSON Lines needs each row as one object on one line"
-            out.add("not_json", f"not valid JSON: {exc.msg} (column {exc.colno}){hint}", line=number)
+            out.add("not_json", f"not valid JSON: {_json_reason(exc)}{hint}", line=number)
     return records
+
+
+def _json_reason(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)  # e.g. an integer with more digits than Python converts
 
 
 def _read_json_array(text: str, out: ProblemList) -> list[Record]:
@@ -266,8 +274,9 @@ def _read_json_array(text: str, out: ProblemList) -> list[Record]:
     if text[pos] != "[":
         try:
             json.loads(text)
-        except json.JSONDecodeError as exc:
-            out.add("not_json", f"not valid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno)
+        except (ValueError, RecursionError) as exc:
+            out.add("not_json", f"not valid JSON: {_json_reason(exc)}",
+                    line=exc.lineno if isinstance(exc, json.JSONDecodeError) else 1)
         else:
             out.add("not_array", "a .json dataset must be a JSON array of rows, or JSON Lines (one row a line)", line=1)
         return []
@@ -286,9 +295,9 @@ def _read_json_array(text: str, out: ProblemList) -> list[Record]:
     while True:
         try:
             value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            out.add("not_json", f"not valid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno,
-                    row=len(records) + 1)
+        except (ValueError, RecursionError) as exc:
+            out.add("not_json", f"not valid JSON: {_json_reason(exc)}",
+                    line=exc.lineno if isinstance(exc, json.JSONDecodeError) else line_at(pos), row=len(records) + 1)
             return records
         records.append((line_at(pos), len(records) + 1, value))
         pos = _JSON_SPACE.match(text, end).end()  # type: ignore[union-attr]
