@@ -131,9 +131,14 @@ def copy(src: Path, dst: Path) -> Path:
 
 
 def build_base(folder: Path) -> Path:
+    """The demo's tiny Llama, random weights: the inspector needs shapes, not skill."""
+    import inspect
+
     from loraq.demo import build_model
 
-    return build_model(folder)
+    # Skip the demo's short pretraining where the builder has it: seconds saved per session.
+    quick = {"pretrain_steps": 0} if "pretrain_steps" in inspect.signature(build_model).parameters else {}
+    return build_model(folder, **quick)
 
 
 def build_llama(folder: Path, *, hidden: int, intermediate: int, vocab: int = 840) -> Path:
