@@ -98,6 +98,22 @@ def test_other_float_dtypes_pass(tmp_path: Path, dtype: str) -> None:
     assert result.stats["dtype"] == dtype
 
 
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_dora_embedding_and_rank_pattern_adapter_passes(base: Path, tmp_path: Path) -> None:
+    folder = ad.peft_adapter(base, tmp_path / "dora", targets=["q_proj", "v_proj", "embed_tokens"], use_dora=True,
+                             rank_pattern={"v_proj": 4})
+    result = inspect_adapter(folder)
+    assert result.passed, result.findings
+    assert result.stats["n_modules"] == 5
+
+
+def test_to_json_is_strict_json_even_for_nan(adapter: Path) -> None:
+    ad.set_values(adapter / WEIGHTS, ad.lora_names(adapter / WEIGHTS, "lora_B")[0], lambda v: v.fill(math.nan))
+    payload = inspect_adapter(adapter).to_json()
+    assert payload["stats"]["lora_b_max_abs"] is None
+    json.dumps(payload, allow_nan=False)
+
+
 def test_to_json_is_the_documented_envelope(pristine: Path, tmp_path: Path) -> None:
     broken = ad.copy(pristine, tmp_path / "a")
     (broken / CONFIG).write_text("{")
@@ -236,6 +252,11 @@ def test_symlink_escape(adapter: Path, tmp_path: Path) -> None:
     result = inspect_adapter(adapter)
     assert_only(result, "symlink_escape")
     assert result.errors()[0].file == WEIGHTS
+
+
+def test_symlink_loop(adapter: Path) -> None:
+    (adapter / "loop").symlink_to("loop")
+    assert_only(inspect_adapter(adapter), "symlink_escape")
 
 
 def test_symlink_inside_the_folder_is_fine(adapter: Path) -> None:
@@ -640,6 +661,36 @@ def test_adapter_for_another_width(base: Path, tmp_path: Path) -> None:
     result = inspect_adapter(folder, base=str(base))
     assert_only(result, "base_shape_mismatch")
     assert "made for a model of another width" in result.errors()[0].message
+    assert "max_logit_change" not in result.stats  # a misfit adapter is never loaded
+
+
+@pytest.mark.slow
+def test_names_and_shapes_come_from_the_config_alone(pristine: Path, base: Path, tmp_path: Path) -> None:
+    """The shape check reads the base's config, not its weights; loading them comes only after."""
+    broken_base = ad.copy(base, tmp_path / "base")
+    (broken_base / "model.safetensors").write_bytes(b"not weights")
+    wrong = ad.copy(pristine, tmp_path / "wrong")
+    ad.edit_config(wrong, r=4)
+    assert_only(inspect_adapter(wrong, base=str(broken_base)), "rank_mismatch")
+    with pytest.raises(InspectionError, match="cannot load it"):
+        inspect_adapter(pristine, base=str(broken_base))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_dora_embedding_adapter_loads_on_the_base(base: Path, tmp_path: Path) -> None:
+    folder = ad.peft_adapter(base, tmp_path / "dora", targets=["q_proj", "embed_tokens"], use_dora=True)
+    result = inspect_adapter(folder, base=str(base))
+    assert result.passed, result.findings
+    assert result.stats["max_logit_change"] > 0
+
+
+@pytest.mark.slow
+def test_a_broken_adapter_is_not_loaded(base: Path, tmp_path: Path) -> None:
+    folder = ad.peft_adapter(base, tmp_path / "fresh", perturb=False)
+    result = inspect_adapter(folder, base=str(base))
+    assert_only(result, "lora_b_zero")
+    assert "max_logit_change" not in result.stats
 
 
 @pytest.mark.slow

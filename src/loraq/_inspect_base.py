@@ -2,9 +2,14 @@
 
 First the adapter's module names and shapes are compared with the base model
 built from its config on the meta device (no weights loaded, so a 70B base costs
-a second, not minutes). Only an adapter that fits is then loaded for real with
-``PeftModel.from_pretrained`` and must change the model's output on a few tokens;
-with a dataset, base and adapter eval losses go through :func:`quality_gate`.
+a second, not minutes). Only an adapter that fits and passed every earlier check
+is then loaded for real (on the GPU when there is one, in bf16 there, else fp32 on
+the CPU) with ``PeftModel.from_pretrained`` and must change the model's output
+on a few tokens; with a dataset, base and adapter eval losses go through
+:func:`quality_gate`.
+
+A base that cannot be read or built is an :class:`InspectionError` (nothing to
+inspect against); an adapter that PEFT cannot load is a ``load_failed`` finding.
 """
 
 from __future__ import annotations
@@ -62,8 +67,9 @@ def base_layout(base: str) -> BaseLayout:
         config = AutoConfig.from_pretrained(base, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise InspectionError(f"base model {base}: cannot build it from its config: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- a config transformers cannot build: no base to compare with
+        raise InspectionError(f"base model {base}: cannot build it from its config: {type(exc).__name__}: "
+                              f"{exc}") from None
     output = model.get_output_embeddings()
     modules: dict[str, tuple[str, int, int]] = {}
     linear = set()
@@ -128,9 +134,16 @@ def _check_budget(layout: BaseLayout, weights: Weights, cfg: LoraSettings, targe
     """The file may not be much bigger than r x (in + out) per targeted layer implies."""
     lora = [t for m in weights.modules.values() for t in (m.a, m.b) if t is not None]
     itemsize = max((t.nbytes // max(1, _numel(t.shape)) for t in lora if _numel(t.shape)), default=4)
-    per_layer = sum(cfg.rank_of(n) * (layout.modules[n][1] + layout.modules[n][2]) + 2 * layout.modules[n][2]
-                    for n in targeted)  # + DoRA magnitude and lora bias, at most one output vector each
-    budget = 8 + weights.header.header_len + int(1.25 * per_layer * itemsize) + weights.copy_bytes + (64 << 10)
+    elements = 0
+    for name in targeted:
+        kind, n_in, n_out = layout.modules[name]
+        module = weights.modules.get(name)
+        if kind == "conv" and module is not None and module.a is not None and module.b is not None:
+            elements += _numel(module.a.shape) + _numel(module.b.shape)  # kernels: channels were checked above
+        else:
+            elements += cfg.rank_of(name) * (n_in + n_out)
+        elements += 2 * n_out  # a DoRA magnitude and a lora bias, at most one output vector each
+    budget = 8 + weights.header.header_len + int(1.25 * elements * itemsize) + weights.copy_bytes + (64 << 10)
     if weights.header.file_size > budget:
         found.add("oversized", "error", f"{WEIGHTS_NAME} is {weights.header.file_size / 2**20:,.2f} MiB but rank "
                                         f"{cfg.r} on the {len(targeted)} targeted layers of this base needs at most "
@@ -176,19 +189,21 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .trainer import Collator, evaluate_loss
+    from .trainer import Collator, evaluate_loss, resolve_dtype
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype("auto", device), use_safetensors=True,
                                                      local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise InspectionError(f"base model {base}: cannot load it: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- safetensors, tokenizers, remote config: any failure means no base
+        raise InspectionError(f"base model {base}: cannot load it: {type(exc).__name__}: {exc}") from None
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() as a decorator
     model.eval()
     eval_set = _eval_set(data_path, tokenizer, max_seq_len) if data_path is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = Collator(pad_id=pad_id)
-    probe = _probe(tokenizer, model.config.vocab_size)
+    probe = _probe(tokenizer, model.config.vocab_size).to(device)
     with torch.no_grad():
         before = model(input_ids=probe).logits.float()
     base_loss = evaluate_loss(model, eval_set, collator, EVAL_BATCH) if eval_set is not None else None

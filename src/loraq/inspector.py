@@ -135,8 +135,19 @@ class Inspection:
             "passed": self.passed,
             "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "file": f.file}
                          for f in self.findings],
-            "stats": self.stats,
+            "stats": _finite_json(self.stats),
         }
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 class Findings:
@@ -176,10 +187,6 @@ class Module:
     embedding: bool = False
     magnitude: st.TensorInfo | None = None
     bias: st.TensorInfo | None = None
-
-    @property
-    def rank(self) -> int | None:
-        return self.a.shape[0] if self.a is not None and self.a.shape else None
 
     @property
     def dims(self) -> tuple[int, int] | None:
@@ -371,8 +378,8 @@ def _list(root: Path, found: Findings) -> list[str]:
         raise InspectionError(f"adapter folder {root} cannot be listed: {exc.strerror or exc}") from None
     names.sort()
     if not names:
-        found.add("empty_folder", "error", f"{root} is empty: no adapter was saved (with ZeRO-3 or FSDP, save on "
-                                           "every rank after gathering the weights)")
+        found.add("empty_folder", "error", f"{root} is empty: no adapter was saved (with ZeRO-3 or FSDP, gather "
+                                           "the full weights before saving: trl#4416)")
     for name in names:
         path = root / name
         if path.is_symlink():
@@ -381,8 +388,8 @@ def _list(root: Path, found: Findings) -> list[str]:
             except (OSError, RuntimeError):
                 target = None
             if target is None or not target.is_relative_to(root):
-                found.add("symlink_escape", "error", f"{name} is a symlink to {os.readlink(path)!r}, outside the "
-                                                     "adapter folder; copy the file in instead", name)
+                found.add("symlink_escape", "error", f"{name} is a symlink to {str(target)!r}, outside the adapter "
+                                                     "folder (or a loop); copy the file in instead", name)
         if is_pickle(path):
             found.add("pickle_refused", "error", f"{name} is a pickle file; loraq never loads pickles (they can run "
                                                  "code); save with safe_serialization=True and delete it", name)
@@ -470,7 +477,7 @@ def _read_weights(root: Path, names: list[str], cfg: LoraSettings | None, found:
         if header is None or defects:
             return None  # the rest would describe a file whose layout is already wrong
         weights = sort_tensors(header, cfg, found)
-        _weights_stats(weights, stats)
+        _weights_stats(weights, found, stats)
         check_structure(weights, cfg, found)
         if header.header_len > (1 << 20) + 1024 * len(header.tensors):
             found.add("oversized", "warning", f"{WEIGHTS_NAME}: the header is {header.header_len:,} bytes for "
@@ -485,7 +492,7 @@ def _read_weights(root: Path, names: list[str], cfg: LoraSettings | None, found:
         os.close(fd)
 
 
-def _weights_stats(weights: Weights, stats: dict[str, Any]) -> None:
+def _weights_stats(weights: Weights, found: Findings, stats: dict[str, Any]) -> None:
     dtypes = sorted({t.dtype for t in weights.header.tensors})
     stats.update(
         n_tensors=len(weights.header.tensors), n_modules=len(weights.modules), header_bytes=weights.header.header_len,
@@ -494,10 +501,11 @@ def _weights_stats(weights: Weights, stats: dict[str, Any]) -> None:
         targets=sorted({name.rsplit(".", 1)[-1] for name in weights.modules}),
     )
     if weights.copies and weights.copy_bytes > weights.lora_bytes:
-        found_names = sorted({t.name[len(KEY_PREFIX):].rsplit(".", 1)[0] for t in weights.copies})
-        stats["_bloat"] = (f"full copies of {', '.join(found_names[:3])} take {weights.copy_bytes / 2**20:,.1f} MiB, "
-                           f"more than the LoRA weights ({weights.lora_bytes / 2**20:,.1f} MiB); drop them from "
-                           "modules_to_save unless they must be trained")
+        copied = sorted({t.name[len(KEY_PREFIX):].rsplit(".", 1)[0] for t in weights.copies})
+        found.add("modules_to_save_bloat", "warning",
+                  f"full copies of {', '.join(copied[:3])} take {weights.copy_bytes / 2**20:,.1f} MiB, more than "
+                  f"the LoRA weights ({weights.lora_bytes / 2**20:,.1f} MiB); drop them from modules_to_save unless "
+                  "they must be trained", WEIGHTS_NAME)
 
 
 # ---------------------------------------------------------------- the public interface
@@ -528,8 +536,6 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
     names = _list(root, found)
     cfg = _read_config(root, names, found, stats)
     weights = _read_weights(root, names, cfg, found, stats)
-    if bloat := stats.pop("_bloat", None):
-        found.add("modules_to_save_bloat", "warning", bloat, WEIGHTS_NAME)
     if base is not None and cfg is not None and weights is not None:
         from . import _inspect_base
 
