@@ -56,9 +56,14 @@ def job(name: str, base: Path, dataset: Path, **training: Any) -> ResolvedJob:
                        dataset_path=str(dataset))
 
 
+CPU: dict[str, float] = {}
+
+
 def timed(fn: Any) -> tuple[float, Any]:
-    start = time.perf_counter()
+    """Wall seconds (and, in CPU["last"], process CPU seconds: all threads, less sensitive to a busy machine)."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    CPU["last"] = time.process_time() - cpu
     return time.perf_counter() - start, result
 
 
@@ -68,13 +73,13 @@ def bench(fmt: str, rows: int, jobs: int, root: Path, base: Path) -> None:
     print(f"\n== {fmt}: {rows:,} rows, {size_mb:.1f} MB JSON Lines")
 
     t_rows, (checked, _) = timed(lambda: data.check_dataset(dataset))
-    print(f"rows only (read + check every row): {t_rows:6.2f} s  {rows / t_rows:>9,.0f} rows/s")
+    print(f"rows only (read + check every row): {t_rows:6.2f} s  {rows / t_rows:>9,.0f} rows/s  (cpu {CPU['last']:.2f} s)")
 
     one = job("one", base, dataset)
     cold_cache = TokenCache()
     t_cold, report = timed(lambda: datacheck.analyze_job(one, cache=cold_cache))
     print(f"1 job, cold (rows + tokens):        {t_cold:6.2f} s  {rows / t_cold:>9,.0f} rows/s  "
-          f"({report.tokens.total:,} tokens, mean {report.tokens.mean:g}, p95 {report.tokens.p95}, "
+          f"(cpu {CPU['last']:.2f} s; {report.tokens.total:,} tokens, mean {report.tokens.mean:g}, p95 {report.tokens.p95}, "
           f"max {report.tokens.max}; tokenisations {cold_cache.tokenisations})")
 
     cache_dir = root / "home" / "cache" / "datasets"
@@ -82,7 +87,7 @@ def bench(fmt: str, rows: int, jobs: int, root: Path, base: Path) -> None:
     warm_cache = TokenCache()
     t_warm, _ = timed(lambda: datacheck.analyze_job(one, cache=warm_cache, cache_dir=cache_dir))
     print(f"1 job, warm disk cache:             {t_warm:6.2f} s  {rows / t_warm:>9,.0f} rows/s  "
-          f"(disk hits {warm_cache.disk_hits}, tokenisations {warm_cache.tokenisations})")
+          f"(cpu {CPU['last']:.2f} s; disk hits {warm_cache.disk_hits}, tokenisations {warm_cache.tokenisations})")
 
     queue = Queue(path=str(root / "queue.yaml"), settings=QueueSettings(), jobs=[
         job(f"job-{i}", base, dataset, max_seq_len=64 + 32 * (i % 4), seed=i % 3, learning_rate=1e-4 * (1 + i % 5))
@@ -91,7 +96,7 @@ def bench(fmt: str, rows: int, jobs: int, root: Path, base: Path) -> None:
     t_queue, (reports, problems) = timed(lambda: datacheck.analyze_queue(queue, cache=queue_cache))
     assert not problems and len(reports) == jobs, problems[:3]
     print(f"{jobs} jobs sharing it, cold:            {t_queue:6.2f} s  tokenisations {queue_cache.tokenisations}  "
-          f"ratio {jobs}-jobs / 1-job = {t_queue / t_cold:.2f}")
+          f"ratio {jobs}-jobs / 1-job = {t_queue / t_cold:.2f} (cpu {CPU['last']:.2f} s)")
 
 
 def main() -> None:
@@ -101,7 +106,8 @@ def main() -> None:
     parser.add_argument("--formats", default="chat,prompt_completion")
     args = parser.parse_args()
     print(f"loraq datacheck benchmark: python {platform.python_version()}, {os.cpu_count()} CPU(s), "
-          f"{platform.machine()}, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}")
+          f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}, "
+          f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}")
     with tempfile.TemporaryDirectory(prefix="loraq-bench-datacheck-") as tmp:
         root = Path(tmp)
         base = root / "base"
