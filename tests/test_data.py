@@ -17,8 +17,13 @@ from loraq import data
 from loraq.data import RowProblem
 from loraq.errors import DataError
 
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+try:  # Parquet is an optional extra: without it only the Parquet cases skip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # pragma: no cover
+    pa = pq = None
+
+needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow (loraq[parquet]) is not installed")
 
 GOOD = {
     "chat": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -53,6 +58,8 @@ def write(folder: Path, kind: str, rows: list[Any], name: str = "data") -> Path:
         out += [r.content + b"\n" if isinstance(r, Raw) else _csv_line([str(r.get(c, "")) for c in columns]) for r in rows]
         path.write_bytes(b"".join(out))
     else:
+        if pa is None:
+            pytest.skip("pyarrow (loraq[parquet]) is not installed")
         columns = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist would take the first row's keys only
         pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
     return path
@@ -140,6 +147,7 @@ def test_invalid_utf8_names_the_line(tmp_path: Path, kind: str) -> None:
     assert [(p.category, p.line) for p in problems] == [("invalid_utf8", BAD_AT[kind][0])]
 
 
+@needs_pyarrow
 def test_invalid_utf8_in_a_parquet_binary_column(tmp_path: Path) -> None:
     table = pa.table({"text": pa.array([b"fine", b"also fine", b"caf\xe9", b"ok"], type=pa.binary())})
     pq.write_table(table, tmp_path / "d.parquet")
@@ -301,6 +309,7 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatc
     assert "loraq[parquet]" in problems[0].message
 
 
+@needs_pyarrow
 def test_a_damaged_parquet_file_is_unreadable(tmp_path: Path) -> None:
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
     assert [p.category for p in problems_of(tmp_path / "d.parquet")] == ["unreadable"]
