@@ -73,14 +73,16 @@ def bench(fmt: str, rows: int, jobs: int, root: Path, base: Path) -> None:
     print(f"\n== {fmt}: {rows:,} rows, {size_mb:.1f} MB JSON Lines")
 
     t_rows, (checked, _) = timed(lambda: data.check_dataset(dataset))
-    print(f"rows only (read + check every row): {t_rows:6.2f} s  {rows / t_rows:>9,.0f} rows/s  (cpu {CPU['last']:.2f} s)")
+    assert checked is not None and len(checked) == rows
+    print(f"rows only (read + check every row): {t_rows:6.2f} s  {rows / t_rows:>9,.0f} rows/s  "
+          f"(cpu {CPU['last']:.2f} s)")
 
     one = job("one", base, dataset)
     cold_cache = TokenCache()
     t_cold, report = timed(lambda: datacheck.analyze_job(one, cache=cold_cache))
     print(f"1 job, cold (rows + tokens):        {t_cold:6.2f} s  {rows / t_cold:>9,.0f} rows/s  "
-          f"(cpu {CPU['last']:.2f} s; {report.tokens.total:,} tokens, mean {report.tokens.mean:g}, p95 {report.tokens.p95}, "
-          f"max {report.tokens.max}; tokenisations {cold_cache.tokenisations})")
+          f"(cpu {CPU['last']:.2f} s; {report.tokens.total:,} tokens, mean {report.tokens.mean:g}, "
+          f"p95 {report.tokens.p95}, max {report.tokens.max}; tokenisations {cold_cache.tokenisations})")
 
     cache_dir = root / "home" / "cache" / "datasets"
     datacheck.analyze_job(one, cache=TokenCache(), cache_dir=cache_dir)  # fills the disk cache

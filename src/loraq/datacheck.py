@@ -446,7 +446,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         n_eval = len(eval_idx)
 
     tokenizer, problem = run.tokenizer(job)
-    base_key = ("base", job.base_model, spec.revision)
+    base_key = ("base", job.base_model, spec.revision, spec.trust_remote_code)
     if problem is not None:
         return None, problems + run.once(base_key, job.name, [problem], "base model")
     try:
