@@ -67,8 +67,10 @@ def write_adapter(folder: Path, size_mb: int, seed: int = 0) -> tuple[Path, int]
         f.writelines(values for _ in range(2 * n_modules))  # every tensor is RANK x HIDDEN elements
         f.flush()
         os.fsync(f.fileno())
+    # Full module names, as PEFT writes an expanded "all-linear": thousands of them at 1 GB.
+    modules = sorted({name.rsplit(".lora_", 1)[0][len("base_model.model."):] for name in header if "lora_" in name})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.0,
-              "target_modules": sorted({SUFFIXES[i % len(SUFFIXES)].rsplit(".", 1)[-1] for i in range(n_modules)})}
+              "target_modules": modules}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return path, 2 * n_modules
 

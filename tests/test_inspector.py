@@ -185,7 +185,11 @@ def test_non_lora_config(adapter: Path) -> None:
     ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
     ("target_modules", None, "target_modules is missing"),
     ("target_modules", [], "target_modules must be"),
-    ("target_modules", r"(\w+\.)+q_proj", "nested quantifier"),
+    ("target_modules", r"(\w+\.)+q_proj", "repeats a group"),
+    ("target_modules", r".*a.*b.*c.*d.*e", "5 unbounded repetitions"),
+    ("rank_pattern", {"(q|v)+": 4}, "repeats a group"),
+    ("modules_to_save", [f"m{i}" for i in range(300)], "at most 256"),
+    ("lora_alpha", 10**400, "lora_alpha must be a positive number"),
     ("target_modules", "q_proj[", "not a valid regex"),
     ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer"),
 ])

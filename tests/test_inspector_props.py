@@ -183,3 +183,30 @@ def test_value_byte_edits(valid: tuple[Path, bytes], data: st.DataObject) -> Non
     finite = reference_verdict(folder / WEIGHTS)
     assert passed == finite
     assert (problem is None) == finite
+
+
+CONFIG_FIELDS = ["peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                 "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+                 "use_dora", "lora_bias", "target_parameters"]
+REGEXISH = st.text(alphabet="._*+?()[]{}|\\^$qvkpro0123456789", max_size=24)
+CONFIG_VALUES = JSON | REGEXISH | st.lists(REGEXISH, max_size=4) | st.dictionaries(REGEXISH, JSON, max_size=3)
+
+
+@pytest.fixture(scope="module")
+def config_folder(valid: tuple[Path, bytes], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ad.copy(valid[0], tmp_path_factory.mktemp("props-config") / "adapter")
+
+
+@PROPS
+@given(data=st.data())
+def test_hostile_configs(config_folder: Path, data: st.DataObject) -> None:
+    """Any values in adapter_config.json: an answer, never an exception; a passing config keeps r and targets."""
+    cfg = ad.config(r=2, targets=["q_proj", "v_proj"])
+    for _ in range(data.draw(st.integers(1, 3), label="fields")):
+        cfg[data.draw(st.sampled_from(CONFIG_FIELDS), label="field")] = data.draw(CONFIG_VALUES, label="value")
+    (config_folder / "adapter_config.json").write_text(json.dumps(cfg))
+    result = inspect_adapter(config_folder)
+    assert result.passed == (not result.errors())
+    if result.passed:
+        assert result.stats["r"] == 2 == cfg["r"]
+        assert str(cfg["peft_type"]).upper() == "LORA"

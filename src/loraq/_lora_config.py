@@ -15,15 +15,48 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 #: Longest regex accepted in target_modules, exclude_modules or a pattern key.
 MAX_REGEX_CHARS = 1000
+#: Unbounded repetitions (``*``, ``+``, ``{n,}``) accepted in one regex.
+MAX_UNBOUNDED = 4
+#: Entries of modules_to_save, and rank_pattern keys that are regexes: each is tried
+#: on every module name, so their number multiplies the work.
+MAX_SCANNED_PATTERNS = 256
+#: Largest rank accepted; real ones are at most a few thousand.
+MAX_RANK = 1 << 20
 
-# A group holding a quantifier, itself quantified: "(a+)+", "(\w*\.)*". Python's re
-# cannot time out, and such a pattern can backtrack for hours on a module name.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)[*+{]")
+# Python's re cannot time out, and the regexes and the module names they run on both
+# come from the folder under inspection. A repeated group ("(a+)+", "(a|a)*") can
+# backtrack exponentially; many unbounded repetitions (".*a.*b.*c.*d.*e") polynomially.
+# Both are refused; module names are capped in length by the header reader.
+_REPEATED_GROUP = re.compile(r"\)(?:[*+]|\{)")
+_UNBOUNDED = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
+# How PEFT embeds a pattern key and a layers_pattern into a bigger regex; they are
+# checked embedded, since a key that compiles alone may not ("(?i)x", "(?P<idx>.)").
+RANK_KEY_REGEX = r"(.*\.)?({})$"
+LAYERS_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+# A rank_pattern key of plain name parts is looked up, not run as a regex.
+_LITERAL_KEY = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+
+
+def dot_suffixes(name: str) -> list[str]:
+    """``name`` and each tail of it that starts after a dot.
+
+    ``name == t or name.endswith("." + t)`` (how PEFT matches a listed target)
+    holds exactly when ``t`` is one of these, so a set lookup replaces a scan of
+    the list: an expanded all-linear list of a large MoE holds thousands of names.
+    """
+    out = [name]
+    dot = name.find(".")
+    while dot != -1:
+        out.append(name[dot + 1 :])
+        dot = name.find(".", dot + 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -43,14 +76,39 @@ class LoraSettings:
     lora_bias: bool = False
 
     def rank_of(self, module: str) -> int:
-        """The rank PEFT gives ``module``: the first matching rank_pattern key, else r."""
-        for key, rank in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                return rank
-        return self.r
+        """The rank PEFT gives ``module``: that of the first rank_pattern key (in order) matching it, else r.
+
+        PEFT runs every key as ``(.*\\.)?(key)$``; for a key of plain name parts that
+        is a dot-suffix lookup.
+        """
+        literal, regexes = self._rank_keys
+        best: tuple[int, int] | None = None
+        for tail in dot_suffixes(module):
+            if (hit := literal.get(tail)) is not None and (best is None or hit < best):
+                best = hit
+        for index, key, rank in regexes:
+            if best is not None and index > best[0]:
+                break
+            if re.match(RANK_KEY_REGEX.replace("{}", key), module):
+                best = (index, rank)
+                break
+        return self.r if best is None else best[1]
+
+    @cached_property
+    def _rank_keys(self) -> tuple[dict[str, tuple[int, int]], list[tuple[int, str, int]]]:
+        literal: dict[str, tuple[int, int]] = {}
+        regexes: list[tuple[int, str, int]] = []
+        for index, (key, rank) in enumerate(self.rank_pattern.items()):
+            if _LITERAL_KEY.fullmatch(key):
+                literal.setdefault(key, (index, rank))
+            else:
+                regexes.append((index, key, rank))
+        return literal, regexes
 
     def is_saved_copy(self, module: str) -> bool:
-        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module) for m in self.modules_to_save)
+        """Whether ``module`` is (inside) a modules_to_save entry; PEFT never puts LoRA there."""
+        padded = f".{module}."
+        return any(f".{m}." in padded for m in self.modules_to_save)
 
     def targets_module(self, module: str, all_linear: frozenset[str] | None = None) -> bool:
         """Whether PEFT puts LoRA on ``module`` (mirrors peft's ``check_target_module_exists``).
@@ -58,7 +116,7 @@ class LoraSettings:
         ``all_linear`` is what "all-linear" expands to on the base; without a base,
         every module but the output layer (``lm_head``) counts.
         """
-        if self.exclude and _matches(self.exclude, module):
+        if self.exclude is not None and self._excluded(module):
             return False
         if self.is_saved_copy(module) or self.targets is None:
             return False
@@ -66,36 +124,48 @@ class LoraSettings:
             return module in all_linear if all_linear is not None else module.split(".")[-1] != "lm_head"
         if isinstance(self.targets, str):
             return re.fullmatch(self.targets, module) is not None
-        if module in self.targets:
-            return True
-        if not any(module.endswith(f".{t}") for t in self.targets):
+        targets = self._target_set
+        if module in targets:
+            return True  # a name listed in full is taken as is, whatever layers_to_transform says
+        if not any(tail in targets for tail in dot_suffixes(module)[1:]):
             return False
         return self.layers_to_transform is None or self._layer_index(module) in self.layers_to_transform
 
+    @cached_property
+    def _target_set(self) -> frozenset[str]:
+        return frozenset(self.targets) if isinstance(self.targets, tuple) else frozenset()
+
+    def _excluded(self, module: str) -> bool:
+        if isinstance(self.exclude, str):
+            return re.fullmatch(self.exclude, module) is not None
+        excluded = frozenset(self.exclude or ())
+        return any(tail in excluded for tail in dot_suffixes(module))
+
     def _layer_index(self, module: str) -> int | None:
-        patterns = self.layers_pattern or (r"[^.]*",)
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+            return int(match.group("idx")) if match else None
+        for pattern in self.layers_pattern:
+            match = re.match(LAYERS_REGEX.replace("{}", pattern), module)
             if match:
                 return int(match.group("idx"))
         return None
 
 
-def _matches(pattern: str | tuple[str, ...], module: str) -> bool:
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, module) is not None
-    return module in pattern or any(module.endswith(f".{p}") for p in pattern)
-
-
-def _regex_problem(pattern: str) -> str | None:
+def _regex_problem(pattern: str, embed: str = "{}") -> str | None:
     if len(pattern) > MAX_REGEX_CHARS:
         return f"is a {len(pattern)}-character regex; at most {MAX_REGEX_CHARS} are accepted"
-    if _NESTED_QUANTIFIER.search(pattern):
-        return ("has a nested quantifier such as '(a+)+', which can take exponential time to match; "
+    if _REPEATED_GROUP.search(pattern):
+        return ("repeats a group, as in '(a+)+', which can take exponential time to match; "
+                "list the module names instead")
+    if (n := len(_UNBOUNDED.findall(pattern))) > MAX_UNBOUNDED:
+        return (f"has {n} unbounded repetitions (at most {MAX_UNBOUNDED}), which can take very long to match; "
                 "list the module names instead")
     try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "possible nested set" and the like: meaning that will change
+            re.compile(embed.replace("{}", pattern))
+    except (re.error, RecursionError, OverflowError, Warning) as exc:
         return f"is not a valid regex ({exc})"
     return None
 
@@ -130,11 +200,11 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
         message = f"peft_type is {str(peft_type)[:40]!r}, not 'LORA'; loraq publishes LoRA adapters only"
         return None, [("not_lora", message)]
     problems: list[str] = []
-    r, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        problems.append(f"r must be a positive integer, got {str(r)[:40]}")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-        problems.append(f"lora_alpha must be a positive number, got {str(alpha)[:40]}")
+    r, dropout = cfg.get("r"), cfg.get("lora_dropout", 0.0)
+    if not _is_rank(r):
+        problems.append(f"r must be a positive integer up to {MAX_RANK:,}, got {str(r)[:40]}")
+    if (alpha := _positive_float(cfg.get("lora_alpha"))) is None:
+        problems.append(f"lora_alpha must be a positive number, got {str(cfg.get('lora_alpha'))[:40]}")
     if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         problems.append(f"lora_dropout must be in [0, 1), got {str(dropout)[:40]}")
     targets = _names(cfg.get("target_modules"), "target_modules", problems, allow_regex=True)
@@ -142,6 +212,9 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
         problems.append("target_modules is missing; PEFT would not know which modules the weights belong to")
     exclude = _names(cfg.get("exclude_modules"), "exclude_modules", problems, allow_regex=True)
     modules_to_save = _names(cfg.get("modules_to_save"), "modules_to_save", problems, allow_regex=False) or ()
+    if len(modules_to_save) > MAX_SCANNED_PATTERNS:
+        problems.append(f"modules_to_save lists {len(modules_to_save):,} modules (at most {MAX_SCANNED_PATTERNS}); "
+                        "that many full copies is not a LoRA adapter")
     rank_pattern = _pattern(cfg.get("rank_pattern"), "rank_pattern", problems, integer=True)
     _pattern(cfg.get("alpha_pattern"), "alpha_pattern", problems, integer=False)
     layers = cfg.get("layers_to_transform")
@@ -155,13 +228,14 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
     if isinstance(pattern, list):
         patterns = tuple(pattern)
     for p in patterns:
-        if not isinstance(p, str) or (problem := _regex_problem(p)):
-            problems.append(f"layers_pattern {str(p)[:40]!r} {problem or 'must be a string'}")
+        problem = _regex_problem(p, LAYERS_REGEX) if isinstance(p, str) and p else "must be a non-empty string"
+        if problem:
+            problems.append(f"layers_pattern {str(p)[:40]!r} {problem}")
     if problems:
         return None, [("bad_config", p) for p in problems]
-    assert isinstance(r, int) and isinstance(alpha, (int, float))  # checked above, for the type checker
+    assert isinstance(r, int) and alpha is not None  # checked above, for the type checker
     return LoraSettings(
-        r=r, alpha=float(alpha), dropout=float(dropout), targets=targets, exclude=exclude,
+        r=r, alpha=alpha, dropout=float(dropout), targets=targets, exclude=exclude,
         rank_pattern=rank_pattern, modules_to_save=tuple(modules_to_save),  # type: ignore[arg-type]
         layers_to_transform=tuple(layers) if layers else None,
         layers_pattern=tuple(p for p in patterns if isinstance(p, str)),
@@ -175,11 +249,32 @@ def _pattern(value: Any, field_name: str, problems: list[str], *, integer: bool)
     if not isinstance(value, dict):
         problems.append(f"{field_name} must map module names to values, got a {type(value).__name__}")
         return {}
+    regexes = 0
     for key, v in value.items():
-        if problem := _regex_problem(key):
+        if _LITERAL_KEY.fullmatch(key):
+            pass
+        elif problem := _regex_problem(key, RANK_KEY_REGEX):
             problems.append(f"{field_name} key {key[:40]!r} {problem}")
-        good = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
-        if isinstance(v, bool) or not good or v <= 0:
-            kind = "integer" if integer else "number"
+        else:
+            regexes += 1
+        if not (_is_rank(v) if integer else _positive_float(v) is not None):
+            kind = f"integer up to {MAX_RANK:,}" if integer else "number"
             problems.append(f"{field_name}[{key[:40]!r}] must be a positive {kind}, got {str(v)[:40]}")
+    if regexes > MAX_SCANNED_PATTERNS:
+        problems.append(f"{field_name} has {regexes:,} regex keys (at most {MAX_SCANNED_PATTERNS}); "
+                        "use module names")
     return dict(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK
+
+
+def _positive_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too big for a float
+        return None
+    return number if math.isfinite(number) and number > 0 else None

@@ -38,6 +38,9 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_ENTRIES = 200_000
 #: Dimensions per tensor; real weights have at most 5.
 MAX_DIMS = 16
+#: Characters in a tensor name; real ones have about a hundred. Names are matched
+#: against the config's regexes, so their length bounds that work too.
+MAX_NAME_CHARS = 1024
 #: Bytes read per chunk when scanning values: small enough to stay in the CPU cache
 #: while numpy passes over it, large enough that the per-read cost vanishes.
 CHUNK_BYTES = 1 << 20
@@ -227,6 +230,9 @@ def _is_int(value: Any) -> bool:
 
 def _entry(name: str, entry: Any) -> TensorInfo | Defect:
     where = f"tensor {name[:200]!r}"
+    if len(name) > MAX_NAME_CHARS:
+        return Defect("header_bad_entry", f"{where}...: a name of {len(name):,} characters "
+                                          f"(at most {MAX_NAME_CHARS:,})")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         keys = sorted(entry)[:6] if isinstance(entry, dict) else type(entry).__name__
         return Defect("header_bad_entry", f"{where}: entry must have exactly dtype, shape, data_offsets (has {keys})")
