@@ -386,6 +386,12 @@ def test_holes_and_trailing_bytes(adapter: Path) -> None:
     assert "64 bytes after the last tensor" in result.errors()[0].message
 
 
+def test_a_bloated_header_is_a_warning(adapter: Path) -> None:
+    ad.rewrite(adapter / WEIGHTS, lambda h, d: ad.pack(json.dumps(h) + " " * (2 << 20), d))
+    result = inspect_adapter(adapter)
+    assert result.passed and codes(result, "warning") == {"oversized"}
+
+
 def test_many_bad_entries_are_summarised(adapter: Path) -> None:
     def spoil(header: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         for name, entry in header.items():
@@ -601,6 +607,9 @@ def test_target_matching_agrees_with_peft(base: Path) -> None:
         {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
         {"target_modules": ["q_proj", "k_proj"], "exclude_modules": ["model.layers.0.self_attn.k_proj"]},
         {"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*layers\.0\..*"},
+        {"target_modules": r".*_proj", "exclude_modules": ["o_proj", "mlp.down_proj"]},
+        {"target_modules": ["self_attn"]},
     ]
     for extra in configs:
         ours, problems = parse_config(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, **extra}).encode())
@@ -613,12 +622,17 @@ def test_target_matching_agrees_with_peft(base: Path) -> None:
 def test_rank_pattern_lookup_matches_peft() -> None:
     from peft.utils.other import get_pattern_key
 
-    settings = LoraSettings(r=8, alpha=16, dropout=0, targets=("q_proj",),
-                            rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 4})
-    for layer, suffix in [(1, "q_proj"), (0, "q_proj"), (0, "v_proj")]:
-        name = f"model.layers.{layer}.self_attn.{suffix}"
-        key = get_pattern_key(list(settings.rank_pattern), name)
-        assert settings.rank_of(name) == settings.rank_pattern.get(key, 8)
+    patterns = [
+        {"layers.1.self_attn.q_proj": 2, "v_proj": 4},
+        {"q_proj": 2, r".*\.layers\.1\..*": 4, "v_proj": 6},  # the first key that matches wins
+        {r"layers\.[01]\.self_attn\.q_proj": 3, "model.layers.0.self_attn.q_proj": 5, "proj": 7},
+    ]
+    for pattern in patterns:
+        settings = LoraSettings(r=8, alpha=16, dropout=0, targets=("q_proj",), rank_pattern=pattern)
+        for layer, suffix in [(1, "q_proj"), (0, "q_proj"), (0, "v_proj"), (1, "v_proj"), (1, "k_proj")]:
+            name = f"model.layers.{layer}.self_attn.{suffix}"
+            key = get_pattern_key(list(pattern), name)
+            assert settings.rank_of(name) == pattern.get(key, 8), (pattern, name)
 
 
 def test_inspection_never_imports_torch(adapter: Path) -> None:
