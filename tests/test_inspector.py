@@ -727,9 +727,15 @@ def test_no_effect_on_the_base(base: Path, tmp_path: Path) -> None:
     assert_only(inspect_adapter(folder, base=str(base)), "no_effect")
 
 
-@pytest.mark.slow
-def test_base_outside_roots_cannot_be_inspected(pristine: Path, base: Path) -> None:
-    with pytest.raises(InspectionError, match="outside the allowed roots"):
-        inspect_adapter(pristine, roots=Roots.of([pristine]), base=str(base))
-    with pytest.raises(InspectionError, match="does not exist"):
-        inspect_adapter(pristine, base=str(base / "nope"))
+def test_base_and_data_are_checked_before_the_folder(pristine: Path, base: Path, tmp_path: Path) -> None:
+    broken = ad.copy(pristine, tmp_path / "broken")
+    (broken / CONFIG).unlink()  # a finding, but "cannot inspect" comes first
+    for folder in (pristine, broken):
+        with pytest.raises(InspectionError, match="outside the allowed roots"):
+            inspect_adapter(folder, roots=Roots.of([folder]), base=str(base))
+        with pytest.raises(InspectionError, match="does not exist"):
+            inspect_adapter(folder, base=str(base / "nope"))
+        with pytest.raises(InspectionError, match="eval dataset .* does not exist"):
+            inspect_adapter(folder, base=str(base), data=str(tmp_path / "nope.jsonl"))
+        with pytest.raises(InspectionError, match="outside the allowed roots"):
+            inspect_adapter(folder, roots=Roots.of([folder, base]), base=str(base), data=str(tmp_path / "x.jsonl"))

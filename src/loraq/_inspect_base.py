@@ -43,6 +43,11 @@ class BaseLayout:
 
 
 def resolve_base(base: str, roots: Roots | None) -> str:
+    """The base as a resolved local folder (checked against ``roots``) or a hub id for the local cache.
+
+    Raises:
+        InspectionError: missing, not a folder, or outside ``roots``.
+    """
     path = Path(base).expanduser()
     if path.exists():
         if roots is not None:
@@ -158,11 +163,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Findings, stats: dict[str, Any], *,
-                    roots: Roots | None, base: str, data: str | None, min_drop: float, max_seq_len: int) -> None:
-    """Check the adapter against ``base`` (and ``data``), adding findings and stats."""
-    base = resolve_base(base, roots)
-    stats["base"] = base
-    data_path = _resolve_data(data, roots) if data is not None else None
+                    base: str, data_path: Path | None, min_drop: float, max_seq_len: int) -> None:
+    """Check the adapter against ``base`` (and the dataset), adding findings and stats.
+
+    ``base`` and ``data_path`` come from :func:`resolve_base` and :func:`resolve_data`.
+    """
     check_layout(base_layout(base), weights, cfg, found, base=base)
     if found.has_errors():
         return  # loading an adapter already known to be broken proves nothing more
@@ -170,7 +175,7 @@ def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Find
          n_modules=len(weights.modules))
 
 
-def _resolve_data(data: str, roots: Roots | None) -> Path:
+def resolve_data(data: str, roots: Roots | None) -> Path:
     path = Path(data).expanduser()
     if roots is not None:
         try:

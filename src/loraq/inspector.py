@@ -531,16 +531,23 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
     root = _resolve(folder, roots)
     if data is not None and base is None:
         raise InspectionError("an eval dataset needs a base model to compare with; give base as well")
+    data_path: Path | None = None
+    if base is not None:
+        from . import _inspect_base  # torch-free to import; torch comes with the base model's checks
+
+        # Whether there is anything to inspect against is settled first, whatever the folder holds.
+        base = _inspect_base.resolve_base(base, roots)
+        data_path = _inspect_base.resolve_data(data, roots) if data is not None else None
     found = Findings()
     stats: dict[str, Any] = {}
     names = _list(root, found)
     cfg = _read_config(root, names, found, stats)
     weights = _read_weights(root, names, cfg, found, stats)
-    if base is not None and cfg is not None and weights is not None:
-        from . import _inspect_base
-
-        _inspect_base.inspect_on_base(root, weights, cfg, found, stats, roots=roots, base=base, data=data,
-                                      min_drop=min_eval_loss_drop, max_seq_len=max_seq_len)
+    if base is not None:
+        stats["base"] = base
+        if cfg is not None and weights is not None:
+            _inspect_base.inspect_on_base(root, weights, cfg, found, stats, base=base, data_path=data_path,
+                                          min_drop=min_eval_loss_drop, max_seq_len=max_seq_len)
     return Inspection(str(root), found.result(), stats)
 
 
