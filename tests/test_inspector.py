@@ -275,6 +275,22 @@ def test_fifo_as_weights_does_not_hang(adapter: Path) -> None:
     assert_only(inspect_adapter(adapter), "not_regular_file")
 
 
+def test_config_that_is_a_folder(adapter: Path) -> None:
+    (adapter / CONFIG).unlink()
+    (adapter / CONFIG).mkdir()
+    assert_only(inspect_adapter(adapter), "not_regular_file")
+
+
+def test_too_many_files(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loraq.inspector
+
+    monkeypatch.setattr(loraq.inspector, "MAX_FILES", 20)  # the real cap is 10,000
+    for i in range(20):
+        (adapter / f"f{i}").touch()
+    result = inspect_adapter(adapter)
+    assert "too_many_files" in codes(result)
+
+
 def test_multiple_weights(adapter: Path) -> None:
     (adapter / "model.safetensors").write_bytes((adapter / WEIGHTS).read_bytes())
     assert_only(inspect_adapter(adapter), "multiple_weights")
