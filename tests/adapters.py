@@ -175,7 +175,7 @@ def peft_adapter(base: Path, out: Path, *, targets: Any = "all-linear", r: int =
     return out
 
 
-def trained_adapter(base: Path, out: Path, rows: list[dict[str, Any]], *, steps: int = 30, lr: float = 1e-2) -> Path:
+def trained_adapter(base: Path, out: Path, rows: list[dict[str, Any]], *, steps: int = 10, lr: float = 1e-2) -> Path:
     """An adapter trained a few steps on ``rows`` (prompt/completion), so its eval loss drops."""
     import torch
     from peft import LoraConfig, get_peft_model
