@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import _safetensors as st
-from ._lora_config import LoraSettings, parse_config
+from ._lora_config import LoraSettings, dot_suffixes, parse_config
 from .errors import InspectionError, PathError
 from .sandbox import Roots, is_pickle
 
@@ -298,14 +298,18 @@ def check_targets(weights: Weights, cfg: LoraSettings, found: Findings,
                   all_linear: frozenset[str] | None = None) -> None:
     """Weights only on targeted modules; every listed target has weights."""
     names = sorted(weights.modules)
-    for name in names:
-        if not cfg.targets_module(name, all_linear):
-            found.add("wrong_targets", "error", f"module {name!r} has LoRA weights but target_modules "
-                                                f"{_short(cfg.targets)} does not select it; PEFT would drop them "
-                                                "with only a warning (peft#2699)", WEIGHTS_NAME)
+    wrong = [name for name in names if not cfg.targets_module(name, all_linear)]
+    if wrong:
+        targets = _short(cfg.targets)
+        for name in wrong:
+            found.add("wrong_targets", "error", f"module {name!r} has LoRA weights but target_modules {targets} "
+                                                "does not select it; PEFT would drop them with only a warning "
+                                                "(peft#2699)", WEIGHTS_NAME)
     if isinstance(cfg.targets, tuple):
+        # A listed target is matched by a module named so or ending in "." + target: a set lookup.
+        tails = {tail for name in names for tail in dot_suffixes(name)}
         for target in cfg.targets:
-            if not any(n == target or n.endswith(f".{target}") for n in names):
+            if target not in tails:
                 found.add("missing_targets", "error", f"target_modules lists {target!r} but no weights for it are "
                                                       "saved; PEFT would load it untrained", WEIGHTS_NAME)
 
