@@ -485,6 +485,23 @@ def test_a_and_b_disagree(adapter: Path) -> None:
     assert_only(inspect_adapter(adapter), "shape_mismatch")
 
 
+def test_mixed_linear_and_embedding_keys(adapter: Path) -> None:
+    name = ad.lora_names(adapter / WEIGHTS, "lora_B")[0]
+    ad.rewrite(adapter / WEIGHTS, lambda h, d: ({k.replace(".lora_B.weight", ".lora_embedding_B") if k == name else k: v
+                                                 for k, v in h.items()}, d))
+    assert_only(inspect_adapter(adapter), "shape_mismatch")
+
+
+def test_a_second_a_for_one_module(adapter: Path) -> None:
+    name = ad.lora_names(adapter / WEIGHTS, "lora_A")[0]
+    header, data = ad.unpack((adapter / WEIGHTS).read_bytes())
+    tensors = {k: (e["dtype"], data[e["data_offsets"][0] : e["data_offsets"][1]], tuple(e["shape"]))
+               for k, e in header.items() if k != "__metadata__"}
+    tensors[name.replace(".lora_A.weight", ".lora_embedding_A")] = tensors[name]
+    (adapter / WEIGHTS).write_bytes(ad.tensors_to_file(tensors))
+    assert_only(inspect_adapter(adapter), "unexpected_key")
+
+
 def _drop(path: Path, name: str) -> None:
     ad.rewrite(path, lambda h, d: ad.tensors_to_file({
         k: (e["dtype"], d[e["data_offsets"][0] : e["data_offsets"][1]], tuple(e["shape"]))

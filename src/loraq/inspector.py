@@ -184,7 +184,8 @@ class Module:
     name: str  # as in the base model, without KEY_PREFIX
     a: st.TensorInfo | None = None
     b: st.TensorInfo | None = None
-    embedding: bool = False
+    embedding: bool = False  # lora_embedding_A / _B (an Embedding layer) rather than lora_A / lora_B
+    embedding_b: bool = False
     magnitude: st.TensorInfo | None = None
     bias: st.TensorInfo | None = None
 
@@ -233,18 +234,18 @@ def sort_tensors(header: st.Header, cfg: LoraSettings | None, found: Findings) -
         name, part, param = match.group("module")[len(KEY_PREFIX):], match.group("part"), match.group("param")
         module = modules.setdefault(name, Module(name))
         embedding = part.startswith("lora_embedding")
-        if part in ("lora_A", "lora_embedding_A") and param == (None if embedding else "weight"):
+        if part in ("lora_A", "lora_embedding_A") and param == (None if embedding else "weight") and module.a is None:
             module.a, module.embedding = t, embedding
-        elif part in ("lora_B", "lora_embedding_B") and param == (None if embedding else "weight"):
-            module.b = t
+        elif part in ("lora_B", "lora_embedding_B") and param == (None if embedding else "weight") and module.b is None:
+            module.b, module.embedding_b = t, embedding
         elif part == "lora_B" and param == "bias" and (cfg is None or cfg.lora_bias):
             module.bias = t
         elif part == "lora_magnitude_vector" and param in (None, "weight") and (cfg is None or cfg.use_dora):
             module.magnitude = t
         else:
             found.add("unexpected_key", "error", f"tensor {t.name[:200]!r} is not a tensor this config's LoRA has "
-                                                 "(an adapter name in the key, or lora_bias/use_dora off); PEFT "
-                                                 "would ignore it", WEIGHTS_NAME)
+                                                 "(an adapter name in the key, a second A or B for the module, or "
+                                                 "lora_bias/use_dora off); PEFT would ignore it", WEIGHTS_NAME)
     return Weights(header, modules, copies)
 
 
@@ -266,10 +267,14 @@ def check_structure(weights: Weights, cfg: LoraSettings | None, found: Findings)
                                                 "F16, BF16, F32 or F64", f)
         if m.a is None or m.b is None:
             continue
-        if any(0 in t.shape for t in (m.a, m.b)) or not m.a.shape or not m.b.shape:
+        if any(0 in t.shape for t in (m.a, m.b)):
             found.add("empty_tensor", "error", f"module {m.name!r} has an empty tensor (A {list(m.a.shape)}, "
                                                f"B {list(m.b.shape)}): saved from a ZeRO-3 shard without gathering "
                                                "the weights (trl#4416, peft#2892)", f)
+            continue
+        if m.embedding != m.embedding_b:
+            found.add("shape_mismatch", "error", f"module {m.name!r} mixes lora_embedding_* and lora_A/lora_B "
+                                                 "tensors; it is one kind of layer or the other", f)
             continue
         want_dims = 2 if m.embedding else len(m.a.shape)
         if len(m.a.shape) < 2 or len(m.a.shape) != want_dims or len(m.b.shape) != want_dims:
