@@ -9,7 +9,8 @@ import sys
 import pytest
 
 SUPERVISOR = ["loraq.store", "loraq.worker", "loraq.executor", "loraq.api", "loraq.cli", "loraq.spec",
-              "loraq.report", "loraq.publish", "loraq.checkpoints", "loraq.fsutil", "loraq.workspace"]
+              "loraq.report", "loraq.publish", "loraq.checkpoints", "loraq.fsutil", "loraq.workspace",
+              "loraq.inspector", "loraq._safetensors", "loraq._lora_config"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
