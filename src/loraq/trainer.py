@@ -2,8 +2,15 @@
 
 A :class:`TrainerService` runs one job at a time and stays alive across jobs,
 keeping the last base model resident (:class:`BaseCache`). Each job gets a fresh
-LoRA on that base; afterwards the LoRA is removed and a checksum over a sample of
-the base's weights proves the base unchanged (on mismatch it is reloaded).
+LoRA on that base; afterwards the LoRA is removed and a fingerprint of every base
+weight proves the base unchanged (on mismatch it is dropped and reloaded).
+
+Memory hygiene: after each job the LoRA, the ``Trainer`` and its optimizer are
+dropped, garbage is collected and the CUDA cache emptied; the job's result carries
+the process's RSS (and CUDA allocated/reserved/peak). The objects that live as long
+as the process (the imported libraries, the resident base) are moved out of the
+collector's sight with ``gc.freeze()``, so the collections of each job (ours, and
+the ones accelerate makes inside ``Trainer``) look only at what the job made.
 
 Training is transformers' ``Trainer``: checkpoints, resume, gradient
 accumulation, precision and logging come from the library. loraq adds callbacks
@@ -38,8 +45,10 @@ from .spec import JobSpec
 
 Emit = Callable[[dict[str, Any]], None]
 
-#: Weight values sampled per tensor for the base checksum.
+#: Weight values sampled per tensor for the base fingerprint (besides the exact sum of every value).
 CHECKSUM_SAMPLES = 256
+#: Elements summed at a time by the fingerprint: bounds its temporary memory (int64: 128 MiB).
+CHECKSUM_CHUNK = 1 << 24
 
 
 def versions() -> dict[str, str]:
@@ -58,13 +67,26 @@ def rss_mb() -> float:
 
 
 def device_memory() -> dict[str, float]:
+    """RSS of this process, and where CUDA is in use the memory its caching allocator holds.
+
+    ``cuda_peak_mb`` is the most allocated since the last :func:`reset_peak_memory`
+    (the start of the job, in a trainer).
+    """
     import torch
 
     out = {"rss_mb": round(rss_mb(), 1)}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["cuda_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 # ---------------------------------------------------------------- base models
@@ -72,27 +94,54 @@ def device_memory() -> dict[str, float]:
 
 @dataclass(frozen=True)
 class BaseKey:
+    """What makes two loads of a base model the same model in memory.
+
+    ``quantization`` is part of the key so that a quantised and a full-precision
+    load of one folder never share a slot (no queue field asks for one yet).
+    """
+
     path: str
     revision: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
+    quantization: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.path}@{self.revision or 'main'}[{self.dtype}]"
+        quant = f"[{self.quantization}]" if self.quantization else ""
+        return f"{self.path}@{self.revision or 'main'}[{self.dtype}]{quant}"
+
+
+#: Integer views of floating dtypes of the same width: the fingerprint sums bit patterns, exactly.
+_INT_VIEW = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
 def weights_checksum(model: Any, samples: int = CHECKSUM_SAMPLES) -> str:
-    """A cheap fingerprint of a model's weights: evenly spaced values of every tensor."""
+    """A fingerprint of every weight and buffer of a model, computed where the weights are.
+
+    For each tensor: its name, dtype, shape, the exact sum of the bit patterns of all
+    its values (each value viewed as an integer of its width, summed in int64), and
+    ``samples`` evenly spaced values. A change to any single value changes the sum,
+    so a weight perturbed anywhere, or a LoRA merged into the base by mistake, is
+    caught; reading every value once costs a few ms per GB on a GPU.
+    """
     import torch
 
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             flat = tensor.detach().reshape(-1)
+            digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+            if flat.numel() == 0:
+                continue
+            width = flat.element_size()
+            bits = flat if flat.dtype == torch.bool else flat.view(getattr(torch, _INT_VIEW[width]))
+            total = torch.zeros((), dtype=torch.int64, device=flat.device)
+            for start in range(0, bits.numel(), CHECKSUM_CHUNK):
+                total += bits[start:start + CHECKSUM_CHUNK].sum(dtype=torch.int64)
             if flat.numel() > samples:
                 index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
                 flat = flat[index]
-            digest.update(name.encode())
+            digest.update(total.cpu().numpy().tobytes())
             digest.update(flat.to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -121,10 +170,19 @@ class BaseCache:
         self.drop()
         self.resident = self._load(key)
         self.loads += 1
+        # What exists now (the libraries, this base) lives as long as the base does:
+        # out of the collector's sight, every later collection is cheap (~0.15 s less each
+        # with torch+transformers+peft loaded).
+        gc.collect()
+        gc.freeze()
         return self.resident, False
 
     def drop(self) -> None:
+        """Forget the resident base and free its memory (its reference cycles included)."""
+        if self.resident is None:
+            return
         self.resident = None
+        gc.unfreeze()  # a frozen object is never collected: the old base must be collectable
         release_memory()
 
     def verify(self) -> bool:
@@ -248,16 +306,12 @@ def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
         train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
     def encode_all(subset: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], int]:
-        items, truncated = [], 0
-        for row in subset:
-            try:
-                enc = data.encode(row, dataset.format, tokenizer, spec.training.max_seq_len)
-            except data.TemplateError as exc:
-                raise TrainingError(f"{dataset.path}: {exc}", retryable=False, kind="data") from exc
-            truncated += enc.truncated
-            if enc.trainable:
-                items.append({"input_ids": enc.input_ids, "labels": enc.labels})
-        return items, truncated
+        try:  # one batched render and tokenise for all rows (the tokenizer's Rust batch path)
+            encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len)
+        except data.TemplateError as exc:
+            raise TrainingError(f"{dataset.path}: {exc}", retryable=False, kind="data") from exc
+        items = [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded if enc.trainable]
+        return items, sum(enc.truncated for enc in encoded)
 
     train_items, truncated = encode_all(train_rows)
     eval_items, _ = encode_all(eval_rows)
@@ -382,8 +436,17 @@ class TrainerService:
         _quiet_libraries()
 
     def run_job(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """Train one job; emit events; return the ``done`` or ``stopped`` event."""
+        """Train one job; emit events; return the ``done`` or ``stopped`` event.
+
+        Whatever the outcome, the base is verified afterwards (dropped if it changed).
+        A ``done`` result carries the memory measured after the job's cleanup, the
+        number of base loads so far and this process's pid; the RSS also goes out as
+        the job's last ``progress`` metric (``rss_mb``), so it lands in the metrics table.
+        Where it ran goes along too: ``pid``, ``cuda_visible_devices``, ``torch_threads``.
+        """
         self.flags.clear()
+        reset_peak_memory()
+        started = time.perf_counter()
         log_path = Path(request["log_path"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with _redirect_output(log_path) as log:
@@ -405,7 +468,31 @@ class TrainerService:
                     raise
             finally:
                 self.jobs_run += 1
+                self._check_base(log)
+            if result["ev"] == "done":
+                done = result["result"]
+                done["memory"] = device_memory()
+                done["base_loads"] = self.cache.loads
+                done["pid"] = os.getpid()
+                done["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+                done["torch_threads"] = _torch_threads()
+                done["job_s"] = round(time.perf_counter() - started, 3)
+                emit({"ev": "progress", "step": done["steps"], "max_steps": done["max_steps"],
+                      "metrics": {"rss_mb": done["memory"]["rss_mb"]}})
+                log(f"done: eval loss {done['base_eval_loss']:.4f} -> {done['eval_loss']:.4f}, "
+                    f"{done['train_s']:.1f} s training in {done['job_s']:.1f} s; memory {done['memory']}")
         return result
+
+    def _check_base(self, log: Callable[[str], None]) -> None:
+        """Drop the resident base unless its weights are exactly as loaded (a LoRA left in, a merge)."""
+        try:
+            if self.cache.verify():
+                return
+            log("base model weights changed during the job: dropped; the next job reloads it")
+        except Exception as exc:  # a broken device: start the next job from a fresh load
+            log(f"cannot verify the base model ({exc!r}): dropped; the next job reloads it")
+            self.cache.resident = None
+            gc.unfreeze()
 
     def _train(self, request: dict[str, Any], emit: Emit, log: Callable[[str], None]) -> dict[str, Any]:
         import torch
@@ -414,23 +501,29 @@ class TrainerService:
 
         job = request["job"]
         spec = JobSpec.model_validate(job["spec"])
-        t0 = time.time()
+        timings: dict[str, float] = {}  # where the job's time went, for benchmarks and the curious
+        t0 = time.perf_counter()
         key = BaseKey(job["base_model"], spec.revision, spec.training.precision, spec.trust_remote_code)
         resident, reused = self.cache.get(key)
-        load_s = time.time() - t0
+        load_s = timings["load_s"] = time.perf_counter() - t0
         log(f"job {spec.name} attempt {request['attempt']}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
+        t0 = time.perf_counter()
         try:
             prepared = prepare(request, resident.tokenizer)
         except DataError as exc:
             raise TrainingError(str(exc), retryable=False, kind="data") from exc
         collator = Collator(pad_id=resident.tokenizer.pad_token_id)
         steps = total_steps(spec, prepared.n_train)
+        timings["prepare_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         base_eval = evaluate_loss(resident.model, prepared.eval, collator, spec.training.batch_size)
+        timings["base_eval_s"] = time.perf_counter() - t0
         resume = request.get("resume_from")
         emit({"ev": "started", "max_steps": steps, "base_reused": reused, "base_eval_loss": base_eval,
               "resume_from": resume, "n_train": prepared.n_train, "n_eval": prepared.n_eval})
         log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
 
+        t_setup = time.perf_counter()
         set_seed(spec.training.seed)
         lora = LoraConfig(
             r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
@@ -475,20 +568,23 @@ class TrainerService:
                 model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                 data_collator=collator, callbacks=_callbacks(emit, self.flags, log, problems),
             )
-            t_train = time.time()
+            t_train = time.perf_counter()
+            timings["setup_s"] = t_train - t_setup
             output = trainer.train(resume_from_checkpoint=resume)
-            train_s = time.time() - t_train
+            train_s = timings["train_s"] = time.perf_counter() - t_train
             if problems:
                 raise TrainingError("; ".join(problems), retryable=False, kind="diverged")
             step = trainer.state.global_step
             if self.flags.graceful.is_set() and step < steps:
                 log(f"stopped gracefully at step {step}")
                 return {"ev": "stopped", "step": step}
+            t0 = time.perf_counter()
             staging = Path(request["staging_dir"])
             if staging.exists():
                 fsutil.remove_tree(staging)
             model.save_pretrained(staging, safe_serialization=True)
             eval_loss = evaluate_loss(model, prepared.eval, collator, spec.training.batch_size)
+            timings["save_eval_s"] = time.perf_counter() - t0
             result = {
                 "steps": step,
                 "max_steps": steps,
@@ -508,16 +604,21 @@ class TrainerService:
                 "staging": str(staging),
             }
         finally:
+            t_cleanup = time.perf_counter()
             del trainer
             base = model.unload()
             base.eval()
             del model
             release_memory()
-        if not self.cache.verify():
-            log("base model weights changed during the job: dropped; the next job reloads it")
-        result["memory"] = device_memory()
-        log(f"done: eval loss {base_eval:.4f} -> {result['eval_loss']:.4f} in {result['train_s']:.1f} s")
+            timings["cleanup_s"] = time.perf_counter() - t_cleanup
+        result["timings"] = {k: round(v, 3) for k, v in timings.items()}
         return {"ev": "done", "result": result}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _last_train_loss(trainer: Any, output: Any) -> float | None:
@@ -661,7 +762,9 @@ def serve(channel: PipeChannel, service: TrainerService) -> None:
             channel.send({**event, "job_id": _job})
 
         outcome = service.run_job(request, emit)
-        emit({**outcome, "memory": device_memory(), "base_loads": service.cache.loads})
+        # A done job's memory was measured after its cleanup; report that same figure.
+        memory = (outcome.get("result") or {}).get("memory") or device_memory()
+        emit({**outcome, "memory": memory, "base_loads": service.cache.loads})
 
 
 def main(argv: list[str] | None = None) -> int:
