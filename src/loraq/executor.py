@@ -99,6 +99,29 @@ def detect_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def trainer_env(device: str, slots: list[Slot], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a slot's trainer process.
+
+    ``CUDA_VISIBLE_DEVICES`` pins it to its GPU (``""`` for a CPU trainer: it sees no
+    GPU at all). CPU trainers share the cores: each gets an equal share of threads
+    (``OMP_NUM_THREADS``, unless the operator set it), since two trainers each
+    running one thread per core oversubscribe the machine and both slow down.
+    """
+    env = dict(os.environ if base is None else base)
+    env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
+    if device == "cpu" and "OMP_NUM_THREADS" not in env:
+        cpu_slots = sum(1 for s in slots if s.device == "cpu")
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // max(cpu_slots, 1)))
+    return env
+
+
 @dataclass
 class _Proc:
     popen: subprocess.Popen[bytes]
@@ -126,8 +149,7 @@ class LocalExecutor:
     def _spawn(self, slot: Slot) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = "" if slot.device == "cpu" else slot.device
+        env = trainer_env(slot.device, self.slots)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         self.log_dir.mkdir(parents=True, exist_ok=True)
