@@ -10,8 +10,12 @@ Torch-free: the supervisor uses it to choose where a retry resumes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +33,19 @@ class Checkpoint:
     attempt: int
 
 
+def _files(folder: Path) -> dict[str, int]:
+    """Every file below ``folder`` (relative name -> size), but the marker and temporary files."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.name != MARKER and not path.name.startswith(fsutil.TMP_PREFIX):
+            found[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return found
+
+
 def mark_complete(folder: Path, *, step: int) -> None:
+    """Declare ``folder`` complete: fsync all of it, then write the marker, atomically, last."""
     fsutil.fsync_tree(folder)
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
-    fsutil.atomic_write_json(folder / MARKER, {"step": step, "files": files})
+    fsutil.atomic_write_json(folder / MARKER, {"step": step, "files": _files(folder)})
 
 
 def is_complete(folder: Path) -> bool:
@@ -71,8 +84,7 @@ def newest_complete(job_dir: Path) -> Checkpoint | None:
 
 
 def prune(job_dir: Path, keep: int = 2) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints, and every incomplete one
-    from attempts other than ``running_attempt``."""
+    """Delete all but the ``keep`` newest complete checkpoints of a job (any attempt)."""
     complete = complete_checkpoints(job_dir)
     doomed = [c.path for c in complete[:-keep]] if keep else [c.path for c in complete]
     for folder in doomed:
@@ -91,6 +103,56 @@ def remove_incomplete(job_dir: Path, *, except_attempt: int | None = None) -> li
                 fsutil.remove_tree(folder)
                 removed.append(folder)
     return removed
+
+
+def snapshot_for_resume(job_dir: Path, into: Path) -> Checkpoint | None:
+    """A private, complete copy of the newest complete checkpoint of any attempt, in ``into``.
+
+    The copy is made of hard links (no bytes copied; a plain copy where links are
+    not possible), so a trainer of an earlier attempt that is still alive (its
+    worker was paused past its lease) or a prune can delete the original while this
+    attempt loads it. A checkpoint that vanishes or changes while being linked is
+    skipped for the next older one. ``None``: nothing to resume from, start at step 0.
+    """
+    failure: OSError | None = None
+    for candidate in reversed(complete_checkpoints(job_dir)):
+        target = into / candidate.path.name
+        try:
+            if target.exists():
+                fsutil.remove_tree(target)
+            _link_tree(candidate.path, target)
+            if is_complete(target):
+                return Checkpoint(target, candidate.step, candidate.attempt)
+        except OSError as exc:
+            failure = exc
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(target)
+    if failure is not None and not complete_checkpoints(job_dir):
+        return None  # every checkpoint vanished while we looked: nothing left to resume from
+    if failure is not None:
+        raise failure  # the checkpoints are there but cannot be read: an I/O problem, retry later
+    return None
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    tmp = fsutil.tmp_sibling(target)
+    try:
+        for dirpath, _dirnames, filenames in os.walk(source):
+            rel = Path(dirpath).relative_to(source)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            for name in filenames:
+                try:
+                    os.link(Path(dirpath) / name, tmp / rel / name)
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                    shutil.copy2(Path(dirpath) / name, tmp / rel / name)
+        fsutil.fsync_tree(tmp)
+        fsutil.ops.rename(tmp, target)
+        fsutil.fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_weights(folder: Path) -> str | None:

@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints, fsutil, publish
-from .errors import LoraqError
+from .errors import LoraqError, TransitionError
 from .executor import Event, Executor, Slot
 from .store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
 from .workspace import Home
 
 Observer = Callable[[str, dict[str, Any]], None]
 MAX_FAILED_STARTS = 3
+STARTUP_GRACE_S = 600.0  # how long a trainer process may take to become ready before the watchdog acts
+RESUME_DIR = "resume"  # attempt-<n>/resume/checkpoint-<step>: what the attempt resumed from
 
 
 class TrainerStartError(LoraqError):
@@ -200,10 +202,13 @@ class Worker:
         try:
             attempt_dir.mkdir(parents=True, exist_ok=True)
             checkpoints.remove_incomplete(job_dir, except_attempt=claim.attempt)
+            # The attempt resumes from its own hard-linked copy of the newest complete
+            # checkpoint: a stale trainer of an earlier attempt may still be deleting
+            # its old checkpoints while this one loads.
+            resume = checkpoints.snapshot_for_resume(job_dir, attempt_dir / RESUME_DIR)
         except OSError as exc:
             self._fail(claim, kind="io", reason=f"cannot prepare {attempt_dir}: {exc}", retryable=True)
             return
-        resume = checkpoints.newest_complete(job_dir)
         request = {
             "job_id": job.id,
             "attempt": claim.attempt,
@@ -242,7 +247,10 @@ class Worker:
             self._progress(run, event["step"], event.get("max_steps"), event.get("metrics", {}))
             self.observer("progress", {"name": claim.job.name, **event})
         elif kind == "checkpoint":
-            checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
+            if event.get("step") is not None:
+                self.store.note_checkpoint(claim.job.id, claim.epoch, claim.attempt, int(event["step"]))
+            with contextlib.suppress(OSError):  # a prune that fails now is done at the next checkpoint
+                checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
         elif kind == "done":
             self._finish(run, event["result"])
             self._after_job(slot, event)
@@ -311,14 +319,13 @@ class Worker:
             if self._signals >= 2 or run.stopping == "stopped at once":
                 with contextlib.suppress(LeaseLost):
                     self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason="stopped at once")
+            elif run.stopping == "stalled":  # the watchdog killed it
+                self._fail(run.claim, kind="stalled", retryable=True,
+                           reason=f"no progress for {self.config.stall_s:.0f} s; the trainer was killed")
             elif run.stopping and run.stopping != "graceful stop":
                 pass  # cancelled or lease lost: the store already says what happened
             else:
-                kind = "stalled" if run.stopping == "stalled" else "died"
-                reason = event.get("reason", "trainer process died")
-                if kind == "stalled":
-                    reason = f"no progress for {self.config.stall_s:.0f} s; the trainer was killed"
-                self._fail(run.claim, kind=kind, reason=reason, retryable=True)
+                self._fail(run.claim, kind="died", reason=event.get("reason", "trainer process died"), retryable=True)
         if not event.get("was_ready", True):
             slot.failed_starts += 1
             if slot.failed_starts >= MAX_FAILED_STARTS:
@@ -342,7 +349,10 @@ class Worker:
 
     def _watchdog(self, now: float) -> None:
         for run in list(self.running.values()):
-            if now - run.slot.last_seen > self.config.stall_s and run.stopping != "stalled":
+            # A trainer that is still starting (importing torch, on a busy machine) is
+            # not stalled; it gets the longer of stall_s and STARTUP_GRACE_S.
+            limit = self.config.stall_s if run.slot.ready else max(self.config.stall_s, STARTUP_GRACE_S)
+            if now - run.slot.last_seen > limit and run.stopping != "stalled":
                 run.stopping = "stalled"
                 self.observer("stalled", {"name": run.claim.job.name})
                 kill = getattr(self.executor, "kill", None)
@@ -370,7 +380,18 @@ class Worker:
         self._release(run)
         staging = Path(result["staging"])
         spec = claim.job.spec["spec"]
-        report = inspector.inspect_adapter(staging)
+        if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
+            # This worker was frozen past its lease (or the job was cancelled) while its trainer
+            # finished: another worker owns the job now and may already have removed this staging.
+            self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled; nothing published"})
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(staging)
+            return
+        try:
+            report = inspector.inspect_adapter(staging)
+        except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
+            self._fail(claim, kind="io", reason=f"cannot inspect the trained adapter in {staging}: {exc}", retryable=True)
+            return
         findings = list(report.findings)
         gate = inspector.quality_gate(result.get("base_eval_loss"), result.get("eval_loss"),
                                       spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
@@ -414,8 +435,9 @@ class Worker:
         """A completed job needs no checkpoints; its logs stay."""
         job_dir = self.home.job_dir(job_id)
         for attempt_dir in job_dir.glob("attempt-*"):
-            with contextlib.suppress(OSError):
-                fsutil.remove_tree(attempt_dir / "checkpoints")
+            for folder in ("checkpoints", RESUME_DIR):
+                with contextlib.suppress(OSError):
+                    fsutil.remove_tree(attempt_dir / folder)
 
     # -------------------------------------------------------------- reconcile
 
@@ -427,7 +449,9 @@ class Worker:
         for job in self.store.jobs(RUNNING):
             manifest = publish.read_manifest(self.home.adapter_dir(job.name))
             if manifest and manifest.get("job_id") == job.id and manifest.get("epoch") == job.epoch:
-                with contextlib.suppress(LeaseLost):
+                # The owner may be alive and committing this very publish right now: then
+                # it wins and the job is no longer running here (TransitionError).
+                with contextlib.suppress(LeaseLost, TransitionError):
                     self.store.complete(job.id, job.epoch, result={
                         "adapter": str(self.home.adapter_dir(job.name)), "recovered": True,
                         **{k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}})
@@ -437,12 +461,15 @@ class Worker:
         self.store.expire_leases()
         fsutil.remove_stale_tmp(self.home.adapters_dir)
         for job in self.store.jobs():
-            if job.status == RUNNING:
-                continue  # owned by a live worker: its folders are its own
-            job_dir = self.home.job_dir(job.id)
-            for staging in job_dir.glob("attempt-*/staging"):
-                with contextlib.suppress(OSError):
-                    fsutil.remove_tree(staging)
+            # Only attempts the store has ended: an attempt that is live (another worker
+            # claimed it, perhaps a moment ago) keeps its folders.
+            for attempt in self.store.attempts(job.id):
+                if attempt.ended_at is None:
+                    continue
+                attempt_dir = self.home.attempt_dir(job.id, attempt.n)
+                for leftover in (attempt_dir / "staging", attempt_dir / RESUME_DIR):
+                    with contextlib.suppress(OSError):
+                        fsutil.remove_tree(leftover)
             if job.status == COMPLETED:
                 self._cleanup_checkpoints(job.id)
 
