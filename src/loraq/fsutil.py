@@ -6,7 +6,7 @@ temporary sibling is written and fsynced, renamed over the target with
 cut. Folders are published the same way (write beside, fsync, rename).
 
 The OS calls go through :data:`ops`, an :class:`FileOps` object. Tests swap it
-for one that fails the k-th call (see ``tests/faults.py``) to prove the target is
+for one that fails the k-th call (see ``tests/test_faults.py``) to prove the target is
 always either the old or the new content.
 """
 
@@ -139,8 +139,11 @@ def publish_dir(src: Path, dst: Path) -> None:
 def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
     """Create folder ``target`` holding ``files`` (relative name -> bytes), atomically.
 
-    The folder appears whole or not at all; an existing ``target`` is replaced only
-    after the new one is complete on disk.
+    The folder appears whole or not at all. An existing ``target`` stays whole until
+    the new one is complete on disk; then it steps aside (one rename) and the new
+    one takes its place (another); if that fails, the old one is put back. Only a
+    kill between those two renames leaves no ``target`` (the old one lies beside it
+    under a temporary name); Linux has no portable atomic swap of folders.
     """
     tmp = tmp_sibling(target)
     tmp.mkdir(parents=True)
@@ -151,10 +154,22 @@ def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
                 raise ValueError(f"file name {rel!r} leaves the folder")
             atomic_write_bytes(path, data)
         fsync_tree(tmp)
+        old = None
         if target.exists():
-            remove_tree(target)
-        ops.rename(tmp, target)
-        fsync_dir(target.parent)
+            old = tmp_sibling(target)
+            ops.rename(target, old)
+        try:
+            ops.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.rename(old, target)
+            raise
+        try:
+            fsync_dir(target.parent)
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
