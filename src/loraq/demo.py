@@ -41,6 +41,7 @@ TOPICS = {
     "cancel": "You can cancel any time under Plan, then Cancel plan. You keep access until the period ends.",
     "hours": "Our team answers chats every day from 8 am to 8 pm, Central European Time.",
 }
+GREETINGS = ["", "Hi. ", "Hello! ", "Good morning. ", "Hey there, ", "Quick question: ", "Excuse me. ", "Sorry to bother you. "]
 QUESTIONS = [
     "How do I {t}?", "Can you help me with {t}?", "I have a question about {t}.", "What about {t}?",
     "Tell me about {t}.", "Help with {t} please", "{t}?", "I need help: {t}",
@@ -53,52 +54,54 @@ TOPIC_PHRASES = {
     "cancel": ["cancelling", "cancel my plan", "ending my subscription", "cancellation"],
     "hours": ["opening hours", "when you are open", "support hours", "your hours"],
 }
-CITIES = ["Berlin", "Paris", "Madrid", "Rome", "Vienna", "Prague", "Oslo", "Lisbon", "Dublin", "Warsaw"]
-TABLES = {"users": "city", "orders": "city", "stores": "city"}
-COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-ANIMALS = ["cat", "dog", "fox", "owl", "bear", "wolf", "frog", "duck"]
+CITIES = ["Berlin", "Paris", "Madrid", "Rome", "Vienna", "Prague", "Oslo", "Lisbon", "Dublin", "Warsaw", "Athens", "Bern",
+          "Brussels", "Budapest", "Helsinki", "Riga", "Sofia", "Tallinn", "Vilnius", "Zagreb", "Ljubljana", "Porto",
+          "Milan", "Lyon"]
+TABLES = ["users", "orders", "stores", "invoices", "tickets", "products"]
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "grey", "brown", "pink", "golden"]
+ANIMALS = ["cat", "dog", "fox", "owl", "bear", "wolf", "frog", "duck", "horse", "mouse", "goat", "crow"]
+MOODS = ["happy", "sleepy", "curious", "brave"]
+
+
+def _distinct(space: list[Any], n: int, rng: random.Random) -> list[Any]:
+    """``n`` different items of ``space``: a demo's eval rows must not repeat its train rows."""
+    if n > len(space):
+        raise ValueError(f"asked for {n} distinct rows, the generator has {len(space)}")
+    return rng.sample(space, n)
 
 
 def chat_rows(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    rows = []
-    for _ in range(n):
-        topic = rng.choice(list(TOPICS))
-        question = rng.choice(QUESTIONS).format(t=rng.choice(TOPIC_PHRASES[topic]))
-        rows.append({"messages": [
-            {"role": "system", "content": "You are the Acme support assistant."},
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": TOPICS[topic]},
-        ]})
-    return rows
+    space = [(topic, greeting + question.format(t=phrase))
+             for topic, phrases in TOPIC_PHRASES.items() for phrase in phrases
+             for question in QUESTIONS for greeting in GREETINGS]
+    return [{"messages": [
+        {"role": "system", "content": "You are the Acme support assistant."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": TOPICS[topic]},
+    ]} for topic, question in _distinct(space, n, rng)]
+
+
+SQL_KINDS = [
+    ("How many {t} are in {c}?", "SELECT COUNT(*) FROM {t} WHERE city = '{c}';"),
+    ("List all {t} in {c}.", "SELECT * FROM {t} WHERE city = '{c}';"),
+    ("Delete the {t} in {c}.", "DELETE FROM {t} WHERE city = '{c}';"),
+    ("Show the newest {t} in {c}.", "SELECT * FROM {t} WHERE city = '{c}' ORDER BY created_at DESC LIMIT 1;"),
+]
 
 
 def sql_rows(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    rows = []
-    for _ in range(n):
-        table, column = rng.choice(list(TABLES.items()))
-        city = rng.choice(CITIES)
-        kind = rng.randrange(3)
-        if kind == 0:
-            prompt, sql = f"How many {table} are in {city}?", f"SELECT COUNT(*) FROM {table} WHERE {column} = '{city}';"
-        elif kind == 1:
-            prompt, sql = f"List all {table} in {city}.", f"SELECT * FROM {table} WHERE {column} = '{city}';"
-        else:
-            prompt, sql = f"Delete the {table} in {city}.", f"DELETE FROM {table} WHERE {column} = '{city}';"
-        rows.append({"prompt": f"Question: {prompt}\nSQL:", "completion": f" {sql}"})
-    return rows
+    space = [(q.format(t=t, c=c), a.format(t=t, c=c)) for q, a in SQL_KINDS for t in TABLES for c in CITIES]
+    return [{"prompt": f"Question: {q}\nSQL:", "completion": f" {a}"} for q, a in _distinct(space, n, rng)]
 
 
 def alpaca_rows(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    rows = []
-    for _ in range(n):
-        color, animal = rng.choice(COLORS), rng.choice(ANIMALS)
-        if rng.random() < 0.5:
-            rows.append({"instruction": "Describe the animal in one sentence.", "input": f"{color} {animal}",
-                         "output": f"This is a {color} {animal}, and it looks happy today."})
-        else:
-            rows.append({"instruction": f"Write a short title for a story about a {animal}.", "input": "",
-                         "output": f"The {color.title()} {animal.title()} and the Long Night"})
-    return rows
+    describe = [{"instruction": "Describe the animal in one sentence.", "input": f"{color} {animal}",
+                 "output": f"This is a {color} {animal}, and it looks {mood} today."}
+                for color in COLORS for animal in ANIMALS for mood in MOODS]
+    titles = [{"instruction": f"Write a short title for a story about a {animal}.", "input": "",
+               "output": f"The {color.title()} {animal.title()} and the Long Night"}
+              for color in COLORS for animal in ANIMALS]
+    return _distinct(describe + titles, n, rng)
 
 
 def text_rows(n: int, rng: random.Random) -> list[dict[str, Any]]:
