@@ -176,6 +176,17 @@ class JobRow:
             adapter=(job.result or {}).get("adapter"),
         )
 
+    @classmethod
+    def of_listing(cls, row: dict[str, Any]) -> JobRow:
+        """From a row of :meth:`Store.listing` (what ``status`` reads)."""
+        return cls(
+            id=row["id"], name=row["name"], status=row["status"], attempts=row["attempts"],
+            max_attempts=row["max_retries"] + 1, priority=row["priority"], step=row["progress_step"],
+            total_steps=row["progress_total"], train_loss=row["train_loss"], eval_loss=row["eval_loss"],
+            base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
+            error=row["error"], adapter=row["adapter"],
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "status": self.status, "attempts": self.attempts,
@@ -202,7 +213,7 @@ def status(home: Home) -> StatusResult:
     if not home.db_path.exists():
         return StatusResult([], None)
     with open_store(home, create=False) as store:
-        return StatusResult([JobRow.of(j) for j in store.jobs()], store.queue_state())
+        return StatusResult([JobRow.of_listing(row) for row in store.listing()], store.queue_state())
 
 
 @dataclass(frozen=True)
