@@ -1,0 +1,170 @@
+"""The Ray executor's plumbing, without a Ray cluster: imports, file shipping, event translation, stop requests.
+
+The behaviour on real actors and nodes is in test_executor_contract.py (both
+executors), test_ray_cluster.py (a lost node) and test_ray_cli.py (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loraq import checkpoints
+from loraq.executor import Slot
+from loraq.ray_executor import RayExecutor, TrainerActor, _ActorState, read_tree, store_folder, write_tree
+from loraq.workspace import Home
+
+
+def test_importing_the_ray_executor_pulls_in_neither_ray_nor_torch() -> None:
+    code = "import loraq.ray_executor, sys, json; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout.strip().splitlines()[-1]))
+    assert not loaded & {"ray", "torch", "transformers", "peft"}
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_a_shipped_checkpoint_appears_whole_and_complete(tmp_path: Path) -> None:
+    files = {"adapter_model.safetensors": b"w" * 1000, "optimizer.pt": b"o" * 3000, "sub/extra.json": b"{}"}
+    target = tmp_path / "checkpoints" / "checkpoint-4"
+    store_folder(target, files, step=4)
+    assert checkpoints.is_complete(target)
+    assert read_tree(target, exclude=frozenset({checkpoints.MARKER})) == files
+    assert json.loads((target / checkpoints.MARKER).read_text())["step"] == 4
+    assert [p.name for p in target.parent.iterdir()] == ["checkpoint-4"]  # no temporary folder left
+
+
+def test_a_shipped_folder_with_a_file_name_leaving_it_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        store_folder(tmp_path / "staging", {"../escape": b"x"})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):
+        write_tree(tmp_path / "scratch", {"/etc/passwd": b"x"})
+
+
+# ---------------------------------------------------------------- events
+
+
+class FakeActor:
+    """Stands in for a Ray actor handle where an event needs no file fetch."""
+
+    class _Method:
+        def remote(self, *args: Any) -> Any:
+            raise AssertionError("no remote call expected")
+
+    fetch = _Method()
+
+
+def executor_with_job(tmp_path: Path, *, resume_from: str | None = None) -> tuple[RayExecutor, Slot, dict[str, Any]]:
+    home = Home(tmp_path / "home")
+    attempt = home.attempt_dir(7, 2)
+    request = {"job_id": 7, "attempt": 2, "epoch": 11, "log_path": str(attempt / "train.log"),
+               "checkpoints_dir": str(attempt / "checkpoints"), "staging_dir": str(attempt / "staging"),
+               "resume_from": resume_from}
+    executor = RayExecutor(home=home, devices="cpu")
+    slot = Slot(index=0, device="cpu", ready=True, job_id=7)
+    slot.handle = _ActorState(actor=FakeActor(), stream=None, request=request)
+    executor.all_slots = [slot]
+    return executor, slot, request
+
+
+def test_events_of_another_job_or_epoch_are_dropped(tmp_path: Path) -> None:
+    executor, slot, _ = executor_with_job(tmp_path)
+    state = slot.handle
+    assert executor._receive(slot, state, {"ev": "progress", "job_id": 7, "epoch": 10, "step": 3}) == []
+    assert executor._receive(slot, state, {"ev": "done", "job_id": 8, "epoch": 11, "result": {}}) == []
+    assert executor._receive(slot, state, {"ev": "progress", "job_id": 7, "epoch": 11, "step": 3}) == [
+        {"ev": "progress", "job_id": 7, "epoch": 11, "step": 3}]
+
+
+def test_log_chunks_land_in_the_attempts_log_in_the_home(tmp_path: Path) -> None:
+    executor, slot, request = executor_with_job(tmp_path)
+    for i in range(3):
+        executor._receive(slot, slot.handle, {"ev": "heartbeat", "job_id": 7, "epoch": 11, "log": f"line {i}\n".encode()})
+    assert Path(request["log_path"]).read_text() == "line 0\nline 1\nline 2\n"
+
+
+def test_paths_in_events_name_the_home_never_the_nodes_scratch(tmp_path: Path) -> None:
+    resume = str(tmp_path / "home" / "jobs" / "7" / "attempt-2" / "resume" / "checkpoint-6")
+    executor, slot, request = executor_with_job(tmp_path, resume_from=resume)
+    state = slot.handle
+    [started] = executor._receive(slot, state, {"ev": "started", "job_id": 7, "epoch": 11,
+                                                "resume_from": "/tmp/loraq-actor-1-x/job-7-epoch-11/resume/checkpoint-6"})
+    assert started["resume_from"] == resume
+
+    checkpoint = executor._store_files(state, {"ev": "checkpoint", "job_id": 7, "epoch": 11, "step": 9,
+                                               "path": "/tmp/loraq-actor-1-x/checkpoints/checkpoint-9"},
+                                       {"adapter_model.safetensors": b"abc"})
+    assert checkpoint["path"] == str(Path(request["checkpoints_dir"]) / "checkpoint-9")
+    assert checkpoints.is_complete(Path(checkpoint["path"]))
+
+    done = executor._store_files(state, {"ev": "done", "job_id": 7, "epoch": 11, "result": {
+        "staging": "/tmp/loraq-actor-1-x/staging", "resumed_from": "/tmp/loraq-actor-1-x/resume/checkpoint-6"}},
+        {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"})
+    assert done["result"]["staging"] == request["staging_dir"]
+    assert done["result"]["resumed_from"] == resume
+    assert sorted(p.name for p in Path(request["staging_dir"]).iterdir()) == ["adapter_config.json",
+                                                                             "adapter_model.safetensors"]
+    assert state.request is None  # the job is over for this slot: anything later from it is dropped
+
+
+def test_an_adapter_that_cannot_be_stored_fails_the_attempt_as_retryable(tmp_path: Path) -> None:
+    executor, slot, request = executor_with_job(tmp_path)
+    attempt_dir = Path(request["staging_dir"]).parent
+    attempt_dir.parent.mkdir(parents=True)
+    attempt_dir.write_text("a file where the attempt's folder should be")  # any OSError will do
+    failed = executor._store_files(slot.handle, {"ev": "done", "job_id": 7, "epoch": 11, "result": {}},
+                                   {"adapter_model.safetensors": b"w"})
+    assert (failed["ev"], failed["kind"], failed["retryable"]) == ("failed", "io", True)
+    assert "cannot store the adapter" in failed["message"]
+
+
+# ---------------------------------------------------------------- stop requests on the actor
+
+
+class FakeFlags:
+    def __init__(self) -> None:
+        self.graceful = threading.Event()
+        self.abort = threading.Event()
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self.flags = FakeFlags()
+
+
+def bare_actor() -> TrainerActor:
+    """A TrainerActor without its trainer (no torch): only the stop bookkeeping is under test."""
+    actor = TrainerActor.__new__(TrainerActor)
+    actor.service = FakeService()  # type: ignore[assignment]
+    actor._stops = {}
+    actor._current = None
+    actor._finished = set()
+    actor._lock = threading.Lock()
+    return actor
+
+
+def test_a_stop_that_arrives_before_its_job_is_remembered_for_it() -> None:
+    actor = bare_actor()
+    actor.stop(5, 1, True)
+    assert not actor.service.flags.graceful.is_set()  # nothing runs yet
+    assert actor._stops[(5, 1)] == "graceful"
+
+
+def test_a_stop_for_a_job_that_already_ended_does_not_touch_the_next_one() -> None:
+    actor = bare_actor()
+    actor._finished.add((5, 1))
+    actor._current = (6, 1)
+    actor.stop(5, 1, False)
+    assert not actor.service.flags.abort.is_set() and (5, 1) not in actor._stops
+    actor.stop(6, 1, False)
+    assert actor.service.flags.abort.is_set()
+    actor.stop(6, 1, True)  # an abort is never softened into a graceful stop
+    assert actor._stops[(6, 1)] == "abort"
