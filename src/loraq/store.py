@@ -153,12 +153,44 @@ def _db_error(path: Path, exc: sqlite3.Error) -> LoraqError | None:
         return _corrupt_error(path, exc)
     if isinstance(exc, sqlite3.OperationalError):
         if "locked" in text or "busy" in text:
-            return StoreError(f"{path}: the state database stayed locked for {BUSY_TIMEOUT_S:.0f} s ({text}); "
-                              "another loraq process holds it")
+            return StoreError(f"{path}: another process kept the state database busy for {BUSY_TIMEOUT_S:.0f} s"
+                              f"{_lock_holders(path)}")
         return StoreError(f"{path}: cannot use the state database: {text}")
     if isinstance(exc, sqlite3.DatabaseError):
         return StoreError(f"{path}: the state database failed: {text}")
     return None
+
+
+def _lock_holders(path: Path) -> str:
+    """Who holds SQLite's locks on ``path`` (Linux: /proc/locks), as the end of an error message.
+
+    A process frozen inside a write transaction (SIGSTOP, a debugger, a paused VM)
+    blocks every writer until it runs again or ends; naming it tells the operator
+    what to do.
+    """
+    try:
+        inodes = {(path.parent / f"{path.name}{suffix}").stat().st_ino for suffix in ("", "-shm", "-wal")
+                  if (path.parent / f"{path.name}{suffix}").exists()}
+        pids = set()
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "POSIX" and fields[3] == "WRITE" and fields[4].isdigit():
+                if int(fields[5].rsplit(":", 1)[-1]) in inodes and int(fields[4]) != os.getpid():
+                    pids.add(int(fields[4]))
+    except (OSError, ValueError):
+        return "; another loraq process holds it"
+    if not pids:
+        return "; another loraq process holds it"
+    described = []
+    for pid in sorted(pids):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+        except (OSError, IndexError):
+            state, cmd = "?", "?"
+        frozen = " and is stopped: continue it (kill -CONT {0}) or end it".format(pid) if state in ("T", "t") else ""
+        described.append(f"process {pid} ({cmd[:80]}) holds its lock{frozen}")
+    return "; " + "; ".join(described)
 
 
 def _corrupt_error(path: Path, exc: BaseException) -> CorruptStoreError:
