@@ -106,6 +106,40 @@ class Worker:
                 continue
         return found
 
+    def busy_trainers(self) -> list[tuple[psutil.Process, Path]]:
+        """Trainers that are running a job now, with the job's log (a trainer writes its stdout there)."""
+        busy = []
+        for trainer in self.trainers():
+            try:
+                logs = [Path(f.path) for f in trainer.open_files() if f.path.endswith("train.log")]
+            except psutil.Error:
+                continue
+            if logs:
+                busy.append((trainer, logs[0]))
+        return busy
+
+    def freeze(self, home: Path, attempts: int = 100) -> None:
+        """SIGSTOP the worker at a moment it holds no write transaction.
+
+        A process frozen inside one keeps SQLite's write lock, and every other writer
+        waits for it (see Store: the error then names the frozen process). That is
+        SQLite's nature, not what a stale-owner test is about: retry until the
+        freeze lands between transactions.
+        """
+        db = home / "loraq.db"
+        for _ in range(attempts):
+            self.proc.send_signal(signal.SIGSTOP)
+            with closing(sqlite3.connect(db, timeout=0.5, isolation_level=None)) as probe:
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.execute("ROLLBACK")
+                    return
+                except sqlite3.OperationalError:
+                    pass
+            self.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        raise AssertionError(f"could not freeze the worker outside a transaction in {attempts} tries")
+
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 

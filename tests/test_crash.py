@@ -123,17 +123,16 @@ def test_chaos_kill9_of_workers_and_trainers_loses_nothing_and_duplicates_nothin
             wait_gone(worker.kill9())
             kills["worker"] += 1
         else:
-            victims = live_attempts(home)
-            trainers = worker.trainers()
-            if not trainers or not worker.alive():
+            busy = worker.busy_trainers()  # only trainers in a job: one still starting is not "training"
+            if not busy or not worker.alive():
                 continue
-            rng.choice(trainers).kill()
+            trainer, log = rng.choice(busy)
+            victim = (int(log.parent.parent.name), int(log.parent.name.split("-")[1]))  # jobs/<id>/attempt-<n>
+            trainer.kill()
             kills["trainer"] += 1
-            # The worker notices the death and ends the attempt before the next round picks a victim
-            # (a trainer killed before it is even ready would count as "cannot start").
-            ended = {(a["job_id"], a["n"]) for a in victims}
-            wait_for(lambda: not ended & {(a["job_id"], a["n"]) for a in live_attempts(home, trained=False)}
-                     or not worker.alive(), timeout=60, what="the killed trainer's attempt to end")
+            # The worker notices the death and ends that attempt before the next round picks a victim.
+            wait_for(lambda: victim not in {(a["job_id"], a["n"]) for a in live_attempts(home, trained=False)}
+                     or not worker.alive(), timeout=60, what=f"attempt {victim} to end after its trainer's death")
     if worker is not None and worker.alive():
         wait_gone(worker.kill9())
         kills["worker"] += 1
@@ -158,7 +157,7 @@ def test_chaos_kill9_of_workers_and_trainers_loses_nothing_and_duplicates_nothin
     for n in names:
         shown = json.loads(loraq(home, "show", n, "--json").stdout)
         assert [x["n"] for x in shown["attempts"]] == [a["n"] for a in all_attempts if a["name"] == n]
-    assert sum(kills.values()) >= rounds // 2, kills
+    assert sum(kills.values()) >= 3, kills
     assert sum(len(r) for r in resumed.values()) >= 1, "no attempt resumed from a checkpoint"
     summary = {
         "seed": seed, "rounds": rounds, "jobs": len(names), "kills": dict(kills), "kills_total": sum(kills.values()),
@@ -234,7 +233,7 @@ def test_a_worker_stopped_past_its_lease_cannot_heartbeat_write_or_complete(work
     loraq(home, "submit", str(queue_file(work, ["contested"], training=LONG.format(steps=40))))
     a = Worker(home, "--lease", "5", log=tmp_path / "a.log")
     wait_for(lambda: at_step(home, "contested", 6), timeout=STARTUP_S, what="A to train past a checkpoint")
-    a.signal(signal.SIGSTOP)  # A freezes (a VM pause, a debugger); its trainer goes on and finishes
+    a.freeze(home)  # A freezes (a VM pause, a debugger); its trainer goes on and finishes
     try:
         log = home / "jobs" / "1" / "attempt-1" / "train.log"
         wait_for(lambda: "done:" in log.read_text(), timeout=120, what="A's trainer to finish training")

@@ -448,6 +448,39 @@ def test_prune_keeps_the_two_newest_and_a_snapshot_outlives_its_original(tmp_pat
     assert (snap.path / "optimizer.pt").stat().st_size == 9000
 
 
+def test_a_writer_frozen_inside_a_transaction_is_named_not_a_raw_locked_error(tmp_path: Path, monkeypatch) -> None:
+    """SQLite cannot take a lock from a frozen holder; loraq says who it is and what to do."""
+    import signal
+    import time
+
+    from loraq import store as store_module
+    from loraq.errors import StoreError
+
+    db = tmp_path / "loraq.db"
+    Store.open(db).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.5)
+        store = Store.open(db)  # opening needs no write lock
+        assert store.jobs() == []  # nor does reading (WAL)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            store.pause("maintenance")
+        assert time.monotonic() - started < 30
+        message = str(caught.value)
+        assert f"process {holder.pid}" in message and f"kill -CONT {holder.pid}" in message
+        assert "database is locked" not in message
+        store.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_zzz_print_fault_summary() -> None:
     """Runs last in this module: the figures for docs/reliability.md."""
     if SUMMARY:
