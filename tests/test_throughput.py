@@ -122,6 +122,14 @@ def test_every_job_records_its_memory_in_its_result_and_in_the_metrics(interleav
             assert rss[0]["step"] == job.result["steps"]
 
 
+def test_status_reads_the_light_listing_and_shows_what_the_full_jobs_say(interleaved: dict[str, Any]) -> None:
+    home = Home(interleaved["home"])
+    with Store.open(home.db_path, create=False) as store:
+        full = [api.JobRow.of(job) for job in store.jobs()]
+    assert api.status(home).jobs == full
+    assert all(row.adapter for row in full)
+
+
 def test_a_trainer_whose_memory_grew_past_the_limit_is_recycled_and_the_queue_goes_on(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     one_thread(monkeypatch)
