@@ -225,3 +225,36 @@ jobs:
     assert attempts[1].outcome == "completed" and (attempts[1].resumed_from_step or 0) >= 3
     manifest = json.loads((home.adapter_dir("victim") / "loraq-manifest.json").read_text())
     assert Path(manifest["resumed_from"]).is_relative_to(home.jobs_dir)  # a home path, never a node's scratch
+
+
+# ---------------------------------------------------------------- a lost lease fences the old run out
+
+
+def test_a_run_whose_lease_was_lost_completes_nothing_and_the_job_completes_once(kind: str, workdir: Path) -> None:
+    from loraq.store import Store
+
+    home = submit(workdir, TINY_DEFAULTS + """
+jobs:
+  - name: fenced
+    dataset: ./data/sql.jsonl
+    training: {max_steps: 60, save_steps: 3}
+""")
+    expired: list[int] = []
+
+    def observer(event: str, info: dict[str, Any]) -> None:
+        # As if this worker had been frozen past its lease: its lease runs out and a sweep
+        # puts the job back in the queue while the trainer is still training.
+        if event == "progress" and info.get("step", 0) >= 4 and not expired:
+            with Store.open(home.db_path, create=False) as other:
+                job = other.job("fenced")
+                other.heartbeat(job.id, job.epoch, lease_s=-1.0)
+                expired.extend(other.expire_leases())
+
+    summary = run_queue(kind, home, observer=observer)
+    assert expired, "the lease never expired"
+    assert summary.completed == ["fenced"]
+    assert completions(home, "fenced") == 1
+    attempts = api.show(home, "fenced").attempts
+    assert [a.error_kind for a in attempts] == ["lost", None] and attempts[1].outcome == "completed"
+    manifest = json.loads((home.adapter_dir("fenced") / "loraq-manifest.json").read_text())
+    assert (manifest["attempt"], manifest["epoch"]) == (2, attempts[1].epoch)  # published by the new owner only
