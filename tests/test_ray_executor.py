@@ -168,3 +168,26 @@ def test_a_stop_for_a_job_that_already_ended_does_not_touch_the_next_one() -> No
     assert actor.service.flags.abort.is_set()
     actor.stop(6, 1, True)  # an abort is never softened into a graceful stop
     assert actor._stops[(6, 1)] == "abort"
+
+
+# ---------------------------------------------------------------- an actor that cannot start
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(workdir: Path) -> None:
+    """A broken node (here: no writable scratch) must not loop forever: three failed starts end the run."""
+    ray = pytest.importorskip("ray")
+    from conftest import TINY_DEFAULTS, write_queue
+    from loraq import api
+    from loraq.worker import TrainerStartError, Worker, WorkerConfig
+
+    home = Home(workdir / ".loraq")
+    api.submit(write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - name: x\n    dataset: ./data/sql.jsonl\n"), home=home)
+    executor = RayExecutor(home=home, devices="cpu", scratch_root=str(workdir / "no" / "such" / "folder"))
+    with api.open_store(home, check=True) as store, pytest.raises(TrainerStartError) as failure:
+        Worker(home, store, executor, config=WorkerConfig(poll_s=0.05)).run()
+    assert "died 3 times before it was ready" in str(failure.value)
+    assert "FileNotFoundError" in str(failure.value) and "\x1b[" not in str(failure.value)
+    assert not ray.is_initialized()  # the instance the executor started is gone
+    assert api.status(home).to_json()["jobs"][0]["status"] == "pending"  # no attempt was used

@@ -559,9 +559,9 @@ class RayExecutor:
     def _exited(self, slot: Slot, exc: BaseException | None) -> Event:
         state: _ActorState | None = slot.handle
         was_ready = slot.ready
-        where = f"node {state.node} ({state.ip}), actor pid {state.pid}" if state and state.node else "not yet placed"
+        where = f"node {state.node} ({state.ip}), actor pid {state.pid}" if state and state.node else "its node"
         reason = ("trainer actor ended its event stream" if exc is None
-                  else f"trainer actor died: {type(exc).__name__}: {_first_line(exc)}")
+                  else f"trainer actor died: {type(exc).__name__}: {_summary(exc)}")
         self._close(slot, graceful=False)
         return {"ev": "exited", "returncode": None, "job_id": slot.job_id, "reason": reason, "was_ready": was_ready,
                 "log": f"Ray worker logs on {where} (/tmp/ray/session_latest/logs there)"}
@@ -614,6 +614,11 @@ def _append(path: Path, data: bytes) -> None:
             fh.write(data)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+def _summary(exc: BaseException) -> str:
+    """The first line of a Ray error, and its last (the cause, where Ray quotes a traceback)."""
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
