@@ -135,6 +135,7 @@ def test_a_queue_completes(kind: str, finished: Callable[[str], Home]) -> None:
     assert not list(home.jobs_dir.glob("*/attempt-*/staging"))
 
 
+@pytest.mark.ray
 def test_results_are_identical_in_shape(finished: Callable[[str], Home], request: pytest.FixtureRequest) -> None:
     pytest.importorskip("ray")
     request.getfixturevalue("ray_instance")
