@@ -8,6 +8,8 @@ and what reconcile may and may not delete.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 import adapters
-from loraq import checkpoints
+from loraq import checkpoints, fsutil
 from loraq.executor import Slot
 from loraq.store import COMPLETED, NewJob, Store, WorkerId
 from loraq.worker import Worker, WorkerConfig
@@ -198,6 +200,31 @@ def test_a_retry_resumes_from_its_own_copy_of_the_newest_checkpoint(home: Home) 
     assert store.attempts("resumed")[1].resumed_from_step == 4
     assert store.attempts("resumed")[0].error_kind == "lost"  # reclaimed at once: same host, pid gone
     assert not list(home.jobs_dir.glob("*/attempt-*/resume")) and not list(home.jobs_dir.glob("*/attempt-*/checkpoints"))
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_full_disk_while_publishing_fails_the_attempt_clearly_and_the_retry_publishes(home: Home, err: int) -> None:
+    store = enqueue(home, "unlucky")
+    state = {"attempt": 0}
+
+    def script(request: dict[str, Any]) -> list[Item]:
+        state["attempt"] = request["attempt"]
+        return trains()(request)
+
+    class FullDiskOnFirstAttempt(fsutil.FileOps):
+        def rename(self, src: Path, dst: Path) -> None:
+            if state["attempt"] == 1 and dst.parent == home.adapters_dir:
+                raise OSError(err, os.strerror(err))
+            super().rename(src, dst)
+
+    with fsutil.use_ops(FullDiskOnFirstAttempt()):
+        run(home, store, ScriptedExecutor(script))
+    first, second = store.attempts("unlucky")
+    assert (first.outcome, first.error_kind, first.retryable) == ("retry", "io", 1)
+    assert first.reason.startswith("cannot publish: ") and os.strerror(err) in first.reason
+    assert second.outcome == "completed" and store.job("unlucky").status == COMPLETED
+    assert sorted(p.name for p in home.adapter_dir("unlucky").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "inspection.json", "loraq-manifest.json"]
 
 
 def test_reconcile_cleans_only_attempts_the_store_has_ended(home: Home) -> None:
