@@ -170,24 +170,63 @@ def test_a_stop_for_a_job_that_already_ended_does_not_touch_the_next_one() -> No
     assert actor._stops[(6, 1)] == "abort"
 
 
-# ---------------------------------------------------------------- an actor that cannot start
+# ---------------------------------------------------------------- actors that never come up
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Any:
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def one_job(workdir: Path) -> Home:
+    from conftest import TINY_DEFAULTS, write_queue
+    from loraq import api
+
+    home = Home(workdir / ".loraq")
+    api.submit(write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - name: x\n    dataset: ./data/sql.jsonl\n"), home=home)
+    return home
+
+
+def run_worker(home: Home, executor: RayExecutor) -> None:
+    from loraq import api
+    from loraq.worker import Worker, WorkerConfig
+
+    with api.open_store(home, check=True) as store:
+        Worker(home, store, executor, config=WorkerConfig(poll_s=0.05)).run()
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(workdir: Path) -> None:
+def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(ray_instance: Any, workdir: Path) -> None:
     """A broken node (here: no writable scratch) must not loop forever: three failed starts end the run."""
-    ray = pytest.importorskip("ray")
-    from conftest import TINY_DEFAULTS, write_queue
     from loraq import api
-    from loraq.worker import TrainerStartError, Worker, WorkerConfig
+    from loraq.worker import TrainerStartError
 
-    home = Home(workdir / ".loraq")
-    api.submit(write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - name: x\n    dataset: ./data/sql.jsonl\n"), home=home)
+    home = one_job(workdir)
     executor = RayExecutor(home=home, devices="cpu", scratch_root=str(workdir / "no" / "such" / "folder"))
-    with api.open_store(home, check=True) as store, pytest.raises(TrainerStartError) as failure:
-        Worker(home, store, executor, config=WorkerConfig(poll_s=0.05)).run()
+    with pytest.raises(TrainerStartError) as failure:
+        run_worker(home, executor)
     assert "died 3 times before it was ready" in str(failure.value)
     assert "FileNotFoundError" in str(failure.value) and "\x1b[" not in str(failure.value)
-    assert not ray.is_initialized()  # the instance the executor started is gone
     assert api.status(home).to_json()["jobs"][0]["status"] == "pending"  # no attempt was used
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_trainer_the_cluster_has_no_room_for_ends_the_run_in_time_and_says_why(ray_instance: Any, workdir: Path) -> None:
+    from loraq import api
+    from loraq.worker import TrainerStartError
+
+    home = one_job(workdir)
+    executor = RayExecutor(home=home, devices="cpu", actor_options={"resources": {"a100": 1}}, placement_timeout_s=2.0)
+    with pytest.raises(TrainerStartError) as failure:
+        run_worker(home, executor)
+    assert "no trainer actor started on the Ray cluster in 2 s" in str(failure.value)
+    assert "with 1 CPU, 1 a100 each" in str(failure.value) and "2 CPU free" in str(failure.value)
+    assert api.status(home).to_json()["jobs"][0]["status"] == "pending"
+    assert ray_instance.is_initialized()  # a Ray connection the executor did not open stays open

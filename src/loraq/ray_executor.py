@@ -55,6 +55,8 @@ from .workspace import Home
 SHIP_DATA_MAX_BYTES = 256 * 2**20
 #: Most log bytes one event carries; the rest follows on the next events.
 LOG_CHUNK_BYTES = 1 << 20
+#: How long a run waits with no trainer actor up (none placed, or none started) before giving up.
+PLACEMENT_TIMEOUT_S = 600.0
 #: Concurrent calls an actor serves: its event stream, a job, and stop/fetch calls beside them.
 ACTOR_CONCURRENCY = 4
 SCRATCH_PREFIX = "loraq-actor-"
@@ -297,10 +299,13 @@ class RayExecutor:
             ``"auto"`` or ``HOST:PORT`` joins a running cluster. If this process is already
             connected to Ray, that connection is used and left open.
         actor_options: extra ``.options()`` for the actors (``resources``, ``runtime_env``, ...).
+        placement_timeout_s: how long the run waits with no trainer up at all (the cluster
+            has no room, or an autoscaler is adding it) before it gives up.
     """
 
     def __init__(self, *, home: Home, devices: str | None = None, address: str | None = None,
-                 actor_options: dict[str, Any] | None = None, scratch_root: str | None = None) -> None:
+                 actor_options: dict[str, Any] | None = None, scratch_root: str | None = None,
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         self.home = home
         self.address = address
         self.devices_arg = devices
@@ -310,6 +315,8 @@ class RayExecutor:
         self._ray: Any = None
         self._owns_connection = False
         self._actor_class: Any = None
+        self.placement_timeout_s = placement_timeout_s
+        self._none_ready_since: float | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -447,6 +454,7 @@ class RayExecutor:
     # -------------------------------------------------------------- events
 
     def poll(self, timeout: float) -> list[tuple[Slot, Event]]:
+        self._check_progress()
         waiting = []
         for slot in self.all_slots:
             state: _ActorState | None = slot.handle
@@ -464,6 +472,31 @@ class RayExecutor:
             if any(r is waitable or r == waitable for r in ready):
                 events.extend((slot, ev) for ev in self._drain(slot))
         return events
+
+    def _check_progress(self) -> None:
+        """A replacement may wait for room while others work; with no trainer up at all, give up in time."""
+        if any(slot.ready for slot in self.all_slots) or not self.all_slots:
+            self._none_ready_since = None
+            return
+        now = time.monotonic()
+        if self._none_ready_since is None:
+            self._none_ready_since = now
+        elif now - self._none_ready_since > self.placement_timeout_s:
+            from .worker import TrainerStartError
+
+            kinds = sorted({slot.device for slot in self.all_slots})
+            raise TrainerStartError(
+                f"no trainer actor started on the Ray cluster in {self.placement_timeout_s:.0f} s "
+                f"({len(self.all_slots)} wanted, {'/'.join(kinds)}, with {self._resources_text()} each); "
+                f"the cluster has {_resources(self._ray.available_resources())} free: add nodes, or ask for fewer "
+                "trainers with --devices")
+
+    def _resources_text(self) -> str:
+        wanted = {"num_cpus": 1, "num_gpus": 1 if any(s.device == "gpu" for s in self.all_slots) else 0}
+        wanted.update({k: v for k, v in self.actor_options.items() if k in ("num_cpus", "num_gpus")})
+        text = ", ".join(f"{v} {k[4:-1].upper()}" for k, v in wanted.items() if v)  # num_cpus -> CPU
+        extra = self.actor_options.get("resources") or {}
+        return ", ".join([text] + [f"{v} {k}" for k, v in extra.items()]) if extra else text
 
     def _drain(self, slot: Slot, limit: int = 200) -> list[Event]:
         """Events of one slot that are ready now, in order; a file fetch holds back the rest."""
@@ -605,6 +638,11 @@ def _data_files(job: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
         except OSError:
             continue  # the node reads it at its path, and says so if it cannot
     return out
+
+
+def _resources(available: dict[str, float]) -> str:
+    shown = {k: v for k, v in available.items() if not k.startswith(("node:", "memory", "object_store_memory"))}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "nothing"
 
 
 def _append(path: Path, data: bytes) -> None:
