@@ -929,6 +929,14 @@ class Store:
         return [Attempt(**dict(r)) for r in rows]
 
     @_guarded
+    def ended_attempts(self) -> dict[tuple[int, int], str]:
+        """``(job_id, n) -> the job's status`` for every attempt that has ended (what reconcile may clean)."""
+        rows = self.conn.execute(
+            "SELECT a.job_id, a.n, j.status FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.ended_at IS NOT NULL"
+        ).fetchall()
+        return {(int(r["job_id"]), int(r["n"])): str(r["status"]) for r in rows}
+
+    @_guarded
     def events(self, ref: int | str | None = None) -> list[Event]:
         if ref is None:
             rows = self.conn.execute("SELECT * FROM events ORDER BY id")

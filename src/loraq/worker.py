@@ -460,18 +460,25 @@ class Worker:
             self.observer("reclaimed", {"job_id": job_id})
         self.store.expire_leases()
         fsutil.remove_stale_tmp(self.home.adapters_dir)
-        for job in self.store.jobs():
-            # Only attempts the store has ended: an attempt that is live (another worker
-            # claimed it, perhaps a moment ago) keeps its folders.
-            for attempt in self.store.attempts(job.id):
-                if attempt.ended_at is None:
-                    continue
-                attempt_dir = self.home.attempt_dir(job.id, attempt.n)
-                for leftover in (attempt_dir / "staging", attempt_dir / RESUME_DIR):
-                    with contextlib.suppress(OSError):
-                        fsutil.remove_tree(leftover)
-            if job.status == COMPLETED:
-                self._cleanup_checkpoints(job.id)
+        # Only folders of attempts the store has ended: an attempt that is live (another
+        # worker claimed it, perhaps a moment ago) keeps its own. One query, and only
+        # the folders that exist are visited, however many jobs the home holds.
+        ended = self.store.ended_attempts()
+        for folder in self.home.jobs_dir.glob("*/attempt-*/*"):
+            key = _attempt_key(folder.parent)
+            if key is None or key not in ended:
+                continue
+            if folder.name in ("staging", RESUME_DIR) or (folder.name == "checkpoints" and ended[key] == COMPLETED):
+                with contextlib.suppress(OSError):
+                    fsutil.remove_tree(folder)
+
+
+def _attempt_key(attempt_dir: Path) -> tuple[int, int] | None:
+    """``jobs/<id>/attempt-<n>`` -> ``(id, n)``."""
+    try:
+        return int(attempt_dir.parent.name), int(attempt_dir.name.removeprefix("attempt-"))
+    except ValueError:
+        return None
 
 
 def _checkpoint_step(path: str) -> int:
