@@ -17,12 +17,13 @@ import pytest
 
 from loraq import checkpoints
 from loraq.executor import Slot
-from loraq.ray_executor import RayExecutor, TrainerActor, _ActorState, read_tree, store_folder, write_tree
+from loraq.ray_actor import TrainerActor, read_tree, write_tree
+from loraq.ray_executor import RayExecutor, _ActorState, store_folder
 from loraq.workspace import Home
 
 
 def test_importing_the_ray_executor_pulls_in_neither_ray_nor_torch() -> None:
-    code = "import loraq.ray_executor, sys, json; print(json.dumps(sorted(sys.modules)))"
+    code = "import loraq.ray_executor, loraq.ray_actor, sys, json; print(json.dumps(sorted(sys.modules)))"
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                            check=True).stdout.strip().splitlines()[-1]))
     assert not loaded & {"ray", "torch", "transformers", "peft"}
