@@ -145,3 +145,29 @@ def test_demo_writes_its_files_and_refuses_a_foreign_folder(tmp_path: Path) -> N
     refused = loraq("demo", str(foreign), "--no-run")
     assert refused.returncode == 2 and "not a loraq demo folder" in refused.stderr
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_submit_json_carries_typed_problems(workdir: Path) -> None:
+    with open(workdir / "data" / "support.jsonl", "a") as fh:
+        fh.write('{"messages": [{"role": "robot", "content": "beep"}]}\n')
+    queue = write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - {name: a, dataset: ./data/support.jsonl}\n")
+    result = loraq("submit", str(queue), "--json", home=workdir / ".loraq")
+    assert result.returncode == 1
+    out = json.loads(result.stdout)
+    assert out["ok"] is False
+    assert [p["category"] for p in out["problems"]] == ["unrecognized_role"]
+    assert "support.jsonl:121" in out["problems"][0]["where"]
+    assert "unrecognized_role" in result.stderr
+
+
+def test_inspect_exit_codes(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("outside-adapter")
+    (outside / "adapter_config.json").write_text("{}")
+    assert loraq("inspect", str(workdir / "missing"), cwd=workdir).returncode == 2
+    assert loraq("inspect", str(outside), cwd=workdir).returncode == 2  # outside the allowed roots
+    empty = workdir / "empty-adapter"
+    empty.mkdir()
+    result = loraq("inspect", str(empty), "--json", cwd=workdir)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["findings"][0]["code"] == "empty_folder"
+    assert loraq("inspect", str(empty), "--data", "./data/sql.jsonl", cwd=workdir).returncode == 2

@@ -118,12 +118,23 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Validate every job of QUEUE_FILE and enqueue all of them, or none."""
-    c = _ctx(ctx)
-    result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run)
     from . import datacheck
 
+    c = _ctx(ctx)
+    try:
+        result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run)
+    except ProblemsError as exc:
+        if not as_json:
+            raise
+        # Scripts get every problem with its typed category; people still get the lines on stderr.
+        _print_json({"queue": str(queue_file), "dry_run": dry_run, "ok": False,
+                     "problems": datacheck.problems_to_json(exc.problems)})
+        for problem in exc.problems:
+            _err(str(problem))
+        return exc.exit_code
+
     if as_json:
-        _print_json({"queue": result.queue_file, "dry_run": result.dry_run, "jobs": [
+        _print_json({"queue": result.queue_file, "dry_run": result.dry_run, "ok": True, "jobs": [
             {"name": name, "id": result.job_ids[i] if result.job_ids else None,
              "dataset": datacheck.report_json(result.datasets[name]) if name in result.datasets else None}
             for i, name in enumerate(result.job_names)]})
@@ -407,12 +418,10 @@ def inspect(
     from . import inspector
 
     c = _ctx(ctx)
+    # The current folder counts as a root, as a queue file's folder does for submit.
+    # Whatever cannot be inspected (missing, outside the roots, --data without --base)
+    # the inspector raises as InspectionError: exit 2.
     roots = c.home.roots(queue_dir=Path.cwd(), extra=c.allow_roots)
-    if data is not None and base is None:
-        raise LoraqError("--data needs --base: the eval loss is measured on the base model with and without the adapter")
-    for value, what in ((base, "--base"), (data, "--data")):
-        if value is not None and (what == "--data" or Path(value).exists()):
-            roots.check_read(value, what=what)
     result = inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
                                        min_eval_loss_drop=min_drop)
     if as_json:
