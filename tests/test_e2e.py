@@ -187,3 +187,15 @@ jobs:
     assert not (home / "adapters" / "too-ambitious").exists()
     shown = json.loads(loraq(home, "show", "too-ambitious", "--json").stdout)
     assert any(f["code"] == "quality_gate" for f in shown["inspection"]["findings"])
+
+
+def test_a_dataset_changed_after_submit_is_refused_not_trained(workdir: Path) -> None:
+    queue = write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - {name: edited, dataset: ./data/sql.jsonl}\n")
+    home = workdir / ".loraq"
+    loraq(home, "submit", str(queue))
+    with open(workdir / "data" / "sql.jsonl", "a") as fh:
+        fh.write('{"prompt": "unchecked", "completion": " row"}\n')
+    assert loraq(home, "run", "--devices", "cpu", check=False).returncode == 1
+    job = status(home)["edited"]
+    assert (job["status"], job["attempts"], job["error_kind"]) == ("failed", 1, "data")
+    assert "changed since it was submitted" in job["error"]

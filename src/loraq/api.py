@@ -65,7 +65,9 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
     new_jobs = [
         NewJob(
             name=job.name,
-            spec=job.model_dump(mode="json"),
+            # The validated dataset's identity travels with the job: the trainer refuses a file
+            # that changed after submit, since its rows were never checked.
+            spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name)),
             base_key=job.base_key,
             priority=job.spec.priority,
             max_retries=job.spec.max_retries,
@@ -82,6 +84,12 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
     return SubmitResult(str(path), False, names, ids, reports)
+
+
+def _dataset_identity(report: Any) -> dict[str, Any]:
+    if report is None:
+        return {}
+    return {"dataset_sha256": report.sha256, "eval_dataset_sha256": report.eval_sha256, "dataset_rows": report.rows}
 
 
 # ---------------------------------------------------------------- run

@@ -292,13 +292,26 @@ class Prepared:
     train_tokens: int
 
 
+def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
+    """Every row was checked at submit; a file changed since then has not been."""
+    if sha256 and dataset.sha256 != sha256:
+        raise TrainingError(
+            f"{dataset.path}: the dataset changed since it was submitted (sha256 {sha256[:12]}… then, "
+            f"{dataset.sha256[:12]}… now); its rows were validated as they were. Restore the file, or "
+            "submit the job again under a new name",
+            retryable=False, kind="data",
+        )
+
+
 def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
     spec = JobSpec.model_validate(request["job"]["spec"])
     job = request["job"]
     dataset = data.load_dataset(job["dataset_path"], spec.dataset.format)
+    _same_as_submitted(dataset, job.get("dataset_sha256"))
     rows = dataset.rows
     if job.get("eval_dataset_path"):
         eval_set = data.load_dataset(job["eval_dataset_path"], spec.dataset.format or dataset.format)
+        _same_as_submitted(eval_set, job.get("eval_dataset_sha256"))
         train_rows, eval_rows = rows, eval_set.rows
     else:
         data.check_split(dataset.path, len(rows), spec.validation.split)
