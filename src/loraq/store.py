@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -643,7 +644,11 @@ class Store:
     ) -> bool:
         """Write progress and metrics if ``epoch`` still owns the job; ``False`` if not."""
         now = self.clock()
+        # SQLite has no NaN (it would arrive as NULL): a non-finite value is left out of the
+        # metrics and the job's loss columns are cleared. The trainer reports the divergence.
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         with self.transaction() as conn:
             sets = {"progress_step": step, "updated_at": now}
             if total is not None:
@@ -663,7 +668,7 @@ class Store:
                 return False
             conn.executemany(
                 "INSERT INTO metrics (job_id, attempt, step, name, value, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                [(job_id, attempt, step, name, value, now) for name, value in metrics.items()],
+                [(job_id, attempt, step, name, value, now) for name, value in finite.items()],
             )
             conn.execute(
                 "UPDATE attempts SET last_step = ? WHERE job_id = ? AND n = ?", (step, job_id, attempt)

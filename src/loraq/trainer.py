@@ -530,6 +530,12 @@ class TrainerService:
         timings["prepare_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         base_eval = evaluate_loss(resident.model, prepared.eval, collator, spec.training.batch_size)
+        if not math.isfinite(base_eval):
+            raise TrainingError(
+                f"base model {key.path} gives a non-finite eval loss ({base_eval}) before any training: its weights "
+                "are damaged or overflow in this precision; check the base model",
+                retryable=False, kind="base_model",
+            )
         timings["base_eval_s"] = time.perf_counter() - t0
         resume = request.get("resume_from")
         emit({"ev": "started", "max_steps": steps, "base_reused": reused, "base_eval_loss": base_eval,
