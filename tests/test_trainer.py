@@ -230,3 +230,47 @@ def adapter_tensors(run: Run) -> dict[str, bytes]:
 
     return {k: v.tobytes() for k, v in load_file(Path(run.result["staging"]) / "adapter_model.safetensors").items()}
 
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"), "io"),
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"), "io"),
+    (OSError(5, "Input/output error"), "io"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "cuda"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
+    (ValueError("something else"), "error"),
+])
+def test_failures_are_classified_for_retry(error: BaseException, kind: str) -> None:
+    from loraq.trainer import classify
+
+    assert classify(error) == (kind, True)
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+def test_a_stop_sent_before_the_job_starts_training_holds(tiny_model: Path, demo_datasets: dict[str, Path],
+                                                          tmp_path: Path, graceful: bool) -> None:
+    """A real trainer process: the stop arrives while it is still importing and loading."""
+    import time
+
+    from loraq.executor import LocalExecutor
+
+    executor = LocalExecutor(["cpu"], log_dir=tmp_path / "logs")
+    executor.start()
+    slot = executor.slots[0]
+    try:
+        executor.submit(slot, request("early", tiny_model, demo_datasets["sql"], tmp_path, max_steps=200, save_steps=50))
+        executor.stop_job(slot, graceful=graceful)
+        final = None
+        deadline = time.monotonic() + 300
+        while final is None and time.monotonic() < deadline:
+            for _slot, event in executor.poll(0.5):
+                if event["ev"] in ("done", "stopped", "aborted", "failed", "exited"):
+                    final = event
+        assert final is not None
+        if graceful:  # checkpointed at its first step and stopped, not trained to step 200
+            assert (final["ev"], final["step"]) == ("stopped", 1)
+            assert (tmp_path / "early" / "checkpoints" / "checkpoint-1" / "loraq-complete.json").is_file()
+        else:
+            assert final["ev"] == "aborted"
+    finally:
+        executor.shutdown()

@@ -448,7 +448,7 @@ class TrainerService:
         self.cache = BaseCache(device=self.device)
         _quiet_libraries()
 
-    def run_job(self, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    def run_job(self, request: dict[str, Any], emit: Emit, *, clear_flags: bool = True) -> dict[str, Any]:
         """Train one job; emit events; return the ``done`` or ``stopped`` event.
 
         Whatever the outcome, the base is verified afterwards (dropped if it changed).
@@ -457,7 +457,8 @@ class TrainerService:
         the job's last ``progress`` metric (``rss_mb``), so it lands in the metrics table.
         Where it ran goes along too: ``pid``, ``cuda_visible_devices``, ``torch_threads``.
         """
-        self.flags.clear()
+        if clear_flags:  # serve() clears them when the job arrives, so an early stop is kept
+            self.flags.clear()
         reset_peak_memory()
         started = time.perf_counter()
         log_path = Path(request["log_path"])
@@ -647,6 +648,10 @@ def _last_train_loss(trainer: Any, output: Any) -> float | None:
     return float(output.training_loss) if output is not None else None
 
 
+_IO_MESSAGES = ("no space left on device", "file write failed", "storagefull", "input/output error",
+                "disk quota exceeded", "read-only file system")
+
+
 def classify(exc: BaseException) -> tuple[str, bool]:
     """``(kind, retryable)`` for an exception that escaped training."""
     text = str(exc).lower()
@@ -655,7 +660,8 @@ def classify(exc: BaseException) -> tuple[str, bool]:
         return "oom", True
     if "cuda" in text or "nccl" in text or "cublas" in text:
         return "cuda", True
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) or any(m in text for m in _IO_MESSAGES):
+        # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         return "io", True
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return "interrupted", True
@@ -754,6 +760,9 @@ def serve(channel: PipeChannel, service: TrainerService) -> None:
                 os._exit(3)
             op = message.get("op")
             if op == "train":
+                # Cleared here, not when the job starts: a stop or abort sent while the
+                # trainer is still between jobs or loading belongs to this job and must hold.
+                service.flags.clear()
                 with wake:
                     jobs.append(message)
                     wake.notify()
@@ -780,7 +789,7 @@ def serve(channel: PipeChannel, service: TrainerService) -> None:
         def emit(event: dict[str, Any], _job: int = request["job_id"]) -> None:
             channel.send({**event, "job_id": _job})
 
-        outcome = service.run_job(request, emit)
+        outcome = service.run_job(request, emit, clear_flags=False)
         # A done job's memory was measured after its cleanup; report that same figure.
         memory = (outcome.get("result") or {}).get("memory") or device_memory()
         emit({**outcome, "memory": memory, "base_loads": service.cache.loads})
