@@ -243,3 +243,31 @@ def test_reconcile_cleans_only_attempts_the_store_has_ended(home: Home) -> None:
     assert not (home.attempt_dir(1, 1) / "staging").exists() and not (home.attempt_dir(1, 1) / "resume").exists()
     assert (home.attempt_dir(1, 2) / "staging").is_dir() and (home.attempt_dir(1, 2) / "resume").is_dir()
     assert store.job("mixed").status == "running"  # another host's lease: only its expiry frees it
+
+
+def test_a_worker_runs_outside_the_main_thread(tmp_path) -> None:
+    """An application may drive a worker from a thread; signal handlers are then its owner's job."""
+    import threading
+
+    from loraq.executor import LocalExecutor
+    from loraq.store import Store
+    from loraq.worker import Worker, WorkerConfig
+    from loraq.workspace import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            with Store.open(home.db_path) as store:  # a connection belongs to its thread
+                outcome["summary"] = Worker(home, store, LocalExecutor([], log_dir=tmp_path / "logs"),
+                                            config=WorkerConfig(poll_s=0.01)).run()
+        except BaseException as exc:  # noqa: BLE001 - the assertion below shows it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"].completed == []

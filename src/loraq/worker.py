@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,11 +130,9 @@ class Worker:
 
     def run(self) -> RunSummary:
         self.reconcile()
-        in_main_thread = True
-        try:
-            signal.getsignal(signal.SIGINT)
-        except ValueError:
-            in_main_thread = False
+        # Signal handlers can only be installed from the main thread; a worker run in another
+        # thread (an embedding application, a test) is stopped by its owner instead.
+        in_main_thread = threading.current_thread() is threading.main_thread()
         with self._signal_handlers() if in_main_thread else contextlib.nullcontext():
             self.executor.start()
             try:
@@ -388,7 +388,7 @@ class Worker:
                 fsutil.remove_tree(staging)
             return
         try:
-            report = inspector.inspect_adapter(staging)
+            report = inspector.inspect_adapter(staging, roots=self.home.roots())
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
             self._fail(claim, kind="io", reason=f"cannot inspect the trained adapter in {staging}: {exc}", retryable=True)
             return
@@ -400,7 +400,8 @@ class Worker:
         inspection = report.to_json() | {
             "passed": not any(f.severity == "error" for f in findings),
             "findings": [dataclasses.asdict(f) for f in findings],
-            "quality": {"base_eval_loss": result.get("base_eval_loss"), "eval_loss": result.get("eval_loss"),
+            "quality": {"base_eval_loss": _finite_or_none(result.get("base_eval_loss")),
+                        "eval_loss": _finite_or_none(result.get("eval_loss")),
                         "min_eval_loss_drop": spec.get("validation", {}).get("min_eval_loss_drop", 0.0)},
         }
         result = result | {"inspection": inspection}
@@ -487,3 +488,8 @@ def _checkpoint_step(path: str) -> int:
         return int(name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return 0
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """JSON has no NaN: a loss that is not a finite number is recorded as unknown."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
