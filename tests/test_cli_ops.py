@@ -7,8 +7,6 @@ run, and the exit codes and messages the command-line contract promises.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import subprocess
 from pathlib import Path
 

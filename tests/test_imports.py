@@ -10,7 +10,8 @@ import pytest
 
 SUPERVISOR = ["loraq.store", "loraq.worker", "loraq.executor", "loraq.api", "loraq.cli", "loraq.spec",
               "loraq.report", "loraq.publish", "loraq.checkpoints", "loraq.fsutil", "loraq.workspace",
-              "loraq.inspector", "loraq._safetensors", "loraq._lora_config"]
+              "loraq.inspector", "loraq._safetensors", "loraq._lora_config", "loraq.records", "loraq.migrations",
+              "loraq.encoding", "loraq.data", "loraq.datacheck"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
@@ -35,6 +36,6 @@ def test_status_command_does_not_import_torch(tmp_path) -> None:
 
 
 def test_store_uses_only_the_standard_library() -> None:
-    loaded = modules_after("import loraq.store")
+    loaded = modules_after("import loraq.store, loraq.records, loraq.migrations")
     third_party = {m.split(".")[0] for m in loaded} & {"yaml", "pydantic", "numpy", "typer", "rich", "psutil"}
     assert not third_party

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loraq import trainer
+from loraq import basemodel, trainer
 from loraq.spec import JobSpec
 
 pytestmark = pytest.mark.slow
@@ -147,19 +147,19 @@ def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> Non
     import torch
 
     model = fresh(tiny_model)
-    reference = trainer.weights_checksum(model)
-    assert trainer.weights_checksum(fresh(tiny_model)) == reference
+    reference = basemodel.weights_checksum(model)
+    assert basemodel.weights_checksum(fresh(tiny_model)) == reference
     weight = model.model.embed_tokens.weight
     # Not one of the evenly spaced samples: only the exact sum over every value can see it.
     index = weight.numel() // 2 + 1
-    samples = torch.linspace(0, weight.numel() - 1, trainer.CHECKSUM_SAMPLES).long()
+    samples = torch.linspace(0, weight.numel() - 1, basemodel.CHECKSUM_SAMPLES).long()
     assert index not in set(samples.tolist())
     with torch.no_grad():
         flat = weight.view(-1)
         flat[index] = torch.nextafter(flat[index], torch.tensor(float("inf")))  # the smallest change there is
-        assert trainer.weights_checksum(model) != reference
+        assert basemodel.weights_checksum(model) != reference
         flat[index] = torch.nextafter(flat[index], torch.tensor(float("-inf")))
-    assert trainer.weights_checksum(model) == reference
+    assert basemodel.weights_checksum(model) == reference
 
 
 def test_a_base_perturbed_between_jobs_is_dropped_and_reloaded(

@@ -93,7 +93,7 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         f"| training | {manifest.get('steps')} steps, lr={training.get('learning_rate')}, batch={training.get('batch_size')}×{training.get('grad_accum')}, seed={training.get('seed')} |",
         f"| eval loss | base {fmt(manifest.get('base_eval_loss'))} → adapter {fmt(manifest.get('eval_loss'))} |",
         f"| inspection | {'pass' if inspection.get('passed') else 'fail'} ({len(inspection.get('findings', []))} finding(s)) |",
-        f"| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())) + " |",
+        "| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())) + " |",
         "",
         "## Use",
         "",

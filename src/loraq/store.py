@@ -22,120 +22,37 @@ import os
 import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import CorruptStoreError, LoraqError, NotFoundError, StoreError, TransitionError
+from .migrations import MIGRATIONS
+from .records import (  # the records and states are importable from the store, as callers always did
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    OUTCOME_CANCELLED,
+    OUTCOME_COMPLETED,
+    OUTCOME_FAILED,
+    OUTCOME_RETRY,
+    OUTCOME_STOPPED,
+    PENDING,
+    RUNNING,
+    STATES,
+    TERMINAL,  # noqa: F401 (re-exported)
+    TRANSITIONS,
+    Attempt,
+    Claim,
+    Event,
+    Job,
+    NewJob,
+    QueueState,
+    WorkerId,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
-STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-
-#: The lifecycle (DESIGN.md). Nothing else is allowed.
-TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        (PENDING, RUNNING),  # claim
-        (RUNNING, COMPLETED),  # trained, inspected, published
-        (RUNNING, FAILED),  # permanent error, inspection failed, or no attempts left
-        (RUNNING, PENDING),  # retryable error, lease expired, graceful stop
-        (PENDING, CANCELLED),
-        (RUNNING, CANCELLED),
-        (FAILED, PENDING),  # retry
-        (CANCELLED, PENDING),  # retry
-    }
-)
-
-# Outcomes of one attempt (attempts.outcome).
-OUTCOME_COMPLETED = "completed"
-OUTCOME_FAILED = "failed"  # the job failed for good
-OUTCOME_RETRY = "retry"  # failed, will be retried
-OUTCOME_STOPPED = "stopped"  # graceful stop, does not use an attempt
-OUTCOME_CANCELLED = "cancelled"
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the first schema
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        status TEXT NOT NULL CHECK (status IN ('pending','running','completed','failed','cancelled')),
-        priority INTEGER NOT NULL DEFAULT 0,
-        spec TEXT NOT NULL,
-        base_key TEXT NOT NULL,
-        max_retries INTEGER NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        epoch INTEGER NOT NULL DEFAULT 0,
-        lease_owner TEXT,
-        lease_host TEXT,
-        lease_pid INTEGER,
-        lease_expires REAL,
-        not_before REAL NOT NULL DEFAULT 0,
-        progress_step INTEGER,
-        progress_total INTEGER,
-        train_loss REAL,
-        eval_loss REAL,
-        base_eval_loss REAL,
-        error_kind TEXT,
-        error TEXT,
-        verdict TEXT,
-        result TEXT,
-        dataset_sha256 TEXT,
-        queue_file TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL
-    );
-    CREATE INDEX jobs_claim ON jobs (status, priority DESC, id);
-    CREATE TABLE attempts (
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        n INTEGER NOT NULL,
-        epoch INTEGER NOT NULL,
-        worker TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        ended_at REAL,
-        outcome TEXT,
-        error_kind TEXT,
-        reason TEXT,
-        traceback TEXT,
-        resumed_from_step INTEGER,
-        last_step INTEGER,
-        counted INTEGER NOT NULL DEFAULT 1,
-        PRIMARY KEY (job_id, n)
-    );
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER REFERENCES jobs (id),
-        ts REAL NOT NULL,
-        actor TEXT NOT NULL,
-        from_state TEXT,
-        to_state TEXT,
-        reason TEXT
-    );
-    CREATE INDEX events_job ON events (job_id, id);
-    CREATE TABLE metrics (
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        attempt INTEGER NOT NULL,
-        step INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        value REAL NOT NULL,
-        ts REAL NOT NULL
-    );
-    CREATE INDEX metrics_job ON metrics (job_id, attempt, step);
-    CREATE TABLE queue_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-    # 2: what each attempt leaves behind: the newest checkpoint it wrote, and
-    # whether its failure was retryable (``loraq show`` says which, and why)
-    """
-    ALTER TABLE attempts ADD COLUMN checkpoint_step INTEGER;
-    ALTER TABLE attempts ADD COLUMN retryable INTEGER;
-    """,
-)
 
 BUSY_TIMEOUT_S = 60.0
 
@@ -216,129 +133,6 @@ def _guarded(method: F) -> F:
             raise translated from exc
 
     return wrapper  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class WorkerId:
-    host: str
-    pid: int
-    token: str
-
-    @classmethod
-    def current(cls) -> WorkerId:
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.pid}:{self.token}"
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """What ``enqueue`` needs to add a job."""
-
-    name: str
-    spec: dict[str, Any]
-    base_key: str
-    priority: int = 0
-    max_retries: int = 2
-    dataset_sha256: str | None = None
-    queue_file: str | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    name: str
-    status: str
-    priority: int
-    spec: dict[str, Any]
-    base_key: str
-    max_retries: int
-    attempts: int
-    epoch: int
-    lease_owner: str | None
-    lease_host: str | None
-    lease_pid: int | None
-    lease_expires: float | None
-    not_before: float
-    progress_step: int | None
-    progress_total: int | None
-    train_loss: float | None
-    eval_loss: float | None
-    base_eval_loss: float | None
-    error_kind: str | None
-    error: str | None
-    verdict: str | None
-    result: dict[str, Any] | None
-    dataset_sha256: str | None
-    queue_file: str | None
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-
-    @property
-    def attempts_left(self) -> int:
-        return self.max_retries + 1 - self.attempts
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
-        data = dict(row)
-        data["spec"] = json.loads(data["spec"])
-        data["result"] = json.loads(data["result"]) if data["result"] else None
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A job handed to a worker: the attempt number and the fencing epoch it holds."""
-
-    job: Job
-    attempt: int
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Attempt:
-    job_id: int
-    n: int
-    epoch: int
-    worker: str
-    started_at: float
-    ended_at: float | None
-    outcome: str | None
-    error_kind: str | None
-    reason: str | None
-    traceback: str | None
-    resumed_from_step: int | None
-    last_step: int | None
-    counted: int
-    checkpoint_step: int | None = None  # the newest checkpoint this attempt wrote (as far as the store knows)
-    retryable: int | None = None  # for a failed attempt: 1 retryable, 0 permanent
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    job_id: int | None
-    ts: float
-    actor: str
-    from_state: str | None
-    to_state: str | None
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class QueueState:
-    paused: bool
-    pause_reason: str | None
-    consecutive_failures: int
-    pause_after_failures: int | None
-    retry_backoff_s: float
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""The store's schema, as numbered migrations: ``PRAGMA user_version`` says how many ran.
+
+Append a migration, never edit one that has shipped: homes made by older versions
+are brought up to date by running the ones they lack, in order.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL CHECK (status IN ('pending','running','completed','failed','cancelled')),
+        priority INTEGER NOT NULL DEFAULT 0,
+        spec TEXT NOT NULL,
+        base_key TEXT NOT NULL,
+        max_retries INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_host TEXT,
+        lease_pid INTEGER,
+        lease_expires REAL,
+        not_before REAL NOT NULL DEFAULT 0,
+        progress_step INTEGER,
+        progress_total INTEGER,
+        train_loss REAL,
+        eval_loss REAL,
+        base_eval_loss REAL,
+        error_kind TEXT,
+        error TEXT,
+        verdict TEXT,
+        result TEXT,
+        dataset_sha256 TEXT,
+        queue_file TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_claim ON jobs (status, priority DESC, id);
+    CREATE TABLE attempts (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        n INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        outcome TEXT,
+        error_kind TEXT,
+        reason TEXT,
+        traceback TEXT,
+        resumed_from_step INTEGER,
+        last_step INTEGER,
+        counted INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER REFERENCES jobs (id),
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT,
+        reason TEXT
+    );
+    CREATE INDEX events_job ON events (job_id, id);
+    CREATE TABLE metrics (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        attempt INTEGER NOT NULL,
+        step INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value REAL NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX metrics_job ON metrics (job_id, attempt, step);
+    CREATE TABLE queue_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # 2: what each attempt leaves behind: the newest checkpoint it wrote, and
+    # whether its failure was retryable (``loraq show`` says which, and why)
+    """
+    ALTER TABLE attempts ADD COLUMN checkpoint_step INTEGER;
+    ALTER TABLE attempts ADD COLUMN retryable INTEGER;
+    """,
+)
