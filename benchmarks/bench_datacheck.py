@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import copy
 import random
 import tempfile
 import time
@@ -34,18 +35,24 @@ from loraq.datacheck import TokenCache
 from loraq.spec import JobSpec, Queue, QueueSettings, ResolvedJob
 
 
+def _cycled(make: Any, n: int, rng: random.Random, pool: int = 500) -> list[dict[str, Any]]:
+    """``n`` rows drawn from a pool of the demo generator's distinct rows (it has only so many)."""
+    base = make(pool, rng)
+    return [copy.deepcopy(base[rng.randrange(pool)]) for _ in range(n)]
+
+
 def rows_for(fmt: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
     """``n`` distinct rows of the demo's kind, each made unique by a ticket number."""
     if fmt == "chat":
-        rows = demo.chat_rows(n, rng)
+        rows = _cycled(demo.chat_rows, n, rng)
         for i, row in enumerate(rows):
             row["messages"][1]["content"] += f" (ticket {i})"
         return rows
     if fmt == "prompt_completion":
         return [{"prompt": f"{r['prompt']} -- {i}", "completion": r["completion"]}
-                for i, r in enumerate(demo.sql_rows(n, rng))]
+                for i, r in enumerate(_cycled(demo.sql_rows, n, rng))]
     if fmt == "alpaca":
-        return [{**r, "instruction": f"{r['instruction']} ({i})"} for i, r in enumerate(demo.alpaca_rows(n, rng))]
+        return [{**r, "instruction": f"{r['instruction']} ({i})"} for i, r in enumerate(_cycled(demo.alpaca_rows, n, rng, pool=300))]
     return [{"text": f"{r['text']} ({i})"} for i, r in enumerate(demo.text_rows(n, rng))]
 
 
