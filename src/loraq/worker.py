@@ -252,8 +252,12 @@ class Worker:
             with contextlib.suppress(OSError):  # a prune that fails now is done at the next checkpoint
                 checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
         elif kind == "done":
-            self._finish(run, event["result"])
+            # The trainer is free: hand it the next job first, then inspect and publish this
+            # one from its own staging folder, so the trainer does not idle while we do.
             self._after_job(slot, event)
+            if self._signals == 0:
+                self._fill_slots()
+            self._finish(run, event["result"])
         elif kind == "stopped":
             self._release(run)
             with contextlib.suppress(LeaseLost):
