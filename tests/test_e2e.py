@@ -129,6 +129,7 @@ def test_reports_in_three_formats(finished: dict, tmp_path: Path) -> None:
     job = next(j for j in as_json["jobs"] if j["name"] == "chat-bot")
     assert job["curves"]["loss"] and job["curves"]["eval_loss"]
     assert job["base_eval_loss"] is not None and job["adapter_bytes"] > 0
+    assert job["dataset_rows"] == 120 and job["n_train"] + job["n_eval"] == 120 and len(job["dataset_sha256"]) == 64
     md = loraq(home, "report", "--format", "md").stdout
     assert "| chat-bot | completed | 1/3 |" in md
     out = tmp_path / "r.html"

@@ -48,6 +48,9 @@ def build(store: Store, home: Home) -> dict[str, Any]:
             "base_model": job.spec.get("base_model"),
             "dataset": job.spec.get("dataset_path"),
             "dataset_sha256": job.dataset_sha256,
+            "dataset_rows": job.spec.get("dataset_rows"),
+            "n_train": (job.result or {}).get("n_train"),
+            "n_eval": (job.result or {}).get("n_eval"),
             "attempts": [
                 {"n": a.n, "outcome": a.outcome or ("running" if a.ended_at is None else None),
                  "error_kind": a.error_kind, "reason": a.reason, "resumed_from_step": a.resumed_from_step,
@@ -197,7 +200,9 @@ def to_html(report: dict[str, Any]) -> str:
             + (f": {e(str(a['error_kind']))}: {e(str(a['reason']))}" if a["reason"] else "") + "</li>"
             for a in job["attempts"])
         rows.append(
-            f"<tr class='{e(job['status'])}'><td><b>{e(job['name'])}</b><br><span class=muted>{e(str(job['base_model']))}</span></td>"
+            f"<tr class='{e(job['status'])}'><td><b>{e(job['name'])}</b><br><span class=muted>{e(str(job['base_model']))}</span>"
+            f"<br><span class=muted>{e(Path(str(job['dataset'])).name)}: {job['dataset_rows'] or '?'} rows"
+            + (f", {job['n_train']} train / {job['n_eval']} eval" if job["n_train"] else "") + "</span></td>"
             f"<td>{e(job['status'])}</td><td>{job['attempts_used']}/{job['max_attempts']}</td>"
             f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b></td>"
             f"<td>{_svg(job['curves'])}<div class=legend><span style='color:#2563eb'>■ train</span> "
