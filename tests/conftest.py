@@ -81,3 +81,16 @@ defaults:
   validation: {split: 0.1}
 retry_backoff_s: 0
 """
+
+#: Three tiny jobs, one per dataset format, with different LoRA settings.
+THREE_JOBS = TINY_DEFAULTS + """
+jobs:
+  - name: chat-bot
+    dataset: ./data/support.jsonl
+  - name: sql-writer
+    dataset: {path: ./data/sql.jsonl, format: prompt_completion}
+    lora: {r: 8, alpha: 16}
+  - name: stories
+    dataset: ./data/stories.jsonl
+    lora: {target_modules: all-linear}
+"""

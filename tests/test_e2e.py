@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LORAQ, TINY_DEFAULTS, write_queue
+from conftest import LORAQ, THREE_JOBS, TINY_DEFAULTS, write_queue
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +22,6 @@ def loraq(home: Path, *args: str, check: bool = True, timeout: float = 300) -> s
 
 def status(home: Path) -> dict[str, dict]:
     return {j["name"]: j for j in json.loads(loraq(home, "status", "--json").stdout)["jobs"]}
-
-
-THREE_JOBS = TINY_DEFAULTS + """
-jobs:
-  - name: chat-bot
-    dataset: ./data/support.jsonl
-  - name: sql-writer
-    dataset: {path: ./data/sql.jsonl, format: prompt_completion}
-    lora: {r: 8, alpha: 16}
-  - name: stories
-    dataset: ./data/stories.jsonl
-    lora: {target_modules: all-linear}
-"""
 
 
 @pytest.fixture(scope="module")

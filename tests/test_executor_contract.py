@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TINY_DEFAULTS, write_queue
+from conftest import THREE_JOBS, TINY_DEFAULTS, write_queue
 from loraq import api, checkpoints
 from loraq.store import WorkerId
 from loraq.worker import RunSummary, Worker, WorkerConfig
@@ -29,19 +29,6 @@ from loraq.workspace import Home
 pytestmark = pytest.mark.slow
 
 KINDS = ["local", pytest.param("ray", marks=pytest.mark.ray)]
-
-THREE_JOBS = TINY_DEFAULTS + """
-jobs:
-  - name: chat-bot
-    dataset: ./data/support.jsonl
-  - name: sql-writer
-    dataset: {path: ./data/sql.jsonl, format: prompt_completion}
-    lora: {r: 8, alpha: 16}
-  - name: stories
-    dataset: ./data/stories.jsonl
-    lora: {target_modules: all-linear}
-"""
-
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Any:

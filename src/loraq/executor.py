@@ -66,6 +66,17 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def parse_devices(devices: str | None) -> list[str]:
     """``"0,1"`` -> GPUs 0 and 1; ``"cpu,cpu"`` -> two CPU trainers; ``None`` -> every GPU, else one CPU."""
     if not devices:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints
+from .executor import pid_alive
 
 #: Most log bytes one event carries; the rest follows on the next events.
 LOG_CHUNK_BYTES = 1 << 20
@@ -221,17 +222,8 @@ class TrainerActor:
 
 def _remove_dead_scratch(root: Path) -> None:
     """Scratch folders of actors on this node that died without cleaning up (a kill, a lost job)."""
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
     with contextlib.suppress(OSError):
         for folder in root.glob(f"{SCRATCH_PREFIX}*"):
             pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not alive(int(pid)) and folder.is_dir() and not folder.is_symlink():
+            if pid.isdigit() and not pid_alive(int(pid)) and folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import checkpoints, fsutil, publish
 from .errors import LoraqError, TransitionError
-from .executor import Event, Executor, Slot
+from .executor import Event, Executor, Slot, pid_alive
 from .store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
 from .workspace import Home
 
@@ -40,16 +40,6 @@ RESUME_DIR = "resume"  # attempt-<n>/resume/checkpoint-<step>: what the attempt 
 
 class TrainerStartError(LoraqError):
     """A trainer process cannot even start (a broken install, a bad device)."""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
