@@ -187,3 +187,15 @@ def test_a_dataset_changed_after_submit_is_refused_not_trained(workdir: Path) ->
     job = status(home)["edited"]
     assert (job["status"], job["attempts"], job["error_kind"]) == ("failed", 1, "data")
     assert "changed since it was submitted" in job["error"]
+
+
+def test_inspect_a_published_adapter_against_its_base_and_data(finished: dict) -> None:
+    work = finished["work"]
+    result = subprocess.run([LORAQ, "--home", str(finished["home"]), "inspect", str(finished["home"] / "adapters" / "sql-writer"),
+                             "--base", "./models/tiny", "--data", "./data/sql.jsonl", "--json"],
+                            capture_output=True, text=True, timeout=300, cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""  # findings on stdout, no loading bars
+    report = json.loads(result.stdout)
+    assert report["passed"] is True
+    assert report["stats"]["eval_loss"] < report["stats"]["base_eval_loss"]

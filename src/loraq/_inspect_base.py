@@ -194,8 +194,11 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     from .trainer import Collator, evaluate_loss, resolve_dtype
 
+    hf_logging.disable_progress_bar()  # the CLI's output is the findings, not loading bars
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
