@@ -84,13 +84,38 @@ def test_publish_dir_is_one_rename_and_never_merges(tmp_path: Path) -> None:
     assert (target / "adapter_model.safetensors").read_bytes() == b"x"
 
 
-def test_write_dir_atomic_appears_whole(tmp_path: Path) -> None:
+def test_building_dir_appears_whole_and_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
-    fsutil.write_dir_atomic(target, {"a.bin": b"1", "sub/b.json": b"{}"})
+    with fsutil.building_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_bytes(b"1")
+        (tmp / "sub" / "b.json").write_bytes(b"{}")
+        assert not target.exists()  # nothing is visible before the block ends
+        fsutil.fsync_tree(tmp)
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == ["a.bin", "sub/b.json"]
+    with fsutil.building_dir(target) as tmp:
+        (tmp / "c.bin").write_bytes(b"2")
+        fsutil.fsync_tree(tmp)
+    assert [p.name for p in target.iterdir()] == ["c.bin"]  # replaced, never merged
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_building_dir_that_fails_leaves_the_old_folder_and_no_trace(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
     with pytest.raises(ValueError):
-        fsutil.write_dir_atomic(tmp_path / "evil", {"../escape": b"x"})
-    assert not (tmp_path / "escape").exists() and not (tmp_path / "evil").exists()
+        with fsutil.building_dir(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"new")
+            raise ValueError("cut short")
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with pytest.raises(OSError):  # the rename fails: the old folder is put back
+        with fsutil.use_ops(FailAt(2)):  # call 1 moves the old folder aside, call 2 is the rename
+            with fsutil.building_dir(target) as tmp:
+                (tmp / "new.bin").write_bytes(b"new")
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_remove_tree_and_stale_tmp(tmp_path: Path) -> None:

@@ -135,8 +135,7 @@ def snapshot_for_resume(job_dir: Path, into: Path) -> Checkpoint | None:
 
 
 def _link_tree(source: Path, target: Path) -> None:
-    tmp = fsutil.tmp_sibling(target)
-    try:
+    with fsutil.building_dir(target) as tmp:
         for dirpath, _dirnames, filenames in os.walk(source):
             rel = Path(dirpath).relative_to(source)
             (tmp / rel).mkdir(parents=True, exist_ok=True)
@@ -148,11 +147,6 @@ def _link_tree(source: Path, target: Path) -> None:
                         raise
                     shutil.copy2(Path(dirpath) / name, tmp / rel / name)
         fsutil.fsync_tree(tmp)
-        fsutil.ops.rename(tmp, target)
-        fsutil.fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_weights(folder: Path) -> str | None:

@@ -136,24 +136,25 @@ def publish_dir(src: Path, dst: Path) -> None:
         fsync_dir(src.parent)
 
 
-def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
-    """Create folder ``target`` holding ``files`` (relative name -> bytes), atomically.
+@contextlib.contextmanager
+def building_dir(target: Path) -> Iterator[Path]:
+    """A hidden folder beside ``target`` to fill; leaving the block puts it in ``target``'s place.
+
+    Whatever the block writes must be fsynced before it ends (``fsync_tree``, or a
+    checkpoint marker, which fsyncs the files it lists): nothing can see the folder
+    before the rename, so its files need no atomic writes of their own.
 
     The folder appears whole or not at all. An existing ``target`` stays whole until
-    the new one is complete on disk; then it steps aside (one rename) and the new
-    one takes its place (another); if that fails, the old one is put back. Only a
-    kill between those two renames leaves no ``target`` (the old one lies beside it
-    under a temporary name); Linux has no portable atomic swap of folders.
+    the new one is complete on disk; then it steps aside (one rename) and the new one
+    takes its place (another); if that fails, the old one is put back. Only a kill
+    between those two renames leaves no ``target`` (the old one lies beside it under a
+    temporary name); Linux has no portable atomic swap of folders. If the block
+    raises, the hidden folder is removed and ``target`` is untouched.
     """
     tmp = tmp_sibling(target)
     tmp.mkdir(parents=True)
     try:
-        for rel, data in files.items():
-            path = tmp / rel
-            if not path.resolve().is_relative_to(tmp.resolve()):
-                raise ValueError(f"file name {rel!r} leaves the folder")
-            atomic_write_bytes(path, data)
-        fsync_tree(tmp)
+        yield tmp
         old = None
         if target.exists():
             old = tmp_sibling(target)
@@ -173,7 +174,6 @@ def write_dir_atomic(target: Path, files: dict[str, bytes]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def remove_tree(path: Path) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,26 +383,17 @@ class RayExecutor:
 def store_folder(target: Path, files: dict[str, bytes], *, step: int | None = None) -> None:
     """Write ``files`` as folder ``target``, which appears whole, in one rename, or not at all.
 
-    With ``step`` the folder is a checkpoint, marked complete before the rename. Like
-    ``fsutil.write_dir_atomic`` then ``checkpoints.mark_complete``, at half the fsyncs:
-    the files are written plainly into the hidden temporary folder and fsynced once
-    each (by ``mark_complete`` or ``fsync_tree``); nothing can see them before the rename.
+    With ``step`` the folder is a checkpoint, marked complete before the rename. The
+    files are written plainly into the hidden folder of ``fsutil.building_dir`` and
+    fsynced once each (by ``mark_complete`` or ``fsync_tree``): half the fsyncs of
+    writing each one atomically; nothing can see them before the rename.
     """
-    tmp = fsutil.tmp_sibling(target)
-    tmp.mkdir(parents=True)
-    try:
+    with fsutil.building_dir(target) as tmp:
         write_tree(tmp, files)
         if step is not None:
             checkpoints.mark_complete(tmp, step=step)
         else:
             fsutil.fsync_tree(tmp)
-        if target.exists():
-            fsutil.remove_tree(target)
-        fsutil.ops.rename(tmp, target)
-        fsutil.fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _data_files(job: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
