@@ -8,12 +8,12 @@ processes that do.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import publish
 from .errors import NotFoundError, Problem, SpecError, TransitionError
 from .store import Attempt, Event, Job, QueueState, Store
 from .workspace import Home
@@ -45,7 +45,9 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
     path = Path(queue_file).expanduser()
     roots = home.roots(queue_dir=path.absolute().parent, extra=allow_roots)
     queue = spec.load_queue(path, roots)
-    reports, problems = datacheck.analyze_queue(queue, cache_dir=home.root / "cache" / "datasets" if not dry_run or home.db_path.exists() else None)
+    # A dry run on a home that holds nothing yet leaves it that way: no token cache on disk.
+    cache_dir = datacheck.cache_dir_of(home.root) if not dry_run or home.db_path.exists() else None
+    reports, problems = datacheck.analyze_queue(queue, cache_dir=cache_dir)
     problems = list(problems)
     if home.db_path.exists():
         with open_store(home, create=False) as store:
@@ -258,11 +260,7 @@ def show(home: Home, ref: str) -> ShowResult:
     with _require_store(home) as store:
         job = store.job(ref)
         attempts = store.attempts(job.id)
-        inspection = (job.result or {}).get("inspection")
-        if inspection is None:
-            path = home.adapter_dir(job.name) / "inspection.json"
-            if path.is_file():
-                inspection = json.loads(path.read_text(encoding="utf-8"))
+        inspection = publish.job_inspection(home, job)
         log = newest_log(home, job.id, attempts)
         return ShowResult(job, attempts, store.events(job.id), store.metrics(job.id), inspection, str(log) if log else None)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
-from .store import Claim, Store
+from .store import Claim, Job, Store
 from .workspace import Home
 
 MANIFEST = "loraq-manifest.json"
@@ -143,6 +143,28 @@ def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[
     return target
 
 
+def read_inspection(folder: Path) -> dict[str, Any] | None:
+    """The ``inspection.json`` of a published adapter, or ``None`` if it is missing or unreadable."""
+    try:
+        data = json.loads((folder / INSPECTION).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
+    """A job's inspection: the one recorded with its result, else the published adapter's."""
+    recorded = (job.result or {}).get("inspection")
+    return recorded if recorded is not None else read_inspection(home.adapter_dir(job.name))
+
+
+def recovered_result(target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The result to record for an adapter an earlier, killed attempt published (from its manifest)."""
+    result = {k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}
+    return result | {"adapter": str(target), "recovered": True, "published_by_attempt": manifest.get("attempt"),
+                     "inspection": read_inspection(target) or {}}
+
+
 def adopt_published(store: Store, home: Home, claim: Claim) -> dict[str, Any] | None:
     """Complete a freshly claimed job whose adapter an earlier, killed attempt published.
 
@@ -153,13 +175,5 @@ def adopt_published(store: Store, home: Home, claim: Claim) -> dict[str, Any] | 
     manifest = read_manifest(target)
     if not manifest or manifest.get("job_id") != claim.job.id:
         return None
-    result = {k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}
-    result |= {"adapter": str(target), "recovered": True, "published_by_attempt": manifest.get("attempt")}
-    inspection = {}
-    try:
-        inspection = json.loads((target / INSPECTION).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    result["inspection"] = inspection
-    store.complete(claim.job.id, claim.epoch, result=result)
+    store.complete(claim.job.id, claim.epoch, result=recovered_result(target, manifest))
     return manifest

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import fsutil
+from . import fsutil, publish
 from .store import Store
 from .workspace import Home
 
@@ -31,14 +31,7 @@ def build(store: Store, home: Home) -> dict[str, Any]:
         for row in metrics:
             if row["name"] in ("loss", "eval_loss"):
                 curves.setdefault(row["name"], []).append([row["step"], row["value"]])
-        inspection = (job.result or {}).get("inspection")
-        if inspection is None:
-            path = home.adapter_dir(job.name) / "inspection.json"
-            if path.is_file():
-                try:
-                    inspection = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    inspection = None
+        inspection = publish.job_inspection(home, job)
         adapter = (job.result or {}).get("adapter")
         size = _folder_size(Path(adapter)) if adapter and Path(adapter).is_dir() else None
         jobs.append({

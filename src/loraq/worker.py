@@ -447,9 +447,8 @@ class Worker:
                 # The owner may be alive and committing this very publish right now: then
                 # it wins and the job is no longer running here (TransitionError).
                 with contextlib.suppress(LeaseLost, TransitionError):
-                    self.store.complete(job.id, job.epoch, result={
-                        "adapter": str(self.home.adapter_dir(job.name)), "recovered": True,
-                        **{k: manifest.get(k) for k in ("train_loss", "eval_loss", "base_eval_loss", "steps")}})
+                    self.store.complete(job.id, job.epoch,
+                                        result=publish.recovered_result(self.home.adapter_dir(job.name), manifest))
                     self.observer("recovered", {"name": job.name, "job_id": job.id})
         for job_id in self.store.reclaim_dead(self.id.host, pid_alive):
             self.observer("reclaimed", {"job_id": job_id})
