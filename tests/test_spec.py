@@ -58,6 +58,11 @@ jobs:
         ("validation: {split: 0}", "job 'j': validation: needs split > 0 or a dataset"),
         ("dataset: {path: ./data/support.jsonl, format: xml}", "job 'j': dataset.format"),
         ("max_retries: -1", "job 'j': max_retries"),
+        # unknown keys are named whatever they are called (not mistaken for pydantic's union tags)
+        ("lora: {intermediate: 3}", "job 'j': lora.intermediate: unknown key"),
+        ("training: {floaty: 1}", "job 'j': training.floaty: unknown key"),
+        ("lora: {none_of_these: 1}", "job 'j': lora.none_of_these: unknown key"),
+        ("lora: {target_modules: [q_proj, 7]}", "job 'j': lora.target_modules"),
     ],
 )
 def test_bad_values_are_named(workdir: Path, job_yaml: str, expected: str) -> None:

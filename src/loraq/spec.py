@@ -187,18 +187,33 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in {"function-after", "str", "list[str]"})]
-    # pydantic reports which union member failed ("target_modules.str"); keep the field
-    parts = [p for p in parts if not p.startswith(("function-", "literal[", "int", "float", "none"))]
+def _field_path(loc: tuple[Any, ...], data: Any, *, missing: bool) -> str:
+    """The dotted path of the field an error is about, as the user wrote it.
+
+    pydantic puts tags in ``loc`` that name no field (which member of a union failed:
+    ``str``, ``list[str]``, ``literal[...]``, ``function-after[...]``). A part is kept
+    only where it names something in the input (a key of the mapping, an index of the
+    list), so tags drop out and every real key stays, whatever it is called; the last
+    part of a "missing" error is kept although the input lacks it.
+    """
+    parts: list[str] = []
+    node = data
+    for position, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and position == len(loc) - 1):
+            continue
+        parts.append(str(part))
     return ".".join(parts) or "(job)"
 
 
-def _pydantic_problems(where: str, exc: ValidationError) -> list[Problem]:
+def _pydantic_problems(where: str, exc: ValidationError, data: Any) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[str] = set()
     for err in exc.errors():
-        field = _field_path(err["loc"])
+        field = _field_path(err["loc"], data, missing=err["type"] == "missing")
         if field in seen:  # a union reports one error per member: keep the first
             continue
         seen.add(field)
@@ -257,10 +272,11 @@ def load_queue(path: str | Path, roots: Roots) -> Queue:
         defaults = {}
     if "name" in defaults:
         problems.append(Problem(f"{where}: defaults.name", "a name is per job, not a default"))
+    settings_doc = {k: v for k, v in doc.items() if k in QueueSettings.model_fields}
     try:
-        settings = QueueSettings.model_validate({k: v for k, v in doc.items() if k in QueueSettings.model_fields})
+        settings = QueueSettings.model_validate(settings_doc)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(where, exc))
+        problems.extend(_pydantic_problems(where, exc, settings_doc))
         settings = QueueSettings()
     raw_jobs = doc.get("jobs")
     if not isinstance(raw_jobs, list) or not raw_jobs:
@@ -281,7 +297,7 @@ def load_queue(path: str | Path, roots: Roots) -> Queue:
         try:
             spec = JobSpec.model_validate(merged)
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(f"{where}: {label}", exc))
+            problems.extend(_pydantic_problems(f"{where}: {label}", exc, merged))
             continue
         if spec.name in names:
             problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{names[spec.name]})"))
