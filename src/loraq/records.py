@@ -15,7 +15,6 @@ from typing import Any
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
 STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 #: The lifecycle (DESIGN.md). Nothing else is allowed.
 TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
@@ -101,10 +100,6 @@ class Job:
     @property
     def attempts_left(self) -> int:
         return self.max_retries + 1 - self.attempts
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

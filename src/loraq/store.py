@@ -41,7 +41,6 @@ from .records import (  # the records and states are importable from the store, 
     PENDING,
     RUNNING,
     STATES,
-    TERMINAL,  # noqa: F401 (re-exported)
     TRANSITIONS,
     Attempt,
     Claim,

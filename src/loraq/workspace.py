@@ -86,4 +86,4 @@ class Home:
         read: list[Path | str] = [self.root, hf_cache_dir(), *self.allowed_roots(), *extra]
         if queue_dir is not None:
             read.append(queue_dir)
-        return Roots.of(read, write=[self.root])
+        return Roots.of(read)
