@@ -20,19 +20,20 @@ Times are wall-clock on this machine, reported as measured; no test asserts them
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
-import copy
 import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from loraq import data, datacheck, demo
-from loraq.datacheck import TokenCache
-from loraq.spec import JobSpec, Queue, QueueSettings, ResolvedJob
+from loraq import data, demo
+from loraq.data import check as datacheck
+from loraq.data.check import TokenCache
+from loraq.queue.spec import JobSpec, Queue, QueueSettings, ResolvedJob
 
 
 def _cycled(make: Any, n: int, rng: random.Random, pool: int = 500) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraq.inspector import check_finite, inspect_adapter
+from loraq.inspect import check_finite, inspect_adapter
 
 SIZES_MB = (1, 10, 100, 1000)
 HIDDEN = 4096

@@ -25,7 +25,7 @@ from pathlib import Path
 from _bench import load, machine, quiet_hf
 
 from loraq import api, demo
-from loraq.store import Store
+from loraq.queue.store import Store
 from loraq.workspace import Home
 
 DATASETS = [("support.jsonl", "chat"), ("sql.jsonl", "prompt_completion"), ("stories.jsonl", "alpaca")]

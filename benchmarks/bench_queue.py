@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_queue.py [--jobs 10000] [--sample 200]
 
-loraq (``loraq.store.Store``, the code ``loraq submit`` / ``run`` / ``status`` use;
+loraq (``loraq.queue.store.Store``, the code ``loraq submit`` / ``run`` / ``status`` use;
 WAL, ``synchronous=FULL``, one ``BEGIN IMMEDIATE`` transaction per operation):
 
 - submit: the 10,000 jobs enqueued in one transaction (``loraq submit``, all or
@@ -36,7 +36,7 @@ from typing import Any
 from _bench import LORAQ, load, machine, median, quiet_env, run, table
 
 from loraq import api
-from loraq.store import NewJob, Store, WorkerId
+from loraq.queue.store import NewJob, Store, WorkerId
 from loraq.workspace import Home
 
 

@@ -68,7 +68,7 @@ def prepare(root: Path, size: str) -> None:
 
 def run_once(root: Path, executor: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     from loraq import api
-    from loraq.worker import Worker, WorkerConfig
+    from loraq.supervisor.worker import Worker, WorkerConfig
     from loraq.workspace import Home
 
     datasets = sorted(p.name for p in (root / "data").iterdir())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _bench import LORAQ, PYTHON, load, machine, median, quiet_env, run, table
 
-from loraq.store import NewJob, Store, WorkerId
+from loraq.queue.store import NewJob, Store, WorkerId
 
 
 def fill(home: Path, n: int) -> None:

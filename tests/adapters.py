@@ -182,7 +182,7 @@ def trained_adapter(base: Path, out: Path, rows: list[dict[str, Any]], *, steps:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraq import data
-    from loraq.trainer import Collator
+    from loraq.model.batching import Collator
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)

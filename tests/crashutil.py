@@ -92,7 +92,7 @@ class Worker:
         return self.proc.pid
 
     def trainers(self) -> list[psutil.Process]:
-        """Its trainer processes (``python -m loraq.trainer``), alive now."""
+        """Its trainer processes (``python -m loraq.train``), alive now."""
         try:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -100,7 +100,7 @@ class Worker:
         found = []
         for child in children:
             try:
-                if "loraq.trainer" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                if "loraq.train" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
                     found.append(child)
             except psutil.NoSuchProcess:
                 continue
@@ -254,7 +254,9 @@ def checkpoint_steps(home: Path, job_id: int) -> list[int]:
 
 def check_published(home: Path, names: set[str]) -> None:
     """``adapters/`` holds exactly ``names``, each complete: files match the manifest, the inspector passes."""
-    from loraq import fsutil, inspector, publish
+    from loraq import fsutil
+    from loraq import inspect as inspector
+    from loraq.supervisor import publish
 
     adapters = home / "adapters"
     found = {p.name for p in adapters.iterdir()}

@@ -14,7 +14,18 @@ import pytest
 
 from conftest import LORAQ
 from crashutil import (
-    ENV, STARTUP_S, Worker, attempts, completions, integrity, jobs, loraq, make_workdir, queue_file, wait_for, wait_gone,
+    ENV,
+    STARTUP_S,
+    Worker,
+    attempts,
+    completions,
+    integrity,
+    jobs,
+    loraq,
+    make_workdir,
+    queue_file,
+    wait_for,
+    wait_gone,
 )
 
 QUICK = "max_steps: 6, learning_rate: 5.0e-3, batch_size: 8, max_seq_len: 64, save_steps: 3, logging_steps: 1, seed: 3"

@@ -15,8 +15,19 @@ from pathlib import Path
 import pytest
 
 from crashutil import (
-    JOB_S, STARTUP_S, Worker, attempts, check_published, completions, events, integrity, jobs, loraq, make_workdir,
-    queue_file, wait_for,
+    JOB_S,
+    STARTUP_S,
+    Worker,
+    attempts,
+    check_published,
+    completions,
+    events,
+    integrity,
+    jobs,
+    loraq,
+    make_workdir,
+    queue_file,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow

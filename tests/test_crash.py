@@ -24,8 +24,20 @@ from pathlib import Path
 import pytest
 
 from crashutil import (
-    STARTUP_S, Worker, attempts, check_published, completions, events, integrity, jobs, loraq, make_workdir,
-    query, queue_file, wait_for, wait_gone,
+    STARTUP_S,
+    Worker,
+    attempts,
+    check_published,
+    completions,
+    events,
+    integrity,
+    jobs,
+    loraq,
+    make_workdir,
+    query,
+    queue_file,
+    wait_for,
+    wait_gone,
 )
 from loraq import fsutil
 

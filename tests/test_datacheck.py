@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from loraq import data, datacheck, demo, trainer
+from loraq import data, demo
 from loraq.data import RowProblem
-from loraq.datacheck import DatasetReport, TokenCache, TokenStats
+from loraq.data import check as datacheck
+from loraq.data.check import DatasetReport, TokenCache, TokenStats
 from loraq.errors import DataError
-from loraq.spec import JobSpec, Queue, QueueSettings, ResolvedJob
+from loraq.queue.spec import JobSpec, Queue, QueueSettings, ResolvedJob
+from loraq.train.service import prepare
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +91,7 @@ def test_report_of_a_clean_chat_dataset(base: Path, tmp_path: Path, tokenizer: A
     assert report.tokens.max == max(lengths) and report.tokens.total == sum(lengths)
     assert report.tokens.p95 == sorted(lengths)[math.ceil(0.95 * 40) - 1]
     assert (report.format, report.rows, report.n_train, report.n_eval, report.eval_source) == ("chat", 40, 38, 2, "split")
-    assert report.est_steps == trainer.total_steps(job.spec, 38) == 2 * math.ceil(38 / 8)
+    assert report.est_steps == job.spec.total_steps(38) == 2 * math.ceil(38 / 8)
     assert report.est_epochs == 2
     assert (report.truncated_rows, report.untrainable_rows, report.duplicate_rows) == (0, 0, 0)
     assert report.sha256 == data.sha256_bytes(Path(job.dataset_path).read_bytes())
@@ -102,9 +104,9 @@ def test_submit_and_the_trainer_agree_on_the_split_steps_and_truncation(base: Pa
     job = make_job(base, write_jsonl(tmp_path / "pc.jsonl", rows),
                    training={"max_seq_len": 24, "batch_size": 4, "grad_accum": 2, "epochs": 1.5})
     report = datacheck.analyze_job(job, tokenizer_loader=loader, cache=TokenCache())
-    prepared = trainer.prepare({"job": {"spec": job.spec.model_dump(), "dataset_path": job.dataset_path}}, tokenizer)
+    prepared = prepare({"job": {"spec": job.spec.model_dump(), "dataset_path": job.dataset_path}}, tokenizer)
     assert (prepared.n_train, prepared.n_eval) == (report.n_train, report.n_eval)
-    assert trainer.total_steps(job.spec, prepared.n_train) == report.est_steps
+    assert job.spec.total_steps(prepared.n_train) == report.est_steps
     _, eval_idx = data.split_indices(len(rows), job.spec.validation.split, job.spec.training.seed)
     eval_cut = sum(data.encode(rows[i], "prompt_completion", tokenizer, 24).truncated for i in eval_idx)
     assert prepared.truncated + eval_cut == report.truncated_rows > 0
@@ -337,7 +339,7 @@ def test_a_report_is_a_frozen_value() -> None:
 
 
 def test_importing_datacheck_pulls_in_neither_torch_nor_transformers() -> None:
-    code = ("import sys, loraq.datacheck; "
+    code = ("import sys, loraq.data.check; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import LORAQ, TINY_DEFAULTS, write_queue
 from loraq.errors import UsageError
-from loraq.store import Store
-from loraq.executor import Slot, parse_devices, trainer_env, usable_cores
+from loraq.executors.base import Slot, parse_devices, trainer_env, usable_cores
+from loraq.queue.store import Store
 
 
 @pytest.mark.parametrize(("given", "devices"), [

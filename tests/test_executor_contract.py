@@ -22,8 +22,8 @@ import pytest
 
 from conftest import THREE_JOBS, TINY_DEFAULTS, write_queue
 from loraq import api, checkpoints
-from loraq.store import WorkerId
-from loraq.worker import RunSummary, Worker, WorkerConfig
+from loraq.queue.store import WorkerId
+from loraq.supervisor.worker import RunSummary, Worker, WorkerConfig
 from loraq.workspace import Home
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_da
 
 
 def test_a_queue_completes(kind: str, finished: Callable[[str], Home]) -> None:
-    from loraq.inspector import inspect_adapter
+    from loraq.inspect import inspect_adapter
 
     home = finished(kind)
     jobs = jobs_by_name(home)
@@ -219,7 +219,7 @@ jobs:
 
 
 def test_a_run_whose_lease_was_lost_completes_nothing_and_the_job_completes_once(kind: str, workdir: Path) -> None:
-    from loraq.store import Store
+    from loraq.queue.store import Store
 
     home = submit(workdir, TINY_DEFAULTS + """
 jobs:

@@ -34,9 +34,10 @@ from typing import Any
 import pytest
 
 import adapters
-from loraq import checkpoints, fsutil, publish
-from loraq.store import COMPLETED, PENDING, RUNNING, Claim, NewJob, Store, WorkerId
-from loraq.worker import Worker
+from loraq import checkpoints, fsutil
+from loraq.queue.store import COMPLETED, PENDING, RUNNING, Claim, NewJob, Store, WorkerId
+from loraq.supervisor import publish
+from loraq.supervisor.worker import Worker
 from loraq.workspace import Home
 
 ADAPTER_FILES = {publish.CONFIG, publish.WEIGHTS, publish.MANIFEST, publish.INSPECTION, publish.MODEL_CARD}
@@ -453,8 +454,8 @@ def test_a_writer_frozen_inside_a_transaction_is_named_not_a_raw_locked_error(tm
     import signal
     import time
 
-    from loraq import store as store_module
     from loraq.errors import StoreError
+    from loraq.queue import store as store_module
 
     db = tmp_path / "loraq.db"
     Store.open(db).close()

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-SUPERVISOR = ["loraq.store", "loraq.worker", "loraq.executor", "loraq.api", "loraq.cli", "loraq.spec",
-              "loraq.report", "loraq.publish", "loraq.checkpoints", "loraq.fsutil", "loraq.workspace",
-              "loraq.inspector", "loraq._safetensors", "loraq._lora_config", "loraq.records", "loraq.migrations",
-              "loraq.encoding", "loraq.data", "loraq.datacheck"]
+SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
+              "loraq.api", "loraq.cli", "loraq.queue.spec", "loraq.report", "loraq.supervisor.publish",
+              "loraq.checkpoints", "loraq.fsutil", "loraq.workspace", "loraq.inspect", "loraq.inspect.on_base",
+              "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
+              "loraq.data", "loraq.data.encoding", "loraq.data.check"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
@@ -36,6 +37,6 @@ def test_status_command_does_not_import_torch(tmp_path) -> None:
 
 
 def test_store_uses_only_the_standard_library() -> None:
-    loaded = modules_after("import loraq.store, loraq.records, loraq.migrations")
+    loaded = modules_after("import loraq.queue.store, loraq.queue.records, loraq.queue.migrations")
     third_party = {m.split(".")[0] for m in loaded} & {"yaml", "pydantic", "numpy", "typer", "rich", "psutil"}
     assert not third_party

@@ -16,16 +16,9 @@ import pytest
 import adapters as ad
 from loraq import checkpoints
 from loraq.errors import InspectionError
-from loraq.inspector import (
-    MAX_PER_CODE,
-    Finding,
-    Inspection,
-    LoraSettings,
-    check_finite,
-    inspect_adapter,
-    parse_config,
-    quality_gate,
-)
+from loraq.inspect import Finding, Inspection, check_finite, inspect_adapter, quality_gate
+from loraq.inspect.lora_config import LoraSettings, parse_config
+from loraq.inspect.structure import MAX_PER_CODE
 from loraq.sandbox import Roots
 
 WEIGHTS = "adapter_model.safetensors"
@@ -282,9 +275,9 @@ def test_config_that_is_a_folder(adapter: Path) -> None:
 
 
 def test_too_many_files(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import loraq.inspector
+    import loraq.inspect.adapter
 
-    monkeypatch.setattr(loraq.inspector, "MAX_FILES", 20)  # the real cap is 10,000
+    monkeypatch.setattr(loraq.inspect.adapter, "MAX_FILES", 20)  # the real cap is 10,000
     for i in range(20):
         (adapter / f"f{i}").touch()
     result = inspect_adapter(adapter)
@@ -671,7 +664,7 @@ def test_rank_pattern_lookup_matches_peft() -> None:
 
 def test_inspection_never_imports_torch(adapter: Path) -> None:
     """The supervisor runs the inspection before publishing, and never imports torch."""
-    code = ("import sys; from loraq.inspector import inspect_adapter, check_finite; "
+    code = ("import sys; from loraq.inspect import inspect_adapter, check_finite; "
             f"r = inspect_adapter({str(adapter)!r}); assert r.passed, r.findings; "
             f"assert check_finite(__import__('pathlib').Path({str(adapter / WEIGHTS)!r})) is None; "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad")

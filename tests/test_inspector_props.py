@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import adapters as ad
-from loraq.inspector import check_finite, inspect_adapter
+from loraq.inspect import check_finite, inspect_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 #: LORAQ_PROPS_EXAMPLES=5000 for a deeper hunt; the default keeps the suite fast.

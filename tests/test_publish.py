@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loraq import publish
+from loraq.supervisor import publish
 
 
 def test_read_inspection_tolerates_a_missing_or_damaged_file(tmp_path: Path) -> None:

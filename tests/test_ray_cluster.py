@@ -20,7 +20,7 @@ import pytest
 
 from conftest import TINY_DEFAULTS, write_queue
 from loraq import api, checkpoints
-from loraq.worker import Worker, WorkerConfig
+from loraq.supervisor.worker import Worker, WorkerConfig
 from loraq.workspace import Home
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -64,7 +64,7 @@ def cluster() -> Any:
 
 
 def test_a_node_lost_mid_job_loses_nothing(cluster: Any, workdir: Path) -> None:
-    from loraq.inspector import inspect_adapter
+    from loraq.inspect import inspect_adapter
 
     home = Home(workdir / ".loraq")
     api.submit(write_queue(workdir, QUEUE), home=home)

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 from loraq import checkpoints
-from loraq.executor import Slot
-from loraq.ray_actor import TrainerActor, read_tree, write_tree
-from loraq.ray_executor import RayExecutor, _ActorState, store_folder
+from loraq.executors.base import Slot
+from loraq.executors.ray import RayExecutor, _ActorState, store_folder
+from loraq.executors.ray_actor import TrainerActor, read_tree, write_tree
 from loraq.workspace import Home
 
 
 def test_importing_the_ray_executor_pulls_in_neither_ray_nor_torch() -> None:
-    code = "import loraq.ray_executor, loraq.ray_actor, sys, json; print(json.dumps(sorted(sys.modules)))"
+    code = "import loraq.executors.ray, loraq.executors.ray_actor, sys, json; print(json.dumps(sorted(sys.modules)))"
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                            check=True).stdout.strip().splitlines()[-1]))
     assert not loaded & {"ray", "torch", "transformers", "peft"}
@@ -195,7 +195,7 @@ def one_job(workdir: Path) -> Home:
 
 def run_worker(home: Home, executor: RayExecutor) -> None:
     from loraq import api
-    from loraq.worker import Worker, WorkerConfig
+    from loraq.supervisor.worker import Worker, WorkerConfig
 
     with api.open_store(home, check=True) as store:
         Worker(home, store, executor, config=WorkerConfig(poll_s=0.05)).run()
@@ -206,7 +206,7 @@ def run_worker(home: Home, executor: RayExecutor) -> None:
 def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(ray_instance: Any, workdir: Path) -> None:
     """A broken node (here: no writable scratch) must not loop forever: three failed starts end the run."""
     from loraq import api
-    from loraq.worker import TrainerStartError
+    from loraq.supervisor.worker import TrainerStartError
 
     home = one_job(workdir)
     executor = RayExecutor(home=home, devices="cpu", scratch_root=str(workdir / "no" / "such" / "folder"))
@@ -221,7 +221,7 @@ def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(ray_instance: A
 @pytest.mark.ray
 def test_a_trainer_the_cluster_has_no_room_for_ends_the_run_in_time_and_says_why(ray_instance: Any, workdir: Path) -> None:
     from loraq import api
-    from loraq.worker import TrainerStartError
+    from loraq.supervisor.worker import TrainerStartError
 
     home = one_job(workdir)
     executor = RayExecutor(home=home, devices="cpu", actor_options={"resources": {"a100": 1}}, placement_timeout_s=2.0)

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import TINY_DEFAULTS, write_queue
 from loraq.errors import SpecError
+from loraq.queue.spec import load_queue
 from loraq.sandbox import Roots
-from loraq.spec import load_queue
 
 
 def roots_for(folder: Path, *extra: Path) -> Roots:

@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 
 from loraq.errors import CorruptStoreError, NotFoundError, TransitionError
-from loraq.store import (
-    CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, STATES, TRANSITIONS, LeaseLost, NewJob, Store, WorkerId,
+from loraq.queue.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    STATES,
+    TRANSITIONS,
+    LeaseLost,
+    NewJob,
+    Store,
+    WorkerId,
 )
 
 W1 = WorkerId("host-a", 101, "w1")

@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 
 from conftest import TINY_DEFAULTS, write_queue
-from loraq import api, trainer
-from loraq.store import Job, Store
+from loraq import api
+from loraq.model.batching import Collator
+from loraq.model.evaluation import evaluate_loss
+from loraq.queue.store import Job, Store
+from loraq.train.service import prepare
 from loraq.workspace import Home
 
 pytestmark = pytest.mark.slow
@@ -107,9 +110,9 @@ def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], p
             continue
         # The published adapter on a fresh load of its base reproduces the eval loss the job recorded.
         tokenizer = AutoTokenizer.from_pretrained(base)
-        rows = trainer.prepare({"job": job.spec}, tokenizer).eval
+        rows = prepare({"job": job.spec}, tokenizer).eval
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-        loss = trainer.evaluate_loss(model, rows, trainer.Collator(tokenizer.pad_token_id), 8)
+        loss = evaluate_loss(model, rows, Collator(tokenizer.pad_token_id), 8)
         assert loss == pytest.approx(job.eval_loss, rel=1e-4)
 
 

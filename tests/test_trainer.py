@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
-from loraq import basemodel, trainer
-from loraq.spec import JobSpec
+from loraq.model import base as basemodel
+from loraq.model.batching import Collator
+from loraq.model.evaluation import evaluate_loss
+from loraq.queue.spec import JobSpec
+from loraq.train.service import TrainerService, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +36,20 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service() -> Iterator[trainer.TrainerService]:
+def service() -> Iterator[TrainerService]:
     """One trainer for the module, on one thread (the machine is shared with other tests)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield trainer.TrainerService(device="cpu")
+    yield TrainerService(device="cpu")
     torch.set_num_threads(threads)
 
 
 class Run:
     """A job run on the service, with the events it emitted."""
 
-    def __init__(self, service: trainer.TrainerService, request: dict[str, Any]) -> None:
+    def __init__(self, service: TrainerService, request: dict[str, Any]) -> None:
         self.request = request
         self.events: list[dict[str, Any]] = []
         self.outcome = service.run_job(request, self.events.append)
@@ -95,7 +98,7 @@ def eval_set(run: Run, base: Path) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return trainer.prepare(run.request, tokenizer).eval, trainer.Collator(tokenizer.pad_token_id)
+    return prepare(run.request, tokenizer).eval, Collator(tokenizer.pad_token_id)
 
 
 def recorded_eval_loss_reproduced(run: Run, base: Path) -> float:
@@ -104,17 +107,17 @@ def recorded_eval_loss_reproduced(run: Run, base: Path) -> float:
 
     rows, collator = eval_set(run, base)
     model = PeftModel.from_pretrained(fresh(base), run.result["staging"]).eval()
-    return trainer.evaluate_loss(model, rows, collator, TRAINING["batch_size"])
+    return evaluate_loss(model, rows, collator, TRAINING["batch_size"])
 
 
 def base_loss(run: Run, base: Path) -> float:
     """The eval loss of ``base`` itself on ``run``'s eval rows."""
     rows, collator = eval_set(run, base)
-    return trainer.evaluate_loss(fresh(base), rows, collator, TRAINING["batch_size"])
+    return evaluate_loss(fresh(base), rows, collator, TRAINING["batch_size"])
 
 
 def test_consecutive_jobs_on_one_base_load_it_once_and_leave_it_bit_for_bit_as_loaded(
-        service: trainer.TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+        service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
     loads = service.cache.loads
     first = Run(service, request("first", tiny_model, demo_datasets["sql"], tmp_path))
     after_first = tensors_sha256(service.cache.resident.model)
@@ -133,7 +136,7 @@ def test_consecutive_jobs_on_one_base_load_it_once_and_leave_it_bit_for_bit_as_l
 
 
 def test_each_job_reports_its_memory_and_sends_rss_as_its_last_metric(
-        service: trainer.TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+        service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
     run = Run(service, request("memory", tiny_model, demo_datasets["sql"], tmp_path))
     memory = run.result["memory"]
     assert memory["rss_mb"] > 50
@@ -163,7 +166,7 @@ def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> Non
 
 
 def test_a_base_perturbed_between_jobs_is_dropped_and_reloaded(
-        service: trainer.TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+        service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
     import torch
 
     first = Run(service, request("before", tiny_model, demo_datasets["sql"], tmp_path))
@@ -180,7 +183,7 @@ def test_a_base_perturbed_between_jobs_is_dropped_and_reloaded(
 
 
 def test_a_lora_merged_into_the_base_by_mistake_is_caught_and_the_base_reloaded(
-        service: trainer.TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path,
+        service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from peft.tuners.lora import LoraModel
 
@@ -202,7 +205,7 @@ def test_a_lora_merged_into_the_base_by_mistake_is_caught_and_the_base_reloaded(
 
 
 def test_a_job_after_a_job_on_another_base_trains_against_its_own_base(
-        service: trainer.TrainerService, tiny_model: Path, other_model: Path, demo_datasets: dict[str, Path],
+        service: TrainerService, tiny_model: Path, other_model: Path, demo_datasets: dict[str, Path],
         tmp_path: Path) -> None:
     on_a = Run(service, request("on-a", tiny_model, demo_datasets["sql"], tmp_path))
     loads = service.cache.loads
@@ -241,7 +244,7 @@ def adapter_tensors(run: Run) -> dict[str, bytes]:
     (ValueError("something else"), "error"),
 ])
 def test_failures_are_classified_for_retry(error: BaseException, kind: str) -> None:
-    from loraq.trainer import classify
+    from loraq.train.service import classify
 
     assert classify(error) == (kind, True)
 
@@ -252,7 +255,7 @@ def test_a_stop_sent_before_the_job_starts_training_holds(tiny_model: Path, demo
     """A real trainer process: the stop arrives while it is still importing and loading."""
     import time
 
-    from loraq.executor import LocalExecutor
+    from loraq.executors.local import LocalExecutor
 
     executor = LocalExecutor(["cpu"], log_dir=tmp_path / "logs")
     executor.start()

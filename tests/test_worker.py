@@ -20,9 +20,9 @@ import pytest
 
 import adapters
 from loraq import checkpoints, fsutil
-from loraq.executor import Slot
-from loraq.store import COMPLETED, NewJob, Store, WorkerId
-from loraq.worker import Worker, WorkerConfig
+from loraq.executors.base import Slot
+from loraq.queue.store import COMPLETED, NewJob, Store, WorkerId
+from loraq.supervisor.worker import Worker, WorkerConfig
 from loraq.workspace import Home
 from test_faults import dead_pid, hf_checkpoint, resolved_spec
 
@@ -249,9 +249,9 @@ def test_a_worker_runs_outside_the_main_thread(tmp_path) -> None:
     """An application may drive a worker from a thread; signal handlers are then its owner's job."""
     import threading
 
-    from loraq.executor import LocalExecutor
-    from loraq.store import Store
-    from loraq.worker import Worker, WorkerConfig
+    from loraq.executors.local import LocalExecutor
+    from loraq.queue.store import Store
+    from loraq.supervisor.worker import Worker, WorkerConfig
     from loraq.workspace import Home
 
     home = Home(tmp_path / "home")

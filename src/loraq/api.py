@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import publish
 from .errors import NotFoundError, Problem, SpecError, TransitionError
-from .store import Attempt, Event, Job, QueueState, Store
+from .queue.store import Attempt, Event, Job, QueueState, Store
+from .supervisor import publish
 from .workspace import Home
 
 # ---------------------------------------------------------------- submit
@@ -39,8 +39,9 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
 
     Raises :class:`SpecError` (or :class:`DataError`) listing every problem found.
     """
-    from . import datacheck, spec
-    from .store import NewJob
+    from .data import check as datacheck
+    from .queue import spec
+    from .queue.store import NewJob
 
     path = Path(queue_file).expanduser()
     roots = home.roots(queue_dir=path.absolute().parent, extra=allow_roots)
@@ -126,7 +127,7 @@ class RunResult:
 
 def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> RunResult:
     """Work the queue until it is empty or paused."""
-    from .worker import Worker, WorkerConfig
+    from .supervisor.worker import Worker, WorkerConfig
 
     options = options or RunOptions()
     config = WorkerConfig(lease_s=options.lease_s, heartbeat_s=options.heartbeat_s, stall_s=options.stall_s,
@@ -142,12 +143,13 @@ def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> 
 
 
 def make_executor(home: Home, options: RunOptions) -> Any:
-    from .executor import LocalExecutor, parse_devices
+    from .executors.base import parse_devices
+    from .executors.local import LocalExecutor
 
     if options.executor == "local":
         return LocalExecutor(parse_devices(options.devices), log_dir=home.root / "logs")
     if options.executor == "ray":
-        from .ray_executor import RayExecutor
+        from .executors.ray import RayExecutor
 
         return RayExecutor(home=home, devices=options.devices, address=options.ray_address)
     from .errors import UsageError

@@ -151,7 +151,7 @@ def _link_tree(source: Path, target: Path) -> None:
 
 def check_weights(folder: Path) -> str | None:
     """What is wrong with the adapter weights in a checkpoint folder, or ``None``."""
-    from .inspector import check_finite
+    from .inspect.safetensors import check_finite
 
     path = folder / "adapter_model.safetensors"
     if not path.is_file():

@@ -118,7 +118,7 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Validate every job of QUEUE_FILE and enqueue all of them, or none."""
-    from . import datacheck
+    from .data import check as datacheck
 
     c = _ctx(ctx)
     try:
@@ -415,7 +415,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Inspect one adapter folder. Exit 0 pass, 1 fail, 2 cannot inspect."""
-    from . import inspector
+    from . import inspect as inspector
 
     c = _ctx(ctx)
     # The current folder counts as a root, as a queue file's folder does for submit.

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import fsutil, publish
-from .store import Store
+from . import fsutil
+from .queue.store import Store
+from .supervisor import publish
 from .workspace import Home
 
 FORMATS = ("json", "md", "html")

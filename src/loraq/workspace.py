@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SpecError, Problem
+from .errors import Problem, SpecError
 from .sandbox import Roots, hf_cache_dir
 
 DEFAULT_HOME = ".loraq"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import CorruptStoreError, LoraqError, NotFoundError, StoreError, TransitionError
+from ..errors import CorruptStoreError, LoraqError, NotFoundError, StoreError, TransitionError
 from .migrations import MIGRATIONS
 from .records import (  # the records and states are importable from the store, as callers always did
     CANCELLED,

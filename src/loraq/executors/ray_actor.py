@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints
-from .executor import pid_alive
+from .. import checkpoints
+from .base import pid_alive
 
 #: Most log bytes one event carries; the rest follows on the next events.
 LOG_CHUNK_BYTES = 1 << 20
@@ -64,7 +64,7 @@ class TrainerActor:
     """
 
     def __init__(self, device: str, scratch_root: str | None = None) -> None:
-        from . import trainer
+        from ..train import service as trainer
 
         self._trainer = trainer
         self.service = trainer.TrainerService(device=device)

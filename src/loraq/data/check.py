@@ -38,11 +38,10 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
-from . import data, fsutil
-from .data import Dataset, ProblemList, RowProblem
-from .errors import DataError, Problem
-from .spec import Queue, ResolvedJob
-from .trainer import total_steps
+from .. import data, fsutil
+from ..data import Dataset, ProblemList, RowProblem
+from ..errors import DataError, Problem
+from ..queue.spec import Queue, ResolvedJob
 
 #: Bump when what a profile holds, or how rows are rendered, changes: old cache files are then ignored.
 ANALYSIS_VERSION = 1
@@ -487,8 +486,8 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
                         "reads it as that control token, not as text")
 
     n_train = len(train_idx)
-    steps = total_steps(spec, n_train)  # the trainer's own formula
-    per_epoch = max(1, math.ceil(math.ceil(n_train / training.batch_size) / training.grad_accum))
+    steps = spec.total_steps(n_train)  # the trainer's own formula
+    per_epoch = spec.steps_per_epoch(n_train)
     epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else training.epochs
     if n_train < FEW_TRAIN_ROWS:
         warnings.append(f"only {n_train} training row(s); fine-tuning usually needs at least {FEW_TRAIN_ROWS}")

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import fsutil
-from .store import Claim, Job, Store
-from .workspace import Home
+from .. import fsutil
+from ..queue.store import Claim, Job, Store
+from ..workspace import Home
 
 MANIFEST = "loraq-manifest.json"
 INSPECTION = "inspection.json"

@@ -18,15 +18,14 @@ that stream progress, mark each checkpoint complete only once it is all on disk,
 inspect each checkpoint for non-finite weights, and stop gracefully on request.
 
 The service reports through an ``emit`` callback (a dict per event). ``python -m
-loraq.trainer`` serves it over two pipes as JSON lines (the local executor); a
-Ray actor wraps the same service (the Ray executor).
+loraq.train`` serves it over two pipes as JSON lines (:mod:`.pipe`, the local
+executor); a Ray actor wraps the same service (the Ray executor).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -38,19 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, data, fsutil
-from .basemodel import (
-    BaseCache,
-    BaseKey,
-    device_memory,
-    release_memory,
-    reset_peak_memory,
-    resolve_dtype,
-)
-from .errors import DataError, TrainingError
-from .spec import JobSpec
+from .. import checkpoints, data, fsutil
+from ..errors import DataError, TrainingError
+from ..model.base import BaseCache, BaseKey, device_memory, release_memory, reset_peak_memory, resolve_dtype
+from ..model.batching import Collator, ListDataset
+from ..model.evaluation import evaluate_loss
+from ..queue.spec import JobSpec
 
 Emit = Callable[[dict[str, Any]], None]
+
 
 def versions() -> dict[str, str]:
     import peft
@@ -59,41 +54,6 @@ def versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0]}
-
-
-# ---------------------------------------------------------------- data
-
-
-class ListDataset:
-    """A map-style dataset over encoded rows (what ``Trainer`` needs)."""
-
-    def __init__(self, items: list[dict[str, list[int]]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.items[index]
-
-
-@dataclass
-class Collator:
-    pad_id: int
-
-    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(item["input_ids"]) for item in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), data.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            n = len(item["input_ids"])
-            ids[row, :n] = torch.tensor(item["input_ids"])
-            labels[row, :n] = torch.tensor(item["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 @dataclass(frozen=True)
@@ -152,40 +112,7 @@ def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
     )
 
 
-def evaluate_loss(model: Any, dataset: ListDataset, collator: Collator, batch_size: int) -> float:
-    """Mean loss per trainable token over ``dataset`` (the same measure for base and adapter)."""
-    import torch
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                ignore_index=data.IGNORE_INDEX, reduction="sum",
-            )
-            total += float(loss)
-            tokens += int((shift_labels != data.IGNORE_INDEX).sum())
-    if was_training:
-        model.train()
-    return total / max(tokens, 1)
-
-
 # ---------------------------------------------------------------- training
-
-
-def total_steps(spec: JobSpec, n_train: int) -> int:
-    if spec.training.max_steps:
-        return spec.training.max_steps
-    batches = math.ceil(n_train / spec.training.batch_size)
-    per_epoch = max(1, math.ceil(batches / spec.training.grad_accum))
-    return max(1, math.ceil(spec.training.epochs * per_epoch))
 
 
 class Stop(Exception):
@@ -341,7 +268,7 @@ class TrainerService:
         except DataError as exc:
             raise TrainingError(str(exc), retryable=False, kind="data") from exc
         collator = Collator(pad_id=resident.tokenizer.pad_token_id)
-        steps = total_steps(spec, prepared.n_train)
+        steps = spec.total_steps(prepared.n_train)
         timings["prepare_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         base_eval = evaluate_loss(resident.model, prepared.eval, collator, spec.training.batch_size)
@@ -522,106 +449,3 @@ def _redirect_output(path: Path) -> Iterator[Callable[[str], None]]:
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
-
-
-# ---------------------------------------------------------------- the pipe protocol
-
-
-class PipeChannel:
-    """JSON lines over two file descriptors shared with the supervisor."""
-
-    def __init__(self, fd_in: int, fd_out: int) -> None:
-        self._in = os.fdopen(fd_in, "r", encoding="utf-8")
-        self._out = os.fdopen(fd_out, "w", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def send(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, default=str)
-        with self._lock:
-            self._out.write(line + "\n")
-            self._out.flush()
-
-    def receive(self) -> dict[str, Any] | None:
-        line = self._in.readline()
-        return json.loads(line) if line else None
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the supervisor dies (no orphans)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def serve(channel: PipeChannel, service: TrainerService) -> None:
-    """Run jobs sent over ``channel`` until told to exit or the supervisor goes away."""
-    jobs: list[dict[str, Any]] = []
-    wake = threading.Condition()
-    done = threading.Event()
-
-    def reader() -> None:
-        while True:
-            try:
-                message = channel.receive()
-            except (OSError, ValueError):
-                message = None
-            if message is None:  # the supervisor is gone: an orphan must not go on training
-                os._exit(3)
-            op = message.get("op")
-            if op == "train":
-                # Cleared here, not when the job starts: a stop or abort sent while the
-                # trainer is still between jobs or loading belongs to this job and must hold.
-                service.flags.clear()
-                with wake:
-                    jobs.append(message)
-                    wake.notify()
-            elif op == "stop":
-                service.flags.graceful.set()
-            elif op == "abort":
-                service.flags.abort.set()
-            elif op == "exit":
-                done.set()
-                with wake:
-                    wake.notify()
-                return
-
-    threading.Thread(target=reader, name="loraq-commands", daemon=True).start()
-    channel.send({"ev": "ready", "pid": os.getpid(), "device": service.device, "versions": versions()})
-    while True:
-        with wake:
-            while not jobs and not done.is_set():
-                wake.wait()
-            if done.is_set() and not jobs:
-                break
-            request = jobs.pop(0)
-
-        def emit(event: dict[str, Any], _job: int = request["job_id"]) -> None:
-            channel.send({**event, "job_id": _job})
-
-        outcome = service.run_job(request, emit, clear_flags=False)
-        # A done job's memory was measured after its cleanup; report that same figure.
-        memory = (outcome.get("result") or {}).get("memory") or device_memory()
-        emit({**outcome, "memory": memory, "base_loads": service.cache.loads})
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m loraq.trainer")
-    parser.add_argument("--fd-in", type=int, required=True)
-    parser.add_argument("--fd-out", type=int, required=True)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    _die_with_parent()
-    channel = PipeChannel(args.fd_in, args.fd_out)
-    serve(channel, TrainerService(device=args.device))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, fsutil
-from .errors import UsageError
-from .executor import Event, Slot, parse_devices
+from .. import checkpoints, fsutil
+from ..errors import UsageError
+from ..workspace import Home
+from .base import Event, Slot, parse_devices
 from .ray_actor import FINAL_EVENTS, TrainerActor, read_tree, write_tree
-from .workspace import Home
 
 #: Datasets up to this size travel with the job; larger ones are read at their path on the node.
 SHIP_DATA_MAX_BYTES = 256 * 2**20
@@ -262,7 +262,7 @@ class RayExecutor:
         if self._none_ready_since is None:
             self._none_ready_since = now
         elif now - self._none_ready_since > self.placement_timeout_s:
-            from .worker import TrainerStartError
+            from ..supervisor.worker import TrainerStartError
 
             kinds = sorted({slot.device for slot in self.all_slots})
             raise TrainerStartError(

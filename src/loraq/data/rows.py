@@ -14,8 +14,8 @@ chat: a conversation is a list) and Parquet (needs the ``loraq[parquet]`` extra)
 Every problem is a :class:`RowProblem`: it names the file and line and carries a
 stable ``category`` (see :data:`CATEGORIES`), shown to people as ``[category]``.
 
-Rendering rows to text and tokenising them with loss masks is
-:mod:`loraq.encoding`; its public names are importable from here too.
+Rendering rows to text and tokenising them with loss masks is :mod:`.encoding`;
+the package (:mod:`loraq.data`) exports the public names of both.
 
 This module imports no torch: the submit path uses it to validate rows.
 """
@@ -35,25 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .encoding import (  # rendering and tokenising live in encoding; these names stay importable here
-    ALPACA_PROMPT,  # noqa: F401 (re-exported)
-    ALPACA_PROMPT_INPUT,  # noqa: F401 (re-exported)
-    IGNORE_INDEX,  # noqa: F401 (re-exported)
-    TRAINED_KEY,
-    Encoded,  # noqa: F401 (re-exported)
-    Rendered,  # noqa: F401 (re-exported)
-    TemplateError,  # noqa: F401 (re-exported)
-    Tokens,  # noqa: F401 (re-exported)
-    encode,  # noqa: F401 (re-exported)
-    encode_many,  # noqa: F401 (re-exported)
-    first_label,  # noqa: F401 (re-exported)
-    is_trained,
-    labels_for,  # noqa: F401 (re-exported)
-    render,  # noqa: F401 (re-exported)
-    render_many,  # noqa: F401 (re-exported)
-    tokenize_many,  # noqa: F401 (re-exported)
-)
-from .errors import DataError, Problem
+from ..errors import DataError, Problem
+from .encoding import TRAINED_KEY, is_trained
 
 MAX_LISTED_PROBLEMS = 20
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})

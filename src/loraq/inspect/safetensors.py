@@ -364,3 +364,36 @@ def _as_float(dtype: str, bits: int) -> float:
     width = _FLOAT_BITS[dtype][0]
     float_type = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
     return float(np.array([bits], dtype=f"<u{width}").view(float_type)[0])
+
+
+def check_finite(path: Path) -> str | None:
+    """What is wrong with one safetensors file's structure or values, in one line; ``None`` if nothing.
+
+    Run on every training checkpoint, so a run that diverged stops at once
+    instead of training on NaN for hours.
+    """
+    path = Path(path)
+    try:
+        fd, stat_result = open_regular(path)
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or 'not a regular file'})"
+    try:
+        if stat_result.st_size == 0:
+            return f"{path}: 0 bytes; the save was cut off"
+        header, defects = read_header(fd, stat_result.st_size)
+        if header is None or defects:
+            return f"{path}: {defects[0].message}"
+        if not header.tensors:
+            return f"{path}: holds no tensors"
+        values, defects = scan_values(fd, header)
+        if defects:
+            return f"{path}: {defects[0].message}"
+        bad = [name for name, v in values.items() if not v.finite]
+        if bad:
+            return (f"{path}: NaN or Inf in {len(bad)} tensor(s), first {bad[0]!r}; training diverged: "
+                    "lower the learning rate")
+        return None
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
+    finally:
+        os.close(fd)

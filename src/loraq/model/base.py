@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 #: Weight values sampled per tensor for the base fingerprint (besides the exact sum of every value).
 CHECKSUM_SAMPLES = 256

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, InspectionError, PathError
-from .inspector import KEY_PREFIX, WEIGHTS_NAME, Findings, LoraSettings, Weights, check_targets, quality_gate
-from .sandbox import Roots
+from ..errors import DataError, InspectionError, PathError
+from ..sandbox import Roots
+from .lora_config import LoraSettings
+from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets, quality_gate
 
 #: Rows of an eval dataset the inspector scores (the first ones): enough to judge, quick on a CPU.
 MAX_EVAL_ROWS = 256
@@ -193,10 +194,11 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
-    from .trainer import Collator, evaluate_loss, resolve_dtype
+    from ..model.base import resolve_dtype
+    from ..model.batching import Collator
+    from ..model.evaluation import evaluate_loss
 
     hf_logging.disable_progress_bar()  # the CLI's output is the findings, not loading bars
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -258,8 +260,8 @@ def _probe(tokenizer: Any, vocab_size: int) -> Any:
 
 
 def _eval_set(path: Path, tokenizer: Any, max_seq_len: int) -> Any:
-    from . import data
-    from .trainer import ListDataset
+    from .. import data
+    from ..model.batching import ListDataset
 
     try:
         dataset = data.load_dataset(path)

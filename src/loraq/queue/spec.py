@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import PathError, Problem, SpecError
-from .sandbox import Roots, is_pickle
+from ..errors import PathError, Problem, SpecError
+from ..sandbox import Roots, is_pickle
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -134,8 +134,16 @@ class JobSpec(_Strict):
     def _dataset_shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
 
-    def base_is_local(self) -> bool:
-        return base_is_local(self.base_model)
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimizer steps in one pass over ``n_train`` rows (the last batch may be short)."""
+        batches = math.ceil(n_train / self.training.batch_size)
+        return max(1, math.ceil(batches / self.training.grad_accum))
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps the job trains for: ``max_steps``, else ``epochs`` passes over ``n_train`` rows."""
+        if self.training.max_steps:
+            return self.training.max_steps
+        return max(1, math.ceil(self.training.epochs * self.steps_per_epoch(n_train)))
 
 
 class QueueSettings(_Strict):

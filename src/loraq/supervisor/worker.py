@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, fsutil, publish
-from .errors import LoraqError, TransitionError
-from .executor import Event, Executor, Slot, pid_alive
-from .store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
-from .workspace import Home
+from .. import checkpoints, fsutil
+from ..errors import LoraqError, TransitionError
+from ..executors.base import Event, Executor, Slot, pid_alive
+from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
+from ..supervisor import publish
+from ..workspace import Home
 
 Observer = Callable[[str, dict[str, Any]], None]
 MAX_FAILED_STARTS = 3
@@ -368,7 +369,7 @@ class Worker:
     # -------------------------------------------------------------- finishing
 
     def _finish(self, run: Running, result: dict[str, Any]) -> None:
-        from . import inspector  # numpy only; loaded when the first adapter is done
+        from .. import inspect as inspector  # numpy only; loaded when the first adapter is done
 
         claim = run.claim
         self._release(run)

@@ -1,14 +1,8 @@
-"""Executors: where trainers run. The worker talks to every executor the same way.
+"""The local executor: a trainer process per device on this machine, spoken to over two pipes.
 
-An executor owns *slots*, one trainer each (a process per device locally, a Ray
-actor per GPU on a cluster). The worker hands a job request to an idle slot and
-polls for events; the trainer keeps its base model hot between jobs.
-
-Events a trainer sends (dicts with ``ev``): ``ready``, ``started``, ``progress``,
-``heartbeat``, ``checkpoint``, then one of ``done``, ``stopped``, ``failed``,
-``aborted``. The executor adds ``exited`` when a trainer dies.
-
-This module never imports torch: the supervisor stays light.
+Each trainer is ``python -m loraq.train`` in its own session, pinned to its device
+with ``CUDA_VISIBLE_DEVICES``; requests go to it and events come back as JSON lines.
+This module never imports torch.
 """
 
 from __future__ import annotations
@@ -17,120 +11,15 @@ import contextlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .errors import UsageError
-
-Event = dict[str, Any]
-
-
-@dataclass
-class Slot:
-    """One trainer: its device, what it is doing, and the base model it keeps hot."""
-
-    index: int
-    device: str
-    job_id: int | None = None
-    hot_base: str | None = None
-    last_seen: float = field(default_factory=time.monotonic)
-    baseline_rss_mb: float | None = None
-    jobs_done: int = 0
-    ready: bool = False
-    failed_starts: int = 0  # trainers in a row that died before they were ready
-    handle: Any = None
-
-    @property
-    def busy(self) -> bool:
-        return self.job_id is not None
-
-    @property
-    def name(self) -> str:
-        return f"slot-{self.index}({self.device})"
-
-
-class Executor(Protocol):
-    slots: list[Slot]
-
-    def start(self) -> None: ...
-    def submit(self, slot: Slot, request: dict[str, Any]) -> None: ...
-    def poll(self, timeout: float) -> list[tuple[Slot, Event]]: ...
-    def stop_job(self, slot: Slot, *, graceful: bool) -> None: ...
-    def recycle(self, slot: Slot) -> None: ...
-    def shutdown(self) -> None: ...
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def parse_devices(devices: str | None) -> list[str]:
-    """``"0,1"`` -> GPUs 0 and 1; ``"cpu,cpu"`` -> two CPU trainers; ``None`` -> every GPU, else one CPU."""
-    if not devices:
-        return detect_gpus() or ["cpu"]
-    out = []
-    for item in devices.split(","):
-        item = item.strip()
-        if item == "cpu" or item.isdigit():
-            out.append(item)
-        elif item.startswith("cuda:") and item[5:].isdigit():
-            out.append(item[5:])
-        else:
-            raise UsageError(f"--devices: {item!r} is not a GPU index or 'cpu' (e.g. --devices 0,1 or cpu,cpu)")
-    if not out:
-        raise UsageError("--devices: no device given")
-    return out
-
-
-def detect_gpus() -> list[str]:
-    """GPU indices visible to this process, without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d for d in (x.strip() for x in visible.split(",")) if d and d != "-1"]
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def trainer_env(device: str, slots: list[Slot], base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a slot's trainer process.
-
-    ``CUDA_VISIBLE_DEVICES`` pins it to its GPU (``""`` for a CPU trainer: it sees no
-    GPU at all). CPU trainers share the cores: each gets an equal share of threads
-    (``OMP_NUM_THREADS``, unless the operator set it), since two trainers each
-    running one thread per core oversubscribe the machine and both slow down.
-    """
-    env = dict(os.environ if base is None else base)
-    env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
-    if device == "cpu" and "OMP_NUM_THREADS" not in env:
-        cpu_slots = sum(1 for s in slots if s.device == "cpu")
-        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // max(cpu_slots, 1)))
-    return env
+from .base import Event, Slot, describe_exit, trainer_env
 
 
 @dataclass
@@ -167,7 +56,7 @@ class LocalExecutor:
         log = open(self.log_dir / f"trainer-{slot.index}.log", "ab")  # noqa: SIM115 (the child owns it)
         try:
             popen = subprocess.Popen(
-                [self.python, "-m", "loraq.trainer", "--fd-in", str(to_child_r), "--fd-out", str(from_child_w),
+                [self.python, "-m", "loraq.train", "--fd-in", str(to_child_r), "--fd-out", str(from_child_w),
                  "--device", "cpu" if slot.device == "cpu" else "cuda"],
                 pass_fds=(to_child_r, from_child_w),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -294,15 +183,3 @@ class LocalExecutor:
         events.append({"ev": "exited", "returncode": code, "job_id": slot.job_id, "reason": describe_exit(code),
                        "was_ready": was_ready, "log": str(self.log_dir / f"trainer-{slot.index}.log")})
         return events
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "trainer process vanished"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"trainer process killed by {signal.Signals(-code).name}"
-        return f"trainer process killed by signal {-code}"
-    if code == 3:
-        return "trainer process exited: lost its supervisor"
-    return f"trainer process exited with code {code}"
