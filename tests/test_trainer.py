@@ -155,7 +155,7 @@ def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> Non
     weight = model.model.embed_tokens.weight
     # Not one of the evenly spaced samples: only the exact sum over every value can see it.
     index = weight.numel() // 2 + 1
-    samples = torch.linspace(0, weight.numel() - 1, basemodel.CHECKSUM_SAMPLES).long()
+    samples = basemodel.sample_indices(weight.numel(), basemodel.CHECKSUM_SAMPLES)
     assert index not in set(samples.tolist())
     with torch.no_grad():
         flat = weight.view(-1)
@@ -163,6 +163,21 @@ def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> Non
         assert basemodel.weights_checksum(model) != reference
         flat[index] = torch.nextafter(flat[index], torch.tensor(float("-inf")))
     assert basemodel.weights_checksum(model) == reference
+
+
+def test_the_fingerprint_holds_on_a_real_models_embedding_past_2_to_the_24_values() -> None:
+    """SmolLM2's embedding, 49,152 x 576 = 28,311,552 values: a float32 linspace indexed one past its end."""
+    import torch
+
+    embedding = torch.nn.Embedding(49_152, 576)
+    assert embedding.weight.numel() > 2**24
+    reference = basemodel.weights_checksum(embedding)
+    assert basemodel.weights_checksum(embedding) == reference
+    index = basemodel.sample_indices(embedding.weight.numel(), basemodel.CHECKSUM_SAMPLES)
+    assert index[0] == 0 and index[-1] == embedding.weight.numel() - 1 and len(set(index.tolist())) == len(index)
+    with torch.no_grad():
+        embedding.weight.view(-1)[-1] += 1.0  # the last value: a sample, and part of the exact sum
+    assert basemodel.weights_checksum(embedding) != reference
 
 
 def test_a_base_perturbed_between_jobs_is_dropped_and_reloaded(

@@ -102,11 +102,22 @@ def weights_checksum(model: Any, samples: int = CHECKSUM_SAMPLES) -> str:
             for start in range(0, bits.numel(), CHECKSUM_CHUNK):
                 total += bits[start:start + CHECKSUM_CHUNK].sum(dtype=torch.int64)
             if flat.numel() > samples:
-                index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()
-                flat = flat[index]
+                flat = flat[sample_indices(flat.numel(), samples, device=flat.device)]
             digest.update(total.cpu().numpy().tobytes())
             digest.update(flat.to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def sample_indices(n: int, samples: int, *, device: Any = None) -> Any:
+    """``samples`` evenly spaced indices into ``n`` values, first and last included, in exact integers.
+
+    Integer arithmetic, not ``torch.linspace``: a float32 linspace cannot hold integers
+    past 2**24, and on a real model's embedding (49,152 x 576 = 28,311,552 values) it
+    rounded the last index up to ``n``, one past the end.
+    """
+    import torch
+
+    return torch.arange(samples, dtype=torch.int64, device=device) * (n - 1) // max(samples - 1, 1)
 
 
 @dataclass
