@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loraq.errors import CorruptStoreError, NotFoundError, TransitionError
+from loraq.errors import CorruptStoreError, NotFoundError, StoreError, TransitionError
+from loraq.queue.migrations import MIGRATIONS, statements
 from loraq.queue.store import (
     CANCELLED,
     COMPLETED,
@@ -272,3 +273,62 @@ def test_a_database_from_a_newer_loraq_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(Exception, match="newer loraq"):
         Store.open(db)
+
+
+# ---------------------------------------------------------------- readers that follow the queue live
+
+
+def test_seq_moves_on_every_visible_change_and_not_on_heartbeats(store: Store) -> None:
+    (a, b) = store.enqueue([new_job("a"), new_job("b")])
+    assert (store.job(a).seq, store.job(b).seq) == (1, 2)
+    claim = store.claim(W1, lease_s=60)
+    assert claim is not None and store.job(a).seq == 3
+    store.heartbeat(a, claim.epoch, lease_s=60)
+    assert store.job(a).seq == 3  # a heartbeat shows nothing new
+    store.record_progress(a, claim.epoch, claim.attempt, step=1, metrics={"loss": 1.0})
+    store.cancel(b)
+    assert store.job(a).seq == 4 and store.job(b).seq == 5 and store.max_seq() == 5
+    assert [r["name"] for r in store.changed_since(3)] == ["a", "b"]
+    assert store.changed_since(5) == []
+
+
+def test_a_reader_opens_read_only_and_never_creates_the_file(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        Store.open(tmp_path / "none.db", readonly=True)
+    assert not (tmp_path / "none.db").exists()
+    store.enqueue([new_job("a")])
+    with Store.open(store.path, readonly=True) as reader:
+        assert reader.job("a").status == PENDING
+        with pytest.raises(StoreError, match="readonly"):
+            reader.cancel("a")
+    assert store.job("a").status == PENDING
+
+
+def test_a_home_of_the_previous_schema_gains_seq(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:2]:
+        for statement in statements(migration):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO jobs (name, status, spec, base_key, max_retries, created_at, updated_at) "
+                 "VALUES ('old', 'pending', '{}', 'b', 2, 0, 0)")
+    conn.close()
+    with Store.open(path, readonly=True) as reader:  # a reader upgrades it once, as a writer would
+        assert reader.job("old").seq == 1
+    with Store.open(path) as writer:
+        writer.cancel("old")
+        assert writer.job("old").seq == 2
+    assert len(list(statements(MIGRATIONS[2]))) == 5  # the triggers' bodies stay whole
+
+
+def test_listing_pages_and_filters_by_status_and_sweep(store: Store) -> None:
+    store.enqueue([NewJob(name=f"j{i}", spec={"spec": {"group": "even" if i % 2 == 0 else None}}, base_key="b")
+                   for i in range(10)])
+    store.cancel("j3")
+    assert [r["name"] for r in store.listing(offset=2, limit=3)] == ["j2", "j3", "j4"]
+    assert [r["name"] for r in store.listing(group="even", offset=1, limit=2)] == ["j2", "j4"]
+    assert [r["name"] for r in store.listing(status=CANCELLED)] == ["j3"]
+    assert store.listing_count(group="even") == 5 and store.listing_count(status=PENDING) == 9
+    assert store.groups() == {"even": {s: (5 if s == PENDING else 0) for s in STATES}}
+

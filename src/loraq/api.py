@@ -34,6 +34,13 @@ def open_store(home: Home, *, create: bool = True, check: bool = False) -> Store
     return Store.open(home.db_path, create=create, check=check)
 
 
+def open_reader(home: Home) -> Store:
+    """A read-only store (SQLite ``mode=ro``): never creates the database, never writes it."""
+    if not home.db_path.exists():
+        raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
+    return Store.open(home.db_path, readonly=True)
+
+
 def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), dry_run: bool = False) -> SubmitResult:
     """Validate every job of a queue file and enqueue all of them, or none.
 
@@ -177,6 +184,8 @@ class JobRow:
     error_kind: str | None
     error: str | None
     adapter: str | None
+    group: str | None = None  # the sweep a job belongs to (``spec.group``), if any
+    seq: int = 0  # the store's change sequence when this row was read (live readers order updates by it)
 
     @classmethod
     def of(cls, job: Job) -> JobRow:
@@ -185,7 +194,8 @@ class JobRow:
             priority=job.priority, step=job.progress_step, total_steps=job.progress_total,
             train_loss=job.train_loss, eval_loss=job.eval_loss, base_eval_loss=job.base_eval_loss,
             verdict=job.verdict, error_kind=job.error_kind, error=job.error,
-            adapter=(job.result or {}).get("adapter"),
+            adapter=(job.result or {}).get("adapter"), group=(job.spec.get("spec") or {}).get("group"),
+            seq=job.seq,
         )
 
     @classmethod
@@ -196,7 +206,7 @@ class JobRow:
             max_attempts=row["max_retries"] + 1, priority=row["priority"], step=row["progress_step"],
             total_steps=row["progress_total"], train_loss=row["train_loss"], eval_loss=row["eval_loss"],
             base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
-            error=row["error"], adapter=row["adapter"],
+            error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -206,6 +216,7 @@ class JobRow:
             "progress": {"step": self.step, "total": self.total_steps},
             "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
             "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
+            "group": self.group,
         }
 
 
@@ -224,8 +235,35 @@ class StatusResult:
 def status(home: Home) -> StatusResult:
     if not home.db_path.exists():
         return StatusResult([], None)
-    with open_store(home, create=False) as store:
+    with open_reader(home) as store:
         return StatusResult([JobRow.of_listing(row) for row in store.listing()], store.queue_state())
+
+
+@dataclass(frozen=True)
+class QueuePage:
+    """One page of the queue (the dashboard's queue page): a slice of the jobs and the totals."""
+
+    jobs: list[JobRow]
+    total: int  # jobs matching the filter
+    offset: int
+    limit: int
+    counts: dict[str, int]  # every job, by status
+    groups: dict[str, dict[str, int]]  # sweep -> {status: count}
+    queue: QueueState | None
+    seq: int  # the newest change this page shows (see Store.changed_since)
+
+
+def queue_page(home: Home, *, status: str | None = None, group: str | None = None, offset: int = 0,
+               limit: int = 100) -> QueuePage:
+    """A page of ``status``, read in one snapshot, at a cost that does not grow with the queue's length."""
+    from .queue.records import STATES
+
+    if not home.db_path.exists():
+        return QueuePage([], 0, offset, limit, {k: 0 for k in STATES}, {}, None, 0)
+    with open_reader(home) as store, store.snapshot():
+        rows = store.listing(status=status, group=group, offset=offset, limit=limit)
+        return QueuePage([JobRow.of_listing(row) for row in rows], store.listing_count(status=status, group=group),
+                         offset, limit, store.counts(), store.groups(), store.queue_state(), store.max_seq())
 
 
 @dataclass(frozen=True)
@@ -259,7 +297,7 @@ def _require_store(home: Home) -> Store:
 
 
 def show(home: Home, ref: str) -> ShowResult:
-    with _require_store(home) as store:
+    with open_reader(home) as store, store.snapshot():
         job = store.job(ref)
         attempts = store.attempts(job.id)
         inspection = publish.job_inspection(home, job)
@@ -276,7 +314,7 @@ def newest_log(home: Home, job_id: int, attempts: list[Attempt]) -> Path | None:
 
 
 def log_path(home: Home, ref: str, attempt: int | None = None) -> Path:
-    with _require_store(home) as store:
+    with open_reader(home) as store:
         job = store.job(ref)
         attempts = store.attempts(job.id)
     if attempt is not None:

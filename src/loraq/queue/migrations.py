@@ -6,6 +6,9 @@ are brought up to date by running the ones they lack, in order.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
     """
@@ -84,4 +87,35 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN checkpoint_step INTEGER;
     ALTER TABLE attempts ADD COLUMN retryable INTEGER;
     """,
+    # 3: a change sequence for readers that follow the queue live (``loraq serve``).
+    # Every insert, and every update of a column a person sees, gives the job the next
+    # ``seq``; heartbeats (lease_expires, updated_at) do not. Writers are serialised, so
+    # seq grows in commit order, and "what changed since N" is an index range, never a
+    # scan of every job. Unlike ``updated_at`` it does not depend on clocks agreeing.
+    """
+    ALTER TABLE jobs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET seq = id;
+    CREATE INDEX jobs_seq ON jobs (seq);
+    CREATE TRIGGER jobs_seq_insert AFTER INSERT ON jobs BEGIN
+        UPDATE jobs SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs) WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER jobs_seq_update
+    AFTER UPDATE OF name, status, priority, attempts, progress_step, progress_total, train_loss, eval_loss,
+                    base_eval_loss, error_kind, error, verdict, result, finished_at ON jobs BEGIN
+        UPDATE jobs SET seq = (SELECT MAX(seq) FROM jobs) + 1 WHERE id = NEW.id;
+    END;
+    """,
 )
+
+
+def statements(script: str) -> Iterator[str]:
+    """The SQL statements of one migration, in order (a trigger's body stays whole)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending.strip()
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:80]!r}")

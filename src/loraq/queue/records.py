@@ -96,6 +96,7 @@ class Job:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    seq: int = 0  # grows on every visible change (migration 3): what live readers follow
 
     @property
     def attempts_left(self) -> int:

@@ -22,13 +22,14 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import CorruptStoreError, LoraqError, NotFoundError, StoreError, TransitionError
-from .migrations import MIGRATIONS
+from .migrations import MIGRATIONS, statements
 from .records import (  # the records and states are importable from the store, as callers always did
     CANCELLED,
     COMPLETED,
@@ -154,20 +155,58 @@ class Store:
         clock: Callable[[], float] = time.time,
         actor: str | None = None,
         check: bool = False,
+        readonly: bool = False,
     ) -> Store:
         """Open (and migrate) the store at ``path``.
 
         ``check`` runs ``PRAGMA quick_check`` first: workers do, so a damaged file
         stops them before they write. A damaged file is never recreated.
+
+        ``readonly`` is for readers that run beside a worker (``loraq serve``): an
+        SQLite ``mode=ro`` connection, which never creates the file and cannot write.
         """
         path = Path(path)
-        if not path.exists() and not create:
+        if not path.exists() and (readonly or not create):
             raise NotFoundError(f"{path}: no loraq state here (run 'loraq submit' first)")
         store = cls(path=path, clock=clock)
         if actor:
             store.actor = actor
-        store._connect(check=check)
+        if readonly:
+            store._connect_readonly()
+        else:
+            store._connect(check=check)
         return store
+
+    def _connect_readonly(self) -> None:
+        uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=ro"
+        conn = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < len(MIGRATIONS):
+                # A home made by an older loraq: brought up to date once, as any writer would,
+                # so a reader never queries columns that are not there yet.
+                conn.close()
+                conn = None
+                Store.open(self.path, create=False).close()
+                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != len(MIGRATIONS):
+                raise StoreError(f"{self.path}: made by a newer loraq (schema {version}, this one knows "
+                                 f"{len(MIGRATIONS)}); upgrade loraq")
+            self._conn = conn
+        except BaseException as exc:
+            self._conn = None
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                translated = _db_error(self.path, exc) or StoreError(f"{self.path}: cannot open the state database: {exc}")
+                raise translated from exc
+            raise
 
     def _corrupt(self, exc: BaseException) -> CorruptStoreError:
         return _corrupt_error(self.path, exc)
@@ -212,9 +251,8 @@ class Store:
                     f"{len(MIGRATIONS)}); upgrade loraq"
                 )
             for number in range(version, len(MIGRATIONS)):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in statements(MIGRATIONS[number]):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number + 1}")
 
     def close(self) -> None:
@@ -259,6 +297,17 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads in one consistent snapshot: a deferred read transaction (no lock taken)."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("COMMIT")
 
     @_guarded
     def integrity_check(self) -> str:
@@ -696,24 +745,83 @@ class Store:
             rows = self.conn.execute("SELECT * FROM jobs ORDER BY id")
         return [Job.from_row(r) for r in rows]
 
-    @_guarded
-    def listing(self) -> list[dict[str, Any]]:
-        """Every job's status-line fields, oldest first: no spec or result parsed in Python.
+    _LISTING = ("id, name, status, priority, max_retries, attempts, progress_step, progress_total, train_loss, "
+                "eval_loss, base_eval_loss, error_kind, error, verdict, seq")
 
-        ``status`` reads this; at 10,000 jobs it takes a fifth of :meth:`jobs`. The one
-        field from the result, ``adapter``, is extracted by SQLite.
+    @_guarded
+    def listing(self, *, status: str | None = None, group: str | None = None, offset: int = 0,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        """Jobs' status-line fields, oldest first: no spec or result parsed in Python.
+
+        ``status`` reads this; at 10,000 jobs it takes a fifth of :meth:`jobs`. The
+        fields from the spec and result (``grp``, ``adapter``) are extracted by SQLite.
+        ``status``/``group`` filter, ``offset``/``limit`` page (the dashboard's queue page).
         """
-        columns = ("id, name, status, priority, max_retries, attempts, progress_step, progress_total, train_loss, "
-                   "eval_loss, base_eval_loss, error_kind, error, verdict")
+        clauses, params = (["status = ?"], [status]) if status is not None else ([], [])
+        return self._listing_rows(clauses, params, group=group, order="id", offset=offset, limit=limit)
+
+    @_guarded
+    def listing_count(self, *, status: str | None = None, group: str | None = None) -> int:
+        if group is None:
+            where, params = ("WHERE status = ?", [status]) if status is not None else ("", [])
+            return int(self.conn.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()[0])
+        return len(self.listing(status=status, group=group))
+
+    @_guarded
+    def changed_since(self, seq: int, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The listing rows of jobs that changed after ``seq`` (see migration 3), in the order they changed.
+
+        An index range on ``jobs_seq``: the work is in proportion to the jobs that
+        changed, not to the jobs in the home.
+        """
+        return self._listing_rows(["seq > ?"], [int(seq)], order="seq", limit=limit)
+
+    @_guarded
+    def max_seq(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
+
+    @_guarded
+    def groups(self) -> dict[str, dict[str, int]]:
+        """``group -> {status: count}`` for the jobs of sweeps (``spec.group``), by group name."""
+        counted: dict[tuple[str, str], int] = {}
         try:
-            rows = self.conn.execute(
-                f"SELECT {columns}, json_extract(result, '$.adapter') AS adapter FROM jobs ORDER BY id").fetchall()
-            return [dict(r) for r in rows]
+            for r in self.conn.execute(
+                    "SELECT json_extract(spec, '$.spec.group') AS grp, status, COUNT(*) AS n FROM jobs "
+                    "WHERE json_extract(spec, '$.spec.group') IS NOT NULL GROUP BY grp, status"):
+                counted[(str(r["grp"]), str(r["status"]))] = int(r["n"])
         except sqlite3.OperationalError as exc:  # an SQLite built without JSON functions
             if "json_extract" not in str(exc):
                 raise
-        rows = self.conn.execute(f"SELECT {columns}, result FROM jobs ORDER BY id").fetchall()
-        return [dict(r) | {"adapter": (json.loads(r["result"]) if r["result"] else {}).get("adapter")} for r in rows]
+            for r in self.conn.execute("SELECT spec, status FROM jobs"):
+                if (grp := _group_of(r["spec"])) is not None:
+                    counted[(grp, r["status"])] = counted.get((grp, r["status"]), 0) + 1
+        out: dict[str, dict[str, int]] = {}
+        for (grp, state), n in sorted(counted.items()):
+            out.setdefault(grp, {k: 0 for k in STATES})[state] = n
+        return out
+
+    def _listing_rows(self, clauses: list[str], params: list[Any], *, order: str, group: str | None = None,
+                      offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else (f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
+        grouped = [*clauses, "json_extract(spec, '$.spec.group') = ?"] if group is not None else clauses
+        where = ("WHERE " + " AND ".join(grouped)) if grouped else ""
+        try:
+            rows = self.conn.execute(
+                f"SELECT {self._LISTING}, json_extract(result, '$.adapter') AS adapter, "
+                f"json_extract(spec, '$.spec.group') AS grp FROM jobs {where} ORDER BY {order}{page}",
+                [*params, *([group] if group is not None else [])]).fetchall()
+            return [dict(r) for r in rows]
+        except sqlite3.OperationalError as exc:  # an SQLite built without JSON functions: the same, in Python
+            if "json_extract" not in str(exc):
+                raise
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        out = []
+        for r in self.conn.execute(f"SELECT {self._LISTING}, result, spec FROM jobs {where} ORDER BY {order}", params):
+            row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}
+            row |= {"adapter": (json.loads(r["result"]) if r["result"] else {}).get("adapter"), "grp": _group_of(r["spec"])}
+            if group is None or row["grp"] == group:
+                out.append(row)
+        return out[offset:offset + limit] if limit is not None else out[offset:]
 
     @_guarded
     def counts(self) -> dict[str, int]:
@@ -768,6 +876,11 @@ class LeaseLost(StoreError):
     def __init__(self, job_id: int, epoch: int | None, current: int | None) -> None:
         super().__init__(f"job {job_id}: lease lost (held epoch {epoch}, current {current})")
         self.job_id = job_id
+
+
+def _group_of(spec_json: str) -> str | None:
+    group = (json.loads(spec_json).get("spec") or {}).get("group")
+    return None if group is None else str(group)
 
 
 class _raw(str):

@@ -155,7 +155,14 @@ def read_inspection(folder: Path) -> dict[str, Any] | None:
 def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
     """A job's inspection: the one recorded with its result, else the published adapter's."""
     recorded = (job.result or {}).get("inspection")
-    return recorded if recorded is not None else read_inspection(home.adapter_dir(job.name))
+    if recorded is not None:
+        return recorded
+    folder = home.adapter_dir(job.name)
+    # A name is checked at submit, but a reader of the store (``loraq serve``) never follows
+    # one that leads out of adapters/ (``../..``, a symlink).
+    if not folder.resolve().is_relative_to(home.adapters_dir.resolve()) or folder.resolve() == home.adapters_dir.resolve():
+        return None
+    return read_inspection(folder)
 
 
 def recovered_result(target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
