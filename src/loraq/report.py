@@ -27,11 +27,7 @@ def build(store: Store, home: Home) -> dict[str, Any]:
     jobs = []
     for job in store.jobs():
         attempts = store.attempts(job.id)
-        metrics = store.metrics(job.id)
-        curves: dict[str, list[list[float]]] = {}
-        for row in metrics:
-            if row["name"] in ("loss", "eval_loss"):
-                curves.setdefault(row["name"], []).append([row["step"], row["value"]])
+        curves = curves_of(store.metrics(job.id))
         inspection = publish.job_inspection(home, job)
         adapter = (job.result or {}).get("adapter")
         size = _folder_size(Path(adapter)) if adapter and Path(adapter).is_dir() else None
@@ -76,6 +72,15 @@ def build(store: Store, home: Home) -> dict[str, Any]:
         "queue": {"paused": state.paused, "pause_reason": state.pause_reason},
         "jobs": jobs,
     }
+
+
+def curves_of(metrics: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """The train and eval loss curves (``name -> [[step, value], ...]``) of a job's metric rows."""
+    curves: dict[str, list[list[float]]] = {}
+    for row in metrics:
+        if row["name"] in ("loss", "eval_loss"):
+            curves.setdefault(row["name"], []).append([row["step"], row["value"]])
+    return curves
 
 
 def _folder_size(folder: Path) -> int:
@@ -145,11 +150,27 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _svg(curves: dict[str, list[list[float]]], width: int = 360, height: int = 140) -> str:
+#: Colours of the curves, in the SVG and in the legends (CSS classes ``key loss`` / ``key eval_loss``).
+CURVE_COLORS = {"loss": "#2563eb", "eval_loss": "#dc2626"}
+REFERENCE_COLOR = "#6b7280"
+
+
+def loss_svg(curves: dict[str, list[list[float]]], *, reference: float | None = None, width: int = 360,
+             height: int = 140) -> str:
+    """Loss curves (``name -> [[step, value], ...]``) as inline SVG, with ``reference`` dashed across.
+
+    The report and the dashboard (``loraq serve``) both draw with this. It holds no
+    script and no ``style`` attribute, so it renders under a strict Content-Security-Policy;
+    ``data-points`` counts the points drawn (the dashboard's tests watch it grow).
+    """
     points = [p for series in curves.values() for p in series if math.isfinite(p[1])]
     if not points:
-        return "<span class=muted>no metrics</span>"
+        return "<span class=muted>no metrics yet</span>"
     xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if reference is not None and math.isfinite(reference):
+        ys.append(reference)
+    else:
+        reference = None
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     x1 = x1 if x1 > x0 else x0 + 1
     y1 = y1 if y1 > y0 else y0 + 1
@@ -161,19 +182,23 @@ def _svg(curves: dict[str, list[list[float]]], width: int = 360, height: int = 1
     def sy(y: float) -> float:
         return 8 + (y1 - y) / (y1 - y0) * (height - pad - 8)
 
-    colors = {"loss": "#2563eb", "eval_loss": "#dc2626"}
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="loss curves">',
+    parts = [f'<svg class="curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="loss curves" data-points="{len(points)}">',
              f'<line x1="{pad}" y1="{height - pad + 8}" x2="{width - 8}" y2="{height - pad + 8}" stroke="#999"/>',
              f'<line x1="{pad}" y1="8" x2="{pad}" y2="{height - pad + 8}" stroke="#999"/>',
              f'<text x="2" y="14" font-size="10">{y1:.2f}</text><text x="2" y="{height - pad + 8}" font-size="10">{y0:.2f}</text>',
              f'<text x="{width - 40}" y="{height - 6}" font-size="10">step {int(x1)}</text>']
+    if reference is not None:
+        parts.append(f'<line x1="{pad}" y1="{sy(reference):.1f}" x2="{width - 8}" y2="{sy(reference):.1f}" '
+                     f'stroke="{REFERENCE_COLOR}" stroke-dasharray="4 3"><title>base eval loss {reference:.4f}</title></line>')
     for name, series in curves.items():
         finite = [p for p in series if math.isfinite(p[1])]
         if not finite:
             continue
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in finite)
-        color = colors.get(name, "#555")
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"><title>{name}</title></polyline>')
+        color = CURVE_COLORS.get(name, "#555")
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}">'
+                     f'<title>{html.escape(name)}</title></polyline>')
         if len(finite) == 1:
             x, y = finite[0]
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>')
@@ -181,12 +206,31 @@ def _svg(curves: dict[str, list[list[float]]], width: int = 360, height: int = 1
     return "".join(parts)
 
 
-def to_html(report: dict[str, Any]) -> str:
+def legend_html(reference: bool = True) -> str:
+    return ("<div class=legend><span class='key loss'>■ train</span> <span class='key eval_loss'>■ eval</span>"
+            + (" <span class='key reference'>┄ base eval</span>" if reference else "") + "</div>")
+
+
+#: The report's style sheet: inline in the report file, served as a file by the dashboard.
+REPORT_CSS = f"""
+table {{ border-collapse: collapse; width: 100%; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }}
+tr.failed td:nth-child(2) {{ color: #b91c1c; font-weight: bold; }}
+tr.completed td:nth-child(2) {{ color: #15803d; font-weight: bold; }}
+.muted {{ color: #777; font-size: 12px; }} .warn {{ color: #b45309; font-weight: bold; }}
+ul {{ margin: 0; padding-left: 1.2em; }} .legend {{ font-size: 11px; }}
+.key.loss {{ color: {CURVE_COLORS["loss"]}; }} .key.eval_loss {{ color: {CURVE_COLORS["eval_loss"]}; }}
+.key.reference {{ color: {REFERENCE_COLOR}; }}
+"""
+
+
+def body_html(report: dict[str, Any]) -> str:
+    """The report's content (heading, counts, one row a job), every value escaped."""
     e = html.escape
     rows = []
     for job in report["jobs"]:
         findings = "".join(
-            f"<li><b>{e(f['severity'])}</b> <code>{e(f['code'])}</code> {e(f['message'])}</li>"
+            f"<li><b>{e(str(f.get('severity')))}</b> <code>{e(str(f.get('code')))}</code> {e(str(f.get('message')))}</li>"
             for f in job["findings"] if f.get("severity") in ("error", "warning"))
         attempts = "".join(
             f"<li>attempt {a['n']}: {e(str(a['outcome']))}"
@@ -199,29 +243,24 @@ def to_html(report: dict[str, Any]) -> str:
             + (f", {job['n_train']} train / {job['n_eval']} eval" if job["n_train"] else "") + "</span></td>"
             f"<td>{e(job['status'])}</td><td>{job['attempts_used']}/{job['max_attempts']}</td>"
             f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b></td>"
-            f"<td>{_svg(job['curves'])}<div class=legend><span style='color:#2563eb'>■ train</span> "
-            f"<span style='color:#dc2626'>■ eval</span></div></td>"
+            f"<td>{loss_svg(job['curves'], reference=job['base_eval_loss'])}{legend_html(job['base_eval_loss'] is not None)}</td>"
             f"<td>{_bytes(job['adapter_bytes'])}<br>{_num(job['duration_s'], 1)} s</td>"
             f"<td><ul>{attempts}</ul><ul>{findings}</ul></td></tr>"
         )
     counts = " · ".join(f"{report['counts'][k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled"))
     paused = f"<p class=warn>Queue paused: {e(str(report['queue']['pause_reason']))}</p>" if report["queue"]["paused"] else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>loraq report</title>
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }}
-tr.failed td:nth-child(2) {{ color: #b91c1c; font-weight: bold; }}
-tr.completed td:nth-child(2) {{ color: #15803d; font-weight: bold; }}
-.muted {{ color: #777; font-size: 12px; }} .warn {{ color: #b45309; font-weight: bold; }}
-ul {{ margin: 0; padding-left: 1.2em; }} .legend {{ font-size: 11px; }}
-</style></head><body>
-<h1>loraq queue report</h1>
+    return f"""<h1>loraq queue report</h1>
 <p>Home <code>{e(report['home'])}</code> · {counts}</p>{paused}
 <table><thead><tr><th>job</th><th>status</th><th>attempts</th><th>eval loss base → adapter</th><th>loss curves</th><th>size / time</th><th>attempts and findings</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
-</body></html>
+"""
+
+
+def to_html(report: dict[str, Any]) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>loraq report</title>
+<style>body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}{REPORT_CSS}</style></head><body>
+{body_html(report)}</body></html>
 """
 
 
