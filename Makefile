@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,ray,parquet
+EXTRAS ?= dev,ray,parquet,serve
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
 

@@ -12,7 +12,9 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.api", "loraq.cli", "loraq.queue.spec", "loraq.report", "loraq.supervisor.publish",
               "loraq.checkpoints", "loraq.fsutil", "loraq.workspace", "loraq.inspect", "loraq.inspect.on_base",
               "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
-              "loraq.data", "loraq.data.encoding", "loraq.data.check"]
+              "loraq.data", "loraq.data.encoding", "loraq.data.check",
+              "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
+              "loraq.serve.server"]
 HEAVY = ["torch", "transformers", "peft"]
 
 

@@ -457,6 +457,37 @@ def report(
 
 
 @app.command()
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless --allow-remote)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on (0: any free port)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host (prints a warning)."),
+) -> int:
+    """The live web dashboard over the home. Prints the link (with its token) to open; Ctrl-C stops it."""
+    from .errors import UsageError
+
+    try:
+        from . import serve as dashboard
+    except ImportError as exc:
+        raise UsageError(f"loraq serve needs the serve extra: pip install 'loraq[serve]' (missing {exc.name})") from exc
+    home = _ctx(ctx).home
+    warning = dashboard.check_host(host, allow_remote)
+    if warning:
+        _err(f"loraq serve: warning: {warning}")
+
+    def ready(listening: Any) -> None:
+        print(f"loraq serve: the dashboard of {home.root}", flush=True)
+        print(f"  open {listening.url}", flush=True)
+        print("  (the token in the link is needed for every page and action; Ctrl-C to stop)", flush=True)
+
+    try:
+        dashboard.serve(home, host, port, allow_remote=allow_remote, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+@app.command()
 def demo(
     directory: Path = typer.Argument(Path("loraq-demo"), help="Where to write the demo (default ./loraq-demo)."),
     no_run: bool = typer.Option(False, "--no-run", help="Only write the files."),

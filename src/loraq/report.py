@@ -182,8 +182,8 @@ def loss_svg(curves: dict[str, list[list[float]]], *, reference: float | None = 
     def sy(y: float) -> float:
         return 8 + (y1 - y) / (y1 - y0) * (height - pad - 8)
 
-    parts = [f'<svg class="curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="loss curves" data-points="{len(points)}">',
+    parts = [(f'<svg class="curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+              f'aria-label="loss curves" data-points="{len(points)}">'),
              f'<line x1="{pad}" y1="{height - pad + 8}" x2="{width - 8}" y2="{height - pad + 8}" stroke="#999"/>',
              f'<line x1="{pad}" y1="8" x2="{pad}" y2="{height - pad + 8}" stroke="#999"/>',
              f'<text x="2" y="14" font-size="10">{y1:.2f}</text><text x="2" y="{height - pad + 8}" font-size="10">{y0:.2f}</text>',

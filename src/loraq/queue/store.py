@@ -817,7 +817,7 @@ class Store:
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         out = []
         for r in self.conn.execute(f"SELECT {self._LISTING}, result, spec FROM jobs {where} ORDER BY {order}", params):
-            row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}
+            row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}  # noqa: SIM118 (a Row iterates values)
             row |= {"adapter": (json.loads(r["result"]) if r["result"] else {}).get("adapter"), "grp": _group_of(r["spec"])}
             if group is None or row["grp"] == group:
                 out.append(row)

@@ -1,0 +1,145 @@
+"""What keeps the dashboard to its owner: the bind address, the token, the headers, the files it reads.
+
+- It binds a loopback address unless the operator says ``--allow-remote`` (and is warned).
+- Every page needs the token printed at start (as Jupyter does): the link carries
+  it once, a cookie (HttpOnly, SameSite=Strict) afterwards. Actions are POSTs that
+  carry it again in the form, from the same origin; anything else is refused.
+- On loopback, a request for another host name is refused (DNS rebinding).
+- Every response carries a Content-Security-Policy that allows scripts and styles
+  from the dashboard itself only: no inline script, nothing from elsewhere.
+- A file is served only if, symlinks resolved, it is a regular file inside the home.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import stat
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+#: A report file saved by ``loraq report``: its own inline style sheet, and no script at all.
+CSP_SAVED_REPORT = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; frame-ancestors 'none'; sandbox"
+
+HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",  # the token in the first link never leaves in a Referer
+    "x-frame-options": "DENY",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_host(host: str, allow_remote: bool) -> str | None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote``; return the warning to print if allowed."""
+    if is_loopback(host):
+        return None
+    if not allow_remote:
+        raise UsageError(f"--host {host}: not a loopback address; the dashboard can cancel and retry jobs, so "
+                         "serving it on the network needs --allow-remote (anyone who can reach it and has the "
+                         "token can act on the queue)")
+    return (f"serving on {host}, beyond this machine: anyone who can reach it and has the token can cancel, "
+            "retry and pause jobs; the connection is not encrypted (use an SSH tunnel, or a proxy with TLS)")
+
+
+def same_token(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def host_allowed(host_header: str | None, bound: str) -> bool:
+    """On a loopback bind, only loopback host names (a rebound DNS name is someone else's page)."""
+    if not is_loopback(bound):
+        return True
+    if not host_header:
+        return False
+    name = urlsplit(f"//{host_header}").hostname or ""
+    return is_loopback(name)
+
+
+def same_origin(headers: MutableMapping[str, str] | Any, scheme: str) -> bool:
+    """A POST from a page of this dashboard: Origin (or Referer) names this host, or no browser sent it."""
+    host = headers.get("host", "")
+    expected = f"{scheme}://{host}"
+    origin = headers.get("origin")
+    if origin is not None:
+        return origin == expected
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    referer = headers.get("referer")
+    if referer is not None:
+        parts = urlsplit(referer)
+        return f"{parts.scheme}://{parts.netloc}" == expected
+    return True  # not a browser (curl, a script): the token alone decides
+
+
+def local_path(next_url: str | None, default: str = "/") -> str:
+    """A redirect target that stays on this dashboard (no scheme, no host, no ``//`` or backslash)."""
+    if not next_url or not next_url.startswith("/") or next_url.startswith("//") or "\\" in next_url:
+        return default
+    parts = urlsplit(next_url)
+    if parts.scheme or parts.netloc:
+        return default
+    return next_url
+
+
+def open_inside(root: Path, path: Path) -> int:
+    """A file descriptor for ``path``, if it is a regular file inside ``root`` once symlinks are resolved.
+
+    The check is made on the descriptor that is read (``O_NOFOLLOW`` on the resolved
+    path, then ``fstat``): a file swapped for a symlink or a FIFO afterwards is refused.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise PermissionError(f"{path}: outside {root}")
+    fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PermissionError(f"{path}: not a regular file")
+    return fd
+
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (streams pass through): the headers above on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in HEADERS.items() if k.encode() not in present]
+                message = dict(message, headers=list(message.get("headers", [])) + extra)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
