@@ -25,7 +25,11 @@ llama.cpp's own `convert_lora_to_gguf.py` writes and what `src/llama-adapter.cpp
 
 Refused, with the reason (ExportRefused): DoRA (lora_magnitude_vector), modules_to_save,
 trainable tokens, LoRA on embed_tokens or lm_head, bias training, and any tensor or option
-whose effect llama.cpp cannot reproduce.
+whose effect llama.cpp cannot reproduce. (On a base with tied embeddings, such as SmolLM2,
+llama.cpp 0.3.36 kills the process: an embed_tokens LoRA written as the converter does,
+token_embd.weight.lora_a = A.T, fails GGML_ASSERT(ggml_can_mul_mat) at the first decode,
+because the output projection reuses token_embd; an lm_head LoRA (output.weight.*) loads and
+then segfaults at the first decode.)
 """
 
 from __future__ import annotations
