@@ -31,7 +31,9 @@ CSP_SAVED_REPORT = "default-src 'none'; style-src 'unsafe-inline'; img-src data:
 HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",  # the token in the first link never leaves in a Referer
+    # No Referer to other sites (the first link carries the token); same-origin keeps the Origin header
+    # on the dashboard's own POSTs, which "no-referrer" would turn into "null".
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
     "cross-origin-opener-policy": "same-origin",
     "cross-origin-resource-policy": "same-origin",

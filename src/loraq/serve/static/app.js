@@ -75,6 +75,7 @@
 
   // ---------------------------------------------------------------- the job page
   const log = document.getElementById("log");
+  if (log) log.scrollTop = log.scrollHeight;  // a followed log opens at its end
 
   function onJobChange(data) {
     swapSections(data.sections);
