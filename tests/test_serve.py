@@ -93,13 +93,19 @@ def job_rows(html: str) -> list[str]:
 
 def test_binds_loopback_by_default_and_prints_a_link_with_its_token(home: Home) -> None:
     proc, link = start_cli_server(home, loraq=LORAQ)
+    stream = None
     try:
         assert link.startswith("http://127.0.0.1:") and "?token=" in link
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         with opener.open(link, timeout=30) as response:  # follows the redirect that sets the cookie
             assert response.status == 200
+        stream = opener.open(link.split("?")[0] + "stream", timeout=30)  # a page left open
+        assert stream.readline() == b"retry: 2000\n"
     finally:
-        assert stop(proc) == 0  # Ctrl-C is a normal end
+        assert stop(proc) == 0  # Ctrl-C is a normal end, open pages or not
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+        if stream is not None:
+            stream.close()
 
 
 def test_a_non_loopback_host_needs_allow_remote(home: Home) -> None:

@@ -60,7 +60,18 @@ class Settings:
     cookie: str = "loraq-token"
 
 
-def create_app(settings: Settings) -> Starlette:
+class Dashboard:
+    """The ASGI app, and the change feed its pages follow (the server ends their streams when it stops)."""
+
+    def __init__(self, app: Any, feed: Feed) -> None:
+        self.app = app
+        self.feed = feed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> Dashboard:
     """The dashboard for ``settings.home``; its change feed runs while the app does (lifespan)."""
     home = settings.home
     renderer = Renderer(settings.token, home.root)
@@ -317,7 +328,7 @@ def create_app(settings: Settings) -> Starlette:
             return
         await app(scope, receive, send)
 
-    return security.SecurityHeaders(gate)  # type: ignore[return-value]
+    return Dashboard(security.SecurityHeaders(gate), feed)
 
 
 def _lifespan(feed: Feed) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,13 +129,17 @@ class Feed:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.end_streams()
+        if self._thread is None:
+            self.close()
+
+    def end_streams(self) -> None:
+        """Tell every open page's stream to end (the server is stopping: it should not wait on them)."""
         with self._lock:
             subscribers = list(self._subscribers)
         for loop, queue in subscribers:
             with contextlib.suppress(RuntimeError):  # a loop already closed
                 loop.call_soon_threadsafe(queue.put_nowait, None)
-        if self._thread is None:
-            self.close()
 
     def close(self) -> None:
         """Close the connection (from the thread that polls: SQLite connections stay in theirs)."""
@@ -148,7 +153,7 @@ class Feed:
                 try:
                     change = self.poll()
                     self.error = None
-                except LoraqError as exc:  # a damaged or vanished file: say so on the pages, try again
+                except (LoraqError, sqlite3.Error) as exc:  # a damaged or vanished file: say so on the pages, retry
                     self.error = str(exc)
                     change = None
                     self.close()

@@ -59,4 +59,10 @@ def serve(home: Home, host: str = "127.0.0.1", port: int = 8765, *, allow_remote
                             server_header=False)
     if ready is not None:
         ready(listening)
-    uvicorn.Server(config).run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            app.feed.end_streams()  # open pages' streams end now, not after the graceful timeout
+            await super().shutdown(sockets)
+
+    Server(config).run(sockets=[sock])
