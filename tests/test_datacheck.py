@@ -17,6 +17,7 @@ from loraq.data import RowProblem
 from loraq.data import check as datacheck
 from loraq.data.check import DatasetReport, TokenCache, TokenStats
 from loraq.errors import DataError
+from loraq.protocol import JobInput
 from loraq.queue.spec import JobSpec, Queue, QueueSettings, ResolvedJob
 from loraq.train.service import prepare
 
@@ -104,7 +105,8 @@ def test_submit_and_the_trainer_agree_on_the_split_steps_and_truncation(base: Pa
     job = make_job(base, write_jsonl(tmp_path / "pc.jsonl", rows),
                    training={"max_seq_len": 24, "batch_size": 4, "grad_accum": 2, "epochs": 1.5})
     report = datacheck.analyze_job(job, tokenizer_loader=loader, cache=TokenCache())
-    prepared = prepare({"job": {"spec": job.spec.model_dump(), "dataset_path": job.dataset_path}}, tokenizer)
+    prepared = prepare(JobInput(spec=job.spec.model_dump(mode="json"), base_model=job.base_model,
+                                dataset_path=job.dataset_path), tokenizer)
     assert (prepared.n_train, prepared.n_eval) == (report.n_train, report.n_eval)
     assert job.spec.total_steps(prepared.n_train) == report.est_steps
     _, eval_idx = data.split_indices(len(rows), job.spec.validation.split, job.spec.training.seed)

@@ -165,7 +165,7 @@ jobs:
 
     def observer(event: str, info: dict[str, Any]) -> None:
         if event == "progress" and info["name"] == "long":
-            steps.append(info["step"])
+            steps.append(info["event"].step)
             if len(steps) == 2:
                 api.cancel(home, ["long"])
 
@@ -194,7 +194,7 @@ jobs:
 
     def observer(event: str, info: dict[str, Any]) -> None:
         # Step 4's progress comes after checkpoint 3 has been stored in the home (events keep their order).
-        if event == "progress" and info.get("step", 0) >= 4 and not killed:
+        if event == "progress" and info["event"].step >= 4 and not killed:
             executor = holder["executor"]
             slot = next(s for s in getattr(executor, "all_slots", executor.slots) if s.job_id is not None)
             assert checkpoints.newest_complete(home.job_dir(slot.job_id)) is not None
@@ -232,7 +232,7 @@ jobs:
     def observer(event: str, info: dict[str, Any]) -> None:
         # As if this worker had been frozen past its lease: its lease runs out and a sweep
         # puts the job back in the queue while the trainer is still training.
-        if event == "progress" and info.get("step", 0) >= 4 and not expired:
+        if event == "progress" and info["event"].step >= 4 and not expired:
             with Store.open(home.db_path, create=False) as other:
                 job = other.job("fenced")
                 other.heartbeat(job.id, job.epoch, lease_s=-1.0)

@@ -73,7 +73,7 @@ def test_a_node_lost_mid_job_loses_nothing(cluster: Any, workdir: Path) -> None:
 
     def observer(event: str, info: dict[str, Any]) -> None:
         if event == "started":
-            started.append((info["name"], info["node"]))
+            started.append((info["name"], info["event"].node))
 
     def pull_the_plug() -> None:
         """Once the long job's first checkpoint is in the home, kill its node."""

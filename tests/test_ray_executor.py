@@ -16,9 +16,23 @@ from typing import Any
 import pytest
 
 from loraq import checkpoints
+from loraq.errors import FailureKind
 from loraq.executors.base import Slot
 from loraq.executors.ray import RayExecutor, _ActorState, store_folder
-from loraq.executors.ray_actor import TrainerActor, read_tree, write_tree
+from loraq.executors.ray_actor import Shipment, TrainerActor, read_tree, write_tree
+from loraq.protocol import (
+    CheckpointSaved,
+    Done,
+    Event,
+    Failed,
+    Heartbeat,
+    JobInput,
+    Message,
+    Progress,
+    Started,
+    TrainRequest,
+    TrainResult,
+)
 from loraq.workspace import Home
 
 
@@ -63,12 +77,13 @@ class FakeActor:
     fetch = _Method()
 
 
-def executor_with_job(tmp_path: Path, *, resume_from: str | None = None) -> tuple[RayExecutor, Slot, dict[str, Any]]:
+def executor_with_job(tmp_path: Path, *, resume_from: str | None = None) -> tuple[RayExecutor, Slot, TrainRequest]:
     home = Home(tmp_path / "home")
     attempt = home.attempt_dir(7, 2)
-    request = {"job_id": 7, "attempt": 2, "epoch": 11, "log_path": str(attempt / "train.log"),
-               "checkpoints_dir": str(attempt / "checkpoints"), "staging_dir": str(attempt / "staging"),
-               "resume_from": resume_from}
+    request = TrainRequest(job_id=7, attempt=2, epoch=11, log_path=str(attempt / "train.log"),
+                           job=JobInput(spec={}, base_model="base", dataset_path="data.jsonl"),
+                           checkpoints_dir=str(attempt / "checkpoints"), staging_dir=str(attempt / "staging"),
+                           resume_from=resume_from)
     executor = RayExecutor(home=home, devices="cpu")
     slot = Slot(index=0, device="cpu", ready=True, job_id=7)
     slot.handle = _ActorState(actor=FakeActor(), stream=None, request=request)
@@ -76,55 +91,64 @@ def executor_with_job(tmp_path: Path, *, resume_from: str | None = None) -> tupl
     return executor, slot, request
 
 
+def shipped(event: Event, *, job_id: int = 7, epoch: int = 11, log: bytes = b"") -> Shipment:
+    return Shipment(Message(event, job_id=job_id, epoch=epoch), log=log)
+
+
+def result(**fields: Any) -> TrainResult:
+    return TrainResult(**{"staging": "/tmp/loraq-actor-1-x/staging", "steps": 4, "max_steps": 4, "train_loss": 1.0,
+                          "eval_loss": 1.0, "base_eval_loss": 2.0, "n_train": 8, "n_eval": 2} | fields)
+
+
 def test_events_of_another_job_or_epoch_are_dropped(tmp_path: Path) -> None:
     executor, slot, _ = executor_with_job(tmp_path)
     state = slot.handle
-    assert executor._receive(slot, state, {"ev": "progress", "job_id": 7, "epoch": 10, "step": 3}) == []
-    assert executor._receive(slot, state, {"ev": "done", "job_id": 8, "epoch": 11, "result": {}}) == []
-    assert executor._receive(slot, state, {"ev": "progress", "job_id": 7, "epoch": 11, "step": 3}) == [
-        {"ev": "progress", "job_id": 7, "epoch": 11, "step": 3}]
+    assert executor._receive(slot, state, shipped(Progress(step=3), epoch=10)) == []
+    assert executor._receive(slot, state, shipped(Done(result=result()), job_id=8)) == []
+    assert executor._receive(slot, state, shipped(Progress(step=3))) == [Message(Progress(step=3), job_id=7, epoch=11)]
 
 
 def test_log_chunks_land_in_the_attempts_log_in_the_home(tmp_path: Path) -> None:
     executor, slot, request = executor_with_job(tmp_path)
     for i in range(3):
-        executor._receive(slot, slot.handle, {"ev": "heartbeat", "job_id": 7, "epoch": 11, "log": f"line {i}\n".encode()})
-    assert Path(request["log_path"]).read_text() == "line 0\nline 1\nline 2\n"
+        executor._receive(slot, slot.handle, shipped(Heartbeat(), log=f"line {i}\n".encode()))
+    assert Path(request.log_path).read_text() == "line 0\nline 1\nline 2\n"
 
 
 def test_paths_in_events_name_the_home_never_the_nodes_scratch(tmp_path: Path) -> None:
     resume = str(tmp_path / "home" / "jobs" / "7" / "attempt-2" / "resume" / "checkpoint-6")
     executor, slot, request = executor_with_job(tmp_path, resume_from=resume)
     state = slot.handle
-    [started] = executor._receive(slot, state, {"ev": "started", "job_id": 7, "epoch": 11,
-                                                "resume_from": "/tmp/loraq-actor-1-x/job-7-epoch-11/resume/checkpoint-6"})
-    assert started["resume_from"] == resume
+    [started] = executor._receive(slot, state, shipped(Started(
+        max_steps=4, base_eval_loss=2.0, base_reused=False, n_train=8, n_eval=2,
+        resume_from="/tmp/loraq-actor-1-x/job-7-epoch-11/resume/checkpoint-6")))
+    assert started.event.resume_from == resume
 
-    checkpoint = executor._store_files(state, {"ev": "checkpoint", "job_id": 7, "epoch": 11, "step": 9,
-                                               "path": "/tmp/loraq-actor-1-x/checkpoints/checkpoint-9"},
-                                       {"adapter_model.safetensors": b"abc"})
-    assert checkpoint["path"] == str(Path(request["checkpoints_dir"]) / "checkpoint-9")
-    assert checkpoints.is_complete(Path(checkpoint["path"]))
+    checkpoint = executor._store_files(
+        state, Message(CheckpointSaved(step=9, path="/tmp/loraq-actor-1-x/checkpoints/checkpoint-9"), job_id=7, epoch=11),
+        {"adapter_model.safetensors": b"abc"})
+    assert checkpoint.event.path == str(Path(request.checkpoints_dir) / "checkpoint-9")
+    assert checkpoints.is_complete(Path(checkpoint.event.path))
 
-    done = executor._store_files(state, {"ev": "done", "job_id": 7, "epoch": 11, "result": {
-        "staging": "/tmp/loraq-actor-1-x/staging", "resumed_from": "/tmp/loraq-actor-1-x/resume/checkpoint-6"}},
+    done = executor._store_files(
+        state, Message(Done(result=result(resumed_from="/tmp/loraq-actor-1-x/resume/checkpoint-6")), job_id=7, epoch=11),
         {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"})
-    assert done["result"]["staging"] == request["staging_dir"]
-    assert done["result"]["resumed_from"] == resume
-    assert sorted(p.name for p in Path(request["staging_dir"]).iterdir()) == ["adapter_config.json",
-                                                                             "adapter_model.safetensors"]
+    assert done.event.result.staging == request.staging_dir
+    assert done.event.result.resumed_from == resume
+    assert sorted(p.name for p in Path(request.staging_dir).iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
     assert state.request is None  # the job is over for this slot: anything later from it is dropped
 
 
 def test_an_adapter_that_cannot_be_stored_fails_the_attempt_as_retryable(tmp_path: Path) -> None:
     executor, slot, request = executor_with_job(tmp_path)
-    attempt_dir = Path(request["staging_dir"]).parent
+    attempt_dir = Path(request.staging_dir).parent
     attempt_dir.parent.mkdir(parents=True)
     attempt_dir.write_text("a file where the attempt's folder should be")  # any OSError will do
-    failed = executor._store_files(slot.handle, {"ev": "done", "job_id": 7, "epoch": 11, "result": {}},
+    failed = executor._store_files(slot.handle, Message(Done(result=result()), job_id=7, epoch=11),
                                    {"adapter_model.safetensors": b"w"})
-    assert (failed["ev"], failed["kind"], failed["retryable"]) == ("failed", "io", True)
-    assert "cannot store the adapter" in failed["message"]
+    assert isinstance(failed.event, Failed) and failed.event.failure is FailureKind.IO and failed.event.failure.retryable
+    assert "cannot store the adapter" in failed.event.message
 
 
 # ---------------------------------------------------------------- stop requests on the actor
@@ -206,7 +230,7 @@ def run_worker(home: Home, executor: RayExecutor) -> None:
 def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(ray_instance: Any, workdir: Path) -> None:
     """A broken node (here: no writable scratch) must not loop forever: three failed starts end the run."""
     from loraq import api
-    from loraq.supervisor.worker import TrainerStartError
+    from loraq.errors import TrainerStartError
 
     home = one_job(workdir)
     executor = RayExecutor(home=home, devices="cpu", scratch_root=str(workdir / "no" / "such" / "folder"))
@@ -221,7 +245,7 @@ def test_an_actor_that_cannot_start_stops_the_run_with_its_cause(ray_instance: A
 @pytest.mark.ray
 def test_a_trainer_the_cluster_has_no_room_for_ends_the_run_in_time_and_says_why(ray_instance: Any, workdir: Path) -> None:
     from loraq import api
-    from loraq.supervisor.worker import TrainerStartError
+    from loraq.errors import TrainerStartError
 
     home = one_job(workdir)
     executor = RayExecutor(home=home, devices="cpu", actor_options={"resources": {"a100": 1}}, placement_timeout_s=2.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loraq.errors import CorruptStoreError, NotFoundError, StoreError, TransitionError
+from loraq.errors import CorruptStoreError, LeaseLost, NotFoundError, StoreError, TransitionError
 from loraq.queue.migrations import MIGRATIONS, statements
 from loraq.queue.store import (
     CANCELLED,
@@ -18,7 +18,6 @@ from loraq.queue.store import (
     RUNNING,
     STATES,
     TRANSITIONS,
-    LeaseLost,
     NewJob,
     Store,
     WorkerId,
@@ -332,3 +331,82 @@ def test_listing_pages_and_filters_by_status_and_sweep(store: Store) -> None:
     assert store.listing_count(group="even") == 5 and store.listing_count(status=PENDING) == 9
     assert store.groups() == {"even": {s: (5 if s == PENDING else 0) for s in STATES}}
 
+
+# ---------------------------------------------------------------- internal errors (a bug): once, then stop
+
+
+def fail_internal(store: Store, reason: str = "RuntimeError: boom (raised at loraq/train/service.py:12)") -> str:
+    claim = store.claim(W1, lease_s=30)
+    assert claim is not None
+    return store.fail(claim.job.id, claim.epoch, kind="internal", reason=reason, retryable=True)
+
+
+def test_the_same_internal_error_twice_in_a_row_fails_the_job_for_good(store: Store) -> None:
+    store.enqueue([new_job("a", max_retries=5)], settings={"retry_backoff_s": 0})
+    assert fail_internal(store) == PENDING  # retried once
+    assert fail_internal(store) == FAILED  # with four attempts left
+    job = store.job("a")
+    assert job.error_kind == "internal"
+    assert job.error == ("RuntimeError: boom (raised at loraq/train/service.py:12); the same error as attempt 1, "
+                         "so it is not retried again")
+    assert [(a.outcome, a.retryable) for a in store.attempts("a")] == [("retry", 1), ("failed", 0)]
+
+
+def test_an_internal_error_is_retried_once_at_most_even_when_another_failure_or_error_comes_between(
+        store: Store) -> None:
+    store.enqueue([new_job("a", max_retries=5), new_job("b", max_retries=5)], settings={"retry_backoff_s": 0})
+    assert fail_internal(store, "KeyError: 'x' (raised at loraq/a.py:1)") == PENDING
+    claim = store.claim(W1, lease_s=30)
+    assert store.fail(claim.job.id, claim.epoch, kind="oom", reason="out of memory", retryable=True) == PENDING
+    assert fail_internal(store, "TypeError: y (raised at loraq/b.py:2)") == FAILED
+    assert store.job("a").error.endswith("; attempt 1 also failed with an internal error, so it is not retried again")
+    # The known faults of the machine keep every retry they have.
+    for _ in range(5):
+        claim = store.claim(W1, lease_s=30)
+        assert claim.job.name == "b"
+        assert store.fail(claim.job.id, claim.epoch, kind="died", reason="killed", retryable=True) == PENDING
+
+
+def test_an_operator_retry_starts_a_fresh_run_of_attempts(store: Store) -> None:
+    store.enqueue([new_job("a", max_retries=5)], settings={"retry_backoff_s": 0})
+    fail_internal(store)
+    fail_internal(store)
+    store.retry("a")
+    assert fail_internal(store) == PENDING  # retried once again, as a new job would be
+
+
+def test_three_jobs_failing_in_a_row_with_the_same_internal_error_pause_the_queue(store: Store) -> None:
+    store.enqueue([new_job(n, max_retries=0) for n in "abcd"])
+    for _ in range(3):
+        fail_internal(store)
+    state = store.queue_state()
+    assert state.paused
+    assert state.pause_reason.startswith("3 jobs in a row failed with the same internal error")
+    assert "last: c: RuntimeError: boom (raised at loraq/train/service.py:12)" in state.pause_reason
+    assert store.claim(W1, lease_s=30) is None
+    store.resume()
+    assert store.claim(W1, lease_s=30).job.name == "d"
+
+
+@pytest.mark.parametrize("between", ["completed", "other error", "another internal error"])
+def test_the_run_of_internal_errors_is_broken_by_any_other_outcome(store: Store, between: str) -> None:
+    store.enqueue([new_job(n, max_retries=0) for n in "abcde"])
+    fail_internal(store)
+    fail_internal(store)
+    claim = store.claim(W1, lease_s=30)
+    if between == "completed":
+        store.complete(claim.job.id, claim.epoch, result={})
+    elif between == "other error":
+        store.fail(claim.job.id, claim.epoch, kind="data", reason="row 3", retryable=False)
+    else:
+        store.fail(claim.job.id, claim.epoch, kind="internal", reason="ValueError: other", retryable=True)
+    fail_internal(store)
+    fail_internal(store)
+    assert not store.queue_state().paused
+
+
+def test_pause_after_internal_errors_is_a_queue_setting(store: Store) -> None:
+    store.enqueue([new_job(n, max_retries=0) for n in "abcd"], settings={"pause_after_internal_errors": 0})
+    for _ in range(4):
+        fail_internal(store)
+    assert not store.queue_state().paused

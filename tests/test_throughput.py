@@ -19,6 +19,7 @@ from conftest import TINY_DEFAULTS, write_queue
 from loraq import api
 from loraq.model.batching import Collator
 from loraq.model.evaluation import evaluate_loss
+from loraq.protocol import JobInput
 from loraq.queue.store import Job, Store
 from loraq.train.service import prepare
 from loraq.workspace import Home
@@ -93,7 +94,7 @@ def test_a_queue_interleaving_two_bases_runs_grouped_by_base_and_loads_each_once
     assert [r["base_loads"] for r in results] == [1, 1, 2, 2]  # each base loaded once, in one trainer process
     assert len({r["pid"] for r in results}) == 1
     started = [info for kind, info in interleaved["seen"] if kind == "started"]
-    assert [(e["name"], e["base_reused"]) for e in started] == [("a1", False), ("a2", True), ("b1", False), ("b2", True)]
+    assert [(e["name"], e["event"].base_reused) for e in started] == [("a1", False), ("a2", True), ("b1", False), ("b2", True)]
 
 
 def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], project: Path) -> None:
@@ -110,7 +111,7 @@ def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], p
             continue
         # The published adapter on a fresh load of its base reproduces the eval loss the job recorded.
         tokenizer = AutoTokenizer.from_pretrained(base)
-        rows = prepare({"job": job.spec}, tokenizer).eval
+        rows = prepare(JobInput.of_stored(job.spec), tokenizer).eval
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
         loss = evaluate_loss(model, rows, Collator(tokenizer.pad_token_id), 8)
         assert loss == pytest.approx(job.eval_loss, rel=1e-4)

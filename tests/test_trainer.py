@@ -18,6 +18,20 @@ import pytest
 from loraq.model import base as basemodel
 from loraq.model.batching import Collator
 from loraq.model.evaluation import evaluate_loss
+from loraq.protocol import (
+    FINAL_KINDS,
+    Aborted,
+    Done,
+    Event,
+    EventKind,
+    Final,
+    JobInput,
+    Progress,
+    Started,
+    Stopped,
+    TrainRequest,
+    TrainResult,
+)
 from loraq.queue.spec import JobSpec
 from loraq.train.service import TrainerService, prepare
 
@@ -49,31 +63,31 @@ def service() -> Iterator[TrainerService]:
 class Run:
     """A job run on the service, with the events it emitted."""
 
-    def __init__(self, service: TrainerService, request: dict[str, Any]) -> None:
+    def __init__(self, service: TrainerService, request: TrainRequest) -> None:
         self.request = request
-        self.events: list[dict[str, Any]] = []
-        self.outcome = service.run_job(request, self.events.append)
+        self.events: list[Event] = []
+        self.outcome: Final = service.run_job(request, self.events.append)
 
     @property
-    def result(self) -> dict[str, Any]:
-        assert self.outcome["ev"] == "done", self.outcome
-        return self.outcome["result"]  # type: ignore[no-any-return]
+    def result(self) -> TrainResult:
+        assert isinstance(self.outcome, Done), self.outcome
+        return self.outcome.result
 
-    def event(self, kind: str) -> dict[str, Any]:
-        return next(e for e in self.events if e["ev"] == kind)
+    def started(self) -> Started:
+        return next(e for e in self.events if isinstance(e, Started))
 
 
-def request(name: str, base: Path, dataset: Path, folder: Path, **training: Any) -> dict[str, Any]:
+def request(name: str, base: Path, dataset: Path, folder: Path, **training: Any) -> TrainRequest:
     spec = JobSpec.model_validate({
         "name": name, "base_model": str(base), "dataset": {"path": str(dataset), "format": "prompt_completion"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "training": TRAINING | training, "validation": {"split": 0.1},
     })
     job_dir = folder / name
-    return {"job_id": 1, "attempt": 1, "job": {"spec": spec.model_dump(mode="json"), "base_model": str(base),
-                                               "dataset_path": str(dataset)},
-            "log_path": str(job_dir / "train.log"), "checkpoints_dir": str(job_dir / "checkpoints"),
-            "staging_dir": str(job_dir / "staging")}
+    return TrainRequest(job_id=1, attempt=1, epoch=1,
+                        job=JobInput(spec=spec.model_dump(mode="json"), base_model=str(base), dataset_path=str(dataset)),
+                        log_path=str(job_dir / "train.log"), checkpoints_dir=str(job_dir / "checkpoints"),
+                        staging_dir=str(job_dir / "staging"))
 
 
 def tensors_sha256(model: Any) -> str:
@@ -98,7 +112,7 @@ def eval_set(run: Run, base: Path) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return prepare(run.request, tokenizer).eval, Collator(tokenizer.pad_token_id)
+    return prepare(run.request.job, tokenizer).eval, Collator(tokenizer.pad_token_id)
 
 
 def recorded_eval_loss_reproduced(run: Run, base: Path) -> float:
@@ -106,7 +120,7 @@ def recorded_eval_loss_reproduced(run: Run, base: Path) -> float:
     from peft import PeftModel
 
     rows, collator = eval_set(run, base)
-    model = PeftModel.from_pretrained(fresh(base), run.result["staging"]).eval()
+    model = PeftModel.from_pretrained(fresh(base), run.result.staging).eval()
     return evaluate_loss(model, rows, collator, TRAINING["batch_size"])
 
 
@@ -124,26 +138,26 @@ def test_consecutive_jobs_on_one_base_load_it_once_and_leave_it_bit_for_bit_as_l
     second = Run(service, request("second", tiny_model, demo_datasets["sql"], tmp_path, seed=4))
 
     assert service.cache.loads - loads <= 1  # 0 if an earlier test left A resident
-    assert second.result["base_reused"] is True and second.event("started")["base_reused"] is True
-    assert second.result["base_loads"] == service.cache.loads
-    assert second.result["timings"]["load_s"] < 0.01
+    assert second.result.base_reused is True and second.started().base_reused is True
+    assert second.result.base_loads == service.cache.loads == first.result.base_loads  # no load for the second
     # The resident base after two trainings is the base on disk, byte for byte.
     assert tensors_sha256(service.cache.resident.model) == after_first == tensors_sha256(fresh(tiny_model))
     # Two different LoRAs were trained, and each was saved
-    assert first.result["eval_loss"] != second.result["eval_loss"]
+    assert first.result.eval_loss != second.result.eval_loss
     for run in (first, second):
-        assert (Path(run.result["staging"]) / "adapter_model.safetensors").is_file()
+        assert (Path(run.result.staging) / "adapter_model.safetensors").is_file()
 
 
 def test_each_job_reports_its_memory_and_sends_rss_as_its_last_metric(
         service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
     run = Run(service, request("memory", tiny_model, demo_datasets["sql"], tmp_path))
-    memory = run.result["memory"]
-    assert memory["rss_mb"] > 50
-    assert run.result["pid"] > 0 and set(run.result["timings"]) >= {"load_s", "train_s", "cleanup_s"}
-    last_progress = [e for e in run.events if e["ev"] == "progress"][-1]
-    assert last_progress["metrics"] == {"rss_mb": memory["rss_mb"]}
-    assert last_progress["step"] == run.result["steps"]
+    memory = run.result.memory
+    assert memory is not None and memory.rss_mb > 50
+    assert run.outcome.memory == memory
+    assert run.result.pid and run.result.pid > 0 and set(run.result.timings) >= {"load_s", "train_s", "cleanup_s"}
+    last_progress = [e for e in run.events if isinstance(e, Progress)][-1]
+    assert last_progress.metrics == {"rss_mb": memory.rss_mb}
+    assert last_progress.step == run.result.steps
 
 
 def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> None:
@@ -192,8 +206,8 @@ def test_a_base_perturbed_between_jobs_is_dropped_and_reloaded(
     assert service.cache.verify() is False
     assert service.cache.resident is None
     again = Run(service, request("after", tiny_model, demo_datasets["sql"], tmp_path))
-    assert again.result["base_reused"] is False and service.cache.loads == loads + 1
-    assert again.result["base_eval_loss"] == pytest.approx(first.result["base_eval_loss"], abs=1e-6)
+    assert again.result.base_reused is False and service.cache.loads == loads + 1
+    assert again.result.base_eval_loss == pytest.approx(first.result.base_eval_loss, abs=1e-6)
     assert tensors_sha256(service.cache.resident.model) == tensors_sha256(fresh(tiny_model))
 
 
@@ -207,15 +221,15 @@ def test_a_lora_merged_into_the_base_by_mistake_is_caught_and_the_base_reloaded(
     # The bug: a cleanup that merges the LoRA into the base instead of removing it.
     monkeypatch.setattr(LoraModel, "unload", lambda self, *a, **kw: self.merge_and_unload())
     merged = Run(service, request("merged", tiny_model, demo_datasets["sql"], tmp_path))
-    assert merged.result["eval_loss"] < merged.result["base_eval_loss"]  # it trained: the merge changed weights
+    assert merged.result.eval_loss < merged.result.base_eval_loss  # it trained: the merge changed weights
     assert service.cache.resident is None  # caught after the job: dropped
     monkeypatch.undo()
 
     loads = service.cache.loads
     after = Run(service, request("after-merge", tiny_model, demo_datasets["sql"], tmp_path))
-    assert after.result["base_reused"] is False and service.cache.loads == loads + 1
+    assert after.result.base_reused is False and service.cache.loads == loads + 1
     # The next job trains on the base as it is on disk, not on the merged one.
-    assert after.result["base_eval_loss"] == pytest.approx(clean.result["base_eval_loss"], abs=1e-6)
+    assert after.result.base_eval_loss == pytest.approx(clean.result.base_eval_loss, abs=1e-6)
     assert tensors_sha256(service.cache.resident.model) == tensors_sha256(fresh(tiny_model))
 
 
@@ -227,41 +241,27 @@ def test_a_job_after_a_job_on_another_base_trains_against_its_own_base(
     on_b = Run(service, request("on-b", other_model, demo_datasets["sql"], tmp_path))
     back_on_a = Run(service, request("back-on-a", tiny_model, demo_datasets["sql"], tmp_path))
 
-    assert on_b.result["base_reused"] is False and back_on_a.result["base_reused"] is False
+    assert on_b.result.base_reused is False and back_on_a.result.base_reused is False
     assert service.cache.loads == loads + 2  # B, then A again: one base resident at a time
     assert service.cache.resident.key.path == str(tiny_model)
     for run, base, wrong in ((on_b, other_model, tiny_model), (back_on_a, tiny_model, other_model)):
-        config = json.loads((Path(run.result["staging"]) / "adapter_config.json").read_text())
+        config = json.loads((Path(run.result.staging) / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str(base)
         # The adapter, loaded with PEFT on a fresh load of its base, gives the eval loss the job recorded,
-        assert recorded_eval_loss_reproduced(run, base) == pytest.approx(run.result["eval_loss"], rel=1e-4)
+        assert recorded_eval_loss_reproduced(run, base) == pytest.approx(run.result.eval_loss, rel=1e-4)
         # and the base eval loss the job recorded is that base's, not the other one's.
-        assert base_loss(run, base) == pytest.approx(run.result["base_eval_loss"], rel=1e-4)
-        assert base_loss(run, wrong) != pytest.approx(run.result["base_eval_loss"], rel=1e-2)
+        assert base_loss(run, base) == pytest.approx(run.result.base_eval_loss, rel=1e-4)
+        assert base_loss(run, wrong) != pytest.approx(run.result.base_eval_loss, rel=1e-2)
     # Back on A, the same job trains the same adapter as before B came in between.
-    assert back_on_a.result["base_eval_loss"] == pytest.approx(on_a.result["base_eval_loss"], abs=1e-6)
+    assert back_on_a.result.base_eval_loss == pytest.approx(on_a.result.base_eval_loss, abs=1e-6)
     assert adapter_tensors(back_on_a) == adapter_tensors(on_a)
 
 
 def adapter_tensors(run: Run) -> dict[str, bytes]:
     from safetensors.numpy import load_file
 
-    return {k: v.tobytes() for k, v in load_file(Path(run.result["staging"]) / "adapter_model.safetensors").items()}
+    return {k: v.tobytes() for k, v in load_file(Path(run.result.staging) / "adapter_model.safetensors").items()}
 
-
-
-@pytest.mark.parametrize(("error", "kind"), [
-    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"), "io"),
-    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"), "io"),
-    (OSError(5, "Input/output error"), "io"),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), "cuda"),
-    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
-    (ValueError("something else"), "error"),
-])
-def test_failures_are_classified_for_retry(error: BaseException, kind: str) -> None:
-    from loraq.train.service import classify
-
-    assert classify(error) == (kind, True)
 
 
 @pytest.mark.parametrize("graceful", [True, False])
@@ -281,14 +281,14 @@ def test_a_stop_sent_before_the_job_starts_training_holds(tiny_model: Path, demo
         final = None
         deadline = time.monotonic() + 300
         while final is None and time.monotonic() < deadline:
-            for _slot, event in executor.poll(0.5):
-                if event["ev"] in ("done", "stopped", "aborted", "failed", "exited"):
-                    final = event
+            for _slot, message in executor.poll(0.5):
+                if message.kind in FINAL_KINDS | {EventKind.EXITED}:
+                    final = message.event
         assert final is not None
         if graceful:  # checkpointed at its first step and stopped, not trained to step 200
-            assert (final["ev"], final["step"]) == ("stopped", 1)
+            assert final == Stopped(step=1, memory=final.memory, base_loads=final.base_loads)
             assert (tmp_path / "early" / "checkpoints" / "checkpoint-1" / "loraq-complete.json").is_file()
         else:
-            assert final["ev"] == "aborted"
+            assert isinstance(final, Aborted)
     finally:
         executor.shutdown()

@@ -3,7 +3,8 @@
 The real-process tests (test_crash.py) prove the same promises end to end; these
 pin down each decision on its own, without torch, in milliseconds: the watchdog,
 a lease lost while the trainer finishes, a cancel noticed at the next heartbeat,
-and what reconcile may and may not delete.
+and what reconcile may and may not delete. Nothing sleeps: the worker's clock is
+the test's, and the scripted executor moves it by each poll's timeout.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,24 +19,31 @@ from typing import Any
 import pytest
 
 import adapters
+from conftest import Clock
 from loraq import checkpoints, fsutil
 from loraq.executors.base import Slot
+from loraq.protocol import Aborted, Done, Event, Exited, Message, Progress, Started, TrainRequest, TrainResult
 from loraq.queue.store import COMPLETED, NewJob, Store, WorkerId
 from loraq.supervisor.worker import Worker, WorkerConfig
 from loraq.workspace import Home
 from test_faults import dead_pid, hf_checkpoint, resolved_spec
 
-Item = dict[str, Any] | Callable[[], None]
+Item = Event | Callable[[], None]
 
 
 class ScriptedExecutor:
-    """One slot; each submitted job plays the events (or side effects) ``script(request)`` returns."""
+    """One slot; each submitted job plays the events (or side effects) ``script(request)`` returns.
 
-    def __init__(self, script: Callable[[dict[str, Any]], Iterable[Item]], *, ready: bool = True) -> None:
+    Each poll moves ``clock`` on by its timeout, as a real wait would.
+    """
+
+    def __init__(self, script: Callable[[TrainRequest], Iterable[Item]], *, ready: bool = True,
+                 clock: Clock | None = None) -> None:
         self.slots = [Slot(index=0, device="cpu")]
         self.script, self.ready = script, ready
+        self.clock = clock or Clock()
         self.pending: list[tuple[Slot, Item]] = []
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[TrainRequest] = []
         self.commands: list[tuple[str, int | None]] = []
 
     def start(self) -> None:
@@ -44,30 +51,28 @@ class ScriptedExecutor:
             slot.handle = slot.handle or object()
             slot.ready = self.ready
 
-    def submit(self, slot: Slot, request: dict[str, Any]) -> None:
-        slot.job_id = int(request["job_id"])
-        slot.last_seen = time.monotonic()
+    def submit(self, slot: Slot, request: TrainRequest) -> None:
+        slot.job_id = request.job_id
         self.requests.append(request)
         self.pending.extend((slot, item) for item in self.script(request))
 
-    def poll(self, timeout: float) -> list[tuple[Slot, dict[str, Any]]]:
-        time.sleep(min(timeout, 0.005))
+    def poll(self, timeout: float) -> list[tuple[Slot, Message]]:
+        self.clock.advance(timeout)
         if not self.pending:
             return []
         slot, item = self.pending.pop(0)
         if callable(item):  # a side effect takes a poll of its own: the worker's timers run after it
             item()
             return []
-        slot.last_seen = time.monotonic()
-        return [(slot, {"job_id": slot.job_id, **item})]
+        return [(slot, Message(item, job_id=slot.job_id, epoch=None))]
 
     def stop_job(self, slot: Slot, *, graceful: bool) -> None:
         self.commands.append(("stop" if graceful else "abort", slot.job_id))
 
     def kill(self, slot: Slot) -> None:
         self.commands.append(("kill", slot.job_id))
-        self.pending = [(slot, {"ev": "exited", "returncode": -9, "reason": "trainer process killed by SIGKILL",
-                                "was_ready": slot.ready})]
+        self.pending = [(slot, Exited(returncode=-9, reason="trainer process killed by SIGKILL", was_ready=slot.ready,
+                                      log="trainer-0.log"))]
         slot.handle = None
 
     def recycle(self, slot: Slot) -> None: ...
@@ -91,22 +96,25 @@ def enqueue(home: Home, *names: str, max_retries: int = 2) -> Store:
 
 def run(home: Home, store: Store, executor: ScriptedExecutor, **config: Any) -> Worker:
     settings = {"lease_s": 30.0, "heartbeat_s": 0.02, "poll_s": 0.005, "max_jobs": None} | config
-    worker = Worker(home, store, executor, config=WorkerConfig(**settings))  # type: ignore[arg-type]
+    worker = Worker(home, store, executor, config=WorkerConfig(**settings), clock=executor.clock)  # type: ignore[arg-type]
     worker.run()
     return worker
 
 
-def trains(steps: int = 3) -> Callable[[dict[str, Any]], list[Item]]:
+def started(steps: int = 3, resume_from: str | None = None) -> Started:
+    return Started(max_steps=steps, base_eval_loss=2.0, base_reused=False, n_train=10, n_eval=2, resume_from=resume_from)
+
+
+def trains(steps: int = 3) -> Callable[[TrainRequest], list[Item]]:
     """A trainer that trains ``steps`` steps and leaves a valid adapter in staging."""
 
-    def script(request: dict[str, Any]) -> list[Item]:
-        staging = Path(request["staging_dir"])
-        return [{"ev": "started", "max_steps": steps, "base_eval_loss": 2.0, "resume_from": request["resume_from"]},
-                *({"ev": "progress", "step": s, "max_steps": steps, "metrics": {"loss": 2.0 - s / 10}}
-                  for s in range(1, steps + 1)),
+    def script(request: TrainRequest) -> list[Item]:
+        staging = Path(request.staging_dir)
+        return [started(steps, request.resume_from),
+                *(Progress(step=s, max_steps=steps, metrics={"loss": 2.0 - s / 10}) for s in range(1, steps + 1)),
                 lambda: adapters.synthetic(staging),
-                {"ev": "done", "result": {"staging": str(staging), "steps": steps, "train_loss": 1.5,
-                                          "eval_loss": 1.0, "base_eval_loss": 2.0}}]
+                Done(result=TrainResult(staging=str(staging), steps=steps, max_steps=steps, train_loss=1.5,
+                                        eval_loss=1.0, base_eval_loss=2.0, n_train=10, n_eval=2))]
 
     return script
 
@@ -122,10 +130,10 @@ def test_a_stalled_trainer_is_killed_and_its_job_retried(home: Home) -> None:
     store = enqueue(home, "stuck")
     calls = []
 
-    def script(request: dict[str, Any]) -> list[Item]:
-        calls.append(request["attempt"])
+    def script(request: TrainRequest) -> list[Item]:
+        calls.append(request.attempt)
         if len(calls) == 1:
-            return [{"ev": "started", "max_steps": 3, "base_eval_loss": 2.0, "resume_from": None}]  # then silence
+            return [started()]  # then silence
         return trains()(request)
 
     executor = ScriptedExecutor(script)
@@ -139,10 +147,11 @@ def test_a_stalled_trainer_is_killed_and_its_job_retried(home: Home) -> None:
 
 def test_a_trainer_that_is_still_starting_is_not_taken_for_stalled(home: Home) -> None:
     store = enqueue(home, "slow-start")
-    started = time.monotonic()
-    executor = ScriptedExecutor(lambda request: [lambda: time.sleep(0.3), *trains()(request)], ready=False)
+    clock = Clock()
+    # Importing torch on a busy machine: far past stall_s without a word, within the startup grace.
+    executor = ScriptedExecutor(lambda request: [lambda: clock.advance(300.0), *trains()(request)], ready=False,
+                                clock=clock)
     run(home, store, executor, stall_s=0.05)
-    assert time.monotonic() - started >= 0.3
     assert not [c for c in executor.commands if c[0] == "kill"]
     assert store.job("slow-start").status == COMPLETED
 
@@ -173,10 +182,9 @@ def test_a_cancel_is_noticed_at_the_next_heartbeat_and_the_trainer_aborted(home:
     store = enqueue(home, "unwanted", "next")
     operator = Store.open(home.db_path)
 
-    def script(request: dict[str, Any]) -> list[Item]:
-        if request["job"]["spec"]["name"] == "unwanted":
-            return [{"ev": "started", "max_steps": 3, "base_eval_loss": 2.0, "resume_from": None},
-                    lambda: operator.cancel("unwanted"), lambda: time.sleep(0.1), {"ev": "aborted"}]
+    def script(request: TrainRequest) -> list[Item]:
+        if request.job.spec["name"] == "unwanted":
+            return [started(), lambda: operator.cancel("unwanted"), lambda: executor.clock.advance(0.1), Aborted()]
         return trains()(request)
 
     executor = ScriptedExecutor(script)
@@ -195,8 +203,8 @@ def test_a_retry_resumes_from_its_own_copy_of_the_newest_checkpoint(home: Home) 
     executor = ScriptedExecutor(trains())
     run(home, store, executor, max_jobs=1)
     (request,) = executor.requests
-    assert request["attempt"] == 2 and claim.attempt == 1
-    assert request["resume_from"] == str(home.attempt_dir(1, 2) / "resume" / "checkpoint-4")
+    assert request.attempt == 2 and claim.attempt == 1
+    assert request.resume_from == str(home.attempt_dir(1, 2) / "resume" / "checkpoint-4")
     assert store.attempts("resumed")[1].resumed_from_step == 4
     assert store.attempts("resumed")[0].error_kind == "lost"  # reclaimed at once: same host, pid gone
     assert not list(home.jobs_dir.glob("*/attempt-*/resume")) and not list(home.jobs_dir.glob("*/attempt-*/checkpoints"))
@@ -207,8 +215,8 @@ def test_a_full_disk_while_publishing_fails_the_attempt_clearly_and_the_retry_pu
     store = enqueue(home, "unlucky")
     state = {"attempt": 0}
 
-    def script(request: dict[str, Any]) -> list[Item]:
-        state["attempt"] = request["attempt"]
+    def script(request: TrainRequest) -> list[Item]:
+        state["attempt"] = request.attempt
         return trains()(request)
 
     class FullDiskOnFirstAttempt(fsutil.FileOps):

@@ -26,6 +26,17 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _ATTEMPT = re.compile(r"^attempt-(\d+)$")
 
 
+def checkpoint_name(step: int) -> str:
+    """``checkpoint-<step>``: the folder name transformers' ``Trainer`` gives a checkpoint."""
+    return f"checkpoint-{step}"
+
+
+def step_of(folder: str | Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder; ``None`` for any other name."""
+    match = _CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path

@@ -18,6 +18,7 @@ import typer
 
 from . import api
 from .errors import LoraqError, NotFoundError, ProblemsError
+from .protocol import Progress, Started, TrainResult
 from .workspace import Home
 
 app = typer.Typer(
@@ -187,26 +188,28 @@ class _Progress:
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         name = info.get("name", "")
         if kind == "progress":
-            metrics = info.get("metrics", {})
-            text = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in ("loss", "eval_loss"))
+            progress: Progress = info["event"]
+            text = " ".join(f"{k}={v:.3f}" for k, v in progress.metrics.items() if k in ("loss", "eval_loss"))
             if self.bars is not None:
                 task = self.tasks.get(name)
                 if task is None:
-                    task = self.tasks[name] = self.bars.add_task(name, total=info.get("max_steps"), info="")
-                self.bars.update(task, completed=info.get("step", 0), total=info.get("max_steps"), info=text)
+                    task = self.tasks[name] = self.bars.add_task(name, total=progress.max_steps, info="")
+                self.bars.update(task, completed=progress.step, total=progress.max_steps, info=text)
             elif text and not self.quiet:
-                print(f"[{name}] step {info.get('step')}/{info.get('max_steps')} {text}", flush=True)
+                print(f"[{name}] step {progress.step}/{progress.max_steps} {text}", flush=True)
         elif kind == "claimed":
             resume = f", resuming from step {info['resume_step']}" if info.get("resume_step") else ""
             self._line(f"[{name}] attempt {info['attempt']} on {info['slot']}{resume}")
         elif kind == "started":
-            reused = "base reused" if info.get("base_reused") else "base loaded"
-            self._line(f"[{name}] {info.get('n_train')} train / {info.get('n_eval')} eval rows, {info.get('max_steps')} steps, "
-                       f"{reused}, base eval loss {_num(info.get('base_eval_loss'))}")
+            started: Started = info["event"]
+            reused = "base reused" if started.base_reused else "base loaded"
+            self._line(f"[{name}] {started.n_train} train / {started.n_eval} eval rows, {started.max_steps} steps, "
+                       f"{reused}, base eval loss {_num(started.base_eval_loss)}")
         elif kind == "completed":
+            result: TrainResult = info["result"]
             if self.bars is not None and name in self.tasks:
-                self.bars.update(self.tasks[name], completed=info.get("steps"))
-            self._line(f"[{name}] completed: eval loss {_num(info.get('base_eval_loss'))} -> {_num(info.get('eval_loss'))}, "
+                self.bars.update(self.tasks[name], completed=result.steps)
+            self._line(f"[{name}] completed: eval loss {_num(result.base_eval_loss)} -> {_num(result.eval_loss)}, "
                        f"published to {info.get('adapter')}")
         elif kind == "failed":
             final = "failed" if info.get("final") else "attempt failed (will retry)"

@@ -1,14 +1,22 @@
-"""Every error loraq raises on purpose, and the exit code each maps to.
+"""Every error loraq raises on purpose, the exit code each maps to, and the kinds of failure.
 
 The CLI maps these to exit codes in one place (``cli.main``); the library never
 prints. Messages are one line a person can act on: they name the file, the job
 or row, the field, and what is wrong.
+
+A failed training attempt ends with a :class:`FailureKind`. :func:`classify` names
+the kind of an exception that escaped training; what it cannot name is
+``internal``: a bug of loraq's, retried once at most (STYLE.md rule 11).
+Standard library only: the store and the supervisor use these too.
 """
 
 from __future__ import annotations
 
+import enum
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class LoraqError(Exception):
@@ -71,20 +79,122 @@ class CorruptStoreError(StoreError):
     """The state database is damaged; loraq refuses to touch it."""
 
 
+class LeaseLost(StoreError):
+    """The worker's epoch no longer owns the job: someone else does, or it ended."""
+
+    def __init__(self, job_id: int, epoch: int | None, current: int | None) -> None:
+        super().__init__(f"job {job_id}: lease lost (held epoch {epoch}, current {current})")
+        self.job_id = job_id
+
+
+class PublishConflict(LoraqError):
+    """``adapters/<name>`` already holds an adapter of another job."""
+
+
+class TrainerStartError(LoraqError):
+    """A trainer cannot even start (a broken install, a bad device, no room on the cluster)."""
+
+
 class InspectionError(LoraqError):
     """An adapter cannot be inspected at all (missing, outside the roots)."""
 
     exit_code = 2
 
 
-class TrainingError(LoraqError):
-    """A training attempt failed.
+class FailureKind(str, enum.Enum):
+    """How an attempt failed; the kind decides whether it is tried again.
 
-    ``retryable`` says whether another attempt may succeed (a killed process, out
-    of memory, a stall, an I/O error) or not (bad spec, data or base model).
+    The value is what the store records (``attempts.error_kind``) and ``status`` shows.
     """
 
-    def __init__(self, message: str, *, retryable: bool, kind: str) -> None:
+    # What the job asked for cannot work: permanent; the message says what to fix.
+    SPEC = "spec"
+    DATA = "data"
+    BASE_MODEL = "base_model"
+    DIVERGED = "diverged"  # the loss or the weights became non-finite
+    INSPECTION = "inspection"  # the trained adapter failed inspection
+    CONFLICT = "conflict"  # adapters/<name> holds another job's adapter
+    # Faults of the machine: retried as a matter of course.
+    DIED = "died"  # the trainer process (or Ray actor) died
+    OOM = "oom"
+    CUDA = "cuda"  # a CUDA, cuBLAS or NCCL error of the device
+    IO = "io"  # a full disk, an I/O error
+    STALLED = "stalled"  # no event within the watchdog time; the trainer was killed
+    LOST = "lost"  # the lease expired or its worker is gone
+    INTERRUPTED = "interrupted"  # the trainer got KeyboardInterrupt or SystemExit
+    # An exception loraq does not recognise: a bug. Retried once at most; the same
+    # error twice in a row fails the job (see Store.fail).
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:  # "io", not "FailureKind.IO", in messages
+        return str(self.value)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt may succeed (``internal``: once, see :class:`FailureKind`)."""
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset({FailureKind.DIED, FailureKind.OOM, FailureKind.CUDA, FailureKind.IO, FailureKind.STALLED,
+                        FailureKind.LOST, FailureKind.INTERRUPTED, FailureKind.INTERNAL})
+
+
+class TrainingError(LoraqError):
+    """A training attempt failed in a way loraq recognises; ``kind`` says how."""
+
+    def __init__(self, message: str, *, kind: FailureKind) -> None:
         super().__init__(message)
-        self.retryable = retryable
         self.kind = kind
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind.retryable
+
+
+class ProtocolError(LoraqError):
+    """A message between the supervisor and a trainer that does not decode (a bug, or two versions of loraq)."""
+
+
+# torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+_IO_MESSAGES = ("no space left on device", "file write failed", "storagefull", "input/output error",
+                "disk quota exceeded", "read-only file system")
+_CUDA_MESSAGES = ("cuda error", "cublas_status", "cudnn_status", "nccl error", "cuda driver", "illegal memory access")
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """The kind of an exception that escaped training; ``internal`` for one loraq does not recognise."""
+    if isinstance(exc, TrainingError):
+        return exc.kind
+    text = str(exc).lower()
+    name = type(exc).__name__
+    if "out of memory" in text or name == "OutOfMemoryError":
+        return FailureKind.OOM
+    if any(m in text for m in _CUDA_MESSAGES):
+        return FailureKind.CUDA
+    if isinstance(exc, OSError) or any(m in text for m in _IO_MESSAGES):
+        return FailureKind.IO
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return FailureKind.INTERRUPTED
+    return FailureKind.INTERNAL
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: message``: the type and message that make two errors "the same"."""
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def raised_at(exc: BaseException) -> str | None:
+    """``loraq/train/service.py:123``: the innermost frame of the traceback that is loraq's own code.
+
+    A bug usually shows itself deep inside a library (torch, transformers); the line
+    to look at is the last one of ours that called into it.
+    """
+    where = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(_PACKAGE):
+            where = f"loraq/{path.relative_to(_PACKAGE).as_posix()}:{frame.lineno}"
+    return where

@@ -1,12 +1,13 @@
 """What every executor shares: slots, the executor protocol, devices, and process helpers.
 
 An executor owns *slots*, one trainer each (a process per device locally, a Ray
-actor per GPU on a cluster). The worker hands a job request to an idle slot and
-polls for events; the trainer keeps its base model hot between jobs.
+actor per GPU on a cluster). The worker hands a :class:`~loraq.protocol.TrainRequest`
+to an idle slot and polls for :class:`~loraq.protocol.Message`\ s; the trainer keeps
+its base model hot between jobs.
 
-Events a trainer sends (dicts with ``ev``): ``ready``, ``started``, ``progress``,
-``heartbeat``, ``checkpoint``, then one of ``done``, ``stopped``, ``failed``,
-``aborted``. The executor adds ``exited`` when a trainer dies.
+A trainer sends ``ready``, then per job ``started``, ``progress``, ``heartbeat``,
+``checkpoint`` and one final event (``done``, ``stopped``, ``failed``, ``aborted``);
+the executor adds ``exited`` when a trainer dies (:mod:`loraq.protocol`).
 
 This package never imports torch: the supervisor stays light.
 """
@@ -18,13 +19,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import UsageError
-
-Event = dict[str, Any]
+from ..protocol import EXIT_BAD_COMMAND, EXIT_ORPHAN, Message, TrainRequest
 
 
 @dataclass
@@ -35,7 +34,6 @@ class Slot:
     device: str
     job_id: int | None = None
     hot_base: str | None = None
-    last_seen: float = field(default_factory=time.monotonic)
     baseline_rss_mb: float | None = None
     jobs_done: int = 0
     ready: bool = False
@@ -52,13 +50,17 @@ class Slot:
 
 
 class Executor(Protocol):
-    slots: list[Slot]
+    """What the worker needs of an executor. Each call returns at once but ``poll``."""
 
-    def start(self) -> None: ...
-    def submit(self, slot: Slot, request: dict[str, Any]) -> None: ...
-    def poll(self, timeout: float) -> list[tuple[Slot, Event]]: ...
-    def stop_job(self, slot: Slot, *, graceful: bool) -> None: ...
-    def recycle(self, slot: Slot) -> None: ...
+    @property
+    def slots(self) -> list[Slot]: ...  # the slots that may take a job now
+
+    def start(self) -> None: ...  # start a trainer for every slot that has none
+    def submit(self, slot: Slot, request: TrainRequest) -> None: ...
+    def poll(self, timeout: float) -> list[tuple[Slot, Message]]: ...  # waits up to timeout seconds
+    def stop_job(self, slot: Slot, *, graceful: bool) -> None: ...  # graceful: checkpoint first
+    def kill(self, slot: Slot) -> None: ...  # its death arrives as an 'exited' message
+    def recycle(self, slot: Slot) -> None: ...  # a fresh trainer in its place
     def shutdown(self) -> None: ...
 
 
@@ -136,6 +138,8 @@ def describe_exit(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"trainer process killed by {signal.Signals(-code).name}"
         return f"trainer process killed by signal {-code}"
-    if code == 3:
+    if code == EXIT_ORPHAN:
         return "trainer process exited: lost its supervisor"
+    if code == EXIT_BAD_COMMAND:
+        return "trainer process exited: it could not read a command (two versions of loraq?); see its log"
     return f"trainer process exited with code {code}"

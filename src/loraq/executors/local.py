@@ -1,8 +1,8 @@
 """The local executor: a trainer process per device on this machine, spoken to over two pipes.
 
 Each trainer is ``python -m loraq.train`` in its own session, pinned to its device
-with ``CUDA_VISIBLE_DEVICES``; requests go to it and events come back as JSON lines.
-This module never imports torch.
+with ``CUDA_VISIBLE_DEVICES``; commands go to it and messages come back as JSON
+lines, in :mod:`loraq.protocol`'s wire form. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import Event, Slot, describe_exit, trainer_env
+from ..protocol import Command, Exited, Message, Ready, TrainRequest, command_to_wire, from_wire
+from .base import Slot, describe_exit, trainer_env
 
 
 @dataclass
@@ -74,33 +75,31 @@ class LocalExecutor:
         slot.ready = False
         slot.hot_base = None
         slot.baseline_rss_mb = None
-        slot.last_seen = time.monotonic()
         self._selector.register(from_child_r, selectors.EVENT_READ, slot)
 
     def pid(self, slot: Slot) -> int | None:
         proc: _Proc | None = slot.handle
         return proc.popen.pid if proc else None
 
-    def _send(self, slot: Slot, message: dict[str, Any]) -> bool:
+    def _send(self, slot: Slot, command: Command, request: TrainRequest | None = None) -> bool:
         proc: _Proc | None = slot.handle
         if proc is None:
             return False
         try:
-            proc.to_child.write(json.dumps(message) + "\n")
+            proc.to_child.write(json.dumps(command_to_wire(command, request)) + "\n")
             proc.to_child.flush()
             return True
         except (BrokenPipeError, OSError, ValueError):
             return False
 
-    def submit(self, slot: Slot, request: dict[str, Any]) -> None:
+    def submit(self, slot: Slot, request: TrainRequest) -> None:
         if slot.handle is None:
             self._spawn(slot)
-        slot.job_id = int(request["job_id"])
-        slot.last_seen = time.monotonic()
-        self._send(slot, {"op": "train", **request})  # a dead trainer shows up as an 'exited' event
+        slot.job_id = request.job_id
+        self._send(slot, Command.TRAIN, request)  # a dead trainer shows up as an 'exited' message
 
     def stop_job(self, slot: Slot, *, graceful: bool) -> None:
-        self._send(slot, {"op": "stop" if graceful else "abort"})
+        self._send(slot, Command.STOP if graceful else Command.ABORT)
 
     def kill(self, slot: Slot) -> None:
         """SIGKILL the slot's trainer (a stall, a second Ctrl-C); its death arrives as 'exited'."""
@@ -119,7 +118,7 @@ class LocalExecutor:
         if proc is None:
             return None
         if graceful:
-            self._send(slot, {"op": "exit"})
+            self._send(slot, Command.EXIT)
         with contextlib.suppress(OSError, ValueError):
             proc.to_child.close()
         try:
@@ -142,8 +141,8 @@ class LocalExecutor:
 
     # -------------------------------------------------------------- events
 
-    def poll(self, timeout: float) -> list[tuple[Slot, Event]]:
-        events: list[tuple[Slot, Event]] = []
+    def poll(self, timeout: float) -> list[tuple[Slot, Message]]:
+        events: list[tuple[Slot, Message]] = []
         if not self._selector.get_map():
             time.sleep(timeout)
             return events
@@ -152,9 +151,9 @@ class LocalExecutor:
             events.extend((slot, ev) for ev in self._read(slot))
         return events
 
-    def _read(self, slot: Slot) -> list[Event]:
+    def _read(self, slot: Slot) -> list[Message]:
         proc: _Proc = slot.handle
-        events: list[Event] = []
+        events: list[Message] = []
         try:
             chunk = os.read(proc.from_child, 1 << 16)
         except BlockingIOError:
@@ -168,18 +167,18 @@ class LocalExecutor:
                 if not line.strip():
                     continue
                 try:
-                    event = json.loads(line)
+                    data = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn line from a dying trainer carries nothing to act on
-                slot.last_seen = time.monotonic()
-                if event.get("ev") == "ready":
+                message = from_wire(data)
+                if isinstance(message.event, Ready):
                     slot.ready = True
                     slot.failed_starts = 0
-                events.append(event)
+                events.append(message)
             return events
         # EOF: the trainer is gone
         was_ready = slot.ready
         code = self._close(slot, graceful=False, timeout=5.0)
-        events.append({"ev": "exited", "returncode": code, "job_id": slot.job_id, "reason": describe_exit(code),
-                       "was_ready": was_ready, "log": str(self.log_dir / f"trainer-{slot.index}.log")})
+        events.append(Message(Exited(returncode=code, reason=describe_exit(code), was_ready=was_ready,
+                                     log=str(self.log_dir / f"trainer-{slot.index}.log")), job_id=slot.job_id))
         return events

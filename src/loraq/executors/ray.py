@@ -2,9 +2,10 @@
 
 The supervisor (the worker) stays where it is and remains the only writer of the
 store; it talks to this executor exactly as it talks to :class:`LocalExecutor`.
-Each slot is a threaded Ray actor (:class:`~loraq.ray_actor.TrainerActor`) wrapping
-the same :class:`TrainerService` as a local trainer process, so the base model
-stays hot across jobs.
+Each slot is a threaded Ray actor (:class:`~loraq.executors.ray_actor.TrainerActor`)
+wrapping the same :class:`~loraq.train.service.TrainerService` as a local trainer
+process, so the base model stays hot across jobs. Requests and events are the
+:mod:`loraq.protocol` objects themselves; Ray pickles them.
 
 Events. Each actor has one streaming-generator call that lives as long as the
 actor (``events``): it yields ``ready`` once the trainer is loaded, then every
@@ -26,13 +27,14 @@ folder. The train log travels as chunks on the events. A retried attempt's
 datasets up to :data:`SHIP_DATA_MAX_BYTES` (larger ones, and base models, are
 read at their path on the node: a local folder there, or a hub id).
 
-Neither this module nor :mod:`loraq.ray_actor` imports ray or torch at import
+Neither this module nor :mod:`loraq.executors.ray_actor` imports ray or torch at import
 time: ray is imported when the executor starts, the trainer when an actor starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -41,10 +43,23 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, fsutil
-from ..errors import UsageError
+from ..errors import FailureKind, UsageError
+from ..protocol import (
+    FINAL_KINDS,
+    CheckpointSaved,
+    Done,
+    Exited,
+    Failed,
+    Heartbeat,
+    JobInput,
+    Message,
+    Ready,
+    Started,
+    TrainRequest,
+)
 from ..workspace import Home
-from .base import Event, Slot, parse_devices
-from .ray_actor import FINAL_EVENTS, TrainerActor, read_tree, write_tree
+from .base import Slot, parse_devices
+from .ray_actor import Shipment, TrainerActor, read_tree, write_tree
 
 #: Datasets up to this size travel with the job; larger ones are read at their path on the node.
 SHIP_DATA_MAX_BYTES = 256 * 2**20
@@ -60,8 +75,8 @@ class _ActorState:
 
     actor: Any  # ray ActorHandle
     stream: Any  # ObjectRefGenerator of its events() call
-    request: dict[str, Any] | None = None  # the job it runs, with the home's paths
-    fetching: tuple[Any, Event] | None = None  # (ObjectRef of files, the event they belong to)
+    request: TrainRequest | None = None  # the job it runs, with the home's paths
+    fetching: tuple[Any, Message] | None = None  # (ObjectRef of files, the message they belong to)
     node: str | None = None
     ip: str | None = None
     pid: int | None = None
@@ -165,36 +180,30 @@ class RayExecutor:
         slot.ready = False
         slot.hot_base = None
         slot.baseline_rss_mb = None
-        slot.last_seen = time.monotonic()
 
     def pid(self, slot: Slot) -> int | None:
         state: _ActorState | None = slot.handle
         return state.pid if state else None
 
-    def node(self, slot: Slot) -> str | None:
-        state: _ActorState | None = slot.handle
-        return state.node if state else None
-
-    def submit(self, slot: Slot, request: dict[str, Any]) -> None:
+    def submit(self, slot: Slot, request: TrainRequest) -> None:
         if slot.handle is None:
             self._launch(slot)
         state: _ActorState = slot.handle
-        slot.job_id = int(request["job_id"])
-        slot.last_seen = time.monotonic()
+        slot.job_id = request.job_id
         state.request = request
         resume_files = None
-        if request.get("resume_from"):
+        if request.resume_from:
             try:
-                resume_files = read_tree(Path(request["resume_from"]), exclude=frozenset({checkpoints.MARKER}))
+                resume_files = read_tree(Path(request.resume_from), exclude=frozenset({checkpoints.MARKER}))
             except OSError:
                 resume_files = None  # unreadable: the job starts over rather than not at all
         # A dead actor shows up on its stream as 'exited'; nothing to catch here.
-        state.actor.train.remote(request, resume_files, _data_files(request["job"]))
+        state.actor.train.remote(request, resume_files, _data_files(request.job))
 
     def stop_job(self, slot: Slot, *, graceful: bool) -> None:
         state: _ActorState | None = slot.handle
         if state is not None and state.request is not None:
-            state.actor.stop.remote(int(state.request["job_id"]), int(state.request["epoch"]), graceful)
+            state.actor.stop.remote(state.request.job_id, state.request.epoch, graceful)
 
     def kill(self, slot: Slot) -> None:
         """Kill the slot's actor (a stall, a second Ctrl-C); its death arrives as 'exited'."""
@@ -233,7 +242,7 @@ class RayExecutor:
 
     # -------------------------------------------------------------- events
 
-    def poll(self, timeout: float) -> list[tuple[Slot, Event]]:
+    def poll(self, timeout: float) -> list[tuple[Slot, Message]]:
         self._check_progress()
         waiting = []
         for slot in self.all_slots:
@@ -247,7 +256,7 @@ class RayExecutor:
         ready, _ = ray.wait([w for _, w in waiting], num_returns=1, timeout=timeout)
         if ready:  # and whatever else is ready by now
             ready, _ = ray.wait([w for _, w in waiting], num_returns=len(waiting), timeout=0)
-        events: list[tuple[Slot, Event]] = []
+        events: list[tuple[Slot, Message]] = []
         for slot, waitable in waiting:
             if any(r is waitable or r == waitable for r in ready):
                 events.extend((slot, ev) for ev in self._drain(slot))
@@ -262,7 +271,7 @@ class RayExecutor:
         if self._none_ready_since is None:
             self._none_ready_since = now
         elif now - self._none_ready_since > self.placement_timeout_s:
-            from ..supervisor.worker import TrainerStartError
+            from ..errors import TrainerStartError
 
             kinds = sorted({slot.device for slot in self.all_slots})
             raise TrainerStartError(
@@ -278,15 +287,15 @@ class RayExecutor:
         extra = self.actor_options.get("resources") or {}
         return ", ".join([text] + [f"{v} {k}" for k, v in extra.items()]) if extra else text
 
-    def _drain(self, slot: Slot, limit: int = 200) -> list[Event]:
-        """Events of one slot that are ready now, in order; a file fetch holds back the rest."""
-        out: list[Event] = []
+    def _drain(self, slot: Slot, limit: int = 200) -> list[Message]:
+        """Messages of one slot that are ready now, in order; a file fetch holds back the rest."""
+        out: list[Message] = []
         for _ in range(limit):
             state: _ActorState | None = slot.handle
             if state is None:
                 break
             if state.fetching is not None:
-                ref, event = state.fetching
+                ref, message = state.fetching
                 if not self._ray.wait([ref], timeout=0)[0]:
                     break
                 state.fetching = None
@@ -295,89 +304,87 @@ class RayExecutor:
                 except Exception as exc:  # the actor or its node is gone with the files
                     out.append(self._exited(slot, exc))
                     break
-                out.append(self._store_files(state, event, files))
+                out.append(self._store_files(state, message, files))
                 continue
             if not self._ray.wait([state.stream], timeout=0)[0]:
                 break
             try:
                 ref = next(state.stream)
-                event = self._ray.get(ref)
+                shipment = self._ray.get(ref)
             except StopIteration:
                 out.append(self._exited(slot, None))
                 break
             except Exception as exc:  # RayActorError, ObjectLostError, ...: the actor is gone
                 out.append(self._exited(slot, exc))
                 break
-            out.extend(self._receive(slot, state, event))
+            out.extend(self._receive(slot, state, shipment))
         return out
 
-    def _receive(self, slot: Slot, state: _ActorState, event: Event) -> list[Event]:
-        slot.last_seen = time.monotonic()
-        kind = event.get("ev")
-        if kind == "ready":
+    def _receive(self, slot: Slot, state: _ActorState, shipment: Shipment) -> list[Message]:
+        message = shipment.message
+        event = message.event
+        if isinstance(event, Ready):
             slot.ready = True
             slot.failed_starts = 0
-            state.node, state.ip, state.pid = event.get("node"), event.get("ip"), event.get("pid")
-            return [event]
+            state.node, state.ip, state.pid = event.node, event.ip, event.pid
+            return [message]
         request = state.request
-        if request is None or event.get("job_id") != request["job_id"] or event.get("epoch") != request["epoch"]:
+        if request is None or (message.job_id, message.epoch) != (request.job_id, request.epoch):
             return []  # a late event of a job this slot no longer runs
-        chunk = event.pop("log", None)
-        if chunk:
-            _append(Path(request["log_path"]), chunk)
-        key = event.pop("fetch", None)
-        if key is not None:
-            state.fetching = (state.actor.fetch.remote(key), event)
+        if shipment.log:
+            _append(Path(request.log_path), shipment.log)
+        if shipment.fetch is not None:
+            state.fetching = (state.actor.fetch.remote(shipment.fetch), message)
             return []
-        return [self._translate(state, event)]
+        return [self._translate(state, message)]
 
-    def _store_files(self, state: _ActorState, event: Event, files: dict[str, bytes]) -> Event:
-        """Write shipped files into the home; the event then names the home's folder."""
+    def _store_files(self, state: _ActorState, message: Message, files: dict[str, bytes]) -> Message:
+        """Write shipped files into the home; the message then names the home's folder."""
         request = state.request
         assert request is not None
-        kind = event.get("ev")
+        event = message.event
         try:
-            if kind == "checkpoint":
-                step = int(event["step"])
-                target = Path(request["checkpoints_dir"]) / f"checkpoint-{step}"
-                store_folder(target, files, step=step)
-                event["path"] = str(target)
-            elif kind == "done":
-                staging = Path(request["staging_dir"])
-                store_folder(staging, files)
-                event["result"]["staging"] = str(staging)
+            if isinstance(event, CheckpointSaved):
+                target = Path(request.checkpoints_dir) / checkpoints.checkpoint_name(event.step)
+                store_folder(target, files, step=event.step)
+                event = dataclasses.replace(event, path=str(target))
+            elif isinstance(event, Done):
+                store_folder(Path(request.staging_dir), files)
+                event = dataclasses.replace(event, result=dataclasses.replace(event.result, staging=request.staging_dir))
         except (OSError, ValueError) as exc:
-            if kind == "done":
-                event = {"ev": "failed", "job_id": event["job_id"], "kind": "io", "retryable": True,
-                         "message": f"cannot store the adapter shipped from the Ray actor in {request['staging_dir']}: {exc}",
-                         "memory": event.get("memory")}
+            if isinstance(event, Done):
+                event = Failed(failure=FailureKind.IO, memory=event.memory, base_loads=event.base_loads,
+                               message=f"cannot store the adapter shipped from the Ray actor in {request.staging_dir}: {exc}")
             else:  # a checkpoint that cannot be stored is skipped; a retry resumes from an older one
-                _append(Path(request["log_path"]), f"loraq: could not store checkpoint {event.get('step')}: {exc}\n".encode())
-                event = {"ev": "heartbeat", "job_id": event["job_id"], "step": event.get("step")}
-        return self._translate(state, event)
+                step = getattr(event, "step", None)
+                _append(Path(request.log_path), f"loraq: could not store checkpoint {step}: {exc}\n".encode())
+                event = Heartbeat(step=step)
+        return self._translate(state, dataclasses.replace(message, event=event))
 
-    def _translate(self, state: _ActorState, event: Event) -> Event:
+    def _translate(self, state: _ActorState, message: Message) -> Message:
         """Paths in events name the home's folders, never the actor's scratch."""
         request = state.request
         assert request is not None
-        kind = event.get("ev")
-        if kind == "started" and event.get("resume_from"):
-            event["resume_from"] = request.get("resume_from")
-        elif kind == "done":
-            event["result"]["resumed_from"] = request.get("resume_from") if event["result"].get("resumed_from") else None
-        if kind in FINAL_EVENTS:
+        event = message.event
+        if isinstance(event, Started) and event.resume_from:
+            message = dataclasses.replace(message, event=dataclasses.replace(event, resume_from=request.resume_from))
+        elif isinstance(event, Done):
+            resumed = request.resume_from if event.result.resumed_from else None
+            message = dataclasses.replace(message, event=dataclasses.replace(
+                event, result=dataclasses.replace(event.result, resumed_from=resumed)))
+        if event.kind in FINAL_KINDS:
             state.request = None
-        return event
+        return message
 
-    def _exited(self, slot: Slot, exc: BaseException | None) -> Event:
+    def _exited(self, slot: Slot, exc: BaseException | None) -> Message:
         state: _ActorState | None = slot.handle
         was_ready = slot.ready
         where = f"node {state.node} ({state.ip}), actor pid {state.pid}" if state and state.node else "its node"
         reason = ("trainer actor ended its event stream" if exc is None
                   else f"trainer actor died: {type(exc).__name__}: {_summary(exc)}")
         self._close(slot, graceful=False)
-        return {"ev": "exited", "returncode": None, "job_id": slot.job_id, "reason": reason, "was_ready": was_ready,
-                "log": f"Ray worker logs on {where} (/tmp/ray/session_latest/logs there)"}
+        return Message(Exited(reason=reason, was_ready=was_ready,
+                              log=f"Ray worker logs on {where} (/tmp/ray/session_latest/logs there)"), job_id=slot.job_id)
 
 
 def store_folder(target: Path, files: dict[str, bytes], *, step: int | None = None) -> None:
@@ -396,11 +403,11 @@ def store_folder(target: Path, files: dict[str, bytes], *, step: int | None = No
             fsutil.fsync_tree(tmp)
 
 
-def _data_files(job: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+def _data_files(job: JobInput) -> dict[str, tuple[str, bytes]]:
     """Datasets small enough to send with the job: ``{field: (file name, bytes)}``."""
     out = {}
     for field in ("dataset_path", "eval_dataset_path"):
-        path = job.get(field)
+        path = getattr(job, field)
         if not path:
             continue
         try:

@@ -1,8 +1,9 @@
 """The Ray executor's actor: a trainer on a cluster node, with its event stream and file plumbing.
 
-:class:`TrainerActor` wraps the same :class:`~loraq.trainer.TrainerService` as a
-local trainer process. :class:`~loraq.ray_executor.RayExecutor` (in the
-supervisor) makes it a threaded Ray actor, reads its one event stream, sends it
+:class:`TrainerActor` wraps the same :class:`~loraq.train.service.TrainerService` as
+a local trainer process. :class:`~loraq.executors.ray.RayExecutor` (in the
+supervisor) makes it a threaded Ray actor, reads its one event stream (a
+:class:`Shipment` per :mod:`loraq.protocol` message, which Ray pickles), sends it
 jobs and stop requests, and fetches the files its events name. Each job trains in
 a node-local scratch folder (checkpoints, staging, log, the resume checkpoint and
 datasets sent with the job), removed when the job ends; the scratch folders of
@@ -15,24 +16,52 @@ inside the calls that need it, so importing this module pulls in neither.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import checkpoints
+from ..errors import FailureKind, classify, describe, raised_at
+from ..protocol import (
+    FINAL_KINDS,
+    CheckpointSaved,
+    Done,
+    Event,
+    Failed,
+    Message,
+    Ready,
+    Started,
+    TrainRequest,
+)
 from .base import pid_alive
 
 #: Most log bytes one event carries; the rest follows on the next events.
 LOG_CHUNK_BYTES = 1 << 20
 SCRATCH_PREFIX = "loraq-actor-"
-FINAL_EVENTS = frozenset({"done", "stopped", "failed", "aborted"})
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """One item of an actor's event stream: a message, with what travels beside it.
+
+    ``log`` is the job's train log written since the previous shipment; ``fetch`` names
+    files the actor holds for this message (a checkpoint, the adapter), which the
+    supervisor fetches before it passes the message on.
+    """
+
+    message: Message
+    log: bytes = b""
+    fetch: str | None = None
 
 
 def read_tree(folder: Path, *, exclude: frozenset[str] = frozenset()) -> dict[str, bytes]:
@@ -69,7 +98,7 @@ class TrainerActor:
         self._trainer = trainer
         self.service = trainer.TrainerService(device=device)
         self.device = device
-        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._events: queue.Queue[Shipment | None] = queue.Queue()
         self._outbox: dict[str, dict[str, bytes]] = {}
         self._stops: dict[tuple[int, int], str] = {}  # (job_id, epoch) -> "graceful" | "abort"
         self._current: tuple[int, int] | None = None
@@ -81,20 +110,20 @@ class TrainerActor:
 
     # ------------------------------------------------------------ calls from the supervisor
 
-    def events(self) -> Any:
+    def events(self) -> Iterator[Shipment]:
         """The actor's one event stream (a streaming generator): ``ready``, then every job's events."""
-        yield {"ev": "ready", "pid": os.getpid(), "device": self.device, "node": self._node_id(), "ip": self._node_ip(),
-               "versions": self._trainer.versions()}
+        yield Shipment(Message(Ready(pid=os.getpid(), device=self.device, node=self._node_id(), ip=self._node_ip(),
+                                     versions=self._trainer.versions())))
         while True:
-            event = self._events.get()
-            if event is None:
+            shipment = self._events.get()
+            if shipment is None:
                 return
-            yield event
+            yield shipment
 
-    def train(self, request: dict[str, Any], resume_files: dict[str, bytes] | None,
+    def train(self, request: TrainRequest, resume_files: dict[str, bytes] | None,
               data_files: dict[str, tuple[str, bytes]]) -> None:
         """Run one job to its end (in this call's thread); its events go to the stream."""
-        job_id, epoch = int(request["job_id"]), int(request["epoch"])
+        job_id, epoch = request.job_id, request.epoch
         key = (job_id, epoch)
         work = self.scratch / f"job-{job_id}-epoch-{epoch}"
         log_state = {"offset": 0}
@@ -110,25 +139,20 @@ class TrainerActor:
             log_state["offset"] += len(chunk)
             return chunk
 
-        def emit(event: dict[str, Any]) -> None:
-            event = {**event, "job_id": job_id, "epoch": epoch}
+        def emit(event: Event, fetch: str | None = None) -> None:
             stop = self._stops.get(key)
             if stop == "graceful":
                 self.service.flags.graceful.set()
             elif stop == "abort":
                 self.service.flags.abort.set()
-            if event.get("ev") == "started":
-                event["node"] = self._node_id()
-            elif event.get("ev") == "checkpoint":
+            if isinstance(event, Started):
+                event = dataclasses.replace(event, node=self._node_id())
+            elif isinstance(event, CheckpointSaved):
                 # on_save calls emit once the checkpoint is complete and before training goes
                 # on, so the folder is whole here; its bytes wait in the outbox for the supervisor.
-                files = read_tree(Path(event["path"]), exclude=frozenset({checkpoints.MARKER}))
-                event["fetch"] = self._hold(files)
-            final = event.get("ev") in FINAL_EVENTS
-            chunk = log_delta(None if final else LOG_CHUNK_BYTES)
-            if chunk:
-                event["log"] = chunk
-            self._events.put(event)
+                fetch = self._hold(read_tree(Path(event.path), exclude=frozenset({checkpoints.MARKER})))
+            chunk = log_delta(None if event.kind in FINAL_KINDS else LOG_CHUNK_BYTES)
+            self._events.put(Shipment(Message(event, job_id=job_id, epoch=epoch), log=chunk, fetch=fetch))
 
         self._current = key
         try:
@@ -137,14 +161,12 @@ class TrainerActor:
                 fh.write(f"[{time.strftime('%H:%M:%S')}] ray actor pid {os.getpid()} on node "
                          f"{self._node_id()} ({self._node_ip()})\n".encode())
             outcome = self.service.run_job(local, emit)
-            if outcome.get("ev") == "done":
-                outcome["fetch"] = self._hold(read_tree(Path(outcome["result"]["staging"])))
-            emit({**outcome, "memory": self._trainer.device_memory(), "base_loads": self.service.cache.loads})
+            fetch = self._hold(read_tree(Path(outcome.result.staging))) if isinstance(outcome, Done) else None
+            emit(outcome, fetch)
         except BaseException as exc:  # the job must end with an event, whatever broke around it
-            import traceback
-
-            emit({"ev": "failed", "kind": "io" if isinstance(exc, OSError) else "error", "retryable": True,
-                  "message": f"ray actor: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+            kind = classify(exc)
+            emit(Failed(failure=kind, message=f"ray actor: {describe(exc)}", traceback=traceback.format_exc(),
+                        where=raised_at(exc) if kind is FailureKind.INTERNAL else None))
         finally:
             with self._lock:
                 self._current = None
@@ -185,27 +207,25 @@ class TrainerActor:
             self._outbox[key] = files
         return key
 
-    def _localize(self, request: dict[str, Any], work: Path, resume_files: dict[str, bytes] | None,
-                  data_files: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    def _localize(self, request: TrainRequest, work: Path, resume_files: dict[str, bytes] | None,
+                  data_files: dict[str, tuple[str, bytes]]) -> TrainRequest:
         """The request with every path pointing into node-local scratch."""
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        local = copy.deepcopy(request)
-        local["checkpoints_dir"] = str(work / "checkpoints")
-        local["staging_dir"] = str(work / "staging")
-        local["log_path"] = str(work / "train.log")
-        if request.get("resume_from") and resume_files:
-            folder = work / "resume" / Path(request["resume_from"]).name  # keeps the checkpoint-N name
+        resume_from = None
+        if request.resume_from and resume_files:
+            folder = work / "resume" / Path(request.resume_from).name  # keeps the checkpoint-N name
             write_tree(folder, resume_files)
-            local["resume_from"] = str(folder)
-        else:
-            local["resume_from"] = None
+            resume_from = str(folder)
+        shipped: dict[str, Any] = {}
         for field, (name, data) in data_files.items():
             path = work / "data" / field / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-            local["job"][field] = str(path)
-        return local
+            shipped[field] = str(path)
+        return dataclasses.replace(request, checkpoints_dir=str(work / "checkpoints"), staging_dir=str(work / "staging"),
+                                   log_path=str(work / "train.log"), resume_from=resume_from,
+                                   job=dataclasses.replace(request.job, **shipped))
 
     @staticmethod
     def _node_id() -> str:

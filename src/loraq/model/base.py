@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import TrainingError
+from ..errors import FailureKind, TrainingError
 
 #: Weight values sampled per tensor for the base fingerprint (besides the exact sum of every value).
 CHECKSUM_SAMPLES = 256
@@ -181,10 +181,10 @@ class BaseCache:
             )
         except OSError as exc:
             if _is_transient_io(exc):
-                raise TrainingError(f"I/O error loading base model {key.path}: {exc}", retryable=True, kind="io") from exc
-            raise TrainingError(f"cannot load base model {key.path}: {exc}", retryable=False, kind="base_model") from exc
+                raise TrainingError(f"I/O error loading base model {key.path}: {exc}", kind=FailureKind.IO) from exc
+            raise TrainingError(f"cannot load base model {key.path}: {exc}", kind=FailureKind.BASE_MODEL) from exc
         except (ValueError, KeyError, ImportError) as exc:
-            raise TrainingError(f"cannot load base model {key.path}: {exc}", retryable=False, kind="base_model") from exc
+            raise TrainingError(f"cannot load base model {key.path}: {exc}", kind=FailureKind.BASE_MODEL) from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.to(self.device)

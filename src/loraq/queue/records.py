@@ -156,3 +156,4 @@ class QueueState:
     consecutive_failures: int
     pause_after_failures: int | None
     retry_backoff_s: float
+    pause_after_internal_errors: int = 3  # jobs failing in a row with the same internal error; 0: never

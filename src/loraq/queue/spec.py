@@ -148,6 +148,8 @@ class JobSpec(_Strict):
 
 class QueueSettings(_Strict):
     pause_after_failures: int | None = Field(None, ge=1)
+    # jobs failing for good in a row with the same internal error (a bug) pause the queue; 0: never
+    pause_after_internal_errors: int = Field(3, ge=0)
     retry_backoff_s: float = Field(10.0, ge=0.0, le=86_400)
 
 

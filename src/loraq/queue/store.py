@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CorruptStoreError, LoraqError, NotFoundError, StoreError, TransitionError
+from ..errors import CorruptStoreError, FailureKind, LeaseLost, LoraqError, NotFoundError, StoreError, TransitionError
 from .migrations import MIGRATIONS, statements
 from .records import (  # the records and states are importable from the store, as callers always did
     CANCELLED,
@@ -577,6 +577,8 @@ class Store:
             )
             self._end_attempt(c, job_id, epoch, OUTCOME_COMPLETED)
             self._set_state(c, "consecutive_failures", "0")
+            self._set_state(c, "internal_error", None)  # a completed job breaks a run of internal errors
+            self._set_state(c, "internal_error_jobs", None)
 
         if conn is not None:
             run(conn)
@@ -603,6 +605,12 @@ class Store:
         Retryable failures with attempts left go back to pending after a backoff
         that doubles each attempt; otherwise the job fails for good. Every failed
         attempt counts towards ``pause_after_failures``.
+
+        An ``internal`` error (an exception loraq does not recognise: a bug) is
+        retried once at most: a second one in the same run of attempts fails the job,
+        saying whether it was the same error (type and message) as the attempt before.
+        Jobs that fail for good with the same internal error ``pause_after_internal_errors``
+        times in a row (3 by default) pause the queue: a bug does not burn the night.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -613,6 +621,13 @@ class Store:
                 raise LeaseLost(job_id, epoch, job.epoch)
             again = retryable and job.attempts_left > 0
             state = self.queue_state(conn)
+            if kind == FailureKind.INTERNAL:
+                earlier = self._earlier_internal(conn, job)
+                if earlier is not None:
+                    n, same = earlier
+                    again, retryable = False, False
+                    reason += (f"; the same error as attempt {n}" if same == reason
+                               else f"; attempt {n} also failed with an internal error") + ", so it is not retried again"
             sets: dict[str, Any] = {"error_kind": kind, "error": reason, "lease_owner": None, "lease_expires": None}
             if verdict is not None:
                 sets["verdict"] = verdict
@@ -634,10 +649,38 @@ class Store:
             self._set_state(conn, "consecutive_failures", str(failures))
             if state.pause_after_failures and failures >= state.pause_after_failures and not state.paused:
                 message = f"{failures} attempts failed in a row (pause_after_failures: {state.pause_after_failures}); last: {job.name}: {reason}"
-                self._set_state(conn, "paused", "1")
-                self._set_state(conn, "pause_reason", message)
-                self._event(conn, None, None, None, f"queue paused: {message}")
+                self._pause(conn, message)
+            if new == FAILED:
+                self._count_internal_failure(conn, state, job.name, reason if kind == FailureKind.INTERNAL else None)
         return new
+
+    def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
+        """``(n, reason)`` of the newest earlier attempt in the job's current run of attempts
+        (since it was submitted or last retried by the operator) that failed with an internal error."""
+        rows = conn.execute(
+            "SELECT n, error_kind, reason FROM attempts WHERE job_id = ? AND epoch < ? AND counted = 1 "
+            "ORDER BY n DESC LIMIT ?", (job.id, job.epoch, max(job.attempts - 1, 0))).fetchall()
+        found = next((r for r in rows if r["error_kind"] == FailureKind.INTERNAL), None)
+        return (int(found["n"]), str(found["reason"])) if found is not None else None
+
+    def _count_internal_failure(self, conn: sqlite3.Connection, state: QueueState, name: str, error: str | None) -> None:
+        """Count jobs failing for good in a row with the same internal ``error`` (``None``: any other outcome)."""
+        if error is None or error != self._state(conn, "internal_error"):
+            streak = 1 if error is not None else 0
+        else:
+            streak = int(self._state(conn, "internal_error_jobs", "0") or 0) + 1
+        self._set_state(conn, "internal_error", error)
+        self._set_state(conn, "internal_error_jobs", str(streak) if streak else None)
+        limit = state.pause_after_internal_errors
+        if limit and streak >= limit and not self._state(conn, "paused"):
+            self._pause(conn, f"{streak} jobs in a row failed with the same internal error, a bug in loraq or "
+                              f"in what it runs (pause_after_internal_errors: {limit}); last: {name}: {error}. "
+                              "Report it with 'loraq show', then 'loraq resume'")
+
+    def _pause(self, conn: sqlite3.Connection, message: str) -> None:
+        self._set_state(conn, "paused", "1")
+        self._set_state(conn, "pause_reason", message)
+        self._event(conn, None, None, None, f"queue paused: {message}")
 
     @_guarded
     def requeue_stopped(self, job_id: int, epoch: int, *, reason: str = "graceful stop") -> None:
@@ -705,9 +748,7 @@ class Store:
     @_guarded
     def pause(self, reason: str = "paused by the operator") -> None:
         with self.transaction() as conn:
-            self._set_state(conn, "paused", "1")
-            self._set_state(conn, "pause_reason", reason)
-            self._event(conn, None, None, None, f"queue paused: {reason}")
+            self._pause(conn, reason)
 
     @_guarded
     def resume(self) -> None:
@@ -715,6 +756,8 @@ class Store:
             self._set_state(conn, "paused", None)
             self._set_state(conn, "pause_reason", None)
             self._set_state(conn, "consecutive_failures", "0")
+            self._set_state(conn, "internal_error", None)
+            self._set_state(conn, "internal_error_jobs", None)
             self._event(conn, None, None, None, "queue resumed")
 
     # ---------------------------------------------------------------- reading
@@ -724,12 +767,14 @@ class Store:
         c = conn or self.conn
         after = self._state(c, "pause_after_failures")
         backoff = self._state(c, "retry_backoff_s")
+        internal = self._state(c, "pause_after_internal_errors")
         return QueueState(
             paused=bool(self._state(c, "paused")),
             pause_reason=self._state(c, "pause_reason"),
             consecutive_failures=int(self._state(c, "consecutive_failures", "0") or 0),
             pause_after_failures=int(json.loads(after)) if after else None,
             retry_backoff_s=float(json.loads(backoff)) if backoff else 10.0,
+            pause_after_internal_errors=int(json.loads(internal)) if internal is not None else 3,
         )
 
     @_guarded
@@ -868,14 +913,6 @@ class Store:
     def next_ready_at(self) -> float | None:
         row = self.conn.execute("SELECT MIN(not_before) FROM jobs WHERE status = 'pending'").fetchone()
         return row[0]
-
-
-class LeaseLost(StoreError):
-    """The worker's epoch no longer owns the job: someone else does, or it ended."""
-
-    def __init__(self, job_id: int, epoch: int | None, current: int | None) -> None:
-        super().__init__(f"job {job_id}: lease lost (held epoch {epoch}, current {current})")
-        self.job_id = job_id
 
 
 def _group_of(spec_json: str) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
+from ..errors import PublishConflict
 from ..queue.store import Claim, Job, Store
 from ..workspace import Home
 
@@ -24,10 +25,6 @@ INSPECTION = "inspection.json"
 MODEL_CARD = "README.md"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-
-class PublishConflict(Exception):
-    """``adapters/<name>`` already holds an adapter of another job."""
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -119,7 +116,7 @@ def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str
 def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[str, Any]) -> Path:
     """Rename ``staging`` to ``adapters/<name>`` and complete the job, both under the lease.
 
-    Raises :class:`~loraq.store.LeaseLost` if the lease is gone (nothing is published),
+    Raises :class:`~loraq.errors.LeaseLost` if the lease is gone (nothing is published),
     :class:`PublishConflict` if another job's adapter holds the name.
     """
     target = home.adapter_dir(claim.job.name)

@@ -10,6 +10,9 @@ signal stops at once).
 On start it reconciles what a killed predecessor left: jobs leased by dead
 processes on this host go back to the queue, staging folders of dead attempts are
 removed, and an adapter published but not recorded is recognised by its manifest.
+
+It speaks to trainers only in :mod:`loraq.protocol` messages. Its timers (heartbeats,
+the watchdog, lease sweeps) read ``clock``, a parameter, so tests move time by hand.
 """
 
 from __future__ import annotations
@@ -27,20 +30,37 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, fsutil
-from ..errors import LoraqError, TransitionError
-from ..executors.base import Event, Executor, Slot, pid_alive
-from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, LeaseLost, Store, WorkerId
+from ..errors import FailureKind, LeaseLost, LoraqError, PublishConflict, TrainerStartError, TransitionError
+from ..executors.base import Executor, Slot, pid_alive
+from ..protocol import (
+    Aborted,
+    CheckpointSaved,
+    Done,
+    Exited,
+    Failed,
+    Final,
+    JobInput,
+    Message,
+    Progress,
+    Started,
+    Stopped,
+    StopReason,
+    TrainRequest,
+    TrainResult,
+    to_wire,
+)
+from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
 from ..supervisor import publish
 from ..workspace import Home
 
+#: Told what the worker does: ``(what, details)``. For ``started`` and ``progress`` the
+#: details hold the trainer's typed event (``"event"``); for ``completed``, its
+#: :class:`~loraq.protocol.TrainResult` (``"result"``).
 Observer = Callable[[str, dict[str, Any]], None]
+Clock = Callable[[], float]
 MAX_FAILED_STARTS = 3
 STARTUP_GRACE_S = 600.0  # how long a trainer process may take to become ready before the watchdog acts
 RESUME_DIR = "resume"  # attempt-<n>/resume/checkpoint-<step>: what the attempt resumed from
-
-
-class TrainerStartError(LoraqError):
-    """A trainer process cannot even start (a broken install, a bad device)."""
 
 
 @dataclass
@@ -56,12 +76,15 @@ class WorkerConfig:
 
 @dataclass
 class Running:
+    """A job this worker has handed to a trainer; times are the worker's clock."""
+
     claim: Claim
     slot: Slot
     attempt_dir: Path
-    started: float = field(default_factory=time.monotonic)
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    stopping: str | None = None  # why the worker asked the trainer to stop
+    started: float
+    last_heartbeat: float  # when the lease was last renewed
+    last_seen: float  # when its trainer last sent anything (the watchdog's measure)
+    stopping: StopReason | None = None  # why the worker asked the trainer to stop
 
 
 @dataclass
@@ -83,12 +106,14 @@ class Worker:
         config: WorkerConfig | None = None,
         observer: Observer | None = None,
         worker_id: WorkerId | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.home = home
         self.store = store
         self.executor = executor
         self.config = config or WorkerConfig()
         self.observer = observer or (lambda kind, info: None)
+        self.clock = clock
         self.id = worker_id or WorkerId.current()
         self.store.actor = str(self.id)
         self.running: dict[int, Running] = {}
@@ -103,7 +128,7 @@ class Worker:
         if self._signals == 1:
             self.observer("stopping", {"signal": signal.Signals(signum).name, "running": len(self.running)})
             for run in self.running.values():
-                run.stopping = "graceful stop"
+                run.stopping = StopReason.SIGNAL
                 self.executor.stop_job(run.slot, graceful=True)
         else:
             self.observer("stopping_now", {"signal": signal.Signals(signum).name})
@@ -143,9 +168,9 @@ class Worker:
                 return
             if self._signals == 0:
                 self._fill_slots()
-            for slot, event in self.executor.poll(self.config.poll_s):
-                self._handle(slot, event)
-            now = time.monotonic()
+            for slot, message in self.executor.poll(self.config.poll_s):
+                self._handle(slot, message)
+            now = self.clock()
             self._heartbeats(now)
             self._watchdog(now)
             if now - last_sweep > max(self.config.lease_s / 4, 1.0):
@@ -198,19 +223,21 @@ class Worker:
             # its old checkpoints while this one loads.
             resume = checkpoints.snapshot_for_resume(job_dir, attempt_dir / RESUME_DIR)
         except OSError as exc:
-            self._fail(claim, kind="io", reason=f"cannot prepare {attempt_dir}: {exc}", retryable=True)
+            self._fail(claim, kind=FailureKind.IO, reason=f"cannot prepare {attempt_dir}: {exc}")
             return
-        request = {
-            "job_id": job.id,
-            "attempt": claim.attempt,
-            "epoch": claim.epoch,
-            "job": job.spec,
-            "log_path": str(attempt_dir / "train.log"),
-            "checkpoints_dir": str(attempt_dir / "checkpoints"),
-            "staging_dir": str(attempt_dir / "staging"),
-            "resume_from": str(resume.path) if resume else None,
-        }
-        self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir)
+        request = TrainRequest(
+            job_id=job.id,
+            attempt=claim.attempt,
+            epoch=claim.epoch,
+            job=JobInput.of_stored(job.spec),
+            log_path=str(attempt_dir / "train.log"),
+            checkpoints_dir=str(attempt_dir / "checkpoints"),
+            staging_dir=str(attempt_dir / "staging"),
+            resume_from=str(resume.path) if resume else None,
+        )
+        now = self.clock()
+        self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir, started=now,
+                                       last_heartbeat=now, last_seen=now)
         slot.hot_base = job.base_key
         self.executor.submit(slot, request)
         self.observer("claimed", {"name": job.name, "job_id": job.id, "attempt": claim.attempt, "slot": slot.name,
@@ -218,68 +245,69 @@ class Worker:
 
     # -------------------------------------------------------------- events
 
-    def _handle(self, slot: Slot, event: Event) -> None:
-        kind = event.get("ev")
-        job_id = event.get("job_id")
-        run = self.running.get(job_id) if job_id is not None else None
-        if kind == "exited":
+    def _handle(self, slot: Slot, message: Message) -> None:
+        event = message.event
+        if isinstance(event, Exited):
             self._trainer_died(slot, event)
             return
-        if run is None or run.slot is not slot:
-            return  # a late event of a job this worker already let go
+        current = next((r for r in self.running.values() if r.slot is slot), None)
+        if current is not None:
+            current.last_seen = self.clock()  # anything from its trainer says that it lives
+        run = self.running.get(message.job_id) if message.job_id is not None else None
+        if run is None or run is not current:
+            return  # 'ready', or a late event of a job this worker already let go
         claim = run.claim
-        if kind == "started":
-            if event.get("resume_from"):
-                step = _checkpoint_step(event["resume_from"])
+        if isinstance(event, Started):
+            if event.resume_from:
+                step = checkpoints.step_of(event.resume_from) or 0
                 self.store.note_resume(claim.job.id, claim.epoch, claim.attempt, step)
-            self._progress(run, 0, event.get("max_steps"), {"base_eval_loss": event["base_eval_loss"]})
-            self.observer("started", {"name": claim.job.name, **event})
-        elif kind == "progress":
-            self._progress(run, event["step"], event.get("max_steps"), event.get("metrics", {}))
-            self.observer("progress", {"name": claim.job.name, **event})
-        elif kind == "checkpoint":
-            if event.get("step") is not None:
-                self.store.note_checkpoint(claim.job.id, claim.epoch, claim.attempt, int(event["step"]))
+            self._progress(run, 0, event.max_steps, {"base_eval_loss": event.base_eval_loss})
+            self.observer("started", {"name": claim.job.name, "event": event})
+        elif isinstance(event, Progress):
+            self._progress(run, event.step, event.max_steps, event.metrics)
+            self.observer("progress", {"name": claim.job.name, "event": event})
+        elif isinstance(event, CheckpointSaved):
+            self.store.note_checkpoint(claim.job.id, claim.epoch, claim.attempt, event.step)
             with contextlib.suppress(OSError):  # a prune that fails now is done at the next checkpoint
                 checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
-        elif kind == "done":
+        elif isinstance(event, Done):
             # The trainer is free: hand it the next job first, then inspect and publish this
             # one from its own staging folder, so the trainer does not idle while we do.
             self._after_job(slot, event)
             if self._signals == 0:
                 self._fill_slots()
-            self._finish(run, event["result"])
-        elif kind == "stopped":
+            self._finish(run, event.result)
+        elif isinstance(event, Stopped):
             self._release(run)
             with contextlib.suppress(LeaseLost):
-                self.store.requeue_stopped(claim.job.id, claim.epoch, reason=run.stopping or "stopped")
+                self.store.requeue_stopped(claim.job.id, claim.epoch, reason=str(run.stopping or "stopped"))
                 self.summary.requeued.append(claim.job.name)
-            self.observer("stopped", {"name": claim.job.name, "step": event.get("step")})
+            self.observer("stopped", {"name": claim.job.name, "step": event.step})
             self._after_job(slot, event)
-        elif kind == "failed":
+        elif isinstance(event, Failed):
             self._release(run)
-            if run.stopping == "graceful stop" and event.get("kind") == "interrupted":
+            if run.stopping is StopReason.SIGNAL and event.failure is FailureKind.INTERRUPTED:
                 with contextlib.suppress(LeaseLost):
                     self.store.requeue_stopped(claim.job.id, claim.epoch)
             else:
-                self._fail(claim, kind=event.get("kind", "error"), reason=event.get("message", "failed"),
-                           retryable=bool(event.get("retryable", True)), traceback=event.get("traceback"))
+                self._fail(claim, kind=event.failure, reason=event.reason, traceback=event.traceback)
             self._after_job(slot, event)
-        elif kind == "aborted":
+        elif isinstance(event, Aborted):
             self._release(run)
             self._after_job(slot, event)
+        # ready and heartbeat only say that the trainer lives (last_seen, above)
 
     def _progress(self, run: Running, step: int, total: int | None, metrics: dict[str, float]) -> None:
         claim = run.claim
         if not self.store.record_progress(claim.job.id, claim.epoch, claim.attempt, step=step, total=total, metrics=metrics):
-            self._lost(run, "the job was cancelled or taken over")
+            self._lost(run)
 
-    def _after_job(self, slot: Slot, event: Event) -> None:
+    def _after_job(self, slot: Slot, event: Final) -> None:
         slot.job_id = None
         slot.jobs_done += 1
-        rss = (event.get("memory") or {}).get("rss_mb")
-        if rss is None:
+        if event.memory is None:
             return
+        rss = event.memory.rss_mb
         if slot.baseline_rss_mb is None:
             slot.baseline_rss_mb = rss
         elif rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
@@ -289,44 +317,44 @@ class Worker:
     def _release(self, run: Running) -> None:
         self.running.pop(run.claim.job.id, None)
 
-    def _fail(self, claim: Claim, *, kind: str, reason: str, retryable: bool, traceback: str | None = None, **extra: Any) -> None:
+    def _fail(self, claim: Claim, *, kind: FailureKind, reason: str, traceback: str | None = None, **extra: Any) -> None:
         try:
-            new = self.store.fail(claim.job.id, claim.epoch, kind=kind, reason=reason, retryable=retryable,
+            new = self.store.fail(claim.job.id, claim.epoch, kind=kind, reason=reason, retryable=kind.retryable,
                                   traceback=traceback, **extra)
         except LeaseLost:
             return
         if new == FAILED:
             self.summary.failed.append(claim.job.name)
-        self.observer("failed", {"name": claim.job.name, "kind": kind, "reason": reason, "final": new == FAILED})
+        self.observer("failed", {"name": claim.job.name, "kind": kind.value, "reason": reason, "final": new == FAILED})
 
-    def _lost(self, run: Running, why: str) -> None:
+    def _lost(self, run: Running) -> None:
         """This worker no longer owns the job: stop its trainer, keep nothing it makes."""
-        if run.stopping != why:
-            run.stopping = why
+        if run.stopping is not StopReason.LOST:
+            run.stopping = StopReason.LOST
             self.executor.stop_job(run.slot, graceful=False)
-            self.observer("lost", {"name": run.claim.job.name, "why": why})
+            self.observer("lost", {"name": run.claim.job.name, "why": str(StopReason.LOST)})
 
-    def _trainer_died(self, slot: Slot, event: Event) -> None:
+    def _trainer_died(self, slot: Slot, event: Exited) -> None:
         run = next((r for r in self.running.values() if r.slot is slot), None)
         slot.job_id = None
         if run is not None:
             self._release(run)
-            if self._signals >= 2 or run.stopping == "stopped at once":
+            if self._signals >= 2 or run.stopping is StopReason.AT_ONCE:
                 with contextlib.suppress(LeaseLost):
-                    self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason="stopped at once")
-            elif run.stopping == "stalled":  # the watchdog killed it
-                self._fail(run.claim, kind="stalled", retryable=True,
+                    self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason=str(StopReason.AT_ONCE))
+            elif run.stopping is StopReason.STALLED:  # the watchdog killed it
+                self._fail(run.claim, kind=FailureKind.STALLED,
                            reason=f"no progress for {self.config.stall_s:.0f} s; the trainer was killed")
-            elif run.stopping and run.stopping != "graceful stop":
+            elif run.stopping is StopReason.LOST:
                 pass  # cancelled or lease lost: the store already says what happened
-            else:
-                self._fail(run.claim, kind="died", reason=event.get("reason", "trainer process died"), retryable=True)
-        if not event.get("was_ready", True):
+            else:  # it died on its own, or while stopping gracefully
+                self._fail(run.claim, kind=FailureKind.DIED, reason=event.reason)
+        if not event.was_ready:
             slot.failed_starts += 1
             if slot.failed_starts >= MAX_FAILED_STARTS:
                 raise TrainerStartError(
                     f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
-                    f"({event.get('reason')}); see {event.get('log')}"
+                    f"({event.reason}); see {event.log}"
                 )
         if self._signals == 0:
             self.executor.start()  # replace the dead trainer
@@ -340,40 +368,36 @@ class Worker:
             run.last_heartbeat = now
             claim = run.claim
             if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
-                self._lost(run, "the job was cancelled or taken over")
+                self._lost(run)
 
     def _watchdog(self, now: float) -> None:
         for run in list(self.running.values()):
             # A trainer that is still starting (importing torch, on a busy machine) is
             # not stalled; it gets the longer of stall_s and STARTUP_GRACE_S.
             limit = self.config.stall_s if run.slot.ready else max(self.config.stall_s, STARTUP_GRACE_S)
-            if now - run.slot.last_seen > limit and run.stopping != "stalled":
-                run.stopping = "stalled"
+            if now - run.last_seen > limit and run.stopping is not StopReason.STALLED:
+                run.stopping = StopReason.STALLED
                 self.observer("stalled", {"name": run.claim.job.name})
-                kill = getattr(self.executor, "kill", None)
-                if kill:
-                    kill(run.slot)
+                self.executor.kill(run.slot)
 
     def _stop_all_now(self) -> None:
         """On the way out: trainers still running are killed and their jobs requeued uncounted."""
         for run in list(self.running.values()):
-            run.stopping = "stopped at once"
-            kill = getattr(self.executor, "kill", None)
-            if kill:
-                kill(run.slot)
+            run.stopping = StopReason.AT_ONCE
+            self.executor.kill(run.slot)
             with contextlib.suppress(LeaseLost):
-                self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason="stopped at once")
+                self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason=str(StopReason.AT_ONCE))
                 self.summary.requeued.append(run.claim.job.name)
             self._release(run)
 
     # -------------------------------------------------------------- finishing
 
-    def _finish(self, run: Running, result: dict[str, Any]) -> None:
+    def _finish(self, run: Running, trained: TrainResult) -> None:
         from .. import inspect as inspector  # numpy only; loaded when the first adapter is done
 
         claim = run.claim
         self._release(run)
-        staging = Path(result["staging"])
+        staging = Path(trained.staging)
         spec = claim.job.spec["spec"]
         if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
             # This worker was frozen past its lease (or the job was cancelled) while its trainer
@@ -385,28 +409,29 @@ class Worker:
         try:
             report = inspector.inspect_adapter(staging, roots=self.home.roots())
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
-            self._fail(claim, kind="io", reason=f"cannot inspect the trained adapter in {staging}: {exc}", retryable=True)
+            self._fail(claim, kind=FailureKind.IO, reason=f"cannot inspect the trained adapter in {staging}: {exc}")
             return
         findings = list(report.findings)
-        gate = inspector.quality_gate(result.get("base_eval_loss"), result.get("eval_loss"),
+        gate = inspector.quality_gate(trained.base_eval_loss, trained.eval_loss,
                                       spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
         if gate is not None:
             findings.append(gate)
         inspection = report.to_json() | {
             "passed": not any(f.severity == "error" for f in findings),
             "findings": [dataclasses.asdict(f) for f in findings],
-            "quality": {"base_eval_loss": _finite_or_none(result.get("base_eval_loss")),
-                        "eval_loss": _finite_or_none(result.get("eval_loss")),
+            "quality": {"base_eval_loss": _finite_or_none(trained.base_eval_loss),
+                        "eval_loss": _finite_or_none(trained.eval_loss),
                         "min_eval_loss_drop": spec.get("validation", {}).get("min_eval_loss_drop", 0.0)},
         }
-        result = result | {"inspection": inspection}
+        # What the store records as the job's result: the trainer's, as JSON, and the inspection.
+        result: dict[str, Any] = to_wire(trained) | {"inspection": inspection}
         if not inspection["passed"]:
             errors = [f for f in findings if f.severity == "error"]
             reason = "adapter failed inspection: " + "; ".join(f"[{f.code}] {f.message}" for f in errors)
             with contextlib.suppress(OSError):
                 fsutil.atomic_write_json(run.attempt_dir / publish.INSPECTION, inspection)
                 os.replace(staging, run.attempt_dir / "rejected")
-            self._fail(claim, kind="inspection", reason=reason, retryable=False, verdict="fail", result=result)
+            self._fail(claim, kind=FailureKind.INSPECTION, reason=reason, verdict="fail", result=result)
             return
         try:
             manifest = publish.build_manifest(claim, result, staging)
@@ -417,15 +442,15 @@ class Worker:
             with contextlib.suppress(OSError):
                 fsutil.remove_tree(staging)
             return
-        except publish.PublishConflict as exc:
-            self._fail(claim, kind="conflict", reason=str(exc), retryable=False)
+        except PublishConflict as exc:
+            self._fail(claim, kind=FailureKind.CONFLICT, reason=str(exc))
             return
         except OSError as exc:
-            self._fail(claim, kind="io", reason=f"cannot publish: {exc}", retryable=True)
+            self._fail(claim, kind=FailureKind.IO, reason=f"cannot publish: {exc}")
             return
         self.summary.completed.append(claim.job.name)
         self._cleanup_checkpoints(claim.job.id)
-        self.observer("completed", {"name": claim.job.name, "adapter": str(target), **result})
+        self.observer("completed", {"name": claim.job.name, "adapter": str(target), "result": trained})
 
     def _cleanup_checkpoints(self, job_id: int) -> None:
         """A completed job needs no checkpoints; its logs stay."""
@@ -474,14 +499,6 @@ def _attempt_key(attempt_dir: Path) -> tuple[int, int] | None:
         return int(attempt_dir.parent.name), int(attempt_dir.name.removeprefix("attempt-"))
     except ValueError:
         return None
-
-
-def _checkpoint_step(path: str) -> int:
-    name = Path(path).name
-    try:
-        return int(name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -1,7 +1,8 @@
 """The trainer process: ``python -m loraq.train`` serves a :class:`TrainerService` over two pipes.
 
-Requests and commands arrive as JSON lines on one file descriptor, events leave on
-the other (the local executor holds the other ends).
+Commands (a :class:`~loraq.protocol.TrainRequest` to train, stop, abort, exit) arrive
+as JSON lines on one file descriptor, events leave on the other as JSON lines, in
+the wire form of :mod:`loraq.protocol` (the local executor holds the other ends).
 """
 
 from __future__ import annotations
@@ -11,29 +12,40 @@ import json
 import os
 import sys
 import threading
-from typing import Any
 
-from ..model.base import device_memory
+from ..errors import ProtocolError
+from ..protocol import (
+    EXIT_BAD_COMMAND,
+    EXIT_ORPHAN,
+    Command,
+    Event,
+    Message,
+    Ready,
+    TrainRequest,
+    command_from_wire,
+    to_wire,
+)
 from .service import TrainerService, versions
 
 
 class PipeChannel:
-    """JSON lines over two file descriptors shared with the supervisor."""
+    """JSON lines over two file descriptors shared with the supervisor: commands in, messages out."""
 
     def __init__(self, fd_in: int, fd_out: int) -> None:
         self._in = os.fdopen(fd_in, "r", encoding="utf-8")
         self._out = os.fdopen(fd_out, "w", encoding="utf-8")
         self._lock = threading.Lock()
 
-    def send(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, default=str)
+    def send(self, message: Message) -> None:
+        line = json.dumps(to_wire(message))
         with self._lock:
             self._out.write(line + "\n")
             self._out.flush()
 
-    def receive(self) -> dict[str, Any] | None:
+    def receive(self) -> tuple[Command, TrainRequest | None] | None:
+        """The next command; ``None`` once the supervisor has gone."""
         line = self._in.readline()
-        return json.loads(line) if line else None
+        return command_from_wire(json.loads(line)) if line else None
 
 
 def _die_with_parent() -> None:
@@ -50,7 +62,7 @@ def _die_with_parent() -> None:
 
 def serve(channel: PipeChannel, service: TrainerService) -> None:
     """Run jobs sent over ``channel`` until told to exit or the supervisor goes away."""
-    jobs: list[dict[str, Any]] = []
+    jobs: list[TrainRequest] = []
     wake = threading.Condition()
     done = threading.Event()
 
@@ -58,30 +70,33 @@ def serve(channel: PipeChannel, service: TrainerService) -> None:
         while True:
             try:
                 message = channel.receive()
+            except ProtocolError as exc:  # a command this trainer cannot read: say so, and leave
+                sys.stderr.write(f"loraq trainer: {exc}\n")
+                os._exit(EXIT_BAD_COMMAND)
             except (OSError, ValueError):
                 message = None
             if message is None:  # the supervisor is gone: an orphan must not go on training
-                os._exit(3)
-            op = message.get("op")
-            if op == "train":
+                os._exit(EXIT_ORPHAN)
+            command, request = message
+            if request is not None:
                 # Cleared here, not when the job starts: a stop or abort sent while the
                 # trainer is still between jobs or loading belongs to this job and must hold.
                 service.flags.clear()
                 with wake:
-                    jobs.append(message)
+                    jobs.append(request)
                     wake.notify()
-            elif op == "stop":
+            elif command is Command.STOP:
                 service.flags.graceful.set()
-            elif op == "abort":
+            elif command is Command.ABORT:
                 service.flags.abort.set()
-            elif op == "exit":
+            elif command is Command.EXIT:
                 done.set()
                 with wake:
                     wake.notify()
                 return
 
     threading.Thread(target=reader, name="loraq-commands", daemon=True).start()
-    channel.send({"ev": "ready", "pid": os.getpid(), "device": service.device, "versions": versions()})
+    channel.send(Message(Ready(pid=os.getpid(), device=service.device, versions=versions())))
     while True:
         with wake:
             while not jobs and not done.is_set():
@@ -90,13 +105,10 @@ def serve(channel: PipeChannel, service: TrainerService) -> None:
                 break
             request = jobs.pop(0)
 
-        def emit(event: dict[str, Any], _job: int = request["job_id"]) -> None:
-            channel.send({**event, "job_id": _job})
+        def emit(event: Event, _request: TrainRequest = request) -> None:
+            channel.send(Message(event, job_id=_request.job_id, epoch=_request.epoch))
 
-        outcome = service.run_job(request, emit, clear_flags=False)
-        # A done job's memory was measured after its cleanup; report that same figure.
-        memory = (outcome.get("result") or {}).get("memory") or device_memory()
-        emit({**outcome, "memory": memory, "base_loads": service.cache.loads})
+        emit(service.run_job(request, emit, clear_flags=False))
 
 
 def main(argv: list[str] | None = None) -> int:

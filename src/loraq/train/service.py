@@ -17,15 +17,23 @@ accumulation, precision and logging come from the library. loraq adds callbacks
 that stream progress, mark each checkpoint complete only once it is all on disk,
 inspect each checkpoint for non-finite weights, and stop gracefully on request.
 
-The service reports through an ``emit`` callback (a dict per event). ``python -m
+The service takes a :class:`~loraq.protocol.TrainRequest` and reports through an
+``emit`` callback, one :mod:`loraq.protocol` event at a time. ``python -m
 loraq.train`` serves it over two pipes as JSON lines (:mod:`.pipe`, the local
 executor); a Ray actor wraps the same service (the Ray executor).
+
+Tests only: with ``LORAQ_TEST_BUG_TRIGGER`` set, a job whose dataset holds that
+text raises an exception loraq does not recognise while preparing its data, as a
+bug of ours would (:func:`_injected_bug`); the error-classification tests use it
+to drive a real trainer into an ``internal`` failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import json
 import math
 import os
 import sys
@@ -38,13 +46,32 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, data, fsutil
-from ..errors import DataError, TrainingError
+from ..errors import DataError, FailureKind, TrainingError, classify, describe, raised_at
 from ..model.base import BaseCache, BaseKey, device_memory, release_memory, reset_peak_memory, resolve_dtype
 from ..model.batching import Collator, ListDataset
 from ..model.evaluation import evaluate_loss
+from ..protocol import (
+    Aborted,
+    CheckpointSaved,
+    Done,
+    Event,
+    Failed,
+    Final,
+    Heartbeat,
+    JobInput,
+    Memory,
+    Progress,
+    Started,
+    Stopped,
+    TrainRequest,
+    TrainResult,
+)
 from ..queue.spec import JobSpec
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
+
+#: Tests only (see the module docstring): the text that makes a job's data trigger a bug.
+BUG_TRIGGER_ENV = "LORAQ_TEST_BUG_TRIGGER"
 
 
 def versions() -> dict[str, str]:
@@ -73,19 +100,26 @@ def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
             f"{dataset.path}: the dataset changed since it was submitted (sha256 {sha256[:12]}… then, "
             f"{dataset.sha256[:12]}… now); its rows were validated as they were. Restore the file, or "
             "submit the job again under a new name",
-            retryable=False, kind="data",
+            kind=FailureKind.DATA,
         )
 
 
-def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
-    spec = JobSpec.model_validate(request["job"]["spec"])
-    job = request["job"]
-    dataset = data.load_dataset(job["dataset_path"], spec.dataset.format)
-    _same_as_submitted(dataset, job.get("dataset_sha256"))
+def _injected_bug(rows: list[dict[str, Any]]) -> None:
+    """Tests only: raise what a bug would, for a job whose data holds ``$LORAQ_TEST_BUG_TRIGGER``."""
+    trigger = os.environ.get(BUG_TRIGGER_ENV)
+    if trigger and any(trigger in json.dumps(row) for row in rows):
+        raise RuntimeError(f"injected bug: a row holds {trigger!r}")
+
+
+def prepare(job: JobInput, tokenizer: Any) -> Prepared:
+    spec = JobSpec.model_validate(job.spec)
+    dataset = data.load_dataset(job.dataset_path, spec.dataset.format)
+    _same_as_submitted(dataset, job.dataset_sha256)
     rows = dataset.rows
-    if job.get("eval_dataset_path"):
-        eval_set = data.load_dataset(job["eval_dataset_path"], spec.dataset.format or dataset.format)
-        _same_as_submitted(eval_set, job.get("eval_dataset_sha256"))
+    _injected_bug(rows)
+    if job.eval_dataset_path:
+        eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format)
+        _same_as_submitted(eval_set, job.eval_dataset_sha256)
         train_rows, eval_rows = rows, eval_set.rows
     else:
         data.check_split(dataset.path, len(rows), spec.validation.split)
@@ -96,7 +130,7 @@ def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
         try:  # one batched render and tokenise for all rows (the tokenizer's Rust batch path)
             encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len)
         except data.TemplateError as exc:
-            raise TrainingError(f"{dataset.path}: {exc}", retryable=False, kind="data") from exc
+            raise TrainingError(f"{dataset.path}: {exc}", kind=FailureKind.DATA) from exc
         items = [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded if enc.trainable]
         return items, sum(enc.truncated for enc in encoded)
 
@@ -104,7 +138,7 @@ def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
     eval_items, _ = encode_all(eval_rows)
     if not train_items or not eval_items:
         raise TrainingError(f"{dataset.path}: no row keeps a trainable token after truncation to "
-                            f"max_seq_len {spec.training.max_seq_len}", retryable=False, kind="data")
+                            f"max_seq_len {spec.training.max_seq_len}", kind=FailureKind.DATA)
     return Prepared(
         train=ListDataset(train_items), eval=ListDataset(eval_items), n_train=len(train_items),
         n_eval=len(eval_items), truncated=truncated,
@@ -115,7 +149,7 @@ def prepare(request: dict[str, Any], tokenizer: Any) -> Prepared:
 # ---------------------------------------------------------------- training
 
 
-class Stop(Exception):
+class _Abort(Exception):  # noqa: N818 - control flow, not an error: it never leaves this module
     """Raised inside training when the job must end at once (cancel)."""
 
 
@@ -146,7 +180,7 @@ def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: l
                        if k in {"loss", "eval_loss", "learning_rate", "grad_norm"} and isinstance(v, (int, float))}
             if not metrics:
                 return
-            emit({"ev": "progress", "step": state.global_step, "max_steps": state.max_steps, "metrics": metrics})
+            emit(Progress(step=state.global_step, max_steps=state.max_steps, metrics=metrics))
             log(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
             loss = metrics.get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -155,22 +189,22 @@ def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: l
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if flags.abort.is_set():
-                raise Stop("aborted")
+                raise _Abort("aborted")
             if flags.graceful.is_set() and not control.should_training_stop:
                 control.should_save = True
                 control.should_training_stop = True
             else:
-                emit({"ev": "heartbeat", "step": state.global_step, "max_steps": state.max_steps})
+                emit(Heartbeat(step=state.global_step, max_steps=state.max_steps))
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = Path(args.output_dir) / checkpoints.checkpoint_name(state.global_step)
             finding = checkpoints.check_weights(folder)
             if finding:
                 problems.append(f"checkpoint at step {state.global_step}: {finding}")
                 control.should_training_stop = True
                 return
             checkpoints.mark_complete(folder, step=state.global_step)
-            emit({"ev": "checkpoint", "step": state.global_step, "path": str(folder)})
+            emit(CheckpointSaved(step=state.global_step, path=str(folder)))
             log(f"checkpoint saved at step {state.global_step}: {folder}")
 
     return [LoraqCallback()]
@@ -183,60 +217,56 @@ class TrainerService:
     device: str = "cpu"
     cache: BaseCache = field(init=False)
     flags: Flags = field(default_factory=Flags)
-    jobs_run: int = 0
 
     def __post_init__(self) -> None:
         self.cache = BaseCache(device=self.device)
         _quiet_libraries()
 
-    def run_job(self, request: dict[str, Any], emit: Emit, *, clear_flags: bool = True) -> dict[str, Any]:
-        """Train one job; emit events; return the ``done`` or ``stopped`` event.
+    def run_job(self, request: TrainRequest, emit: Emit, *, clear_flags: bool = True) -> Final:
+        """Train one job; emit events; return its final event (``done``, ``stopped``, ``failed``, ``aborted``).
 
-        Whatever the outcome, the base is verified afterwards (dropped if it changed).
-        A ``done`` result carries the memory measured after the job's cleanup, the
-        number of base loads so far and this process's pid; the RSS also goes out as
-        the job's last ``progress`` metric (``rss_mb``), so it lands in the metrics table.
-        Where it ran goes along too: ``pid``, ``cuda_visible_devices``, ``torch_threads``.
+        Whatever the outcome, the base is verified afterwards (dropped if it changed),
+        and the final event carries the memory measured after the job's cleanup and the
+        number of base loads so far. A ``done`` result carries them too, with this
+        process's pid, ``cuda_visible_devices`` and ``torch_threads``; the RSS also goes
+        out as the job's last ``progress`` metric (``rss_mb``), so it lands in the metrics table.
         """
         if clear_flags:  # serve() clears them when the job arrives, so an early stop is kept
             self.flags.clear()
         reset_peak_memory()
         started = time.perf_counter()
-        log_path = Path(request["log_path"])
+        log_path = Path(request.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with _redirect_output(log_path) as log:
+            outcome: Final | TrainResult
             try:
-                result = self._train(request, emit, log)
-            except Stop:
+                outcome = self._train(request, emit, log)
+            except _Abort:
                 log("aborted on request")
-                result = {"ev": "aborted"}
+                outcome = Aborted()
             except TrainingError as exc:
                 log(f"FAILED ({exc.kind}): {exc}")
-                result = {"ev": "failed", "kind": exc.kind, "retryable": exc.retryable, "message": str(exc),
-                          "traceback": traceback.format_exc()}
+                outcome = Failed(failure=exc.kind, message=str(exc), traceback=traceback.format_exc())
             except BaseException as exc:  # the one catch-all: the traceback goes into the attempt
-                kind, retryable = classify(exc)
+                kind = classify(exc)
                 log(f"FAILED ({kind}): {exc!r}\n{traceback.format_exc()}")
-                result = {"ev": "failed", "kind": kind, "retryable": retryable,
-                          "message": f"{type(exc).__name__}: {exc}".strip(), "traceback": traceback.format_exc()}
+                outcome = Failed(failure=kind, message=describe(exc), traceback=traceback.format_exc(),
+                                 where=raised_at(exc) if kind is FailureKind.INTERNAL else None)
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
             finally:
-                self.jobs_run += 1
                 self._check_base(log)
-            if result["ev"] == "done":
-                done = result["result"]
-                done["memory"] = device_memory()
-                done["base_loads"] = self.cache.loads
-                done["pid"] = os.getpid()
-                done["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-                done["torch_threads"] = _torch_threads()
-                done["job_s"] = round(time.perf_counter() - started, 3)
-                emit({"ev": "progress", "step": done["steps"], "max_steps": done["max_steps"],
-                      "metrics": {"rss_mb": done["memory"]["rss_mb"]}})
-                log(f"done: eval loss {done['base_eval_loss']:.4f} -> {done['eval_loss']:.4f}, "
-                    f"{done['train_s']:.1f} s training in {done['job_s']:.1f} s; memory {done['memory']}")
-        return result
+            memory = Memory(**device_memory())
+            if not isinstance(outcome, TrainResult):
+                return dataclasses.replace(outcome, memory=memory, base_loads=self.cache.loads)
+            result = dataclasses.replace(
+                outcome, memory=memory, base_loads=self.cache.loads, pid=os.getpid(),
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), torch_threads=_torch_threads(),
+                job_s=round(time.perf_counter() - started, 3))
+            emit(Progress(step=result.steps, max_steps=result.max_steps, metrics={"rss_mb": memory.rss_mb}))
+            log(f"done: eval loss {result.base_eval_loss:.4f} -> {result.eval_loss:.4f}, "
+                f"{result.train_s:.1f} s training in {result.job_s:.1f} s; memory {memory}")
+        return Done(result=result, memory=memory, base_loads=self.cache.loads)
 
     def _check_base(self, log: Callable[[str], None]) -> None:
         """Drop the resident base unless its weights are exactly as loaded (a LoRA left in, a merge)."""
@@ -249,24 +279,23 @@ class TrainerService:
             self.cache.resident = None
             gc.unfreeze()
 
-    def _train(self, request: dict[str, Any], emit: Emit, log: Callable[[str], None]) -> dict[str, Any]:
+    def _train(self, request: TrainRequest, emit: Emit, log: Callable[[str], None]) -> Stopped | TrainResult:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
-        job = request["job"]
-        spec = JobSpec.model_validate(job["spec"])
+        spec = JobSpec.model_validate(request.job.spec)
         timings: dict[str, float] = {}  # where the job's time went, for benchmarks and the curious
         t0 = time.perf_counter()
-        key = BaseKey(job["base_model"], spec.revision, spec.training.precision, spec.trust_remote_code)
+        key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code)
         resident, reused = self.cache.get(key)
         load_s = timings["load_s"] = time.perf_counter() - t0
-        log(f"job {spec.name} attempt {request['attempt']}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
+        log(f"job {spec.name} attempt {request.attempt}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
         t0 = time.perf_counter()
         try:
-            prepared = prepare(request, resident.tokenizer)
+            prepared = prepare(request.job, resident.tokenizer)
         except DataError as exc:
-            raise TrainingError(str(exc), retryable=False, kind="data") from exc
+            raise TrainingError(str(exc), kind=FailureKind.DATA) from exc
         collator = Collator(pad_id=resident.tokenizer.pad_token_id)
         steps = spec.total_steps(prepared.n_train)
         timings["prepare_s"] = time.perf_counter() - t0
@@ -276,12 +305,12 @@ class TrainerService:
             raise TrainingError(
                 f"base model {key.path} gives a non-finite eval loss ({base_eval}) before any training: its weights "
                 "are damaged or overflow in this precision; check the base model",
-                retryable=False, kind="base_model",
+                kind=FailureKind.BASE_MODEL,
             )
         timings["base_eval_s"] = time.perf_counter() - t0
-        resume = request.get("resume_from")
-        emit({"ev": "started", "max_steps": steps, "base_reused": reused, "base_eval_loss": base_eval,
-              "resume_from": resume, "n_train": prepared.n_train, "n_eval": prepared.n_eval})
+        resume = request.resume_from
+        emit(Started(max_steps=steps, base_reused=reused, base_eval_loss=base_eval, resume_from=resume,
+                     n_train=prepared.n_train, n_eval=prepared.n_eval))
         log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
 
         t_setup = time.perf_counter()
@@ -293,13 +322,13 @@ class TrainerService:
         try:
             model = get_peft_model(resident.model, lora)
         except ValueError as exc:  # e.g. target modules not found in the base model
-            raise TrainingError(f"lora: {exc}", retryable=False, kind="spec") from exc
+            raise TrainingError(f"lora: {exc}", kind=FailureKind.SPEC) from exc
         trainer = None
         problems: list[str] = []
         try:
             precision = resolve_dtype(spec.training.precision, self.device)
             args = TrainingArguments(
-                output_dir=request["checkpoints_dir"],
+                output_dir=request.checkpoints_dir,
                 per_device_train_batch_size=spec.training.batch_size,
                 per_device_eval_batch_size=spec.training.batch_size,
                 gradient_accumulation_steps=spec.training.grad_accum,
@@ -334,36 +363,36 @@ class TrainerService:
             output = trainer.train(resume_from_checkpoint=resume)
             train_s = timings["train_s"] = time.perf_counter() - t_train
             if problems:
-                raise TrainingError("; ".join(problems), retryable=False, kind="diverged")
+                raise TrainingError("; ".join(problems), kind=FailureKind.DIVERGED)
             step = trainer.state.global_step
             if self.flags.graceful.is_set() and step < steps:
                 log(f"stopped gracefully at step {step}")
-                return {"ev": "stopped", "step": step}
+                return Stopped(step=step)
             t0 = time.perf_counter()
-            staging = Path(request["staging_dir"])
+            staging = Path(request.staging_dir)
             if staging.exists():
                 fsutil.remove_tree(staging)
             model.save_pretrained(staging, safe_serialization=True)
             eval_loss = evaluate_loss(model, prepared.eval, collator, spec.training.batch_size)
             timings["save_eval_s"] = time.perf_counter() - t0
-            result = {
-                "steps": step,
-                "max_steps": steps,
-                "train_loss": _last_train_loss(trainer, output),
-                "eval_loss": eval_loss,
-                "base_eval_loss": base_eval,
-                "n_train": prepared.n_train,
-                "n_eval": prepared.n_eval,
-                "truncated_rows": prepared.truncated,
-                "train_tokens": prepared.train_tokens,
-                "base_reused": reused,
-                "base_load_s": round(load_s, 3),
-                "train_s": round(train_s, 3),
-                "resumed_from": resume,
-                "versions": versions(),
-                "device": self.device,
-                "staging": str(staging),
-            }
+            result = TrainResult(
+                staging=str(staging),
+                steps=step,
+                max_steps=steps,
+                train_loss=_last_train_loss(trainer, output),
+                eval_loss=eval_loss,
+                base_eval_loss=base_eval,
+                n_train=prepared.n_train,
+                n_eval=prepared.n_eval,
+                truncated_rows=prepared.truncated,
+                train_tokens=prepared.train_tokens,
+                base_reused=reused,
+                base_load_s=round(load_s, 3),
+                train_s=round(train_s, 3),
+                resumed_from=resume,
+                versions=versions(),
+                device=self.device,
+            )
         finally:
             t_cleanup = time.perf_counter()
             del trainer
@@ -372,8 +401,7 @@ class TrainerService:
             del model
             release_memory()
             timings["cleanup_s"] = time.perf_counter() - t_cleanup
-        result["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        return {"ev": "done", "result": result}
+        return dataclasses.replace(result, timings={k: round(v, 3) for k, v in timings.items()})
 
 
 def _torch_threads() -> int:
@@ -387,26 +415,6 @@ def _last_train_loss(trainer: Any, output: Any) -> float | None:
         if "loss" in entry:
             return float(entry["loss"])
     return float(output.training_loss) if output is not None else None
-
-
-_IO_MESSAGES = ("no space left on device", "file write failed", "storagefull", "input/output error",
-                "disk quota exceeded", "read-only file system")
-
-
-def classify(exc: BaseException) -> tuple[str, bool]:
-    """``(kind, retryable)`` for an exception that escaped training."""
-    text = str(exc).lower()
-    name = type(exc).__name__
-    if "out of memory" in text or name == "OutOfMemoryError":
-        return "oom", True
-    if "cuda" in text or "nccl" in text or "cublas" in text:
-        return "cuda", True
-    if isinstance(exc, OSError) or any(m in text for m in _IO_MESSAGES):
-        # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
-        return "io", True
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        return "interrupted", True
-    return "error", True
 
 
 def _quiet_libraries() -> None:
