@@ -440,3 +440,15 @@ def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
         elif line == "" and kind:
             yield kind, json.loads("".join(data))
             kind, data = None, []
+
+
+def test_an_empty_database_file_is_reported_and_left_as_it_is(tmp_path: Path) -> None:
+    home = new_home(tmp_path)
+    home.db_path.write_bytes(b"")  # a disk that filled, a bad copy: damage, not a new home
+    with make_client(home) as c:
+        c.get(f"/?token={TOKEN}")
+        r = c.get("/")
+        assert r.status_code == 503 and "holds no loraq state" in r.text
+        assert c.get("/report").status_code == 503 and c.get("/jobs/1").status_code == 503
+    assert home.db_path.read_bytes() == b""
+

@@ -185,6 +185,9 @@ class Store:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:  # no schema: an empty file (damage), or a writer creating it this instant
+                raise StoreError(f"{self.path}: holds no loraq state (an empty file, or one being created); "
+                                 "a reader leaves it as it is")
             if version < len(MIGRATIONS):
                 # A home made by an older loraq: brought up to date once, as any writer would,
                 # so a reader never queries columns that are not there yet.

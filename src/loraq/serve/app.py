@@ -92,8 +92,11 @@ def create_app(settings: Settings) -> Dashboard:
         group = request.query_params.get("group")
         if status is not None and status not in STATES:
             return message("no such status", f"{status!r} is not one of {', '.join(STATES)}", 404, "/")
-        number = _int(request.query_params.get("page"), 1)
-        q = api.queue_page(home, status=status, group=group, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+        number = max(1, _int(request.query_params.get("page"), 1))
+        try:
+            q = api.queue_page(home, status=status, group=group, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+        except LoraqError as exc:  # damaged, or being created: say so, and the page can be reloaded
+            return message("cannot read the queue", str(exc), 503)
         pages = max(1, -(-q.total // PAGE_SIZE))
 
         def link(n: int) -> str:
@@ -113,6 +116,8 @@ def create_app(settings: Settings) -> Dashboard:
             shown = api.show(home, str(job_id))
         except NotFoundError as exc:
             return message("no such job", str(exc), 404, "/")
+        except LoraqError as exc:
+            return message("cannot read the job", str(exc), 503, "/")
         if shown.job.id != job_id:  # a job *named* like this id: link to it by its own id
             return RedirectResponse(f"/jobs/{shown.job.id}", status_code=303)
         text, offset, skipped = _log_tail(home, shown.log_path)
@@ -124,8 +129,8 @@ def create_app(settings: Settings) -> Dashboard:
         try:
             path = api.log_path(home, str(job_id), _int(attempt, 0) if attempt is not None else None)
             fd = security.open_inside(home.root, path)
-        except NotFoundError as exc:
-            return PlainTextResponse(str(exc), status_code=404)
+        except LoraqError as exc:
+            return PlainTextResponse(str(exc), status_code=404 if isinstance(exc, NotFoundError) else 503)
         except OSError:  # outside the home, not a regular file, or gone
             return PlainTextResponse("no such log", status_code=404)
         with os.fdopen(fd, "rb") as fh:
@@ -135,8 +140,11 @@ def create_app(settings: Settings) -> Dashboard:
     def report_page(request: Request) -> Response:
         if not home.db_path.exists():
             return message("no report yet", "No jobs in this home yet.", 200)
-        with api.open_reader(home) as store, store.snapshot():
-            built = report.build(store, home)
+        try:
+            with api.open_reader(home) as store, store.snapshot():
+                built = report.build(store, home)
+        except LoraqError as exc:
+            return message("cannot read the queue", str(exc), 503)
         saved = sorted(p.name for p in home.reports_dir.glob("*") if SAVED_REPORT.match(p.name) and p.is_file()) \
             if home.reports_dir.is_dir() else []
         from markupsafe import Markup
@@ -169,7 +177,10 @@ def create_app(settings: Settings) -> Dashboard:
         async def events() -> AsyncIterator[str]:
             try:
                 yield "retry: 2000\n\n"
-                behind = await run_in_threadpool(_changed_since, home, since)
+                try:
+                    behind = await run_in_threadpool(_changed_since, home, since)
+                except LoraqError:  # unreadable this instant: end, and the browser reconnects in 2 s
+                    return
                 if behind is None:
                     yield _event("reload", {})
                     return
@@ -394,7 +405,7 @@ def _changed_since(home: Home, since: int) -> list[dict[str, Any]] | None:
 def _show(home: Home, job_id: int) -> api.ShowResult | None:
     try:
         return api.show(home, str(job_id))
-    except NotFoundError:
+    except LoraqError:  # gone, or unreadable now: the page's stream ends, and reconnects
         return None
 
 
