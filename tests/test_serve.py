@@ -298,6 +298,18 @@ def test_result_metrics_and_generations_show_when_present_and_hide_when_absent(c
     assert "no metrics yet" in pending
 
 
+def test_metrics_and_samples_in_the_protocols_flat_shape_show_too(client: TestClient, home: Home) -> None:
+    with Store.open(home.db_path) as store:
+        run_to_completion(store, result={"metrics": {"exact_match": 0.75, "base_exact_match": 0.125, "base_bleu": 3.5},
+                                         "extras": {"samples": [{"prompt": "2+2?", "reference": "4", "base": "5",
+                                                                 "adapter": "four"}]}})
+    page = client.get("/jobs/3").text
+    rows = {r.split("</td>")[0]: r for r in page.split("<tr><td>") if "</td><td class=\"num\">" in r}
+    assert '0.125</td><td class="num"><b>0.750' in rows["exact_match"] and "base_exact_match" not in rows
+    assert '3.500</td><td class="num"><b>—' in rows["bleu"]  # a base value with no adapter value
+    assert "sample generations" in page and "four" in page
+
+
 def test_sweeps_are_grouped_on_the_queue_page(client: TestClient, home: Home) -> None:
     with Store.open(home.db_path) as store:
         for n in range(3):

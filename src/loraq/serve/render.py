@@ -82,7 +82,7 @@ class JobView:
         return cls(
             row=JobRow.of(job), show=show, curves=Markup(svg), has_reference=reference is not None,
             spec=_spec_summary(job.spec), metrics=_metrics(result.get("metrics")),
-            generations=_generations(result.get("generations")),
+            generations=_generations(result),
             findings=[f for f in (inspection or {}).get("findings", []) if isinstance(f, dict)],
             inspection_passed=None if inspection is None else bool(inspection.get("passed")),
         )
@@ -107,15 +107,34 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 def _metrics(raw: Any) -> list[tuple[str, Any, Any]]:
-    """``{"exact_match": {"base": 0.0, "adapter": 0.9}}`` as rows; anything else is left out."""
+    """A result's metrics as (name, base, adapter) rows, in either shape a result carries them:
+
+    ``{"exact_match": {"base": 0.0, "adapter": 0.9}}``, or the protocol's flat
+    ``{"exact_match": 0.9, "base_exact_match": 0.0}``. Anything else is left out.
+    """
     if not isinstance(raw, dict):
         return []
-    return [(str(name), values.get("base"), values.get("adapter")) for name, values in raw.items()
-            if isinstance(values, dict)]
+    rows = []
+    for name, value in raw.items():
+        name = str(name)
+        if isinstance(value, dict):
+            rows.append((name, value.get("base"), value.get("adapter")))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name.startswith("base_") and name[5:] in raw:
+                continue  # shown beside the adapter's value
+            if name.startswith("base_"):
+                rows.append((name[5:], value, None))
+            else:
+                rows.append((name, raw.get(f"base_{name}"), value))
+    return rows
 
 
-def _generations(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list):
+def _generations(result: dict[str, Any]) -> list[dict[str, str]]:
+    """Sample generations, base beside adapter: ``result["generations"]``, or ``extras["samples"]``."""
+    extras = _mapping(result.get("extras"))
+    raw = next((r for r in (result.get("generations"), extras.get("generations"), extras.get("samples"))
+                if isinstance(r, list)), None)
+    if raw is None:
         return []
     keys = ("prompt", "reference", "base", "adapter")
     return [{k: "" if g.get(k) is None else str(g.get(k)) for k in keys} for g in raw[:MAX_GENERATIONS]
