@@ -20,7 +20,7 @@ def test_status_on_a_new_home_is_empty_and_creates_nothing(tmp_path: Path) -> No
     home = tmp_path / "h"
     result = loraq("status", "--json", home=home)
     assert result.returncode == 0
-    assert json.loads(result.stdout) == {"jobs": []}
+    assert json.loads(result.stdout) == {"jobs": [], "version": 1}
     assert not home.exists()
 
 
@@ -49,7 +49,7 @@ jobs:
     assert any(f"{queue}: job 'neg': lora.r" in line for line in lines)
     assert any("job 'typo': trainng: unknown key" in line for line in lines)
     assert any("job 'gone': dataset.path: file not found" in line for line in lines)
-    assert json.loads(loraq("status", "--json", home=home).stdout) == {"jobs": []}
+    assert json.loads(loraq("status", "--json", home=home).stdout) == {"jobs": [], "version": 1}
 
 
 def test_a_bad_dataset_row_is_named_and_enqueues_nothing(workdir: Path) -> None:
@@ -60,7 +60,7 @@ def test_a_bad_dataset_row_is_named_and_enqueues_nothing(workdir: Path) -> None:
     result = loraq("submit", str(queue), home=home)
     assert result.returncode == 1
     assert "sql.jsonl:121" in result.stderr and "not_json" in result.stderr
-    assert json.loads(loraq("status", "--json", home=home).stdout) == {"jobs": []}
+    assert json.loads(loraq("status", "--json", home=home).stdout) == {"jobs": [], "version": 1}
 
 
 def test_dry_run_enqueues_nothing_and_creates_no_home(workdir: Path) -> None:
@@ -171,3 +171,25 @@ def test_inspect_exit_codes(workdir: Path, tmp_path_factory: pytest.TempPathFact
     assert result.returncode == 1
     assert json.loads(result.stdout)["findings"][0]["code"] == "empty_folder"
     assert loraq("inspect", str(empty), "--data", "./data/sql.jsonl", cwd=workdir).returncode == 2
+
+
+def test_every_json_output_carries_its_version(workdir: Path) -> None:
+    """Scripts check "version" (README: what a change of it means); the keys DESIGN.md names stay."""
+    import adapters
+
+    home = workdir / ".loraq"
+    queue = write_queue(workdir, TINY_DEFAULTS + "jobs:\n  - {name: a, dataset: ./data/sql.jsonl}\n")
+    adapters.synthetic(workdir / "adapter")
+    outputs = {
+        "submit --dry-run": loraq("submit", str(queue), "--dry-run", "--json", home=home),
+        "submit": loraq("submit", str(queue), "--json", home=home),
+        "submit, rejected": loraq("submit", str(queue), "--json", home=home),  # the name is taken now
+        "status": loraq("status", "--json", home=home),
+        "show": loraq("show", "a", "--json", home=home),
+        "inspect": loraq("inspect", str(workdir / "adapter"), "--json", home=home, cwd=workdir),
+    }
+    for command, result in outputs.items():
+        out = json.loads(result.stdout)
+        assert out["version"] == 1, command
+    assert [j["name"] for j in json.loads(outputs["status"].stdout)["jobs"]] == ["a"]
+    assert json.loads(outputs["submit, rejected"].stdout)["ok"] is False

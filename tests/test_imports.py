@@ -46,8 +46,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
-    "cli": {"api", "errors", "protocol", "workspace", "serve",
-            "data", "demo", "inspect", "report"},  # these four until every command goes through the api
+    "cli": {"api", "errors", "protocol", "workspace", "serve"},
 }
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 #: Public name -> the module that defines it. Loaded on first use (PEP 562), so that
 #: ``import loraq.queue.store`` stays standard-library only and ``loraq status`` stays fast.
 _EXPORTS = {
-    **dict.fromkeys(["ChangeResult", "JobRow", "RunOptions", "RunResult", "ShowResult", "StatusResult",
-                     "SubmitResult", "cancel", "log_path", "pause", "resume", "retry", "run", "show", "status",
-                     "submit"], ".api"),
+    **dict.fromkeys(["ChangeResult", "JobRow", "ReportResult", "RunOptions", "RunResult", "ShowResult",
+                     "StatusResult", "SubmitResult", "cancel", "follow_log", "inspect_adapter", "log_path", "pause",
+                     "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report"], ".api"),
     **dict.fromkeys(["CorruptStoreError", "DataError", "InspectionError", "LoraqError", "NotFoundError",
                      "PathError", "Problem", "ProblemsError", "SpecError", "StoreError", "TrainingError",
                      "TransitionError", "UsageError"], ".errors"),
@@ -32,12 +32,15 @@ if TYPE_CHECKING:
     from .api import (
         ChangeResult,
         JobRow,
+        ReportResult,
         RunOptions,
         RunResult,
         ShowResult,
         StatusResult,
         SubmitResult,
         cancel,
+        follow_log,
+        inspect_adapter,
         log_path,
         pause,
         resume,
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
         show,
         status,
         submit,
+        write_demo,
+        write_report,
     )
     from .errors import (
         CorruptStoreError,
@@ -82,7 +87,8 @@ __version__ = "0.1.0"
 
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "ChangeResult", "CorruptStoreError", "DataError", "Home", "InspectionError", "JobRow", "LoraqError",
-    "NotFoundError", "PathError", "Problem", "ProblemsError", "RunOptions", "RunResult", "ShowResult", "SpecError",
-    "StatusResult", "StoreError", "SubmitResult", "TrainingError", "TransitionError", "UsageError", "__version__",
-    "cancel", "log_path", "pause", "resume", "retry", "run", "show", "status", "submit",
+    "NotFoundError", "PathError", "Problem", "ProblemsError", "ReportResult", "RunOptions", "RunResult", "ShowResult",
+    "SpecError", "StatusResult", "StoreError", "SubmitResult", "TrainingError", "TransitionError", "UsageError",
+    "__version__", "cancel", "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show",
+    "status", "submit", "write_demo", "write_report",
 ]

@@ -8,15 +8,23 @@ processes that do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import NotFoundError, Problem, SpecError, TransitionError
+from .errors import NotFoundError, Problem, SpecError, TransitionError, UsageError
 from .queue.store import Attempt, Event, Job, QueueState, Store
 from .supervisor import publish
 from .workspace import Home
+
+if TYPE_CHECKING:
+    from .demo import DemoFiles
+    from .inspect import Inspection
+
+#: The version of the CLI's ``--json`` outputs (their ``"version"`` key); see the README.
+JSON_VERSION = 1
 
 # ---------------------------------------------------------------- submit
 
@@ -28,6 +36,33 @@ class SubmitResult:
     job_names: list[str]
     job_ids: list[int]
     datasets: dict[str, Any]  # job name -> dataset report (datacheck.DatasetReport)
+
+    def to_json(self) -> dict[str, Any]:
+        from .data import check as datacheck
+
+        return {"queue": self.queue_file, "dry_run": self.dry_run, "ok": True, "jobs": [
+            {"name": name, "id": self.job_ids[i] if self.job_ids else None,
+             "dataset": datacheck.report_json(self.datasets[name]) if name in self.datasets else None}
+            for i, name in enumerate(self.job_names)]}
+
+    def describe(self, name: str) -> list[str]:
+        """What the submit-time check found in a job's dataset, a line each (``--dry-run``)."""
+        from .data import check as datacheck
+
+        return datacheck.describe(self.datasets.get(name))
+
+    def summary(self, name: str) -> str:
+        from .data import check as datacheck
+
+        report = self.datasets.get(name)
+        return datacheck.summary(report) if report is not None else "enqueued"
+
+
+def rejected_json(queue_file: str | Path, dry_run: bool, problems: Sequence[Problem]) -> dict[str, Any]:
+    """A rejected submit as JSON: every problem with its typed category."""
+    from .data import check as datacheck
+
+    return {"queue": str(queue_file), "dry_run": dry_run, "ok": False, "problems": datacheck.problems_to_json(problems)}
 
 
 def open_store(home: Home, *, create: bool = True, check: bool = False) -> Store:
@@ -368,3 +403,95 @@ def resume(home: Home) -> QueueState:
     with open_store(home) as store:
         store.resume()
         return store.queue_state()
+
+
+# ---------------------------------------------------------------- logs
+
+
+def follow_log(home: Home, ref: str, attempt: int | None = None, *, follow: bool = False, poll_s: float = 0.5,
+               sleep: Callable[[float], None] = time.sleep) -> Iterator[bytes]:
+    """The training log of a job's newest attempt (or of ``attempt``), in chunks.
+
+    With ``follow`` it waits for a job that has not started yet to write its first
+    log, goes on with the log of each new attempt, and ends once the job has ended
+    and everything its trainer wrote has been read.
+    """
+    def state() -> str | None:
+        row = next((r for r in status(home).jobs if r.name == ref or str(r.id) == ref), None)
+        return row.status if row is not None else None
+
+    while True:
+        try:
+            path = log_path(home, ref, attempt)
+            break
+        except NotFoundError:
+            if not follow or attempt is not None or state() not in ("running", "pending"):
+                raise
+            sleep(poll_s)
+    fh = open(path, "rb")  # noqa: SIM115 - it is swapped for the next attempt's log below
+    try:
+        while True:
+            chunk = fh.read(1 << 16)
+            if chunk:
+                yield chunk
+                continue
+            if not follow:
+                return
+            now = state()
+            newest = log_path(home, ref)
+            if newest != path:  # a new attempt started: follow its log
+                fh.close()
+                path, fh = newest, open(newest, "rb")  # noqa: SIM115
+                continue
+            if now not in ("running", "pending"):
+                # The job ended; what its trainer wrote between our last read and now is still to come.
+                rest = fh.read()
+                if rest:
+                    yield rest
+                return
+            sleep(poll_s)
+    finally:
+        fh.close()
+
+
+# ---------------------------------------------------------------- inspect, report, demo
+
+
+def inspect_adapter(folder: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), base: str | None = None,
+            data: str | Path | None = None, min_eval_loss_drop: float = 0.0) -> Inspection:
+    """Inspect one adapter folder; with ``base`` (and ``data``) against its base model.
+
+    The current folder counts as a root, as a queue file's folder does for submit.
+    Whatever cannot be inspected (missing, outside the roots, ``data`` without
+    ``base``) raises :class:`~loraq.errors.InspectionError`.
+    """
+    from . import inspect as inspector
+
+    roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)
+    return inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
+                           min_eval_loss_drop=min_eval_loss_drop)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    path: Path  # where the report was written
+    format: str
+    text: str
+
+
+def write_report(home: Home, *, fmt: str = "md", output: str | Path | None = None) -> ReportResult:
+    """Write the queue report (``json``, ``md`` or ``html``); default ``<home>/reports/report.<format>``."""
+    from . import report as report_mod
+
+    if fmt not in report_mod.FORMATS:
+        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(report_mod.FORMATS)}")
+    with _require_store(home) as store:
+        target, text = report_mod.write(home, store, fmt, Path(output) if output is not None else None)
+    return ReportResult(target, fmt, text)
+
+
+def write_demo(directory: str | Path) -> DemoFiles:
+    """A tiny base model, datasets and ``queue.yaml`` in ``directory``, ready to submit (home ``directory/.loraq``)."""
+    from . import demo
+
+    return demo.prepare(directory)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 
 from . import api
-from .errors import LoraqError, NotFoundError, ProblemsError
+from .errors import LoraqError, ProblemsError
 from .protocol import Progress, Started, TrainResult
 from .workspace import Home
 
@@ -51,17 +51,20 @@ def _global(
     ctx.obj = Context(home, allow_root)
 
 
-def _print_json(obj: Any) -> None:
+def _print_json(obj: dict[str, Any]) -> None:
+    """A ``--json`` output: ``obj`` with the output's ``"version"`` (README: what a version change means)."""
+    obj = {**obj, "version": api.JSON_VERSION}
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _print_json_listing(obj: dict[str, Any], key: str) -> None:
-    """``obj`` as JSON with the list under ``key`` one item a line.
+    """A ``--json`` output, with the list under ``key`` one item a line (and the ``"version"``).
 
     ``indent`` makes ``json`` use its pure-Python encoder, 10x slower: 1.2 s for
     10,000 jobs. Each item is encoded compactly by the C encoder instead, and the
     output stays readable, and greppable a job a line.
     """
+    obj = {**obj, "version": api.JSON_VERSION}
     dumps = json.JSONEncoder(sort_keys=True, default=str).encode
     parts = []
     for name in sorted(obj):
@@ -119,8 +122,6 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Validate every job of QUEUE_FILE and enqueue all of them, or none."""
-    from .data import check as datacheck
-
     c = _ctx(ctx)
     try:
         result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run)
@@ -128,26 +129,21 @@ def submit(
         if not as_json:
             raise
         # Scripts get every problem with its typed category; people still get the lines on stderr.
-        _print_json({"queue": str(queue_file), "dry_run": dry_run, "ok": False,
-                     "problems": datacheck.problems_to_json(exc.problems)})
+        _print_json(api.rejected_json(queue_file, dry_run, exc.problems))
         for problem in exc.problems:
             _err(str(problem))
         return exc.exit_code
 
     if as_json:
-        _print_json({"queue": result.queue_file, "dry_run": result.dry_run, "ok": True, "jobs": [
-            {"name": name, "id": result.job_ids[i] if result.job_ids else None,
-             "dataset": datacheck.report_json(result.datasets[name]) if name in result.datasets else None}
-            for i, name in enumerate(result.job_names)]})
+        _print_json(result.to_json())
         return 0
     for name in result.job_names:
-        report = result.datasets.get(name)
         if dry_run:
             print(f"{name}:")
-            for line in datacheck.describe(report):
+            for line in result.describe(name):
                 print(f"  {line}")
         else:
-            print(f"{name}: " + (datacheck.summary(report) if report is not None else "enqueued"))
+            print(f"{name}: {result.summary(name)}")
     if dry_run:
         print(f"dry run: {len(result.job_names)} job(s) valid; nothing enqueued")
     else:
@@ -330,40 +326,10 @@ def logs(
     attempt: Optional[int] = typer.Option(None, "--attempt", help="An earlier attempt's log."),
 ) -> int:
     """The training log of the job's newest attempt."""
-    home = _ctx(ctx).home
-    while True:
-        try:
-            path = api.log_path(home, job, attempt)
-            break
-        except NotFoundError:
-            # -f on a job that has not started yet waits for its first log.
-            waiting = next((r for r in api.status(home).jobs if r.name == job or str(r.id) == job), None)
-            if not follow or attempt is not None or waiting is None or waiting.status not in ("running", "pending"):
-                raise
-            time.sleep(0.5)
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(1 << 16)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                continue
-            if not follow:
-                return 0
-            current = api.status(home)
-            state = next((r for r in current.jobs if r.name == job or str(r.id) == job), None)
-            newest = api.log_path(home, job)
-            if newest != path:  # a new attempt started: follow its log
-                fh.close()
-                path = newest
-                fh = open(path, "rb")  # noqa: SIM115
-                continue
-            if state is None or state.status not in ("running", "pending"):
-                # The job ended; what its trainer wrote between our last read and now is still to come.
-                sys.stdout.buffer.write(fh.read())
-                sys.stdout.flush()
-                return 0
-            time.sleep(0.5)
+    for chunk in api.follow_log(_ctx(ctx).home, job, attempt, follow=follow):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    return 0
 
 
 # ---------------------------------------------------------------- operator verbs
@@ -418,15 +384,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Inspect one adapter folder. Exit 0 pass, 1 fail, 2 cannot inspect."""
-    from . import inspect as inspector
-
     c = _ctx(ctx)
-    # The current folder counts as a root, as a queue file's folder does for submit.
-    # Whatever cannot be inspected (missing, outside the roots, --data without --base)
-    # the inspector raises as InspectionError: exit 2.
-    roots = c.home.roots(queue_dir=Path.cwd(), extra=c.allow_roots)
-    result = inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
-                                       min_eval_loss_drop=min_drop)
+    result = api.inspect_adapter(folder, home=c.home, allow_roots=c.allow_roots, base=base, data=data,
+                                 min_eval_loss_drop=min_drop)
     if as_json:
         _print_json(result.to_json())
     else:
@@ -443,19 +403,10 @@ def report(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here (default <home>/reports/report.<format>)."),
 ) -> int:
     """The queue report: per job status, attempts and why, losses, curves, findings."""
-    from . import report as report_mod
-    from .errors import UsageError
-
-    if fmt not in report_mod.FORMATS:
-        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(report_mod.FORMATS)}")
-    home = _ctx(ctx).home
-    if not home.db_path.exists():
-        raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
-    with api.open_store(home, create=False) as store:
-        target, text = report_mod.write(home, store, fmt, output)
+    result = api.write_report(_ctx(ctx).home, fmt=fmt, output=output)
     if output is None and fmt != "html":
-        sys.stdout.write(text)
-    _err(f"wrote {target}")
+        sys.stdout.write(result.text)
+    _err(f"wrote {result.path}")
     return 0
 
 
@@ -496,10 +447,8 @@ def demo(
     no_run: bool = typer.Option(False, "--no-run", help="Only write the files."),
 ) -> int:
     """Write a tiny base model, datasets and queue.yaml into DIRECTORY, then submit and run it."""
-    from . import demo as demo_mod
-
     started = time.time()
-    files = demo_mod.prepare(directory)
+    files = api.write_demo(directory)
     home = Home(files.root / ".loraq")
     print(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
           f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
