@@ -94,3 +94,29 @@ def test_a_bug_in_the_trainer_is_retried_once_then_fails_and_three_such_jobs_pau
     assert state.paused and state.pause_reason.startswith("3 jobs in a row failed with the same internal error")
     assert f"last: buggy-2: {error}" in state.pause_reason
     assert "queue paused: 3 jobs in a row failed with the same internal error" in ran.stdout
+
+
+def test_every_error_class_lives_in_errors_under_loraq_error() -> None:
+    """One place for errors, one base class for the CLI to map to exit codes (STYLE.md rule 6)."""
+    import ast
+    import inspect
+
+    import loraq
+    from loraq import errors
+
+    package = Path(loraq.__file__).parent
+    elsewhere = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "errors.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and any(
+                    isinstance(base, ast.Name) and base.id.endswith(("Error", "Exception")) for base in node.bases):
+                elsewhere.append(f"{path.relative_to(package)}: {node.name}")
+    assert not elsewhere, elsewhere
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, BaseException) and c.__module__ == errors.__name__]
+    assert {c.__name__ for c in classes} >= {"LeaseLost", "PublishConflict", "TrainerStartError", "ProtocolError",
+                                             "TemplateError", "TrainingError"}
+    assert all(issubclass(c, LoraqError) for c in classes), [c for c in classes if not issubclass(c, LoraqError)]
+    assert {c.__name__ for c in classes} <= set(loraq.__all__)  # and the package exports every one

@@ -22,8 +22,9 @@ _EXPORTS = {
     **dict.fromkeys(["ChangeResult", "JobRow", "ReportResult", "RunOptions", "RunResult", "ShowResult",
                      "StatusResult", "SubmitResult", "cancel", "follow_log", "inspect_adapter", "log_path", "pause",
                      "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report"], ".api"),
-    **dict.fromkeys(["CorruptStoreError", "DataError", "InspectionError", "LoraqError", "NotFoundError",
-                     "PathError", "Problem", "ProblemsError", "SpecError", "StoreError", "TrainingError",
+    **dict.fromkeys(["CorruptStoreError", "DataError", "FailureKind", "InspectionError", "LeaseLost", "LoraqError",
+                     "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError", "PublishConflict",
+                     "SpecError", "StoreError", "TemplateError", "TrainerStartError", "TrainingError",
                      "TransitionError", "UsageError"], ".errors"),
     "Home": ".workspace",
 }
@@ -55,14 +56,20 @@ if TYPE_CHECKING:
     from .errors import (
         CorruptStoreError,
         DataError,
+        FailureKind,
         InspectionError,
+        LeaseLost,
         LoraqError,
         NotFoundError,
         PathError,
         Problem,
         ProblemsError,
+        ProtocolError,
+        PublishConflict,
         SpecError,
         StoreError,
+        TemplateError,
+        TrainerStartError,
         TrainingError,
         TransitionError,
         UsageError,
@@ -86,9 +93,10 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
-    "ChangeResult", "CorruptStoreError", "DataError", "Home", "InspectionError", "JobRow", "LoraqError",
-    "NotFoundError", "PathError", "Problem", "ProblemsError", "ReportResult", "RunOptions", "RunResult", "ShowResult",
-    "SpecError", "StatusResult", "StoreError", "SubmitResult", "TrainingError", "TransitionError", "UsageError",
-    "__version__", "cancel", "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show",
-    "status", "submit", "write_demo", "write_report",
+    "ChangeResult", "CorruptStoreError", "DataError", "FailureKind", "Home", "InspectionError", "JobRow", "LeaseLost",
+    "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError", "PublishConflict",
+    "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError", "StatusResult", "StoreError", "SubmitResult",
+    "TemplateError", "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "__version__", "cancel",
+    "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status", "submit",
+    "write_demo", "write_report",
 ]

@@ -59,6 +59,10 @@ class DataError(ProblemsError):
     """A dataset cannot be used: missing, unreadable, or rows that cannot train."""
 
 
+class TemplateError(LoraqError, ValueError):
+    """The tokenizer's chat template cannot be used to find the assistant turns."""
+
+
 class PathError(LoraqError):
     """A path lies outside the roots loraq may read from or write to."""
 

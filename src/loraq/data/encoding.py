@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import TemplateError
+
 IGNORE_INDEX = -100
 #: The field whose text carries the loss, per flat format.
 TRAINED_KEY = {"prompt_completion": "completion", "alpaca": "output", "text": "text"}
@@ -39,10 +41,6 @@ class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]
     add_special_tokens: bool = True
-
-
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be used to find the assistant turns."""
 
 
 def render(row: dict[str, Any], fmt: str, tokenizer: Any) -> Rendered:
