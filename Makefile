@@ -1,5 +1,6 @@
 # make demo: install into .venv/ and run the demo queue end to end.
-# make test: install into .venv/ and run the test suite.
+# make lint: install into .venv/, then ruff (src, tests, benchmarks) and mypy (the torch-free side).
+# make test: install into .venv/, lint, and run the test suite.
 #
 # On a machine without an NVIDIA GPU, the CPU build of torch is installed first
 # ($(TORCH_CPU); set TORCH_INDEX=https://download.pytorch.org/whl/cpu where the
@@ -16,7 +17,7 @@ EXTRAS ?= dev,ray,parquet,serve
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -36,7 +37,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/loraq demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

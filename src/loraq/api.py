@@ -357,10 +357,10 @@ def log_path(home: Home, ref: str, attempt: int | None = None) -> Path:
         if not path.exists():
             raise NotFoundError(f"job {job.name!r} has no log for attempt {attempt}")
         return path
-    path = newest_log(home, job.id, attempts)
-    if path is None:
+    newest = newest_log(home, job.id, attempts)
+    if newest is None:
         raise NotFoundError(f"job {job.name!r} has no training log yet ({job.status})")
-    return path
+    return newest
 
 
 # ---------------------------------------------------------------- operator verbs

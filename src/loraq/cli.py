@@ -294,8 +294,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
     print(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
     if j.error:
         print(f"  why:        {j.error_kind}: {j.error}")
-    if (j.result or {}).get("adapter"):
-        print(f"  adapter:    {j.result['adapter']}")
+    if adapter := (j.result or {}).get("adapter"):
+        print(f"  adapter:    {adapter}")
     print("attempts:")
     for a in result.attempts:
         resumed = f", resumed from step {a.resumed_from_step}" if a.resumed_from_step else ""

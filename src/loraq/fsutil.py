@@ -30,7 +30,7 @@ class FileOps:
     def open_write(self, path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-    def write(self, fd: int, data: bytes) -> int:
+    def write(self, fd: int, data: bytes | memoryview) -> int:
         return os.write(fd, data)
 
     def fsync(self, fd: int) -> None:
@@ -190,7 +190,7 @@ def remove_tree(path: Path) -> None:
 
 def remove_stale_tmp(folder: Path) -> list[Path]:
     """Delete temporary siblings left by writes that a kill cut short."""
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for child in folder.iterdir():

@@ -288,8 +288,8 @@ class Exited:
     returncode: int | None = None
 
 
-Event = Union[Ready, Started, Progress, Heartbeat, CheckpointSaved, Done, Stopped, Failed, Aborted, Exited]
-Final = Union[Done, Stopped, Failed, Aborted]
+Event = Ready | Started | Progress | Heartbeat | CheckpointSaved | Done | Stopped | Failed | Aborted | Exited
+Final = Done | Stopped | Failed | Aborted
 FINAL_KINDS = frozenset({EventKind.DONE, EventKind.STOPPED, EventKind.FAILED, EventKind.ABORTED})
 
 #: Each kind's payload class.

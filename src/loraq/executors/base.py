@@ -2,7 +2,7 @@
 
 An executor owns *slots*, one trainer each (a process per device locally, a Ray
 actor per GPU on a cluster). The worker hands a :class:`~loraq.protocol.TrainRequest`
-to an idle slot and polls for :class:`~loraq.protocol.Message`\ s; the trainer keeps
+to an idle slot and polls for :class:`~loraq.protocol.Message` objects; the trainer keeps
 its base model hot between jobs.
 
 A trainer sends ``ready``, then per job ``started``, ``progress``, ``heartbeat``,

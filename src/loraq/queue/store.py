@@ -106,7 +106,7 @@ def _lock_holders(path: Path) -> str:
             cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
         except (OSError, IndexError):
             state, cmd = "?", "?"
-        frozen = " and is stopped: continue it (kill -CONT {0}) or end it".format(pid) if state in ("T", "t") else ""
+        frozen = f" and is stopped: continue it (kill -CONT {pid}) or end it" if state in ("T", "t") else ""
         described.append(f"process {pid} ({cmd[:80]}) holds its lock{frozen}")
     return "; " + "; ".join(described)
 
@@ -491,19 +491,19 @@ class Store:
         now = self.clock()
         # SQLite has no NaN (it would arrive as NULL): a non-finite value is left out of the
         # metrics and the job's loss columns are cleared. The trainer reports the divergence.
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        metrics = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        values = {k: float(v) for k, v in (metrics or {}).items()}
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}
+        columns = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
         with self.transaction() as conn:
-            sets = {"progress_step": step, "updated_at": now}
+            sets: dict[str, float | None] = {"progress_step": step, "updated_at": now}
             if total is not None:
                 sets["progress_total"] = total
-            if "loss" in metrics:
-                sets["train_loss"] = metrics["loss"]
-            if "eval_loss" in metrics:
-                sets["eval_loss"] = metrics["eval_loss"]
-            if "base_eval_loss" in metrics:
-                sets["base_eval_loss"] = metrics["base_eval_loss"]
+            if "loss" in columns:
+                sets["train_loss"] = columns["loss"]
+            if "eval_loss" in columns:
+                sets["eval_loss"] = columns["eval_loss"]
+            if "base_eval_loss" in columns:
+                sets["base_eval_loss"] = columns["base_eval_loss"]
             clause = ", ".join(f"{k} = ?" for k in sets)
             owned = conn.execute(
                 f"UPDATE jobs SET {clause} WHERE id = ? AND epoch = ? AND status = 'running'",
