@@ -45,6 +45,19 @@ ERRORS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 SUMMARY: Counter[str] = Counter()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fault_summary() -> Any:
+    """Once the module's tests are done: the figures for docs/reliability.md (printed under -s,
+    and written to $LORAQ_RELIABILITY_OUT/faults.json when that is set)."""
+    yield
+    if SUMMARY:
+        print("\nfault summary: " + json.dumps(dict(sorted(SUMMARY.items()))))
+        out = os.environ.get("LORAQ_RELIABILITY_OUT")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "faults.json").write_text(json.dumps(dict(sorted(SUMMARY.items())), indent=2) + "\n")
+
+
 class Killed(BaseException):
     """Stands for a kill -9: nothing after it runs in the process (the test only looks at the copy)."""
 
@@ -480,13 +493,3 @@ def test_a_writer_frozen_inside_a_transaction_is_named_not_a_raw_locked_error(tm
     finally:
         holder.kill()
         holder.wait()
-
-
-def test_zzz_print_fault_summary() -> None:
-    """Runs last in this module: the figures for docs/reliability.md."""
-    if SUMMARY:
-        print("\nfault summary: " + json.dumps(dict(sorted(SUMMARY.items()))))
-        out = os.environ.get("LORAQ_RELIABILITY_OUT")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / "faults.json").write_text(json.dumps(dict(sorted(SUMMARY.items())), indent=2) + "\n")

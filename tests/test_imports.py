@@ -30,18 +30,18 @@ MAY_IMPORT: dict[str, set[str]] = {
     "sandbox": {"errors"},
     "workspace": {"errors", "sandbox"},
     "queue": {"errors", "sandbox"},  # spec, store: knows nothing of training
-    "checkpoints": {"errors", "fsutil", "inspect"},  # inspect: only its torch-free safetensors reader
+    "checkpoints": {"errors", "fsutil", "workspace", "inspect"},  # inspect: only its torch-free safetensors reader
     "data": {"errors", "fsutil", "queue"},
     # the torch side
     "model": {"errors", "data"},
-    "inspect": {"errors", "sandbox", "data", "model"},  # model: only inspect.on_base, against a base
+    "inspect": {"errors", "sandbox", "workspace", "data", "model"},  # model: only inspect.on_base, against a base
     "train": {"errors", "protocol", "fsutil", "checkpoints", "data", "model", "queue"},
     # the supervisor side (torch-free)
     "executors": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "train"},  # train: inside a Ray actor
     "supervisor": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "queue", "executors", "inspect"},
     # the library's surface and what is built on it
     "report": {"errors", "fsutil", "workspace", "queue", "supervisor"},
-    "demo": {"errors", "fsutil"},
+    "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo"},
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fsutil
+from .workspace import ADAPTER_WEIGHTS
 
 MARKER = "loraq-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -164,7 +165,7 @@ def check_weights(folder: Path) -> str | None:
     """What is wrong with the adapter weights in a checkpoint folder, or ``None``."""
     from .inspect.safetensors import check_finite
 
-    path = folder / "adapter_model.safetensors"
+    path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
-        return f"no adapter_model.safetensors in {folder}"
+        return f"no {ADAPTER_WEIGHTS} in {folder}"
     return check_finite(path)

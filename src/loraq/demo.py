@@ -282,14 +282,8 @@ def prepare(root: str | Path, *, rows: int = 320, seed: int = 0) -> DemoFiles:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("written by 'loraq demo'; the next 'loraq demo' here replaces this folder\n")
-    _quiet()
+    from .model.base import quiet_libraries
+
+    quiet_libraries()
     return write_demo(root, rows=rows, seed=seed)
 
-
-def _quiet() -> None:
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()

@@ -122,13 +122,16 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def publish_dir(src: Path, dst: Path) -> None:
+def publish_dir(src: Path, dst: Path, *, synced: bool = False) -> None:
     """Move the finished folder ``src`` to ``dst`` in one rename.
 
     ``src`` and ``dst`` must be on the same file system. ``dst`` must not exist
     (or be empty); a published folder is never merged into or overwritten.
+    ``synced``: the caller has fsynced ``src`` already (``fsync_tree``), outside
+    whatever lock it holds around the rename.
     """
-    fsync_tree(src)
+    if not synced:
+        fsync_tree(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     ops.rename(src, dst)
     fsync_dir(dst.parent)

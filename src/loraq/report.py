@@ -105,14 +105,6 @@ def _bytes(n: int | None) -> str:
     return str(n)
 
 
-def why(job: dict[str, Any]) -> str:
-    if job["status"] == "completed":
-        return ""
-    if job.get("error"):
-        return f"{job.get('error_kind')}: {job['error']}"
-    return ""
-
-
 def to_markdown(report: dict[str, Any]) -> str:
     counts = report["counts"]
     lines = [

@@ -14,6 +14,7 @@ Pickle files are never loaded: :func:`is_pickle` tells them by suffix.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ class Roots:
         return Path(path).expanduser().resolve()
 
 
-def inside(child: Path, parent: Path) -> bool:
-    """Whether ``child`` resolves (symlinks followed) to a path inside ``parent``."""
-    return child.resolve().is_relative_to(parent.resolve())
+#: A Hugging Face hub id, ``name`` or ``org/name``: what a base model is when it is not a path.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def is_hub_id(value: str) -> bool:
+    return HUB_ID_PATTERN.match(value) is not None

@@ -20,6 +20,9 @@ from .errors import Problem, SpecError
 from .sandbox import Roots, hf_cache_dir
 
 DEFAULT_HOME = ".loraq"
+#: The two files of a PEFT LoRA adapter folder (staged, published, and in each checkpoint).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,9 @@ def trainer_env(device: str, slots: list[Slot], base: dict[str, str] | None = No
     running one thread per core oversubscribe the machine and both slow down.
     """
     env = dict(os.environ if base is None else base)
+    # No progress bars in the trainer's log (in-process, model.base.quiet_libraries does the same).
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
     if device == "cpu" and "OMP_NUM_THREADS" not in env:
         cpu_slots = sum(1 for s in slots if s.device == "cpu")

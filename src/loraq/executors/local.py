@@ -51,8 +51,6 @@ class LocalExecutor:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = trainer_env(slot.device, self.slots)
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"trainer-{slot.index}.log", "ab")  # noqa: SIM115 (the child owns it)
         try:

@@ -14,14 +14,13 @@ inspect against); an adapter that PEFT cannot load is a ``load_failed`` finding.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InspectionError, PathError
-from ..sandbox import Roots
+from ..sandbox import Roots, is_hub_id
 from .lora_config import LoraSettings
 from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets, quality_gate
 
@@ -31,7 +30,6 @@ EVAL_BATCH = 8
 #: A logit change below this (relative to the largest logit) counts as no change.
 NO_EFFECT_RTOL = 1e-6
 PROBE_TEXT = "The adapter under inspection must change what this model says next."
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def resolve_base(base: str, roots: Roots | None) -> str:
         if not path.resolve().is_dir():
             raise InspectionError(f"base model {base!r} is not a folder")
         return str(path.resolve())
-    if base.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(base):
+    if not is_hub_id(base):
         raise InspectionError(f"base model {base!r} does not exist")
     return base  # a hub id, read from the local Hugging Face cache only
 
@@ -194,13 +192,12 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    from ..model.base import resolve_dtype
+    from ..model.base import quiet_libraries, resolve_dtype
     from ..model.batching import Collator
     from ..model.evaluation import evaluate_loss
 
-    hf_logging.disable_progress_bar()  # the CLI's output is the findings, not loading bars
+    quiet_libraries()  # the CLI's output is the findings, not loading bars
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)

@@ -14,13 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from . import safetensors as st
 from .lora_config import LoraSettings, dot_suffixes
 
 Severity = Literal["error", "warning", "info"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME = ADAPTER_CONFIG, ADAPTER_WEIGHTS
 #: PEFT prefixes every saved key with this; a key without it is never loaded.
 KEY_PREFIX = "base_model.model."
 #: Findings listed per code; the rest are counted in one more finding.

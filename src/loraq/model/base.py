@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +195,21 @@ class BaseCache:
             param.requires_grad_(False)
         del torch  # only the import mattered
         return Resident(key=key, model=model, tokenizer=tokenizer, checksum=weights_checksum(model), loaded_at=time.time())
+
+
+def quiet_libraries() -> None:
+    """Keep Hugging Face's progress bars and notices out of this process's output.
+
+    The one place for it in-process (the trainer, ``inspect --base``, the demo); a
+    trainer process also starts with the same environment (``executors.base.trainer_env``).
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
 
 
 def resolve_dtype(precision: str, device: str) -> Any:

@@ -19,10 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PathError, Problem, SpecError
-from ..sandbox import Roots, is_pickle
+from ..sandbox import Roots, is_hub_id, is_pickle
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
-HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 
@@ -360,7 +359,7 @@ def _resolve_paths(spec: JobSpec, qpath: Path, queue_dir: Path, roots: Roots, wh
             elif not (folder / "config.json").is_file():
                 problems.append(Problem(f"{where}: base_model", f"no config.json in {folder}: not a model folder"))
             base = str(folder)
-    elif not HUB_ID_PATTERN.match(base):
+    elif not is_hub_id(base):
         problems.append(
             Problem(f"{where}: base_model", f"{base!r} is neither a local folder (start it with ./ or /) nor a hub id like 'org/model'")
         )

@@ -912,12 +912,6 @@ class Store:
         row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
         return row is not None
 
-    @_guarded
-    def next_ready_at(self) -> float | None:
-        row = self.conn.execute("SELECT MIN(not_before) FROM jobs WHERE status = 'pending'").fetchone()
-        return row[0]
-
-
 def _group_of(spec_json: str) -> str | None:
     group = (json.loads(spec_json).get("spec") or {}).get("group")
     return None if group is None else str(group)

@@ -18,13 +18,12 @@ from typing import Any
 from .. import fsutil
 from ..errors import PublishConflict
 from ..queue.store import Claim, Job, Store
-from ..workspace import Home
+from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
 MANIFEST = "loraq-manifest.json"
 INSPECTION = "inspection.json"
 MODEL_CARD = "README.md"
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
+WEIGHTS, CONFIG = ADAPTER_WEIGHTS, ADAPTER_CONFIG
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -120,9 +119,12 @@ def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[
     :class:`PublishConflict` if another job's adapter holds the name.
     """
     target = home.adapter_dir(claim.job.name)
+    # The slow part (an fsync of every file) before the store's write lock, which every
+    # other worker and 'loraq submit' wait on; only the rename and the commit inside it.
+    fsutil.fsync_tree(staging)
     with store.fenced(claim.job.id, claim.epoch) as conn:
         try:
-            fsutil.publish_dir(staging, target)
+            fsutil.publish_dir(staging, target, synced=True)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or (target.exists() and any(target.iterdir())):
                 existing = read_manifest(target)

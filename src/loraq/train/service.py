@@ -47,7 +47,15 @@ from typing import Any
 
 from .. import checkpoints, data, fsutil
 from ..errors import DataError, FailureKind, TrainingError, classify, describe, raised_at
-from ..model.base import BaseCache, BaseKey, device_memory, release_memory, reset_peak_memory, resolve_dtype
+from ..model.base import (
+    BaseCache,
+    BaseKey,
+    device_memory,
+    quiet_libraries,
+    release_memory,
+    reset_peak_memory,
+    resolve_dtype,
+)
 from ..model.batching import Collator, ListDataset
 from ..model.evaluation import evaluate_loss
 from ..protocol import (
@@ -220,7 +228,7 @@ class TrainerService:
 
     def __post_init__(self) -> None:
         self.cache = BaseCache(device=self.device)
-        _quiet_libraries()
+        quiet_libraries()
 
     def run_job(self, request: TrainRequest, emit: Emit, *, clear_flags: bool = True) -> Final:
         """Train one job; emit events; return its final event (``done``, ``stopped``, ``failed``, ``aborted``).
@@ -415,18 +423,6 @@ def _last_train_loss(trainer: Any, output: Any) -> float | None:
         if "loss" in entry:
             return float(entry["loss"])
     return float(output.training_loss) if output is not None else None
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_warning()
 
 
 @contextlib.contextmanager
