@@ -91,7 +91,7 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
     # A dry run on a home that holds nothing yet leaves it that way: no token cache on disk.
     cache_dir = datacheck.cache_dir_of(home.root) if not dry_run or home.db_path.exists() else None
     reports, problems = datacheck.analyze_queue(queue, cache_dir=cache_dir)
-    problems = list(problems)
+    problems = list(problems) + _serving_problems(queue, str(queue_file))
     if home.db_path.exists():
         with open_store(home, create=False) as store:
             for job in queue.jobs:
@@ -112,7 +112,8 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
             name=job.name,
             # The validated dataset's identity travels with the job: the trainer refuses a file
             # that changed after submit, since its rows were never checked.
-            spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name)),
+            spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name))
+            | ({"serving": queue.settings.serving} if queue.settings.serving else {}),
             base_key=job.base_key,
             priority=job.spec.priority,
             max_retries=job.spec.max_retries,
@@ -129,6 +130,22 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
     return SubmitResult(str(path), False, names, ids, reports)
+
+
+def _serving_problems(queue: Any, where: str) -> list[Problem]:
+    """The queue's ``serving`` gate on each job's settings: a job no required engine would serve is refused."""
+    from .inspect import serving
+
+    if not queue.settings.serving:
+        return []
+    problems = []
+    for job in queue.jobs:
+        facts = serving.facts_from_spec(job.spec.lora, serving.read_base_config(job.base_model))
+        for verdict, reason in serving.gate(serving.verdicts(facts), queue.settings.serving):
+            why = "will not serve it" if verdict.servable is False else "cannot tell yet"
+            problems.append(Problem(f"{where}: job {job.name!r}: {reason.field or 'serving'}",
+                                    f"serving: {verdict.label} {why}: {reason.message}"))
+    return problems
 
 
 def _dataset_identity(report: Any) -> dict[str, Any]:

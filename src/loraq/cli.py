@@ -393,7 +393,20 @@ def inspect(
         print(f"{result.path}: {'PASS' if result.passed else 'FAIL'}")
         for f in result.findings:
             print(f"  {f.severity:<7} [{f.code}] {f.message}")
+        _print_serving(result.serving)
     return 0 if result.passed else 1
+
+
+def _print_serving(verdicts: dict[str, Any]) -> None:
+    """One line per engine ("vLLM  yes (--max-lora-rank 8)"), then its notes."""
+    if not verdicts:
+        return
+    print("serving:")
+    width = max(len(v.label) for v in verdicts.values())
+    for verdict in verdicts.values():
+        print(f"  {verdict.label:<{width}}  {verdict.summary()}")
+        for note in verdict.notes:
+            print(f"  {'':<{width}}  note: {note}")
 
 
 @app.command()

@@ -61,6 +61,7 @@ def build(store: Store, home: Home) -> dict[str, Any]:
             "adapter": adapter,
             "adapter_bytes": size,
             "findings": (inspection or {}).get("findings", []),
+            "serving": (inspection or {}).get("serving") or {},
             "curves": curves,
         })
     state = store.queue_state()
@@ -105,6 +106,28 @@ def _bytes(n: int | None) -> str:
     return str(n)
 
 
+#: Engine names in the report, in order (the keys of an inspection's "serving").
+SERVING_LABELS = {"vllm": "vLLM", "lorax": "LoRAX", "llamacpp": "llama.cpp"}
+
+
+def serving_cell(serving: dict[str, Any]) -> str:
+    """``vLLM yes (--max-lora-rank 8) · LoRAX yes · llama.cpp no``: one word per engine."""
+    words = {True: "yes", False: "no", None: "?"}
+    parts = []
+    for engine, label in SERVING_LABELS.items():
+        verdict = serving.get(engine)
+        if verdict is not None:
+            flags = f" ({verdict['flags']})" if verdict.get("servable") and verdict.get("flags") else ""
+            parts.append(f"{label} {words.get(verdict.get('servable'), '?')}{flags}")
+    return " · ".join(parts) or "—"
+
+
+def serving_reasons(serving: dict[str, Any]) -> list[str]:
+    """Each engine's "no" (or "cannot tell") with its reasons, one line an engine."""
+    return [f"{SERVING_LABELS.get(engine, engine)}: {'no' if v.get('servable') is False else 'cannot tell'}: "
+            + "; ".join(v.get("why") or []) for engine, v in serving.items() if not v.get("servable")]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     counts = report["counts"]
     lines = [
@@ -118,19 +141,20 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report["queue"]["paused"]:
         lines += [f"**Queue paused:** {report['queue']['pause_reason']}", ""]
     lines += [
-        "| job | status | attempts | steps | train loss | eval loss base → adapter | adapter | time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| job | status | attempts | steps | train loss | eval loss base → adapter | adapter | time | serving |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for job in report["jobs"]:
         lines.append(
             f"| {job['name']} | {job['status']} | {job['attempts_used']}/{job['max_attempts']} | {_num(job['steps'])} "
             f"| {_num(job['train_loss'])} | {_num(job['base_eval_loss'])} → {_num(job['eval_loss'])} "
-            f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s |"
+            f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s | {serving_cell(job['serving'])} |"
         )
     for job in report["jobs"]:
         problems = [a for a in job["attempts"] if a["reason"]]
         findings = [f for f in job["findings"] if f.get("severity") in ("error", "warning")]
-        if not problems and not findings:
+        not_served = serving_reasons(job["serving"])
+        if not problems and not findings and not not_served:
             continue
         lines += ["", f"## {job['name']}", ""]
         for attempt in job["attempts"]:
@@ -139,6 +163,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- attempt {attempt['n']}: {attempt['outcome']}{resumed}{reason}")
         for finding in findings:
             lines.append(f"- {finding['severity']} `{finding['code']}`: {finding['message']}")
+        for line in not_served:
+            lines.append(f"- serving: {line}")
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +255,10 @@ def body_html(report: dict[str, Any]) -> str:
             + (f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else "")
             + (f": {e(str(a['error_kind']))}: {e(str(a['reason']))}" if a["reason"] else "") + "</li>"
             for a in job["attempts"])
+        serving = ""
+        if job["serving"]:
+            serving = (f"<p class=serving>serving: {e(serving_cell(job['serving']))}</p>"
+                       + "<ul>" + "".join(f"<li>{e(line)}</li>" for line in serving_reasons(job["serving"])) + "</ul>")
         rows.append(
             f"<tr class='{e(job['status'])}'><td><b>{e(job['name'])}</b><br><span class=muted>{e(str(job['base_model']))}</span>"
             f"<br><span class=muted>{e(Path(str(job['dataset'])).name)}: {job['dataset_rows'] or '?'} rows"
@@ -237,7 +267,7 @@ def body_html(report: dict[str, Any]) -> str:
             f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b></td>"
             f"<td>{loss_svg(job['curves'], reference=job['base_eval_loss'])}{legend_html(job['base_eval_loss'] is not None)}</td>"
             f"<td>{_bytes(job['adapter_bytes'])}<br>{_num(job['duration_s'], 1)} s</td>"
-            f"<td><ul>{attempts}</ul><ul>{findings}</ul></td></tr>"
+            f"<td><ul>{attempts}</ul><ul>{findings}</ul>{serving}</td></tr>"
         )
     counts = " · ".join(f"{report['counts'][k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled"))
     paused = f"<p class=warn>Queue paused: {e(str(report['queue']['pause_reason']))}</p>" if report["queue"]["paused"] else ""

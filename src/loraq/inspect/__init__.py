@@ -4,8 +4,9 @@ Torch-free to import: the structure and value checks read safetensors with numpy
 the checks against a base model (:mod:`.on_base`) import torch when they run.
 """
 
+from . import serving
 from .adapter import inspect_adapter
 from .safetensors import check_finite
 from .structure import Finding, Findings, Inspection, quality_gate
 
-__all__ = ["Finding", "Findings", "Inspection", "check_finite", "inspect_adapter", "quality_gate"]
+__all__ = ["serving", "Finding", "Findings", "Inspection", "check_finite", "inspect_adapter", "quality_gate"]

@@ -14,7 +14,9 @@ and says what is wrong in findings a person can act on:
 5. the values, read once: finite, and ``lora_B`` not all zero;
 6. with ``base``: names and shapes against the base model built on the meta device,
    then a real load with ``PeftModel.from_pretrained`` that must change the output;
-7. with ``data`` too: eval loss of base and adapter, and :func:`quality_gate`.
+7. with ``data`` too: eval loss of base and adapter, and :func:`quality_gate`;
+8. the serving verdicts (:mod:`.serving`): vLLM, LoRAX, llama.cpp / Ollama. They do not
+   decide passing; a queue's ``serving: [...]`` makes them a gate at publish.
 
 Steps 1-5 use numpy only (the supervisor never imports torch); 6-7 import torch
 lazily, in ``_inspect_base``.
@@ -71,10 +73,12 @@ load_mismatch              error     PEFT loads it with missing keys or fewer Lo
 nonfinite_output           error     the adapted model outputs NaN or Inf
 no_effect                  error     the adapter does not change the base model's output
 quality_gate               error     eval loss not at least min_drop below the base's (or not finite)
+serving                    error     an engine the queue requires (``serving: [...]``) will not serve it
 =========================  ========  =====================================================
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,7 @@ from typing import Any
 from ..errors import InspectionError, PathError
 from ..sandbox import Roots, is_pickle
 from . import safetensors as st
+from . import serving
 from .lora_config import LoraSettings, parse_config
 from .structure import (
     CONFIG_NAME,
@@ -176,34 +181,38 @@ def _open(root: Path, name: str, found: Findings) -> tuple[int, int] | None:
     return fd, stat_result.st_size
 
 
-def _read_config(root: Path, names: list[str], found: Findings, stats: dict[str, Any]) -> LoraSettings | None:
+def _read_config(root: Path, names: list[str], found: Findings,
+                 stats: dict[str, Any]) -> tuple[LoraSettings | None, dict[str, Any]]:
     if CONFIG_NAME not in names:
         if names:
             found.add("missing_config", "error", f"no {CONFIG_NAME} in {root}; PEFT cannot load the adapter "
                                                  "without it (save with save_pretrained)")
-        return None
+        return None, {}
     opened = _open(root, CONFIG_NAME, found)
     if opened is None:
-        return None
+        return None, {}
     fd, size = opened
     try:
         if size > MAX_CONFIG_BYTES:
             found.add("oversized", "error", f"{CONFIG_NAME} is {size:,} bytes; a LoRA config is a few KB "
                                             f"(cap {MAX_CONFIG_BYTES:,})", CONFIG_NAME)
-            return None
+            return None, {}
         raw = st.read_at(fd, 0, size)
     except OSError as exc:
         found.add("unreadable", "error", f"{CONFIG_NAME} cannot be read: {exc.strerror or exc}", CONFIG_NAME)
-        return None
+        return None, {}
     finally:
         os.close(fd)
     cfg, problems = parse_config(raw)
+    raw_cfg: dict[str, Any] = {}
+    if cfg is not None:
+        raw_cfg = json.loads(raw.decode("utf-8"))  # parse_config has just read it as a JSON object
     for code, message in problems:
         found.add(code, "error", f"{CONFIG_NAME}: {message}", CONFIG_NAME)
     if cfg is not None:
         stats.update(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                      target_modules=sorted(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets)
-    return cfg
+    return cfg, raw_cfg
 
 
 def _read_weights(root: Path, names: list[str], cfg: LoraSettings | None, found: Findings,
@@ -266,7 +275,8 @@ def _weights_stats(weights: Weights, found: Findings, stats: dict[str, Any]) -> 
 
 
 def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str | None = None,
-                    data: str | None = None, min_eval_loss_drop: float = 0.0, max_seq_len: int = 512) -> Inspection:
+                    data: str | None = None, min_eval_loss_drop: float = 0.0, max_seq_len: int = 512,
+                    base_config: dict[str, Any] | None = None) -> Inspection:
     """Inspect one adapter folder; the returned :class:`Inspection` passes when no finding is an error.
 
     Args:
@@ -277,6 +287,9 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
         data: a dataset (needs ``base``): compare the eval loss of base and adapter
             and apply :func:`quality_gate` with ``min_eval_loss_drop``.
         max_seq_len: rows of ``data`` are cut to this many tokens.
+        base_config: the base model's config.json, for the serving verdicts only (no
+            model is loaded); else it is read from ``base``, or from the base that the
+            adapter's loraq manifest or adapter_config.json names, where that is readable.
 
     Raises:
         InspectionError: the folder (or ``base``/``data``) is missing, not a folder,
@@ -295,11 +308,49 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
     found = Findings()
     stats: dict[str, Any] = {}
     names = _list(root, found)
-    cfg = _read_config(root, names, found, stats)
+    cfg, raw_cfg = _read_config(root, names, found, stats)
     weights = _read_weights(root, names, cfg, found, stats)
+    verdicts: dict[str, serving.Verdict] = {}
+    if cfg is not None and weights is not None:
+        if base_config is None:
+            base_config = _serving_base_config(root, raw_cfg, base, roots)
+        facts = serving.facts_from_adapter(raw_cfg, [(t.name, t.shape) for t in weights.header.tensors], base_config)
+        verdicts = serving.verdicts(facts)
     if base is not None:
         stats["base"] = base
         if cfg is not None and weights is not None:
             on_base.inspect_on_base(root, weights, cfg, found, stats, base=base, data_path=data_path,
                                           min_drop=min_eval_loss_drop, max_seq_len=max_seq_len)
-    return Inspection(str(root), found.result(), stats)
+    return Inspection(str(root), found.result(), stats, verdicts)
+
+
+def _serving_base_config(root: Path, raw_cfg: dict[str, Any], base: str | None,
+                         roots: Roots | None) -> dict[str, Any] | None:
+    """The config.json of the base the adapter is for: ``base``, else the one its manifest or config names."""
+    candidates: list[Any] = [base]
+    if base is None:
+        manifest = _small_json(root / "loraq-manifest.json")
+        candidates += [manifest.get("base_model"), raw_cfg.get("base_model_name_or_path")]
+    for candidate in candidates:
+        if not isinstance(candidate, str) or not candidate:
+            continue
+        path = Path(candidate).expanduser()
+        if path.exists() and roots is not None:
+            try:
+                roots.check_read(path, what="base model")
+            except PathError:
+                continue  # a base outside the roots is not read, not even its config
+        config = serving.read_base_config(candidate)
+        if config is not None:
+            return config
+    return None
+
+
+def _small_json(path: Path) -> dict[str, Any]:
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -46,6 +46,7 @@ class Inspection:
     path: str
     findings: list[Finding]
     stats: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)  # engine -> serving.Verdict (not part of passing)
 
     @property
     def passed(self) -> bool:
@@ -61,6 +62,7 @@ class Inspection:
             "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "file": f.file}
                          for f in self.findings],
             "stats": _finite_json(self.stats),
+            "serving": {engine: verdict.to_json() for engine, verdict in self.serving.items()},
         }
 
 

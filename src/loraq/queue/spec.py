@@ -145,11 +145,36 @@ class JobSpec(_Strict):
         return max(1, math.ceil(self.training.epochs * self.steps_per_epoch(n_train)))
 
 
+#: The engines ``serving: [...]`` may name (inspect.serving judges them); Ollama serves with llama.cpp.
+SERVING_ENGINES = ("vllm", "lorax", "llamacpp")
+SERVING_ALIASES = {"ollama": "llamacpp", "llama.cpp": "llamacpp"}
+
+
 class QueueSettings(_Strict):
     pause_after_failures: int | None = Field(None, ge=1)
     # jobs failing for good in a row with the same internal error (a bug) pause the queue; 0: never
     pause_after_internal_errors: int = Field(3, ge=0)
     retry_backoff_s: float = Field(10.0, ge=0.0, le=86_400)
+    #: Engines every adapter must be servable by (vllm, lorax, llamacpp; ollama = llamacpp):
+    #: checked on each job's settings at submit and on the trained adapter before publishing.
+    serving: list[str] = Field(default_factory=list)
+
+    @field_validator("serving", mode="before")
+    @classmethod
+    def _engines(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of serving engines, e.g. [vllm, llamacpp]")
+        engines: list[str] = []
+        for name in value:
+            engine = SERVING_ALIASES.get(name.lower(), name.lower())
+            if engine not in SERVING_ENGINES:
+                raise ValueError(f"{name!r} is not a serving engine loraq judges "
+                                 f"(one of: {', '.join(SERVING_ENGINES + tuple(SERVING_ALIASES))})")
+            if engine not in engines:
+                engines.append(engine)
+        return engines
 
 
 class ResolvedJob(BaseModel):

@@ -407,11 +407,17 @@ class Worker:
                 fsutil.remove_tree(staging)
             return
         try:
-            report = inspector.inspect_adapter(staging, roots=self.home.roots())
+            # The base's config.json (no weights) lets the inspector judge the serving engines.
+            base_config = inspector.serving.read_base_config(claim.job.spec.get("base_model"))
+            report = inspector.inspect_adapter(staging, roots=self.home.roots(), base_config=base_config)
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
             self._fail(claim, kind=FailureKind.IO, reason=f"cannot inspect the trained adapter in {staging}: {exc}")
             return
         findings = list(report.findings)
+        # The queue's serving gate, again on the adapter itself: submit judged only the settings.
+        for verdict, why in inspector.serving.gate(report.serving, claim.job.spec.get("serving") or []):
+            word = "will not serve it" if verdict.servable is False else "cannot be judged"
+            findings.append(inspector.Finding("serving", "error", f"{verdict.label} {word}: {why.message}"))
         gate = inspector.quality_gate(trained.base_eval_loss, trained.eval_loss,
                                       spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
         if gate is not None:
