@@ -1,6 +1,6 @@
 # make demo: install into .venv/ and run the demo queue end to end.
 # make lint: install into .venv/, then ruff (src, tests, benchmarks) and mypy (the torch-free side).
-# make test: install into .venv/, lint, and run the test suite.
+# make test: install into .venv/ (and the cached llama-cpp-python wheel), lint, and run the test suite.
 #
 # On a machine without an NVIDIA GPU, the CPU build of torch is installed first
 # ($(TORCH_CPU); set TORCH_INDEX=https://download.pytorch.org/whl/cpu where the
@@ -13,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,ray,parquet,serve
+EXTRAS ?= dev,ray,parquet,serve,export
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
 
@@ -41,7 +41,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# llama-cpp-python has only a source distribution: tools/llama_cpp_wheel.py compiles it once
+# per machine (~6-9 min on 2 cores) into $$LORAQ_CACHE (default ~/.cache/loraq)/wheels and
+# installs the cached wheel from then on (seconds). The llamacpp tests load adapters with it.
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+
+$(LLAMA_STAMP): $(STAMP) tools/llama_cpp_wheel.py
+	$(BIN)/python tools/llama_cpp_wheel.py --install
+	@touch $@
+
+test: lint $(LLAMA_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -42,7 +42,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     # the library's surface and what is built on it
     "report": {"errors", "fsutil", "workspace", "queue", "supervisor"},
     "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
-    "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo"},
+    # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter
+    "export": {"errors", "fsutil", "inspect", "data"},
+    "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export"},
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
@@ -55,7 +57,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
               "loraq.data", "loraq.data.encoding", "loraq.data.check", "loraq.protocol", "loraq.errors",
               "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
-              "loraq.serve.server"]
+              "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged"]
 HEAVY = ["torch", "transformers", "peft"]
 
 

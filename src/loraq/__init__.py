@@ -19,19 +19,21 @@ from typing import TYPE_CHECKING, Any
 #: Public name -> the module that defines it. Loaded on first use (PEP 562), so that
 #: ``import loraq.queue.store`` stays standard-library only and ``loraq status`` stays fast.
 _EXPORTS = {
-    **dict.fromkeys(["ChangeResult", "JobRow", "ReportResult", "RunOptions", "RunResult", "ShowResult",
-                     "StatusResult", "SubmitResult", "cancel", "follow_log", "inspect_adapter", "log_path", "pause",
-                     "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report"], ".api"),
-    **dict.fromkeys(["CorruptStoreError", "DataError", "FailureKind", "InspectionError", "LeaseLost", "LoraqError",
-                     "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError", "PublishConflict",
-                     "SpecError", "StoreError", "TemplateError", "TrainerStartError", "TrainingError",
-                     "TransitionError", "UsageError"], ".errors"),
+    **dict.fromkeys(["ChangeResult", "ExportResult", "JobRow", "ReportResult", "RunOptions", "RunResult",
+                     "ShowResult", "StatusResult", "SubmitResult", "cancel", "export", "follow_log",
+                     "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status", "submit",
+                     "write_demo", "write_report"], ".api"),
+    **dict.fromkeys(["CorruptStoreError", "DataError", "ExportError", "FailureKind", "InspectionError", "LeaseLost",
+                     "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError",
+                     "PublishConflict", "SpecError", "StoreError", "TemplateError", "TrainerStartError",
+                     "TrainingError", "TransitionError", "UsageError"], ".errors"),
     "Home": ".workspace",
 }
 
 if TYPE_CHECKING:
     from .api import (
         ChangeResult,
+        ExportResult,
         JobRow,
         ReportResult,
         RunOptions,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         StatusResult,
         SubmitResult,
         cancel,
+        export,
         follow_log,
         inspect_adapter,
         log_path,
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from .errors import (
         CorruptStoreError,
         DataError,
+        ExportError,
         FailureKind,
         InspectionError,
         LeaseLost,
@@ -93,10 +97,10 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
-    "ChangeResult", "CorruptStoreError", "DataError", "FailureKind", "Home", "InspectionError", "JobRow", "LeaseLost",
-    "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError", "PublishConflict",
-    "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError", "StatusResult", "StoreError", "SubmitResult",
-    "TemplateError", "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "__version__", "cancel",
-    "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status", "submit",
-    "write_demo", "write_report",
+    "ChangeResult", "CorruptStoreError", "DataError", "ExportError", "ExportResult", "FailureKind", "Home",
+    "InspectionError", "JobRow", "LeaseLost", "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError",
+    "ProtocolError", "PublishConflict", "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError",
+    "StatusResult", "StoreError", "SubmitResult", "TemplateError", "TrainerStartError", "TrainingError",
+    "TransitionError", "UsageError", "__version__", "cancel", "export", "follow_log", "inspect_adapter", "log_path",
+    "pause", "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report",
 ]

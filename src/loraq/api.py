@@ -512,3 +512,150 @@ def write_demo(directory: str | Path) -> DemoFiles:
     from . import demo
 
     return demo.prepare(directory)
+
+
+# ---------------------------------------------------------------- export
+
+EXPORT_KINDS = ("merged", "gguf")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    kind: str  # merged | gguf
+    adapter: str
+    base_model: str
+    path: str
+    bytes: int
+    seconds: float
+    details: dict[str, Any]  # the exporter's own result: the merged model's check, the GGUF's tensors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "adapter": self.adapter, "base_model": self.base_model, "path": self.path,
+                "bytes": self.bytes, "seconds": self.seconds, **self.details}
+
+
+def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | None = None, dtype: str | None = None,
+           data: str | Path | None = None, shard_size: str | None = None, force: bool = False,
+           allow_roots: Iterable[str | Path] = ()) -> ExportResult:
+    """Write a published adapter (by job name) or an adapter folder as a merged model or a GGUF LoRA.
+
+    Whatever is written is checked before it is put in place, and appears whole or not at all.
+
+    Raises:
+        UsageError: a bad ``to``, or an option that does not apply to it.
+        NotFoundError: no such adapter.
+        ExportError: the adapter cannot be exported so (the message says why), or the result failed its check.
+    """
+    import time
+
+    from .errors import ExportError, UsageError
+    from .inspect import inspect_adapter, serving
+
+    if to not in EXPORT_KINDS:
+        raise UsageError(f"--to: {to!r} is not one of {', '.join(EXPORT_KINDS)}")
+    if to == "gguf" and (dtype is not None or shard_size is not None or data is not None):
+        raise UsageError("--dtype, --shard-size and --data apply to --to merged; a GGUF LoRA is float32 pairs")
+    roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)
+    folder = _adapter_folder(home, adapter, roots)
+    target = Path(dest).expanduser().absolute()
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; remove it or pass --force to replace it")
+    if to == "gguf" and target.is_dir():
+        raise ExportError(f"{target} is a folder; --to gguf writes one file")
+    for holder in (home.adapters_dir.resolve(), folder):
+        if target.resolve().is_relative_to(holder):
+            raise ExportError(f"{target} is inside {holder}; never export into an adapter folder or adapters/")
+    inspection = inspect_adapter(folder, roots=roots)
+    if not inspection.passed:
+        raise ExportError(f"{folder} failed inspection; fix it before exporting: "
+                          + "; ".join(f"[{f.code}] {f.message}" for f in inspection.errors()))
+    manifest = publish.read_manifest(folder) or {}
+    base_model = _export_base(folder, base, manifest, roots)
+    started = time.monotonic()
+    if to == "gguf":
+        from .export import gguf
+
+        config = serving.read_base_config(base_model)
+        if config is None:
+            raise ExportError(f"cannot read config.json of the base model {base_model}; give --base")
+        written = gguf.export_gguf(folder, config, target, name=manifest.get("name") or folder.name)
+        details: dict[str, Any] = {"architecture": written.architecture, "alpha": written.alpha,
+                                   "tensors": written.n_tensors, "modules": written.modules}
+        size = written.bytes
+    else:
+        from .export import merged
+
+        dataset, fmt = _export_data(data, manifest, roots)
+        result = merged.export_merged(folder, base_model, target, dtype=dtype or "fp32", dataset=dataset,
+                                      dataset_format=fmt, shard_size=shard_size or merged.DEFAULT_SHARD_SIZE,
+                                      source={"job": manifest.get("name"), "job_id": manifest.get("job_id")})
+        details = {"dtype": result.dtype, "shards": result.shards, "files": result.files,
+                   "check": result.to_json()["check"]}
+        size = result.bytes
+    return ExportResult(to, str(folder), base_model, str(target), size, round(time.monotonic() - started, 2), details)
+
+
+def _adapter_folder(home: Home, ref: str, roots: Any) -> Path:
+    """A published adapter's folder (``ref`` is a job name), else ``ref`` as a folder inside the roots."""
+    from .errors import PathError
+    from .queue.spec import NAME_PATTERN
+
+    if NAME_PATTERN.fullmatch(ref) and home.adapter_dir(ref).is_dir():
+        return home.adapter_dir(ref).resolve()
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise NotFoundError(f"{ref!r}: no published adapter of that name in {home.adapters_dir}, and no such folder")
+    try:
+        roots.check_read(path, what="adapter folder")
+    except PathError as exc:
+        raise NotFoundError(str(exc)) from None
+    return path.resolve()
+
+
+def _export_base(folder: Path, base: str | None, manifest: dict[str, Any], roots: Any) -> str:
+    """The base model: ``base``, else the one the loraq manifest or adapter_config.json names."""
+    import json
+
+    from .errors import ExportError, PathError
+
+    if base is None:
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            named = config.get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        candidates = [c for c in (manifest.get("base_model"), named) if isinstance(c, str) and c]
+        base = next((c for c in candidates if Path(c).expanduser().is_dir()), None)
+        if base is None:
+            raise ExportError(f"{folder}: the base model it names ({', '.join(candidates) or 'none'}) is not a "
+                              "folder here; give --base MODEL")
+    path = Path(base).expanduser()
+    if path.exists():
+        try:
+            roots.check_read(path, what="base model")
+        except PathError as exc:
+            raise ExportError(str(exc)) from None
+        if not (path / "config.json").is_file():
+            raise ExportError(f"base model {base}: no config.json, not a model folder")
+        return str(path.resolve())
+    return base  # a hub id, read from the local Hugging Face cache only
+
+
+def _export_data(data: str | Path | None, manifest: dict[str, Any], roots: Any) -> tuple[Path | None, str | None]:
+    """Eval rows for the merged model's check: ``data``, else the adapter's own dataset when it can be read."""
+    from .errors import ExportError, PathError
+
+    if data is not None:
+        path = Path(data).expanduser()
+        try:
+            roots.check_read(path, what="--data")
+        except PathError as exc:
+            raise ExportError(str(exc)) from None
+        if not path.is_file():
+            raise ExportError(f"--data {data}: no such file")
+        return path, None
+    dataset = manifest.get("dataset") or {}
+    path = Path(str(dataset.get("path") or "")).expanduser()
+    if dataset.get("path") and path.is_file() and roots.contains(path):
+        return path, dataset.get("format")
+    return None, None

@@ -410,6 +410,49 @@ def _print_serving(verdicts: dict[str, Any]) -> None:
 
 
 @app.command()
+def export(
+    ctx: typer.Context,
+    adapter: str = typer.Argument(..., help="A published job name, or an adapter folder."),
+    to: tuple[str, str] = typer.Option(..., "--to", help="merged DIR | gguf FILE", metavar="KIND PATH"),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model (default: the one the adapter names)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="merged: bf16 | fp16 | fp32 (default fp32)."),
+    data: Optional[Path] = typer.Option(None, "--data",
+                                        help="merged: eval rows for the check (default: the adapter's dataset)."),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size",
+                                             help="merged: largest safetensors shard (default 5GB)."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR or FILE if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> int:
+    """Write an adapter as a merged model or a GGUF LoRA (llama.cpp, Ollama), checked. Exit 0 written, 1 refused."""
+    from .errors import UsageError
+
+    kind, dest = to
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise UsageError(f"--dtype: {dtype!r} is not one of bf16, fp16, fp32")
+    c = _ctx(ctx)
+    result = api.export(c.home, adapter, to=kind, dest=dest, base=base, dtype=dtype, data=data, shard_size=shard_size,
+                        force=force, allow_roots=c.allow_roots)
+    if as_json:
+        _print_json(result.to_json())
+        return 0
+    mb = result.bytes / 1e6
+    if result.kind == "merged":
+        check = result.details["check"]
+        print(f"wrote {result.path}: {result.details['dtype']} model merged from {result.adapter} into "
+              f"{result.base_model}, {result.details['shards']} shard(s), {mb:.1f} MB in {result.seconds:.1f} s")
+        print(f"  checked: logits vs base + adapter on {check['rows']} rows ({check['source']}): max |diff| "
+              f"{check['max_abs_diff']:.2e} <= tolerance {check['tolerance']:.2e}; top-1 agreement "
+              f"{check['top1_agreement']:.1%}")
+    else:
+        print(f"wrote {result.path}: GGUF LoRA for {result.details['architecture']} ({result.details['modules']} "
+              f"modules, alpha {result.details['alpha']:g}), {mb:.1f} MB in {result.seconds:.1f} s; read back and checked")
+        print(f"  llama.cpp: llama-server -m BASE.gguf --lora {result.path}")
+        print(f"  Ollama:    a Modelfile with 'FROM BASE.gguf' and 'ADAPTER {result.path}'")
+        print("  (BASE.gguf: the base model's weights as GGUF, the ones the adapter was trained on)")
+    return 0
+
+
+@app.command()
 def report(
     ctx: typer.Context,
     fmt: str = typer.Option("md", "--format", help="json | md | html"),

@@ -105,6 +105,11 @@ class InspectionError(LoraqError):
     exit_code = 2
 
 
+class ExportError(LoraqError):
+    """An export was refused: the adapter cannot be written in that form (the message says why),
+    or the written result failed its check and was not put in place."""
+
+
 class FailureKind(str, enum.Enum):
     """How an attempt failed; the kind decides whether it is tried again.
 

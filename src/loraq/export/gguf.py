@@ -1,0 +1,278 @@
+"""A PEFT LoRA adapter as a GGUF LoRA file, which llama.cpp loads (``--lora``) and Ollama uses (``ADAPTER``).
+
+Torch-free: numpy and the ``gguf`` package (the ``export`` extra). It writes what llama.cpp's
+own ``convert_lora_to_gguf.py`` writes and what ``src/llama-adapter.cpp`` accepts (llama.cpp
+as vendored by llama-cpp-python 0.3.36, gguf-py 0.19.0):
+
+* metadata: ``general.architecture`` = the base's llama.cpp architecture ("llama", "qwen2",
+  ...; the loader refuses a mismatch), ``general.type`` = "adapter", ``adapter.type`` =
+  "lora", ``adapter.lora.alpha`` (FLOAT32; the loader reads it with gguf_get_val_f32).
+* tensors: for each adapted module, ``<gguf base tensor name>.lora_a`` and ``.lora_b``, the
+  base name from ``gguf.get_tensor_name_map(arch, n_layers)``, e.g.
+  model.layers.3.self_attn.q_proj -> blk.3.attn_q.weight.lora_a / .lora_b. lora_a is PEFT's
+  lora_A (numpy shape (r, in), ggml ne = [in, r]); lora_b is PEFT's lora_B ((out, r),
+  ne = [r, out]); neither is transposed. float32.
+* llama.cpp applies scale = adapter.lora.alpha / r per tensor (r = lora_b's ne[0]); alpha 0
+  means scale 1. PEFT's scaling is lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), per module
+  with rank_pattern / alpha_pattern. The file's alpha is the default module's scaling * r
+  (rsLoRA: lora_alpha * sqrt(r)); a module whose scaling differs has the ratio folded into
+  its lora_b.
+* the Llama family (llama, mistral) stores q/k weights with their rows permuted for
+  llama.cpp's RoPE layout (convert_hf_to_gguf's LlamaModel.permute, n_head for q, n_kv_head
+  for k): lora_b of q_proj / k_proj gets the same row permutation; lora_a is untouched.
+  Without it the adapted outputs diverge.
+
+Refused, with the reason (:class:`~loraq.errors.ExportError`), exactly where the llama.cpp
+serving verdict (:func:`loraq.inspect.serving.llamacpp_verdict`) says no: DoRA
+(lora_magnitude_vector), modules_to_save, trainable tokens, LoRA on embed_tokens or lm_head,
+bias training, and any option whose effect llama.cpp cannot reproduce. (On a base with tied
+embeddings, such as SmolLM2, llama.cpp 0.3.36 kills the process: an embed_tokens LoRA written
+as the converter does, token_embd.weight.lora_a = A.T, fails GGML_ASSERT(ggml_can_mul_mat) at
+the first decode, because the output projection reuses token_embd; an lm_head LoRA
+(output.weight.*) loads and then segfaults at the first decode.)
+
+The file is written beside its target, read back and compared with what was meant to be
+written (names, shapes, every value, the metadata), fsynced, and renamed into place: it
+appears whole and checked, or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import fsutil
+from ..errors import ExportError, UsageError
+from ..inspect import serving
+
+PREFIX = "base_model.model."
+_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight)$")
+_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bf16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a GGUF LoRA file will hold."""
+
+    architecture: str  # llama.cpp's name: "llama", "qwen2", ...
+    alpha: float
+    tensors: list[tuple[str, np.ndarray]]  # gguf name -> float32 array
+
+
+@dataclass(frozen=True)
+class GgufResult:
+    path: str
+    bytes: int
+    architecture: str
+    alpha: float
+    n_tensors: int
+    modules: int
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as exc:
+        raise UsageError("loraq export --to gguf needs the gguf package: pip install 'loraq[export]'") from exc
+    return gguf
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor as a float32 array (bf16 too, which numpy and safetensors' numpy API lack)."""
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise ExportError(f"{path}: not a safetensors file")
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except ValueError:
+        raise ExportError(f"{path}: the safetensors header is not JSON") from None
+    header.pop("__metadata__", None)
+    body = memoryview(raw)[8 + n :]
+    out = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ExportError(f"{path}: tensor {name} has dtype {info['dtype']}; expected a float type")
+        start, end = info["data_offsets"]
+        buf = body[start:end]
+        if dtype == "bf16":
+            arr = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.float32)
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: the first pattern key that matches the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute applied to lora_b's rows (the output side)."""
+    rows = b.shape[0]
+    if rows % (2 * n_head):
+        raise ExportError(f"lora_B has {rows} rows, not a multiple of 2 x {n_head} heads: not made for this base")
+    return b.reshape(n_head, 2, rows // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
+
+def _natural(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]) -> Plan:
+    """Check the adapter against llama.cpp's rules and compute what to write.
+
+    Raises:
+        ExportError: llama.cpp cannot apply the adapter faithfully (the message says why
+            and what to change), or the adapter does not fit the base.
+    """
+    gguf = _gguf()
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise ExportError(f"{adapter_dir}: no adapter_config.json")
+    if not weights_file.is_file():
+        raise ExportError(f"{adapter_dir}: no adapter_model.safetensors (pickle .bin adapters are not read)")
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise ExportError(f"peft_type is {cfg.get('peft_type')}; only LoRA adapters can be written as GGUF LoRA")
+    tensors = read_safetensors(weights_file)
+
+    verdict = serving.llamacpp_verdict(
+        serving.facts_from_adapter(cfg, [(n, tuple(a.shape)) for n, a in tensors.items()], base_config))
+    if not verdict.servable:
+        raise ExportError("llama.cpp cannot apply this adapter: " + "; ".join(r.message for r in verdict.reasons))
+
+    hf_arch = base_config["architectures"][0]
+    arch_name, permute_qk = serving.GGUF_ARCHITECTURES[hf_arch]
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
+    n_layers = int(base_config["num_hidden_layers"])
+    n_head = int(base_config["num_attention_heads"])
+    n_kv_head = int(base_config.get("num_key_value_heads") or n_head)
+    tensor_map = gguf.get_tensor_name_map(arch, n_layers)
+
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in tensors.items():
+        m = _TENSOR.match(name.removeprefix(PREFIX))
+        if not name.startswith(PREFIX) or m is None:
+            raise ExportError(f"{name} is not a lora_A / lora_B weight; llama.cpp applies only LoRA pairs")
+        pairs.setdefault(m["module"], {})["A" if m["part"].startswith("lora_A") else "B"] = arr
+    if not pairs:
+        raise ExportError(f"{weights_file}: no LoRA tensors")
+
+    r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    rslora = bool(cfg.get("use_rslora"))
+
+    def peft_scaling(r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if rslora else alpha / r
+
+    gguf_alpha = peft_scaling(r0, alpha0) * r0  # rsLoRA: alpha * sqrt(r)
+    if gguf_alpha == 0:
+        raise ExportError("lora_alpha is 0: the adapter does nothing (and llama.cpp reads alpha 0 as scale 1)")
+
+    out: list[tuple[str, np.ndarray]] = []
+    for module in sorted(pairs, key=_natural):
+        ab = pairs[module]
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"{module}: lora_A or lora_B is missing")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ExportError(f"{module}: lora_A {a.shape} and lora_B {b.shape} do not form a rank-r pair")
+        r = a.shape[0]
+        if r != _pattern_value(cfg.get("rank_pattern") or {}, module, r0):
+            raise ExportError(f"{module}: rank {r} in the weights disagrees with adapter_config.json")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))
+        fold = peft_scaling(r, alpha) / (gguf_alpha / r)  # what llama.cpp's alpha / r leaves out
+        base_name = tensor_map.get_name(module + ".weight", try_suffixes=(".weight",))
+        if base_name is None:
+            raise ExportError(f"{module} has no llama.cpp tensor in architecture {arch_name}")
+        if permute_qk and base_name.endswith(".attn_q.weight"):
+            b = _permute_rows(b, n_head)
+        elif permute_qk and base_name.endswith(".attn_k.weight"):
+            b = _permute_rows(b, n_kv_head)
+        if not math.isclose(fold, 1.0, rel_tol=1e-9):
+            b = b * np.float32(fold)
+        out.append((base_name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32)))
+        out.append((base_name + ".lora_b", np.ascontiguousarray(b, dtype=np.float32)))
+    return Plan(arch_name, gguf_alpha, out)
+
+
+def export_gguf(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any], out_file: str | os.PathLike[str],
+                *, name: str | None = None) -> GgufResult:
+    """Write ``adapter_dir`` (a PEFT LoRA folder) as a GGUF LoRA for the base whose config.json is ``base_config``.
+
+    The file appears whole, read back and checked, or not at all; an existing file is
+    replaced in one rename. Raises :class:`~loraq.errors.ExportError`.
+    """
+    gguf = _gguf()
+    plan = plan_export(adapter_dir, base_config)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fsutil.tmp_sibling(out_file)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), plan.architecture)  # writes general.architecture
+        writer.add_type(gguf.GGUFType.ADAPTER)  # general.type = "adapter"
+        writer.add_name(name or Path(adapter_dir).resolve().name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")  # adapter.type
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(plan.alpha))  # adapter.lora.alpha
+        for tensor_name, arr in plan.tensors:
+            writer.add_tensor(tensor_name, arr, raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        verify(tmp, plan)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fsutil.ops.fsync(fd)
+        finally:
+            os.close(fd)
+        fsutil.ops.replace(tmp, out_file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsutil.fsync_dir(out_file.parent)
+    return GgufResult(str(out_file), out_file.stat().st_size, plan.architecture, plan.alpha, len(plan.tensors),
+                      len(plan.tensors) // 2)
+
+
+def verify(path: Path, plan: Plan) -> None:
+    """Read the written file back with gguf's reader: the metadata and every tensor as planned, bit for bit."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+
+    def value(key: str) -> Any:
+        found = reader.get_field(key)
+        return None if found is None else found.contents()
+
+    expected = {"general.architecture": plan.architecture, "general.type": "adapter", "adapter.type": "lora"}
+    for key, want in expected.items():
+        if value(key) != want:
+            raise ExportError(f"{path}: {key} reads back as {value(key)!r}, not {want!r}")
+    alpha = value(gguf.Keys.Adapter.LORA_ALPHA)
+    if alpha is None or not math.isclose(float(alpha), plan.alpha, rel_tol=1e-6):
+        raise ExportError(f"{path}: adapter.lora.alpha reads back as {alpha!r}, not {plan.alpha}")
+    written = {t.name: t for t in reader.tensors}
+    if sorted(written) != sorted(name for name, _ in plan.tensors):
+        raise ExportError(f"{path}: the tensors read back are not the ones written")
+    for name, arr in plan.tensors:
+        got = np.asarray(written[name].data)
+        if got.size != arr.size or not np.array_equal(got.reshape(arr.shape), arr):
+            raise ExportError(f"{path}: tensor {name} reads back different from what was written")
