@@ -44,7 +44,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
     # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter
     "export": {"errors", "fsutil", "inspect", "data"},
-    "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export"},
+    # submit's steps beyond the schema (warm starts, auto values, sweeps' identity, clones): torch-free
+    "submitting": {"errors", "fsutil", "inspect", "queue", "sandbox", "workspace"},
+    "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
+            "submitting"},
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
@@ -57,7 +60,9 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
               "loraq.data", "loraq.data.encoding", "loraq.data.check", "loraq.protocol", "loraq.errors",
               "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
-              "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged"]
+              "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged",
+              "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
+              "loraq.inspect.warm_start"]
 HEAVY = ["torch", "transformers", "peft"]
 
 

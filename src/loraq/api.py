@@ -36,6 +36,8 @@ class SubmitResult:
     job_names: list[str]
     job_ids: list[int]
     datasets: dict[str, Any]  # job name -> dataset report (datacheck.DatasetReport)
+    sweeps: dict[str, list[str]] = field(default_factory=dict)  # sweep name -> the names of its jobs
+    already: list[str] = field(default_factory=list)  # jobs of a sweep already in the home, as submitted: left as they are
 
     def to_json(self) -> dict[str, Any]:
         from .data import check as datacheck
@@ -43,7 +45,7 @@ class SubmitResult:
         return {"queue": self.queue_file, "dry_run": self.dry_run, "ok": True, "jobs": [
             {"name": name, "id": self.job_ids[i] if self.job_ids else None,
              "dataset": datacheck.report_json(self.datasets[name]) if name in self.datasets else None}
-            for i, name in enumerate(self.job_names)]}
+            for i, name in enumerate(self.job_names)], "sweeps": self.sweeps, "already": self.already}
 
     def describe(self, name: str) -> list[str]:
         """What the submit-time check found in a job's dataset, a line each (``--dry-run``)."""
@@ -81,17 +83,29 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
 
     Raises :class:`SpecError` (or :class:`DataError`) listing every problem found.
     """
-    from .data import check as datacheck
     from .queue import spec
-    from .queue.store import NewJob
 
     path = Path(queue_file).expanduser()
     roots = home.roots(queue_dir=path.absolute().parent, extra=allow_roots)
     queue = spec.load_queue(path, roots)
+    return _submit_queue(queue, str(queue_file), path, home=home, roots=roots, dry_run=dry_run)
+
+
+def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any, dry_run: bool,
+                  queue_settings: bool = True) -> SubmitResult:
+    """Check a validated queue's data (and warm starts) and enqueue all its jobs, or none."""
+    from . import submitting
+    from .data import check as datacheck
+    from .queue.store import NewJob
+
+    queue_file = label
+    queue, problems = submitting.resolve_warm_starts(queue, home, roots, label)
     # A dry run on a home that holds nothing yet leaves it that way: no token cache on disk.
     cache_dir = datacheck.cache_dir_of(home.root) if not dry_run or home.db_path.exists() else None
-    reports, problems = datacheck.analyze_queue(queue, cache_dir=cache_dir)
-    problems = list(problems) + _serving_problems(queue, str(queue_file))
+    reports, found = datacheck.analyze_queue(queue, cache_dir=cache_dir)
+    problems += list(found) + _serving_problems(queue, str(queue_file))
+    queue = submitting.with_auto(queue, reports)
+    already: list[str] = []
     if home.db_path.exists():
         with open_store(home, create=False) as store:
             for job in queue.jobs:
@@ -99,20 +113,24 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
                     existing = store.job(job.name)
                 except NotFoundError:
                     continue
+                if submitting.same_sweep_job(existing.spec, job):
+                    already.append(job.name)  # the same sweep submitted again: nothing new
+                    continue
                 problems.append(Problem(f"{queue_file}: job {job.name!r}: name",
                                         f"a job named {job.name!r} is already in {home.root} ({existing.status}); "
                                         "rename it, or 'loraq retry' the existing one"))
     if problems:
         raise SpecError(problems)
     names = [job.name for job in queue.jobs]
+    sweeps = submitting.sweeps_of(queue)
     if dry_run:
-        return SubmitResult(str(path), True, names, [], reports)
+        return SubmitResult(str(path), True, names, [], reports, sweeps, already)
     new_jobs = [
         NewJob(
             name=job.name,
             # The validated dataset's identity travels with the job: the trainer refuses a file
             # that changed after submit, since its rows were never checked.
-            spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name))
+            spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name)) | submitting.identity(job)
             | ({"serving": queue.settings.serving} if queue.settings.serving else {}),
             base_key=job.base_key,
             priority=job.spec.priority,
@@ -120,16 +138,39 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
             dataset_sha256=reports[job.name].sha256 if job.name in reports else None,
             queue_file=str(path.absolute()),
         )
-        for job in queue.jobs
+        for job in queue.jobs if job.name not in already
     ]
-    settings = queue.settings.model_dump(exclude_defaults=False)
+    # A clone carries no queue-level settings: the home keeps the ones its queue file gave.
+    settings = queue.settings.model_dump(exclude_defaults=False) if queue_settings else None
     with open_store(home) as store:
         try:
-            ids = store.enqueue(new_jobs, settings=settings)
+            ids = store.enqueue(new_jobs, settings=settings) if new_jobs else []
         except TransitionError as exc:  # a name taken between the check and the insert
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
-    return SubmitResult(str(path), False, names, ids, reports)
+    return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already)
+
+
+def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allow_roots: Iterable[str | Path] = (),
+          dry_run: bool = False) -> SubmitResult:
+    """Enqueue a copy of job ``ref`` named ``new_name``, with ``key=value`` overrides, validated like a submit.
+
+    The copy starts from the job's settings as submitted (an ``auto`` is resolved
+    again for the copy, unless a ``--set`` gives it a value), with its paths as they
+    were resolved; it belongs to no sweep. Raises :class:`NotFoundError` for an
+    unknown job, :class:`SpecError` for a bad override or anything a submit refuses.
+    """
+    from . import submitting
+    from .queue import spec
+
+    with open_reader(home) as store:
+        job = store.job(ref)
+    label = f"clone of {job.name!r}"
+    doc = submitting.clone_doc(job.spec, new_name, list(sets), label)
+    queue_path = Path(job.queue_file or job.spec.get("queue_file") or home.root / "queue.yaml")
+    roots = home.roots(queue_dir=queue_path.parent, extra=allow_roots)
+    queue = spec.queue_from_doc(doc, queue_path, roots, where=label)
+    return _submit_queue(queue, label, queue_path, home=home, roots=roots, dry_run=dry_run, queue_settings=False)
 
 
 def _serving_problems(queue: Any, where: str) -> list[Problem]:
@@ -340,6 +381,20 @@ class ShowResult:
             "inspection": self.inspection,
             "log": self.log_path,
         }
+
+
+def control_lines(job: Job) -> list[str]:
+    """What loraq chose for a job, for people: its sweep, resolved ``auto`` values, OOM adjustments, why it stopped."""
+    from .queue import controls
+
+    return controls.control_lines(job.spec, job.result)
+
+
+def adjustment_line(record: dict[str, Any]) -> str:
+    """One OOM adjustment (an ``oom_adjusted`` event as JSON), for people."""
+    from .queue import controls
+
+    return controls.adjustment_line(record)
 
 
 def _require_store(home: Home) -> Store:

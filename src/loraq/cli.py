@@ -137,6 +137,14 @@ def submit(
     if as_json:
         _print_json(result.to_json())
         return 0
+    _print_submitted(result, c.home)
+    return 0
+
+
+def _print_submitted(result: api.SubmitResult, home: Home) -> None:
+    dry_run = result.dry_run
+    for group, members in result.sweeps.items():
+        print(f"sweep {group}: {len(members)} job(s)")
     for name in result.job_names:
         if dry_run:
             print(f"{name}:")
@@ -144,10 +152,25 @@ def submit(
                 print(f"  {line}")
         else:
             print(f"{name}: {result.summary(name)}")
+    if result.already:
+        print(f"{len(result.already)} job(s) of a sweep already in {home.root}, as submitted: left as they are")
     if dry_run:
         print(f"dry run: {len(result.job_names)} job(s) valid; nothing enqueued")
     else:
-        print(f"enqueued {len(result.job_ids)} job(s) into {c.home.root}")
+        print(f"enqueued {len(result.job_ids)} job(s) into {home.root}")
+
+
+@app.command()
+def clone(
+    ctx: typer.Context,
+    job: str = typer.Argument(..., help="The job to copy (name or id)."),
+    new_name: str = typer.Argument(..., help="The copy's name."),
+    sets: list[str] = typer.Option([], "--set", help="Override a setting: KEY=VALUE, e.g. training.learning_rate=1e-4 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show; enqueue nothing."),
+) -> int:
+    """Enqueue a copy of JOB named NEW_NAME with overrides, validated like a submit. Exit 0 enqueued, 1 rejected."""
+    c = _ctx(ctx)
+    _print_submitted(api.clone(c.home, job, new_name, sets, allow_roots=c.allow_roots, dry_run=dry_run), c.home)
     return 0
 
 
@@ -215,6 +238,10 @@ class _Progress:
             self._line(f"{info.get('signal')}: {what}")
         elif kind == "stopped":
             self._line(f"[{name}] stopped at step {info.get('step')}; back in the queue (no attempt used)")
+        elif kind == "oom_adjusted":
+            from .protocol import to_wire
+
+            self._line(f"[{name}] oom_adjusted: {api.adjustment_line(to_wire(info['event']))}")
         elif kind in ("recovered", "reclaimed", "lease_expired", "lost", "stalled", "recycled"):
             detail = {k: v for k, v in info.items() if k != "name"}
             self._line(f"[{name or 'queue'}] {kind}: {detail}")
@@ -268,13 +295,21 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         print("no jobs (loraq submit QUEUE.yaml to add some)")
         return 0
     rows = []
-    for job in result.jobs:
-        progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
-        note = job.verdict or ""
-        if job.status in ("failed", "pending") and job.error:
-            note = f"{job.error_kind}: {job.error}"[:100]
-        rows.append([job.name, job.status, f"{job.attempts}/{job.max_attempts}", progress, _num(job.train_loss),
-                     f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note])
+    grouped: dict[str | None, list[api.JobRow]] = {}
+    for job in result.jobs:  # a sweep's jobs together, under a line naming it, where its first job was
+        grouped.setdefault(job.group, []).append(job)
+    for group, members in grouped.items():
+        if group is not None:
+            states = ", ".join(f"{sum(1 for m in members if m.status == s)} {s}" for s in
+                               dict.fromkeys(m.status for m in members))
+            rows.append([f"sweep {group}", f"{len(members)} jobs", "", "", "", "", states])
+        for job in members:
+            progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
+            note = job.verdict or ""
+            if job.status in ("failed", "pending") and job.error:
+                note = f"{job.error_kind}: {job.error}"[:100]
+            rows.append([("  " if group is not None else "") + job.name, job.status, f"{job.attempts}/{job.max_attempts}",
+                         progress, _num(job.train_loss), f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note])
     _plain_table(["job", "status", "attempts", "progress", "train loss", "eval loss base -> adapter", "verdict / why"], rows)
     return 0
 
@@ -296,6 +331,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         print(f"  why:        {j.error_kind}: {j.error}")
     if adapter := (j.result or {}).get("adapter"):
         print(f"  adapter:    {adapter}")
+    for line in api.control_lines(j):
+        print(f"  {line}")
     print("attempts:")
     for a in result.attempts:
         resumed = f", resumed from step {a.resumed_from_step}" if a.resumed_from_step else ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
+from .queue import controls
 from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
@@ -63,6 +64,12 @@ def build(store: Store, home: Home) -> dict[str, Any]:
             "findings": (inspection or {}).get("findings", []),
             "serving": (inspection or {}).get("serving") or {},
             "curves": curves,
+            "group": (job.spec.get("spec") or {}).get("group"),
+            "sweep": job.spec.get("sweep"),
+            "auto": job.spec.get("auto"),
+            "oom_adjustments": job.spec.get("oom_adjustments") or [],
+            "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),
+            "controls": controls.control_lines(job.spec, job.result),
         })
     state = store.queue_state()
     return {
@@ -72,7 +79,29 @@ def build(store: Store, home: Home) -> dict[str, Any]:
         "counts": store.counts(),
         "queue": {"paused": state.paused, "pause_reason": state.pause_reason},
         "jobs": jobs,
+        "sweeps": sweeps_of(jobs),
     }
+
+
+def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each sweep's jobs ranked by the gate metric (the eval loss, lower first; jobs without one last), the best marked.
+
+    Only a job that passed (completed) can be the best: a lower eval loss on an adapter
+    that failed inspection is not a result.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        if job.get("group"):
+            out.setdefault(job["group"], {"metric": "eval_loss", "ranking": []})["ranking"].append(job)
+    for group in out.values():
+        ranked = sorted(group["ranking"], key=lambda j: (j["eval_loss"] is None, j["status"] != "completed",
+                                                         j["eval_loss"] if j["eval_loss"] is not None else 0.0, j["id"]))
+        best = next((j for j in ranked if j["status"] == "completed" and j["eval_loss"] is not None), None)
+        group["best"] = best["name"] if best else None
+        group["ranking"] = [{"name": j["name"], "status": j["status"], "eval_loss": j["eval_loss"],
+                             "base_eval_loss": j["base_eval_loss"], "settings": j.get("sweep") or {},
+                             "best": best is not None and j["name"] == best["name"]} for j in ranked]
+    return out
 
 
 def curves_of(metrics: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
@@ -150,13 +179,21 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {_num(job['train_loss'])} | {_num(job['base_eval_loss'])} → {_num(job['eval_loss'])} "
             f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s | {serving_cell(job['serving'])} |"
         )
+    for name, group in report.get("sweeps", {}).items():
+        lines += ["", f"## sweep {name}", "", f"Ranked by {group['metric']} (lower is better).", "",
+                  "| rank | job | settings | status | eval loss base → adapter | |", "| --- | --- | --- | --- | --- | --- |"]
+        for rank, entry in enumerate(group["ranking"], 1):
+            settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items())
+            lines.append(f"| {rank} | {entry['name']} | {settings} | {entry['status']} | {_num(entry['base_eval_loss'])}"
+                         f" → {_num(entry['eval_loss'])} | {'**best**' if entry['best'] else ''} |")
     for job in report["jobs"]:
         problems = [a for a in job["attempts"] if a["reason"]]
         findings = [f for f in job["findings"] if f.get("severity") in ("error", "warning")]
         not_served = serving_reasons(job["serving"])
-        if not problems and not findings and not not_served:
+        if not problems and not findings and not not_served and not job.get("controls"):
             continue
         lines += ["", f"## {job['name']}", ""]
+        lines += [f"- {line}" for line in job.get("controls") or []]
         for attempt in job["attempts"]:
             resumed = f", resumed from step {attempt['resumed_from_step']}" if attempt["resumed_from_step"] else ""
             reason = f": {attempt['error_kind']}: {attempt['reason']}" if attempt["reason"] else ""
@@ -250,7 +287,7 @@ def body_html(report: dict[str, Any]) -> str:
         findings = "".join(
             f"<li><b>{e(str(f.get('severity')))}</b> <code>{e(str(f.get('code')))}</code> {e(str(f.get('message')))}</li>"
             for f in job["findings"] if f.get("severity") in ("error", "warning"))
-        attempts = "".join(
+        attempts = "".join(f"<li>{e(line)}</li>" for line in job.get("controls") or []) + "".join(
             f"<li>attempt {a['n']}: {e(str(a['outcome']))}"
             + (f", resumed from step {a['resumed_from_step']}" if a["resumed_from_step"] else "")
             + (f": {e(str(a['error_kind']))}: {e(str(a['reason']))}" if a["reason"] else "") + "</li>"
@@ -270,12 +307,21 @@ def body_html(report: dict[str, Any]) -> str:
             f"<td><ul>{attempts}</ul><ul>{findings}</ul>{serving}</td></tr>"
         )
     counts = " · ".join(f"{report['counts'][k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled"))
+    sweeps = "".join(
+        f"<h2>sweep {e(name)}</h2><p>ranked by {e(group['metric'])} (lower is better)</p><table><thead><tr><th>rank</th>"
+        "<th>job</th><th>settings</th><th>status</th><th>eval loss base → adapter</th><th></th></tr></thead><tbody>"
+        + "".join(f"<tr><td>{rank}</td><td>{e(entry['name'])}</td><td>"
+                  f"{e(', '.join(f'{k}={v}' for k, v in entry['settings'].items()))}</td><td>{e(entry['status'])}</td>"
+                  f"<td>{_num(entry['base_eval_loss'])} → {_num(entry['eval_loss'])}</td>"
+                  f"<td>{'<b>best</b>' if entry['best'] else ''}</td></tr>"
+                  for rank, entry in enumerate(group["ranking"], 1)) + "</tbody></table>"
+        for name, group in report.get("sweeps", {}).items())
     paused = f"<p class=warn>Queue paused: {e(str(report['queue']['pause_reason']))}</p>" if report["queue"]["paused"] else ""
     return f"""<h1>loraq queue report</h1>
 <p>Home <code>{e(report['home'])}</code> · {counts}</p>{paused}
 <table><thead><tr><th>job</th><th>status</th><th>attempts</th><th>eval loss base → adapter</th><th>loss curves</th><th>size / time</th><th>attempts and findings</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
-"""
+{sweeps}"""
 
 
 def to_html(report: dict[str, Any]) -> str:

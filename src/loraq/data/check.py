@@ -41,7 +41,8 @@ from typing import Any
 from .. import data, fsutil
 from ..data import Dataset, ProblemList, RowProblem
 from ..errors import DataError, Problem
-from ..queue.spec import Queue, ResolvedJob
+from ..queue import auto
+from ..queue.spec import Queue, ResolvedJob, TrainingSpec
 
 #: Bump when what a profile holds, or how rows are rendered, changes: old cache files are then ignored.
 ANALYSIS_VERSION = 1
@@ -293,6 +294,7 @@ class DatasetReport:
     est_steps: int
     est_epochs: float
     warnings: tuple[str, ...] = ()
+    auto: dict[str, Any] | None = None  # what each `auto` setting was resolved to, and why (queue/auto.py)
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -486,6 +488,13 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
                         "reads it as that control token, not as text")
 
     n_train = len(train_idx)
+    resolved = None
+    if training.has_auto:  # from this data's rows and token lengths (queue/auto.py)
+        values, resolved = auto.resolve(training.model_dump(mode="json"), n_train,
+                                        min(profile.stats.p95, max_seq_len) or max_seq_len,
+                                        grad_accum_given="grad_accum" in training.model_fields_set)
+        spec = spec.model_copy(update={"training": TrainingSpec.model_validate(values)})
+        training = spec.training
     steps = spec.total_steps(n_train)  # the trainer's own formula
     per_epoch = spec.steps_per_epoch(n_train)
     epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else training.epochs
@@ -503,7 +512,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         eval_path=job.eval_dataset_path, eval_sha256=eval_set.sha256 if eval_set else None,
         base_model=job.base_model, max_seq_len=max_seq_len, tokens=profile.stats,
         truncated_rows=truncated, untrainable_rows=untrainable, duplicate_rows=len(repeats),
-        est_steps=steps, est_epochs=epochs, warnings=tuple(warnings),
+        est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
     )
     return report, problems
 
@@ -562,6 +571,7 @@ def describe(report: DatasetReport | None) -> list[str]:
         f"({tokens.total} in all; max_seq_len {report.max_seq_len})",
         f"truncated rows: {report.truncated_rows}",
         f"estimated: {report.est_steps} steps, {report.est_epochs:g} epoch(s)",
+        *auto.lines(report.auto),
     ]
     if report.untrainable_rows:
         lines.append(f"untrainable rows: {report.untrainable_rows} (errors)")

@@ -13,13 +13,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PathError, Problem, SpecError
 from ..sandbox import Roots, is_hub_id, is_pickle
+from . import sweep
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
@@ -41,6 +42,25 @@ class LoraSpec(_Strict):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    # ---- LoRA variants (issue 12), passed to PEFT's LoraConfig as they are
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init: str = "default"  # PEFT's init_lora_weights: see LORA_INITS
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _saved(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise ValueError("must be a non-empty list of module names")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if problem := lora_init_problem(value):
+            raise ValueError(problem)
+        return value
 
     @field_validator("alpha", "dropout")
     @classmethod
@@ -61,11 +81,15 @@ class LoraSpec(_Strict):
         return value
 
 
+#: ``auto`` (issue 12): resolved at submit from the dataset (:mod:`loraq.queue.auto`).
+Auto = Literal["auto"]
+
+
 class TrainingSpec(_Strict):
-    epochs: float = Field(3.0, gt=0, le=1000)
+    epochs: Annotated[float, Field(gt=0, le=1000)] | Auto = 3.0
     max_steps: int | None = Field(None, gt=0)
-    learning_rate: float = Field(2.0e-4, gt=0, le=1.0)
-    batch_size: int = Field(8, ge=1, le=4096)
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = 2.0e-4
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = 8
     grad_accum: int = Field(1, ge=1, le=4096)
     max_seq_len: int = Field(512, ge=8, le=1_048_576)
     save_steps: int = Field(50, ge=1)
@@ -76,11 +100,16 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False  # also turned on by the OOM back-off at micro-batch 1
 
     @field_validator("epochs", "learning_rate", "warmup_ratio", "weight_decay")
     @classmethod
-    def _is_finite(cls, value: float) -> float:
-        return _finite(value)
+    def _is_finite(cls, value: Any) -> Any:
+        return value if value == "auto" else _finite(value)
+
+    @property
+    def has_auto(self) -> bool:
+        return "auto" in (self.epochs, self.learning_rate, self.batch_size)
 
 
 class DatasetSpec(_Strict):
@@ -88,10 +117,24 @@ class DatasetSpec(_Strict):
     format: DatasetFormat | None = None
 
 
+class EarlyStoppingSpec(_Strict):
+    """Stop when the eval loss has not improved by more than ``min_delta`` for ``patience`` evaluations (issue 12)."""
+
+    patience: int = Field(3, ge=1, le=1000)
+    min_delta: float = Field(0.0, ge=0.0)
+    metric: Literal["eval_loss"] = "eval_loss"  # the gate metric; lower is better
+
+    @field_validator("min_delta")
+    @classmethod
+    def _is_finite(cls, value: float) -> float:
+        return _finite(value)
+
+
 class ValidationSpec(_Strict):
     split: float = Field(0.05, ge=0.0, lt=1.0)
     dataset: str | None = None
     min_eval_loss_drop: float = 0.0
+    early_stopping: EarlyStoppingSpec | None = None
 
     @field_validator("split", "min_eval_loss_drop")
     @classmethod
@@ -118,6 +161,34 @@ class JobSpec(_Strict):
     max_retries: int = Field(2, ge=0, le=100)
     priority: int = 0
     trust_remote_code: bool = False
+    # ---- training controls (issue 12)
+    group: str | None = None  # the sweep this job was expanded from (queue/sweep.py)
+    quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the base loaded through bitsandbytes
+    init_from: str | None = None  # warm start: a published adapter's name, or an adapter folder
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError("must be 1-100 characters of [A-Za-z0-9._-] and must not start with a dot")
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a published adapter or an adapter folder")
+        return value
+
+    @model_validator(mode="after")
+    def _controls(self) -> JobSpec:
+        if self.init_from is not None and self.lora.init != "default":
+            raise ValueError(f"init_from starts from a trained adapter's weights; lora.init {self.lora.init!r} "
+                             "would initialise them afresh: drop one of the two")
+        if self.quantization is not None and rewrites_base(self.lora.init):
+            raise ValueError(f"lora.init {self.lora.init!r} rewrites the base weights, which a quantized base "
+                             "(quantization) cannot hold: use one or the other")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -135,6 +206,8 @@ class JobSpec(_Strict):
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimizer steps in one pass over ``n_train`` rows (the last batch may be short)."""
+        if self.training.batch_size == "auto":
+            raise ValueError("training.batch_size is still 'auto': resolve it first (queue/auto.py)")
         batches = math.ceil(n_train / self.training.batch_size)
         return max(1, math.ceil(batches / self.training.grad_accum))
 
@@ -142,6 +215,8 @@ class JobSpec(_Strict):
         """Optimizer steps the job trains for: ``max_steps``, else ``epochs`` passes over ``n_train`` rows."""
         if self.training.max_steps:
             return self.training.max_steps
+        if self.training.epochs == "auto":
+            raise ValueError("training.epochs is still 'auto': resolve it first (queue/auto.py)")
         return max(1, math.ceil(self.training.epochs * self.steps_per_epoch(n_train)))
 
 
@@ -187,6 +262,10 @@ class ResolvedJob(BaseModel):
     base_model: str  # absolute folder, or a hub id
     dataset_path: str
     eval_dataset_path: str | None = None
+    # ---- training controls (issue 12)
+    sweep: dict[str, Any] | None = None  # the settings this job of a sweep was given (queue/sweep.py)
+    auto: dict[str, Any] | None = None  # what each `auto` was resolved to, and why (queue/auto.py)
+    init_from_path: str | None = None  # spec.init_from as an absolute adapter folder, checked at submit
 
     @property
     def name(self) -> str:
@@ -195,7 +274,8 @@ class ResolvedJob(BaseModel):
     @property
     def base_key(self) -> str:
         """Jobs with the same key can share one resident base model."""
-        return json.dumps([self.base_model, self.spec.revision, self.spec.training.precision])
+        key = [self.base_model, self.spec.revision, self.spec.training.precision]
+        return json.dumps(key + [self.spec.quantization] if self.spec.quantization else key)
 
 
 class Queue(BaseModel):
@@ -254,6 +334,8 @@ def _pydantic_problems(where: str, exc: ValidationError, data: Any) -> list[Prob
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; unknown keys are errors)"
+        elif err.get("input") == "auto" and field not in AUTO_FIELDS:
+            message = f"'auto' is accepted only for {', '.join(AUTO_FIELDS)}"
         elif err["type"] != "missing" and "input" in err:
             message = f"{message} (got {err['input']!r})"
         problems.append(Problem(f"{where}: {field}", message))
@@ -291,8 +373,11 @@ def load_queue(path: str | Path, roots: Roots) -> Queue:
     rows and base models are checked by :mod:`loraq.data` and :mod:`loraq.validate`.
     """
     qpath = Path(path).expanduser().absolute()
-    doc = _load_yaml(qpath)
-    where = str(path)
+    return queue_from_doc(_load_yaml(qpath), qpath, roots, where=str(path))
+
+
+def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str) -> Queue:
+    """Validate a parsed queue file (``qpath`` is where its relative paths start); see :func:`load_queue`."""
     if not isinstance(doc, dict):
         raise SpecError([Problem(where, "expected a mapping with 'jobs' (and optional 'defaults')")])
     problems: list[Problem] = []
@@ -317,6 +402,11 @@ def load_queue(path: str | Path, roots: Roots) -> Queue:
         problems.append(Problem(f"{where}: jobs", "must be a non-empty list of jobs"))
         raise SpecError(problems)
 
+    if isinstance(defaults, dict) and "sweep" in defaults:
+        problems.append(Problem(f"{where}: defaults.sweep", "a sweep is per job, not a default"))
+        defaults = {k: v for k, v in defaults.items() if k != "sweep"}
+    raw_jobs, sweeps = sweep.expand_jobs(raw_jobs, defaults if isinstance(defaults, dict) else {}, where, problems,
+                                         schema=JobSpec)
     queue_dir = qpath.parent
     jobs: list[ResolvedJob] = []
     names: dict[str, int] = {}
@@ -343,6 +433,7 @@ def load_queue(path: str | Path, roots: Roots) -> Queue:
             jobs.append(job)
     if problems:
         raise SpecError(problems)
+    jobs = [job.model_copy(update={"sweep": sweeps[job.name]}) if job.name in sweeps else job for job in jobs]
     return Queue(path=str(qpath), settings=settings, jobs=jobs)
 
 
@@ -401,3 +492,41 @@ def _resolve_paths(spec: JobSpec, qpath: Path, queue_dir: Path, roots: Roots, wh
         ),
         [],
     )
+
+
+# ---------------------------------------------------------------- training controls (issue 12)
+
+#: The fields that accept ``auto`` (resolved at submit by :mod:`loraq.queue.auto`).
+AUTO_FIELDS = ("training.epochs", "training.batch_size", "training.learning_rate")
+#: PEFT's ``init_lora_weights`` choices that loraq passes on: ``default`` (PEFT's True: B = 0),
+#: ``gaussian``, ``orthogonal``, and the two that start from the base's principal directions and
+#: rewrite its weights (``pissa``, ``pissa_niter_<n>``, ``olora``; published converted to a plain
+#: LoRA that loads on the unchanged base).
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
+_REFUSED_INITS = {
+    "eva": "needs a data-driven EvaConfig and a pass over the data before training",
+    "corda": "needs a CordaConfig and a pass over the data before training",
+    "loftq": "needs a LoftQConfig and replaces the base weights with quantised ones",
+    "mica": "freezes lora_B, which loraq's trainer and inspector expect to train",
+    "false": "starts from a random LoRA that already changes the model (PEFT: for debugging)",
+}
+
+
+def lora_init_problem(value: str) -> str | None:
+    """Why ``value`` is not an ``init`` loraq accepts (``None`` if it is)."""
+    if value in LORA_INITS or (value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit()):
+        return None
+    if value.lower() in _REFUSED_INITS:
+        return f"{value!r} is not offered: it {_REFUSED_INITS[value.lower()]}"
+    return f"must be one of {', '.join(LORA_INITS)} (got {value!r})"
+
+
+def peft_init(value: str) -> bool | str:
+    """``init`` as PEFT's ``init_lora_weights``."""
+    return True if value == "default" else value
+
+
+def rewrites_base(value: str) -> bool:
+    """Whether this ``init`` changes the base weights (PiSSA, OLoRA): the adapter is converted before publishing."""
+    return value in ("pissa", "olora") or value.startswith("pissa_niter_")
+

@@ -1,0 +1,188 @@
+"""Sweeps: one job of a queue file that expands into one job per combination of settings.
+
+A job may carry ``sweep:``, a map of dotted keys (``training.learning_rate``,
+``lora.r``) to lists of values. The expansion is their cartesian product, as
+Axolotl's sweep files have it; the ``_`` key holds a list of settings that go
+together (each a map of dotted keys), and multiplies the product once more::
+
+    - name: lr-sweep
+      dataset: ./data/sql.jsonl
+      sweep:
+        training.learning_rate: [1.0e-4, 3.0e-4]
+        _:
+          - {lora.r: 8, lora.alpha: 16}
+          - {lora.r: 16, lora.alpha: 32}
+
+gives 4 jobs, each named ``<name>-<8 hex digits of the sha256 of its settings>``
+and carrying ``group: <name>``. A name depends on the settings alone, so the same
+sweep submitted twice names the same jobs, and enqueues nothing new.
+
+Standard library only; the schema whose fields the keys must name is passed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import types
+import typing
+from typing import Any
+
+from ..errors import Problem
+
+#: The most jobs one sweep may expand into: a typo of a list should not enqueue a million jobs.
+MAX_JOBS = 1000
+#: Keys a sweep cannot set: they name the job and its group, which the sweep decides.
+FIXED = ("name", "group", "sweep")
+TOGETHER = "_"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """8 hex digits that name one combination (the same settings, the same name, in any process)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def child_name(name: str, settings: dict[str, Any]) -> str:
+    return f"{name}-{settings_hash(settings)}"
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (``Model``, ``Model | None``), or ``None``."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    for option in options:
+        if isinstance(option, type) and hasattr(option, "model_fields"):
+            return option
+    return None
+
+
+def key_problem(key: Any, schema: Any) -> str | None:
+    """Why ``key`` cannot be swept over (``None`` if it names a field of ``schema``)."""
+    if not isinstance(key, str) or not key:
+        return "a sweep key is a dotted field name such as training.learning_rate"
+    parts = key.split(".")
+    if parts[0] in FIXED:
+        return f"{parts[0]} cannot be swept: the sweep names its jobs and their group"
+    model = schema
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return "unknown key (check the spelling; a sweep key names a field, e.g. training.learning_rate)"
+        if depth < len(parts) - 1:
+            model = _model_of(field.annotation)
+            if model is None:
+                return f"{'.'.join(parts[:depth + 1])} has no fields to set"
+    return None
+
+
+def _set(job: dict[str, Any], key: str, value: Any) -> str | None:
+    node = job
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if part == "dataset" and node is job and isinstance(child, str):
+            child = node[part] = {"path": child}  # the shorthand, spelled out so a key can be set in it
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return f"the job's {part} is not a mapping, so {key} cannot be set in it"
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+    return None
+
+
+def _axes(sweep: Any, where: str, schema: Any, problems: list[Problem]) -> list[list[dict[str, Any]]] | None:
+    """The sweep as a list of axes, each a list of settings (dotted key -> value) to choose one of."""
+    if not isinstance(sweep, dict) or not sweep:
+        problems.append(Problem(f"{where}: sweep", "must map dotted keys to lists of values"))
+        return None
+    axes: list[list[dict[str, Any]]] = []
+    seen: set[str] = set()
+    ok = True
+    for key, values in sweep.items():
+        if key == TOGETHER:
+            if not isinstance(values, list) or not values or not all(isinstance(v, dict) and v for v in values):
+                problems.append(Problem(f"{where}: sweep._", "must be a non-empty list of settings that go together "
+                                                             "(each a map of dotted keys to values)"))
+                ok = False
+                continue
+            inner = sorted({k for v in values for k in v}, key=str)
+            for k in inner:
+                if problem := key_problem(k, schema):
+                    problems.append(Problem(f"{where}: sweep._.{k}", problem))
+                    ok = False
+                elif k in seen:
+                    problems.append(Problem(f"{where}: sweep._.{k}", "is swept over twice (also a key of sweep)"))
+                    ok = False
+            seen.update(k for k in inner if isinstance(k, str))
+            axes.append([dict(v) for v in values])
+            continue
+        if problem := key_problem(key, schema):
+            problems.append(Problem(f"{where}: sweep.{key}", problem))
+            ok = False
+            continue
+        if key in seen:
+            problems.append(Problem(f"{where}: sweep.{key}", "is swept over twice (also in sweep._)"))
+            ok = False
+            continue
+        seen.add(key)
+        if not isinstance(values, list) or not values:
+            problems.append(Problem(f"{where}: sweep.{key}", f"must be a non-empty list of values (got {values!r})"))
+            ok = False
+            continue
+        axes.append([{key: value} for value in values])
+    return axes if ok else None
+
+
+def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, problems: list[Problem], *,
+                schema: Any) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """Jobs with a ``sweep`` replaced by their expansion; also ``child name -> its settings``.
+
+    Problems are appended to ``problems``, each naming the file, the job and the key;
+    a sweep with any problem expands into nothing.
+    """
+    out: list[Any] = []
+    settings_of: dict[str, dict[str, Any]] = {}
+    for index, raw in enumerate(raw_jobs):
+        if not isinstance(raw, dict) or "sweep" not in raw:
+            out.append(raw)
+            continue
+        name = raw.get("name")
+        label = f"{where}: job {name!r}" if isinstance(name, str) else f"{where}: job #{index + 1}"
+        if not isinstance(name, str):
+            problems.append(Problem(f"{label}: name", "a sweep needs a name: its jobs are named after it"))
+            continue
+        if "group" in raw or "group" in defaults:
+            problems.append(Problem(f"{label}: group", "is set by the sweep (to its name); remove it"))
+            continue
+        axes = _axes(raw["sweep"], label, schema, problems)
+        if axes is None:
+            continue
+        count = 1
+        for axis in axes:
+            count *= len(axis)
+        if count > MAX_JOBS:
+            problems.append(Problem(f"{label}: sweep", f"expands into {count:,} jobs; at most {MAX_JOBS:,} a sweep"))
+            continue
+        base = {k: v for k, v in raw.items() if k != "sweep"}
+        for combo in itertools.product(*axes):
+            settings: dict[str, Any] = {}
+            for part in combo:
+                settings.update(part)
+            job = copy.deepcopy(base)
+            failed = next((p for k, v in settings.items() if (p := _set(job, k, v))), None)
+            if failed:
+                problems.append(Problem(f"{label}: sweep", failed))
+                break
+            job["name"] = child_name(name, settings)
+            job["group"] = name
+            settings_of[job["name"]] = settings
+            out.append(job)
+    return out, settings_of
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """``training.learning_rate=0.0001, lora.r=8``: one job's settings, for people."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items())

@@ -1,0 +1,172 @@
+"""What submit and clone do to a validated queue beyond its schema (issue 12), torch-free.
+
+- **warm starts**: a job's ``init_from`` (a published adapter's name, or an
+  adapter folder) resolved to a folder inside the roots, and checked against the
+  job's rank, targets, variant and base (:mod:`loraq.inspect.warm_start`);
+- **auto settings**: the values :mod:`loraq.data.check` resolved from the data put
+  into the job, with the rule that gave each (:mod:`loraq.queue.auto`);
+- **sweeps**: the identity of a job as submitted, so the same sweep submitted again
+  is recognised and enqueues nothing new;
+- **clones**: a stored job turned back into a queue-file job, with ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import fsutil
+from .errors import PathError, Problem, SpecError
+from .inspect import warm_start
+from .queue.spec import NAME_PATTERN, Queue, ResolvedJob, TrainingSpec
+from .sandbox import Roots
+from .workspace import Home
+
+
+def _adapter_folder(ref: str, job: ResolvedJob, queue: Queue, home: Home, roots: Roots) -> tuple[Path | None, str | None]:
+    if NAME_PATTERN.match(ref) and "/" not in ref and home.adapter_dir(ref).is_dir():
+        return home.adapter_dir(ref).resolve(), None
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute():
+        candidate = Path(queue.path).parent / candidate
+    try:
+        roots.check_read(candidate, what="init_from")
+    except PathError as exc:
+        return None, str(exc)
+    if candidate.is_dir():
+        return candidate.resolve(), None
+    return None, (f"no published adapter named {ref!r} in {home.adapters_dir}, and no adapter folder "
+                  f"{candidate}: name an adapter that is published, or its folder")
+
+
+def resolve_warm_starts(queue: Queue, home: Home, roots: Roots, label: str) -> tuple[Queue, list[Problem]]:
+    """Each ``init_from`` as a checked folder (``init_from_path``); a problem per job that cannot start from it."""
+    problems: list[Problem] = []
+    jobs = []
+    for job in queue.jobs:
+        ref = job.spec.init_from
+        if ref is None:
+            jobs.append(job)
+            continue
+        where = f"{label}: job {job.name!r}: init_from"
+        folder, problem = _adapter_folder(ref, job, queue, home, roots)
+        if folder is None:
+            problems.append(Problem(where, problem or f"cannot use {ref!r}"))
+            continue
+        lora = job.spec.lora
+        wanted = warm_start.WantedLora(r=lora.r, targets=lora.target_modules, use_dora=lora.use_dora)
+        base = Path(job.base_model)
+        lines = warm_start.check(folder, wanted, base if base.is_dir() else None)
+        problems += [Problem(where, f"{ref}: {line}") for line in lines]
+        jobs.append(job.model_copy(update={"init_from_path": str(folder)}))
+    return queue.model_copy(update={"jobs": jobs}), problems
+
+
+def with_auto(queue: Queue, reports: dict[str, Any]) -> Queue:
+    """Every ``auto`` of every job replaced by the value the data analysis resolved it to."""
+    jobs = []
+    for job in queue.jobs:
+        resolved = getattr(reports.get(job.name), "auto", None)
+        if not resolved:
+            jobs.append(job)
+            continue
+        training = job.spec.training.model_dump(mode="json")
+        for key, entry in resolved.items():
+            training[key.removeprefix("training.")] = entry["value"]
+        spec = job.spec.model_copy(update={"training": TrainingSpec.model_validate(training)})
+        jobs.append(job.model_copy(update={"spec": spec, "auto": resolved}))
+    return queue.model_copy(update={"jobs": jobs})
+
+
+def submitted_sha256(job: ResolvedJob) -> str:
+    """The job as submitted (spec and resolved paths), hashed: what makes a resubmitted sweep job "the same"."""
+    doc = job.model_dump(mode="json")
+    doc.pop("queue_file", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def identity(job: ResolvedJob) -> dict[str, Any]:
+    """What the store keeps beside the job to recognise it, and its warm start's weights as checked."""
+    out: dict[str, Any] = {"submitted_sha256": submitted_sha256(job)}
+    if job.init_from_path:
+        weights = Path(job.init_from_path) / "adapter_model.safetensors"
+        out["init_from_sha256"] = fsutil.sha256_file(weights)
+    return out
+
+
+def same_sweep_job(stored: dict[str, Any], job: ResolvedJob) -> bool:
+    """Whether the stored job is this job of a sweep, submitted before with the same settings."""
+    return (job.spec.group is not None and (stored.get("spec") or {}).get("group") == job.spec.group
+            and stored.get("submitted_sha256") == submitted_sha256(job))
+
+
+def sweeps_of(queue: Queue) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for job in queue.jobs:
+        if job.sweep is not None and job.spec.group is not None:
+            out.setdefault(job.spec.group, []).append(job.name)
+    return out
+
+
+def _set(doc: dict[str, Any], key: str, value: Any) -> None:
+    node = doc
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if part == "dataset" and node is doc and isinstance(child, str):
+            child = {"path": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str) -> dict[str, Any]:
+    """A queue document of one job: the stored job as submitted, renamed, with ``key=value`` overrides.
+
+    Paths are the ones resolved at submit (absolute); an ``auto`` of the original is
+    ``auto`` again, so it is resolved for the copy's data. Raises :class:`SpecError`
+    for an override that is not ``key=value``.
+    """
+    job = copy.deepcopy(stored.get("spec") or {})
+    job["name"] = new_name
+    job.pop("group", None)  # a clone is a job of its own, not one of the sweep
+    resolved = stored.get("auto") or {}
+    training = job.setdefault("training", {})
+    for key in resolved:
+        if key == "training.grad_accum":  # made up by batch_size: auto, not the job's own
+            training.pop("grad_accum", None)
+        else:
+            training[key.removeprefix("training.")] = "auto"
+    job["base_model"] = stored.get("base_model", job.get("base_model"))
+    job["dataset"] = dict(job.get("dataset") or {}) | {"path": stored.get("dataset_path")}
+    if stored.get("eval_dataset_path"):
+        job.setdefault("validation", {})["dataset"] = stored["eval_dataset_path"]
+    if stored.get("init_from_path"):
+        job["init_from"] = stored["init_from_path"]
+    problems = []
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem(f"{label}: --set {item}", "expected key=value, e.g. training.learning_rate=1e-4"))
+            continue
+        if key == "name":
+            problems.append(Problem(f"{label}: --set name", "the copy's name is the NEW argument"))
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(Problem(f"{label}: --set {key}", f"not a YAML value: {getattr(exc, 'problem', exc)}"))
+            continue
+        _set(job, key, value)
+    if problems:
+        raise SpecError(problems)
+    return {"jobs": [job]}
+
