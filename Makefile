@@ -13,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,ray,parquet,serve,export
+EXTRAS ?= dev,ray,parquet,serve,export,qlora
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
 

@@ -146,6 +146,11 @@ def snapshot_for_resume(job_dir: Path, into: Path) -> Checkpoint | None:
     return None
 
 
+def link_tree(source: Path, target: Path) -> None:
+    """``target``: a complete copy of folder ``source`` made of hard links (plain copies where links cannot be)."""
+    _link_tree(source, target)
+
+
 def _link_tree(source: Path, target: Path) -> None:
     with fsutil.building_dir(target) as tmp:
         for dirpath, _dirnames, filenames in os.walk(source):

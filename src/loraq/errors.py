@@ -123,6 +123,7 @@ class FailureKind(str, enum.Enum):
     DIVERGED = "diverged"  # the loss or the weights became non-finite
     INSPECTION = "inspection"  # the trained adapter failed inspection
     CONFLICT = "conflict"  # adapters/<name> holds another job's adapter
+    MEMORY = "memory"  # out of memory even at micro-batch 1 with gradient checkpointing (the OOM back-off is spent)
     # Faults of the machine: retried as a matter of course.
     DIED = "died"  # the trainer process (or Ray actor) died
     OOM = "oom"
@@ -176,7 +177,7 @@ def classify(exc: BaseException) -> FailureKind:
         return exc.kind
     text = str(exc).lower()
     name = type(exc).__name__
-    if "out of memory" in text or name == "OutOfMemoryError":
+    if "out of memory" in text or name == "OutOfMemoryError" or "can't allocate memory" in text:
         return FailureKind.OOM
     if any(m in text for m in _CUDA_MESSAGES):
         return FailureKind.CUDA

@@ -79,6 +79,8 @@ class JobInput:
     eval_dataset_path: str | None = None
     dataset_sha256: str | None = None  # as submitted: the trainer refuses a file that changed since
     eval_dataset_sha256: str | None = None
+    init_from_path: str | None = None  # a warm start: the adapter folder checked at submit (spec.init_from)
+    init_from_sha256: str | None = None  # its weights as checked: the trainer refuses them changed
 
     @classmethod
     def of_stored(cls, stored: Mapping[str, Any]) -> JobInput:
@@ -148,6 +150,7 @@ class EventKind(_Named):
     PROGRESS = "progress"  # logged metrics at a step
     HEARTBEAT = "heartbeat"  # a step ended (liveness)
     CHECKPOINT = "checkpoint"  # a complete checkpoint is on disk
+    OOM_ADJUSTED = "oom_adjusted"  # out of memory: the job goes on with a smaller micro-batch (same examples a step)
     DONE = "done"  # final: the adapter is saved in staging
     STOPPED = "stopped"  # final: stopped gracefully after a checkpoint
     FAILED = "failed"  # final
@@ -241,6 +244,21 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OomAdjusted:
+    """The trainer ran out of memory at ``step`` and goes on with ``after`` (micro-batch halved, grad_accum
+    doubled; at micro-batch 1, gradient checkpointing) from its newest complete checkpoint, in the same attempt.
+    The worker stores ``after`` as the job's settings, so any later attempt uses them too."""
+
+    kind: ClassVar[EventKind] = EventKind.OOM_ADJUSTED
+    step: int
+    before: dict[str, Any]  # batch_size, grad_accum, gradient_checkpointing
+    after: dict[str, Any]
+    error: str  # the exception, as "TypeName: message" (its first line)
+    asked: str | None = None  # how much the failed allocation asked for ("2.00 GiB")
+    resume_step: int | None = None  # the checkpoint it goes on from; None: from step 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class _Final:
     """What every final event carries besides its outcome (the worker recycles a trainer that grew)."""
 
@@ -288,7 +306,8 @@ class Exited:
     returncode: int | None = None
 
 
-Event = Ready | Started | Progress | Heartbeat | CheckpointSaved | Done | Stopped | Failed | Aborted | Exited
+Event = (Ready | Started | Progress | Heartbeat | CheckpointSaved | OomAdjusted | Done | Stopped | Failed | Aborted
+         | Exited)
 Final = Done | Stopped | Failed | Aborted
 FINAL_KINDS = frozenset({EventKind.DONE, EventKind.STOPPED, EventKind.FAILED, EventKind.ABORTED})
 

@@ -57,6 +57,7 @@ unexpected_key             error     a tensor PEFT would silently ignore (wrong 
 missing_lora_a             error     a module has lora_B but no lora_A
 missing_lora_b             error     a module has lora_A but no lora_B
 missing_dora_magnitude     error     use_dora without lora_magnitude_vector
+dora_magnitude_zero        error     a DoRA magnitude vector of zeros: the module's output would be zero
 empty_tensor               error     a LoRA tensor with a 0 dimension (ZeRO-3 saved its local shard)
 shape_mismatch             error     A and B disagree with each other, or have the wrong number of dims
 rank_mismatch              error     A's rows or B's columns differ from the config's r (or rank_pattern)
@@ -211,7 +212,9 @@ def _read_config(root: Path, names: list[str], found: Findings,
         found.add(code, "error", f"{CONFIG_NAME}: {message}", CONFIG_NAME)
     if cfg is not None:
         stats.update(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                     target_modules=sorted(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets)
+                     target_modules=sorted(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets,
+                     use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, scaling=cfg.scaling,
+                     modules_to_save=list(cfg.modules_to_save))
     return cfg, raw_cfg
 
 

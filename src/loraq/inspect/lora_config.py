@@ -74,6 +74,12 @@ class LoraSettings:
     layers_pattern: tuple[str, ...] = ()
     use_dora: bool = False
     lora_bias: bool = False
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """What PEFT multiplies B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised LoRA)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def rank_of(self, module: str) -> int:
         """The rank PEFT gives ``module``: that of the first rank_pattern key (in order) matching it, else r.
@@ -223,6 +229,9 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
     if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers)):
         problems.append(f"layers_to_transform must be a layer index or a list of them, got {str(layers)[:60]}")
         layers = None
+    for flag in ("use_dora", "use_rslora"):
+        if cfg.get(flag) not in (None, True, False):
+            problems.append(f"{flag} must be true or false, got {str(cfg.get(flag))[:40]}")
     pattern = cfg.get("layers_pattern")
     patterns: tuple[Any, ...] = (pattern,) if isinstance(pattern, str) and pattern else ()
     if isinstance(pattern, list):
@@ -240,6 +249,7 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
         layers_to_transform=tuple(layers) if layers else None,
         layers_pattern=tuple(p for p in patterns if isinstance(p, str)),
         use_dora=cfg.get("use_dora") is True, lora_bias=cfg.get("lora_bias") is True,
+        use_rslora=cfg.get("use_rslora") is True,
     ), []
 
 

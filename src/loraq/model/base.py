@@ -61,8 +61,9 @@ def reset_peak_memory() -> None:
 class BaseKey:
     """What makes two loads of a base model the same model in memory.
 
-    ``quantization`` is part of the key so that a quantised and a full-precision
-    load of one folder never share a slot (no queue field asks for one yet).
+    ``quantization`` (``4bit`` | ``8bit``, a job's ``quantization``: QLoRA through
+    bitsandbytes) is part of the key so that a quantised and a full-precision load
+    of one folder never share a slot.
     """
 
     path: str
@@ -175,11 +176,12 @@ class BaseCache:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = resolve_dtype(key.dtype, self.device)
+        quantized = quantization_args(key.quantization, dtype, self.device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(key.path, revision=key.revision, trust_remote_code=key.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
                 key.path, revision=key.revision, dtype=dtype, trust_remote_code=key.trust_remote_code,
-                use_safetensors=True,
+                use_safetensors=True, **quantized,
             )
         except OSError as exc:
             if _is_transient_io(exc):
@@ -189,7 +191,10 @@ class BaseCache:
             raise TrainingError(f"cannot load base model {key.path}: {exc}", kind=FailureKind.BASE_MODEL) from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model.to(self.device)
+        if not quantized:  # a quantised model is placed by from_pretrained (device_map); it cannot be moved
+            model.to(self.device)
+        elif self.device == "cpu":
+            _plain_cpu_4bit(model)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
@@ -210,6 +215,38 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_warning()
+
+
+def quantization_args(quantization: str | None, dtype: Any, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a QLoRA base: 4-bit NF4 (compute in ``dtype``) or 8-bit, via bitsandbytes."""
+    if quantization is None:
+        return {}
+    try:
+        from transformers import BitsAndBytesConfig
+
+        import bitsandbytes  # noqa: F401  (a clear error here, not deep inside from_pretrained)
+    except ImportError as exc:
+        raise TrainingError(f"quantization: {quantization} needs bitsandbytes: pip install 'loraq[qlora]' "
+                            f"(missing {exc.name})", kind=FailureKind.SPEC) from exc
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                    bnb_4bit_use_double_quant=True)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": device if device != "cuda" else "cuda:0"}}
+
+
+def _plain_cpu_4bit(model: Any) -> None:
+    """4-bit layers on the CPU evaluate with the kernel they train with.
+
+    bitsandbytes' fast CPU path for inference (on CPUs with AVX512-BF16) repacks a
+    layer's weights in place the first time it runs without gradients: the resident
+    base would no longer be the one loaded (its fingerprint changes), and it asserts
+    out-features divisible by 32 (the tiny test model's 176 are not).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resolve_dtype(precision: str, device: str) -> Any:

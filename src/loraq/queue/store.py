@@ -541,6 +541,26 @@ class Store:
             )
         return True
 
+    @_guarded
+    def adjust_after_oom(self, job_id: int, epoch: int, *, after: dict[str, Any], record: dict[str, Any],
+                         reason: str) -> bool:
+        """Store the training settings an out-of-memory back-off moved the job to, and the adjustment itself.
+
+        ``after`` replaces those keys of the job's ``spec.training``; ``record`` is
+        appended to the stored spec's ``oom_adjustments``; an event says ``reason``.
+        Only while ``epoch`` owns the running job; ``False`` if it does not.
+        """
+        with self.transaction() as conn:
+            if not self._owns(conn, job_id, epoch):
+                return False
+            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
+            stored.setdefault("spec", {}).setdefault("training", {}).update(after)
+            stored["oom_adjustments"] = [*(stored.get("oom_adjustments") or []), record]
+            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            self._event(conn, job_id, RUNNING, RUNNING, f"oom_adjusted: {reason}")
+        return True
+
     def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row is not None and row["status"] == RUNNING and row["epoch"] == epoch

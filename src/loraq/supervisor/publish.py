@@ -60,6 +60,14 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[
         "steps": result.get("steps"),
         "resumed_from": result.get("resumed_from"),
         "files": files,
+        # the training controls (issue 12): what was resolved, adjusted and chosen
+        "auto": job.spec.get("auto"),
+        "sweep": {"group": job.spec["spec"].get("group"), "settings": job.spec.get("sweep")}
+        if job.spec.get("sweep") else None,
+        "init_from": {"path": job.spec.get("init_from_path"), "sha256": job.spec.get("init_from_sha256")}
+        if job.spec.get("init_from_path") else None,
+        "oom_adjustments": job.spec.get("oom_adjustments") or [],
+        "stopping": (result.get("extras") or {}).get("stopping"),
     }
 
 

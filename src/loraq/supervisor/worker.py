@@ -41,6 +41,7 @@ from ..protocol import (
     Final,
     JobInput,
     Message,
+    OomAdjusted,
     Progress,
     Started,
     Stopped,
@@ -270,6 +271,14 @@ class Worker:
             self.store.note_checkpoint(claim.job.id, claim.epoch, claim.attempt, event.step)
             with contextlib.suppress(OSError):  # a prune that fails now is done at the next checkpoint
                 checkpoints.prune(self.home.job_dir(claim.job.id), keep=2)
+        elif isinstance(event, OomAdjusted):
+            from ..queue.controls import adjustment_line
+
+            record = to_wire(event)
+            if not self.store.adjust_after_oom(claim.job.id, claim.epoch, after=event.after, record=record,
+                                               reason=adjustment_line(record)):
+                self._lost(run)
+            self.observer("oom_adjusted", {"name": claim.job.name, "event": event})
         elif isinstance(event, Done):
             # The trainer is free: hand it the next job first, then inspect and publish this
             # one from its own staging folder, so the trainer does not idle while we do.

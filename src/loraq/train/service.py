@@ -25,7 +25,14 @@ executor); a Ray actor wraps the same service (the Ray executor).
 Tests only: with ``LORAQ_TEST_BUG_TRIGGER`` set, a job whose dataset holds that
 text raises an exception loraq does not recognise while preparing its data, as a
 bug of ours would (:func:`_injected_bug`); the error-classification tests use it
-to drive a real trainer into an ``internal`` failure.
+to drive a real trainer into an ``internal`` failure. With ``LORAQ_TEST_FAULT``
+set as well, such a job raises that fault instead, during training at the step it
+names (the real out-of-memory errors of CUDA and of the CPU allocator: see
+:class:`.controls.Fault`); the OOM back-off tests use it.
+
+The training controls (LoRA variants, warm starts, early stopping and the best
+checkpoint, the OOM back-off, QLoRA's quantised base) live in :mod:`.controls`;
+``_train`` calls them at the few places they act.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from ..protocol import (
     Heartbeat,
     JobInput,
     Memory,
+    OomAdjusted,
     Progress,
     Started,
     Stopped,
@@ -75,6 +83,7 @@ from ..protocol import (
     TrainResult,
 )
 from ..queue.spec import JobSpec
+from . import controls
 
 Emit = Callable[[Event], None]
 
@@ -99,6 +108,7 @@ class Prepared:
     n_eval: int
     truncated: int
     train_tokens: int
+    fault: controls.Fault | None = None  # tests only: see the module docstring
 
 
 def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
@@ -112,11 +122,16 @@ def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
         )
 
 
-def _injected_bug(rows: list[dict[str, Any]]) -> None:
-    """Tests only: raise what a bug would, for a job whose data holds ``$LORAQ_TEST_BUG_TRIGGER``."""
+def _injected_bug(rows: list[dict[str, Any]]) -> controls.Fault | None:
+    """Tests only: raise what a bug would, for a job whose data holds ``$LORAQ_TEST_BUG_TRIGGER``;
+    with ``$LORAQ_TEST_FAULT``, return the fault that job meets in training instead."""
     trigger = os.environ.get(BUG_TRIGGER_ENV)
     if trigger and any(trigger in json.dumps(row) for row in rows):
+        fault = controls.Fault.from_env()
+        if fault is not None:
+            return fault
         raise RuntimeError(f"injected bug: a row holds {trigger!r}")
+    return None
 
 
 def prepare(job: JobInput, tokenizer: Any) -> Prepared:
@@ -124,7 +139,7 @@ def prepare(job: JobInput, tokenizer: Any) -> Prepared:
     dataset = data.load_dataset(job.dataset_path, spec.dataset.format)
     _same_as_submitted(dataset, job.dataset_sha256)
     rows = dataset.rows
-    _injected_bug(rows)
+    fault = _injected_bug(rows)
     if job.eval_dataset_path:
         eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format)
         _same_as_submitted(eval_set, job.eval_dataset_sha256)
@@ -149,7 +164,7 @@ def prepare(job: JobInput, tokenizer: Any) -> Prepared:
                             f"max_seq_len {spec.training.max_seq_len}", kind=FailureKind.DATA)
     return Prepared(
         train=ListDataset(train_items), eval=ListDataset(eval_items), n_train=len(train_items),
-        n_eval=len(eval_items), truncated=truncated,
+        n_eval=len(eval_items), truncated=truncated, fault=fault,
         train_tokens=sum(sum(1 for label in item["labels"] if label != data.IGNORE_INDEX) for item in train_items),
     )
 
@@ -288,14 +303,11 @@ class TrainerService:
             gc.unfreeze()
 
     def _train(self, request: TrainRequest, emit: Emit, log: Callable[[str], None]) -> Stopped | TrainResult:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import Trainer, TrainingArguments, set_seed
-
         spec = JobSpec.model_validate(request.job.spec)
         timings: dict[str, float] = {}  # where the job's time went, for benchmarks and the curious
         t0 = time.perf_counter()
-        key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code)
+        key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code,
+                      quantization=spec.quantization)
         resident, reused = self.cache.get(key)
         load_s = timings["load_s"] = time.perf_counter() - t0
         log(f"job {spec.name} attempt {request.attempt}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
@@ -308,7 +320,7 @@ class TrainerService:
         steps = spec.total_steps(prepared.n_train)
         timings["prepare_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        base_eval = evaluate_loss(resident.model, prepared.eval, collator, spec.training.batch_size)
+        base_eval = evaluate_loss(resident.model, prepared.eval, collator, int(spec.training.batch_size))
         if not math.isfinite(base_eval):
             raise TrainingError(
                 f"base model {key.path} gives a non-finite eval loss ({base_eval}) before any training: its weights "
@@ -321,25 +333,59 @@ class TrainerService:
                      n_train=prepared.n_train, n_eval=prepared.n_eval))
         log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
 
+        batching = controls.Batching.of(spec)
+        retry = False
+        while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
+            outcome = self._attempt(request, spec, key, prepared, collator, steps, base_eval, reused, load_s,
+                                    batching, resume, retry, emit, log, timings)
+            if not isinstance(outcome, _OutOfMemory):
+                return outcome
+            after = controls.after_oom(batching)
+            if after is None:
+                raise controls.exhausted(outcome.error, outcome.asked, batching, self.device)
+            newest = controls.newest_own_checkpoint(request.checkpoints_dir)
+            resume = str(newest) if newest is not None else request.resume_from
+            event = OomAdjusted(step=outcome.step, before=batching.to_json(), after=after.to_json(),
+                                error=outcome.error, asked=outcome.asked,
+                                resume_step=checkpoints.step_of(resume) if resume else None)
+            log(f"out of memory at step {outcome.step} ({outcome.error}); going on with {after} from "
+                f"{resume or 'step 0'}")
+            emit(event)
+            batching, retry = after, True
+
+    def _attempt(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared, collator: Collator,
+                 steps: int, base_eval: float, reused: bool, load_s: float, batching: controls.Batching,
+                 resume: str | None, retry: bool, emit: Emit, log: Callable[[str], None],
+                 timings: dict[str, float]) -> Stopped | TrainResult | _OutOfMemory:
+        """Train with ``batching`` from ``resume``; an out-of-memory error comes back as :class:`_OutOfMemory`."""
+        import torch
+        from peft import get_peft_model
+        from transformers import Trainer, TrainingArguments, set_seed
+
+        if retry:  # a LoRA init that rewrote the base (PiSSA, OLoRA) must start again from the base as loaded
+            self.cache.verify()
+        resident, _ = self.cache.get(key)
         t_setup = time.perf_counter()
         set_seed(spec.training.seed)
-        lora = LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
-        )
         try:
-            model = get_peft_model(resident.model, lora)
+            model = get_peft_model(resident.model, controls.lora_config(spec))
         except ValueError as exc:  # e.g. target modules not found in the base model
             raise TrainingError(f"lora: {exc}", kind=FailureKind.SPEC) from exc
         trainer = None
         problems: list[str] = []
+        oom: _OutOfMemory | None = None
+        initial = Path(request.checkpoints_dir).parent / "initial-lora"
         try:
+            initial_lora = controls.save_initial(model, spec, initial)
+            if resume is None and controls.warm_start(model, request.job):
+                log(f"warm start: LoRA weights loaded from {request.job.init_from_path}")
             precision = resolve_dtype(spec.training.precision, self.device)
             args = TrainingArguments(
                 output_dir=request.checkpoints_dir,
-                per_device_train_batch_size=spec.training.batch_size,
-                per_device_eval_batch_size=spec.training.batch_size,
-                gradient_accumulation_steps=spec.training.grad_accum,
+                per_device_train_batch_size=batching.batch_size,
+                per_device_eval_batch_size=batching.batch_size,
+                gradient_accumulation_steps=batching.grad_accum,
+                **controls.checkpointing_args(batching, TrainingArguments),
                 learning_rate=spec.training.learning_rate,
                 max_steps=steps,
                 lr_scheduler_type=spec.training.lr_scheduler,
@@ -362,54 +408,104 @@ class TrainerService:
                 dataloader_num_workers=0,
                 dataloader_pin_memory=False,
             )
+            early = spec.validation.early_stopping
+            keeper = controls.EarlyStopping(early, model, resume, log) if early is not None else None
+            if resume is not None:  # loraq's batch settings win over the ones the checkpoint was saved with
+                resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
+            extra = [keeper.callback()] if keeper is not None else []
+            if prepared.fault is not None:
+                extra.append(controls.FaultCallback(prepared.fault, batching).callback())
             trainer = Trainer(
                 model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                data_collator=collator, callbacks=_callbacks(emit, self.flags, log, problems),
+                data_collator=collator, callbacks=extra + _callbacks(emit, self.flags, log, problems),
             )
+            trainer.add_callback(controls.BatchGuard(trainer, batching).callback())
             t_train = time.perf_counter()
             timings["setup_s"] = t_train - t_setup
-            output = trainer.train(resume_from_checkpoint=resume)
-            train_s = timings["train_s"] = time.perf_counter() - t_train
-            if problems:
-                raise TrainingError("; ".join(problems), kind=FailureKind.DIVERGED)
-            step = trainer.state.global_step
-            if self.flags.graceful.is_set() and step < steps:
-                log(f"stopped gracefully at step {step}")
-                return Stopped(step=step)
-            t0 = time.perf_counter()
-            staging = Path(request.staging_dir)
-            if staging.exists():
-                fsutil.remove_tree(staging)
-            model.save_pretrained(staging, safe_serialization=True)
-            eval_loss = evaluate_loss(model, prepared.eval, collator, spec.training.batch_size)
-            timings["save_eval_s"] = time.perf_counter() - t0
-            result = TrainResult(
-                staging=str(staging),
-                steps=step,
-                max_steps=steps,
-                train_loss=_last_train_loss(trainer, output),
-                eval_loss=eval_loss,
-                base_eval_loss=base_eval,
-                n_train=prepared.n_train,
-                n_eval=prepared.n_eval,
-                truncated_rows=prepared.truncated,
-                train_tokens=prepared.train_tokens,
-                base_reused=reused,
-                base_load_s=round(load_s, 3),
-                train_s=round(train_s, 3),
-                resumed_from=resume,
-                versions=versions(),
-                device=self.device,
-            )
+            try:
+                output = trainer.train(resume_from_checkpoint=resume)
+            except BaseException as exc:  # an out-of-memory error goes back to the back-off, once cleaned up
+                if not controls.is_oom(exc):
+                    raise
+                oom = _OutOfMemory(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
+                                   asked=controls.asked(exc))
+            if oom is None:
+                result = self._finish(request, spec, model, trainer, output, prepared, collator, steps, base_eval,
+                                      reused, load_s, batching, resume, keeper, initial_lora, problems, t_train,
+                                      log, timings)
         finally:
             t_cleanup = time.perf_counter()
             del trainer
+            controls.end_gradient_checkpointing(resident.model)
+            controls.drop_saved_copies(model)
             base = model.unload()
             base.eval()
             del model
             release_memory()
+            with contextlib.suppress(OSError):
+                fsutil.remove_tree(initial)
             timings["cleanup_s"] = time.perf_counter() - t_cleanup
+        if oom is not None:
+            return oom
+        if isinstance(result, Stopped):
+            return result
         return dataclasses.replace(result, timings={k: round(v, 3) for k, v in timings.items()})
+
+    def _finish(self, request: TrainRequest, spec: JobSpec, model: Any, trainer: Any, output: Any, prepared: Prepared,
+                collator: Collator, steps: int, base_eval: float, reused: bool, load_s: float,
+                batching: controls.Batching, resume: str | None, keeper: controls.EarlyStopping | None,
+                initial_lora: Path | None, problems: list[str], t_train: float, log: Callable[[str], None],
+                timings: dict[str, float]) -> Stopped | TrainResult:
+        """After training: the divergence and graceful-stop checks, the best checkpoint, the save and the eval."""
+        train_s = timings["train_s"] = time.perf_counter() - t_train
+        if problems:
+            raise TrainingError("; ".join(problems), kind=FailureKind.DIVERGED)
+        step = trainer.state.global_step
+        if self.flags.graceful.is_set() and step < steps:
+            log(f"stopped gracefully at step {step}")
+            return Stopped(step=step)
+        extras: dict[str, Any] = {}
+        if keeper is not None:  # the adapter published is the best evaluated, the last step's included
+            if not controls.evaluated_at(trainer.state, step):
+                trainer.evaluate()
+            extras["stopping"] = keeper.publish_best(step, steps)
+            log(f"publishing step {extras['stopping']['published_step']} "
+                f"({extras['stopping']['published_because']}); {extras['stopping']['stopped_because']}")
+        t0 = time.perf_counter()
+        staging = Path(request.staging_dir)
+        if staging.exists():
+            fsutil.remove_tree(staging)
+        controls.save_adapter(model, staging, initial_lora)
+        eval_loss = evaluate_loss(model, prepared.eval, collator, batching.batch_size)
+        timings["save_eval_s"] = time.perf_counter() - t0
+        return TrainResult(
+            staging=str(staging),
+            steps=step,
+            max_steps=steps,
+            train_loss=_last_train_loss(trainer, output),
+            eval_loss=eval_loss,
+            base_eval_loss=base_eval,
+            n_train=prepared.n_train,
+            n_eval=prepared.n_eval,
+            truncated_rows=prepared.truncated,
+            train_tokens=prepared.train_tokens,
+            base_reused=reused,
+            base_load_s=round(load_s, 3),
+            train_s=round(train_s, 3),
+            resumed_from=request.resume_from,
+            versions=versions(),
+            device=self.device,
+            extras=extras,
+        )
+
+
+@dataclass(frozen=True)
+class _OutOfMemory:
+    """Training ran out of memory at ``step`` (what the back-off needs of the error, not the error and its frames)."""
+
+    step: int
+    error: str
+    asked: str | None
 
 
 def _torch_threads() -> int:

@@ -1,0 +1,470 @@
+"""The training controls inside the trainer (issue 12): torch, transformers and PEFT are imported in functions.
+
+- :func:`lora_config`: the job's LoRA with its variants (DoRA, rsLoRA,
+  ``modules_to_save``, PEFT's ``init_lora_weights``);
+- :func:`warm_start`: a job's LoRA started from a published adapter's weights
+  (``init_from``), checked again against what submit saw;
+- :class:`EarlyStopping`: the eval loss watched at every evaluation, training
+  stopped after ``patience`` evaluations without an improvement of more than
+  ``min_delta``, and the best weights kept, in memory and in every checkpoint
+  (``checkpoint-N/loraq-best/``), so a resumed attempt still knows them and the
+  adapter published is the best one, not the last;
+- the OOM back-off: :class:`Batching` and :func:`after_oom` (the micro-batch
+  halved and ``grad_accum`` doubled, the same examples per optimizer step; at
+  micro-batch 1 gradient checkpointing; then nothing), :func:`settle_resume` (a
+  checkpoint's ``trainer_state.json`` made to say loraq's batch settings, not the
+  ones it was saved with) and :class:`BatchGuard` (training does not start with
+  any other batch size);
+- the tests' fault hook: with ``LORAQ_TEST_BUG_TRIGGER`` set (see
+  :mod:`.service`), ``LORAQ_TEST_FAULT`` says what a triggered job raises and at
+  which step (:class:`Fault`): the real out-of-memory exceptions of CUDA and of the
+  CPU allocator, raised by :class:`FaultCallback` where a real one would come from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoints, fsutil
+from ..errors import FailureKind, TrainingError, classify
+from ..protocol import JobInput
+from ..queue.spec import EarlyStoppingSpec, JobSpec, peft_init, rewrites_base
+
+BEST_DIR = "loraq-best"  # inside a checkpoint: the best weights so far and best.json
+BEST_WEIGHTS = "adapter_model.safetensors"
+BEST_META = "best.json"
+FAULT_ENV = "LORAQ_TEST_FAULT"
+
+
+# ---------------------------------------------------------------- LoRA variants and warm starts
+
+
+def lora_config(spec: JobSpec) -> Any:
+    from peft import LoraConfig
+
+    lora = spec.lora
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM", use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save, init_lora_weights=peft_init(lora.init),
+    )
+
+
+def save_initial(model: Any, spec: JobSpec, folder: Path) -> Path | None:
+    """For an ``init`` that rewrites the base (PiSSA, OLoRA): the LoRA as initialised, which PEFT needs to turn
+    the trained adapter into a plain LoRA that loads on the unchanged base. ``None`` for any other init."""
+    if not rewrites_base(spec.lora.init):
+        return None
+    config = model.peft_config["default"]
+    chosen = config.init_lora_weights
+    config.init_lora_weights = True  # saved as a plain LoRA's config, as PEFT's conversion asks
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        config.init_lora_weights = chosen
+    return folder
+
+
+def save_adapter(model: Any, staging: Path, initial: Path | None) -> None:
+    """The adapter into ``staging``; one that rewrote the base is converted so that it loads on the unchanged base."""
+    if initial is None:
+        model.save_pretrained(staging, safe_serialization=True)
+    else:
+        model.save_pretrained(staging, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+
+
+def warm_start(model: Any, job: JobInput) -> int:
+    """Load the ``init_from`` adapter's weights into the fresh LoRA; return how many tensors were loaded."""
+    if not job.init_from_path:
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(job.init_from_path) / BEST_WEIGHTS
+    if job.init_from_sha256 and (not weights.is_file() or fsutil.sha256_file(weights) != job.init_from_sha256):
+        raise TrainingError(f"init_from: {weights} changed since the job was submitted (or is gone); the warm start "
+                            "was checked as it was. Submit the job again", kind=FailureKind.SPEC)
+    state = load_file(str(weights))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise TrainingError(f"init_from: {weights} does not fit this job's LoRA ({len(missing)} LoRA tensors missing, "
+                            f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]!r})", kind=FailureKind.SPEC)
+    return len(state)
+
+
+def lora_state(model: Any) -> dict[str, Any]:
+    """The adapter's weights (as ``save_pretrained`` writes them), copied to the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_state(model: Any, state: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state)
+
+
+# ---------------------------------------------------------------- early stopping and the best checkpoint
+
+
+@dataclass
+class Best:
+    step: int
+    eval_loss: float
+    evaluations: int  # how many evaluations it was chosen from
+
+
+class EarlyStopping:
+    """Watches the eval loss; stops after ``patience`` evaluations without an improvement of more than ``min_delta``.
+
+    The patience count is recomputed from ``state.log_history`` (which a resumed
+    Trainer restores), so it survives a resume. The best weights (the lowest eval
+    loss seen) are kept in memory and written into every checkpoint.
+    """
+
+    def __init__(self, settings: EarlyStoppingSpec, model: Any, resume_from: str | None, log: Callable[[str], None]):
+        self.settings = settings
+        self.model = model
+        self.log = log
+        self.best: Best | None = None
+        self.weights: dict[str, Any] | None = None
+        self.stopped: tuple[int, str] | None = None  # (step, why) when it stopped training
+        if resume_from:
+            self._restore(Path(resume_from) / BEST_DIR)
+
+    def _restore(self, folder: Path) -> None:
+        if not (folder / BEST_META).is_file():
+            return
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / BEST_META).read_text(encoding="utf-8"))
+        self.best = Best(int(meta["step"]), float(meta["eval_loss"]), int(meta.get("evaluations", 1)))
+        self.weights = load_file(str(folder / BEST_WEIGHTS))
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        keeper = self
+
+        class EarlyStoppingCallback(TrainerCallback):  # type: ignore[misc]
+            def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                            **kw: Any) -> None:
+                keeper.evaluated(state, control, (metrics or {}).get(f"eval_{keeper.metric}"))
+
+            def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                keeper.save_into(Path(args.output_dir) / checkpoints.checkpoint_name(state.global_step))
+
+        return EarlyStoppingCallback()
+
+    @property
+    def metric(self) -> str:
+        return self.settings.metric.removeprefix("eval_")
+
+    def evaluated(self, state: Any, control: Any, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        step = state.global_step
+        evaluations = [e for e in state.log_history if f"eval_{self.metric}" in e]
+        if self.best is None or value < self.best.eval_loss:
+            self.best = Best(step, float(value), len(evaluations))
+            self.weights = lora_state(self.model)
+        elif self.best is not None:
+            self.best.evaluations = len(evaluations)
+        best, since, best_step = None, 0, step
+        for entry in evaluations:
+            loss = float(entry[f"eval_{self.metric}"])
+            if best is None or loss < best - self.settings.min_delta:
+                best, since, best_step = loss, 0, int(entry.get("step", step))
+            else:
+                since += 1
+        if since >= self.settings.patience and not control.should_training_stop:
+            why = (f"early stopping: no eval_{self.metric} improvement greater than {self.settings.min_delta:g} in "
+                   f"{since} evaluation(s) since step {best_step} (patience {self.settings.patience})")
+            self.stopped = (step, why)
+            self.log(why)
+            control.should_training_stop = True
+
+    def save_into(self, checkpoint: Path) -> None:
+        """The best weights so far into a checkpoint (before it is marked complete), for a resume to find."""
+        if self.best is None or self.weights is None or not checkpoint.is_dir():
+            return
+        from safetensors.torch import save_file
+
+        folder = checkpoint / BEST_DIR
+        folder.mkdir(exist_ok=True)
+        save_file(self.weights, str(folder / BEST_WEIGHTS))
+        fsutil.atomic_write_json(folder / BEST_META, asdict(self.best))
+
+    def publish_best(self, final_step: int, max_steps: int) -> dict[str, Any]:
+        """Put the best weights into the model; return what the manifest and ``show`` say about it."""
+        stopped_at, why = self.stopped or (final_step, f"reached max_steps {max_steps}")
+        if self.best is None or self.weights is None:
+            return {"published_step": final_step, "published_because": "no evaluation to choose by: the last step",
+                    "stopped_at": stopped_at, "stopped_because": why}
+        if self.best.step != final_step:
+            load_lora_state(self.model, self.weights)
+        return {"published_step": self.best.step,
+                "published_because": (f"the lowest eval_{self.metric} ({self.best.eval_loss:.4f}) of "
+                                      f"{self.best.evaluations} evaluation(s)"),
+                "best_eval_loss": self.best.eval_loss, "stopped_at": stopped_at, "stopped_because": why}
+
+
+def evaluated_at(state: Any, step: int) -> bool:
+    return any(e.get("step") == step and "eval_loss" in e for e in state.log_history)
+
+
+# ---------------------------------------------------------------- OOM back-off
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What the OOM back-off changes: the micro-batch, the accumulation, gradient checkpointing."""
+
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Batching:
+        t = spec.training
+        return cls(int(t.batch_size), t.grad_accum, t.gradient_checkpointing)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def after_oom(current: Batching) -> Batching | None:
+    """The next settings after an out-of-memory error, with the same examples per optimizer step; ``None``: none left.
+
+    The micro-batch is halved (for an odd one, divided by its smallest prime factor,
+    so that micro-batch x grad_accum stays the same); at micro-batch 1, gradient
+    checkpointing goes on.
+    """
+    b = current.batch_size
+    if b > 1:
+        factor = next(p for p in range(2, b + 1) if b % p == 0)
+        return Batching(b // factor, current.grad_accum * factor, current.gradient_checkpointing)
+    if not current.gradient_checkpointing:
+        return Batching(1, current.grad_accum, True)
+    return None
+
+
+_ASKED = (re.compile(r"Tried to allocate ([\d.]+ ?[KMGTP]i?B)"), re.compile(r"tried to allocate (\d+) bytes"))
+
+
+def asked(exc: BaseException) -> str | None:
+    """How much memory the failed allocation asked for, as the error said it (``2.00 GiB``)."""
+    text = str(exc)
+    for pattern in _ASKED:
+        if match := pattern.search(text):
+            value = match.group(1)
+            return _human(int(value)) if value.isdigit() else value
+    return None
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.2f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def is_oom(exc: BaseException) -> bool:
+    return not isinstance(exc, TrainingError) and classify(exc) is FailureKind.OOM
+
+
+def exhausted(error: str, amount: str | None, current: Batching, device: str) -> TrainingError:
+    """The permanent failure once the back-off has nothing left: it says how much memory was asked for."""
+    return TrainingError(
+        f"out of memory on {device} even at micro-batch 1 (grad_accum {current.grad_accum}) with gradient "
+        f"checkpointing{f': asked for {amount} more' if amount else ''} ({error[:200]}); "
+        "lower training.max_seq_len, set quantization: 4bit, or train on a device with more memory",
+        kind=FailureKind.MEMORY)
+
+
+def newest_own_checkpoint(checkpoints_dir: str) -> Path | None:
+    """The newest complete checkpoint this attempt wrote; incomplete ones after it are removed."""
+    folder = Path(checkpoints_dir)
+    found = sorted((checkpoints.step_of(p) or 0, p) for p in folder.glob("checkpoint-*") if p.is_dir()) \
+        if folder.is_dir() else []
+    newest = None
+    for _step, path in found:
+        if checkpoints.is_complete(path):
+            newest = path
+        else:
+            fsutil.remove_tree(path)  # cut off by the error: training saves it again
+    return newest
+
+
+def settle_resume(folder: str, into: Path, batching: Batching, args: Any) -> str:
+    """A private copy of checkpoint ``folder`` whose trainer_state.json holds loraq's settings; its path.
+
+    transformers' ``Trainer`` reads ``train_batch_size`` (and logging, eval and save
+    steps) back from the checkpoint's ``trainer_state.json``. transformers 5.24 uses
+    the saved batch size only with ``auto_find_batch_size`` (which loraq never sets)
+    but keeps it in its state and saves it again; older releases trained with it.
+    Either way the settings that win are loraq's: the copy is rewritten to say them.
+    The copy is hard links (the original is never changed: the rewrite replaces the link).
+    """
+    source = Path(folder)
+    target = into / source.name
+    if source.resolve() != target.resolve():
+        if target.exists():
+            fsutil.remove_tree(target)
+        checkpoints.link_tree(source, target)
+    path = target / "trainer_state.json"
+    if path.is_file():
+        state = json.loads(path.read_text(encoding="utf-8"))
+        state["train_batch_size"] = batching.batch_size * max(1, int(getattr(args, "n_gpu", 1) or 1))
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            if getattr(args, key, None) is not None:
+                state[key] = getattr(args, key)
+        fsutil.atomic_write_json(path, state)
+    return str(target)
+
+
+class BatchGuard:
+    """Fails training at its start if it would run with another batch than loraq asked for (a Trainer that
+    restored its saved batch size)."""
+
+    def __init__(self, trainer: Any, batching: Batching) -> None:
+        self.trainer, self.batching = trainer, batching
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class BatchGuardCallback(TrainerCallback):  # type: ignore[misc]
+            def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
+                               **kw: Any) -> None:
+                guard.check(args, train_dataloader)
+
+        return BatchGuardCallback()
+
+    def check(self, args: Any, dataloader: Any) -> None:
+        used = getattr(self.trainer, "_train_batch_size", None)
+        per_device = used // max(1, int(getattr(args, "n_gpu", 1) or 1)) if used else None
+        loader = getattr(dataloader, "total_batch_size", None) or getattr(dataloader, "batch_size", None)
+        wanted = self.batching
+        if (per_device is not None and per_device != wanted.batch_size) or \
+                args.gradient_accumulation_steps != wanted.grad_accum or \
+                (loader is not None and loader != wanted.batch_size * max(1, int(getattr(args, "n_gpu", 1) or 1))):
+            raise TrainingError(f"transformers would train with micro-batch {per_device} (data loader {loader}) x "
+                                f"grad_accum {args.gradient_accumulation_steps}; loraq asked for {wanted.batch_size} x "
+                                f"{wanted.grad_accum}", kind=FailureKind.INTERNAL)
+
+
+def drop_saved_copies(model: Any) -> None:
+    """Put each ``modules_to_save`` layer's original back, so that ``unload()`` leaves the base as it was loaded.
+
+    PEFT's ``unload()`` puts the trained copy of such a layer in the base's place (peft
+    0.21, ``ModulesToSaveWrapper.unload_and_optionally_merge_module``): the resident
+    base would carry the job's trained ``lm_head`` into the next job.
+    """
+    for name, module in list(model.named_modules()):
+        original = getattr(module, "original_module", None)
+        if original is None or not hasattr(module, "modules_to_save") or not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+
+
+def checkpointing_args(batching: Batching, arguments: Any) -> dict[str, Any]:
+    """TrainingArguments for gradient checkpointing when it is on (transformers 5 calls it activation checkpointing;
+    the old name is a deprecated alias there). Non-reentrant: the frozen base's inputs need no gradient hook."""
+    if not batching.gradient_checkpointing:
+        return {}
+    import dataclasses
+
+    new = any(f.name == "activation_checkpointing" for f in dataclasses.fields(arguments))
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def end_gradient_checkpointing(model: Any) -> None:
+    """The resident base leaves the job as it came: no gradient checkpointing, no input-grad hook."""
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
+
+
+# ---------------------------------------------------------------- the tests' fault hook
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What a triggered job raises during training (tests only): ``cuda-oom@3``, ``cpu-oom@2:batch>2``, ``...:nogc``.
+
+    ``kind@step`` raises at the start of optimizer step ``step`` (1-based), as long
+    as the micro-batch is above ``batch>N`` (if given) and, with ``nogc``, only while
+    gradient checkpointing is off: the error a real device gives where the memory a
+    step needs grows with the micro-batch.
+    """
+
+    kind: str
+    step: int
+    above_batch: int = 0
+    without_gc: bool = False
+
+    @classmethod
+    def parse(cls, text: str | None) -> Fault | None:
+        if not text or text == "bug":
+            return None
+        match = re.fullmatch(r"(cuda-oom|cpu-oom)@(\d+)((?::batch>\d+|:nogc)*)", text.strip())
+        if match is None:
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected bug, or cuda-oom|cpu-oom@STEP[:batch>N][:nogc]")
+        conditions = match.group(3)
+        above = re.search(r"batch>(\d+)", conditions)
+        return cls(match.group(1), int(match.group(2)), int(above.group(1)) if above else 0, ":nogc" in conditions)
+
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        return cls.parse(os.environ.get(FAULT_ENV))
+
+    def applies(self, step: int, batch_size: int, gradient_checkpointing: bool) -> bool:
+        return step == self.step and batch_size > self.above_batch and not (self.without_gc and gradient_checkpointing)
+
+    def exception(self, batch_size: int) -> BaseException:
+        """The exception itself, with the message the real allocator gives."""
+        import torch
+
+        wanted = (1 << 27) * batch_size  # "needs" memory in proportion to the micro-batch
+        if self.kind == "cuda-oom":
+            return torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {wanted / 2**30:.2f} GiB. GPU 0 has a total capacity of "
+                "79.19 GiB of which 112.00 MiB is free. Including non-PyTorch memory, this process has 79.07 GiB "
+                "memory in use. (injected by LORAQ_TEST_FAULT)")
+        return RuntimeError(f"[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                            f"you tried to allocate {wanted} bytes. Error code 12 (Cannot allocate memory)")
+
+
+class FaultCallback:
+    def __init__(self, fault: Fault, batching: Batching) -> None:
+        self.fault, self.batching = fault, batching
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        hook = self
+
+        class InjectedFault(TrainerCallback):  # type: ignore[misc]
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                b = hook.batching
+                if hook.fault.applies(state.global_step + 1, b.batch_size, b.gradient_checkpointing):
+                    raise hook.fault.exception(b.batch_size)
+
+        return InjectedFault()
