@@ -105,7 +105,7 @@ jobs:
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert f"{queue}: job 'typo': sweep.training.learnin_rate: unknown key" in lines[0]
-    assert any(f"job 'scalar': sweep.lora.r: must be a non-empty list of values (got 8)" in line for line in lines)
+    assert any("job 'scalar': sweep.lora.r: must be a non-empty list of values (got 8)" in line for line in lines)
     assert any("job 'named': sweep.name: name cannot be swept" in line for line in lines)
     assert any("job 'autor': lora.r: 'auto' is accepted only for training.epochs, training.batch_size, "
                "training.learning_rate" in line for line in lines)

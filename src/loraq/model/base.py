@@ -222,9 +222,8 @@ def quantization_args(quantization: str | None, dtype: Any, device: str) -> dict
     if quantization is None:
         return {}
     try:
-        from transformers import BitsAndBytesConfig
-
         import bitsandbytes  # noqa: F401  (a clear error here, not deep inside from_pretrained)
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise TrainingError(f"quantization: {quantization} needs bitsandbytes: pip install 'loraq[qlora]' "
                             f"(missing {exc.name})", kind=FailureKind.SPEC) from exc
