@@ -66,3 +66,26 @@ def test_the_report_ranks_a_sweep_by_eval_loss_and_marks_the_best_that_passed() 
     (group,) = sweeps_of(jobs).values()
     assert [e["name"] for e in group["ranking"]] == ["c", "a", "b", "d"]
     assert group["best"] == "c" and [e["best"] for e in group["ranking"]] == [True, False, False, False]
+
+
+def test_a_resume_copy_says_loraqs_batch_settings_and_the_checkpoint_itself_is_left_as_saved(tmp_path) -> None:
+    """transformers keeps the train_batch_size a checkpoint was saved with (5.24: in its state, saved again;
+    older releases trained with it); the copy a job resumes from says loraq's."""
+    import json
+    from types import SimpleNamespace
+
+    from loraq import checkpoints
+    from loraq.train.controls import Batching, settle_resume
+
+    saved = tmp_path / "attempt-1" / "checkpoints" / "checkpoint-2"
+    saved.mkdir(parents=True)
+    (saved / "trainer_state.json").write_text(json.dumps({"train_batch_size": 4, "save_steps": 2, "global_step": 2}))
+    (saved / "adapter_model.safetensors").write_bytes(b"weights")
+    checkpoints.mark_complete(saved, step=2)
+    args = SimpleNamespace(n_gpu=0, logging_steps=1, eval_steps=3, save_steps=3)
+    copy = settle_resume(str(saved), tmp_path / "attempt-1" / "resume", Batching(2, 2), args)
+    state = json.loads((tmp_path / "attempt-1" / "resume" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert copy.endswith("resume/checkpoint-2")
+    assert (state["train_batch_size"], state["save_steps"], state["eval_steps"], state["global_step"]) == (2, 3, 3, 2)
+    assert json.loads((saved / "trainer_state.json").read_text())["train_batch_size"] == 4
+    assert checkpoints.is_complete(saved)  # its marker still matches every file
