@@ -111,8 +111,9 @@ def test_to_json_is_the_documented_envelope(pristine: Path, tmp_path: Path) -> N
     broken = ad.copy(pristine, tmp_path / "a")
     (broken / CONFIG).write_text("{")
     payload = inspect_adapter(broken).to_json()
-    assert set(payload) == {"path", "passed", "findings", "stats"}
+    assert set(payload) == {"path", "passed", "findings", "stats", "serving"}
     assert payload["passed"] is False
+    assert payload["serving"] == {}  # no verdicts on an adapter whose config cannot be read
     assert payload["findings"][0] == {"code": "bad_config", "severity": "error",
                                       "message": payload["findings"][0]["message"], "file": CONFIG}
     json.dumps(payload)  # serialisable as is

@@ -652,7 +652,6 @@ def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | N
 
 def _adapter_folder(home: Home, ref: str, roots: Any) -> Path:
     """A published adapter's folder (``ref`` is a job name), else ``ref`` as a folder inside the roots."""
-    from .errors import PathError
     from .queue.spec import NAME_PATTERN
 
     if NAME_PATTERN.fullmatch(ref) and home.adapter_dir(ref).is_dir():
@@ -660,11 +659,7 @@ def _adapter_folder(home: Home, ref: str, roots: Any) -> Path:
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise NotFoundError(f"{ref!r}: no published adapter of that name in {home.adapters_dir}, and no such folder")
-    try:
-        roots.check_read(path, what="adapter folder")
-    except PathError as exc:
-        raise NotFoundError(str(exc)) from None
-    return path.resolve()
+    return roots.check_read(path, what="adapter folder")  # PathError outside the roots
 
 
 def _export_base(folder: Path, base: str | None, manifest: dict[str, Any], roots: Any) -> str:

@@ -14,8 +14,13 @@ torch, transformers and peft are imported when :func:`export_merged` runs, never
 4. The saved folder is loaded back from disk (upcast to float32, so what is measured is the
    file, not the arithmetic of a half-precision CPU matmul) and its logits must equal the
    reference within :data:`TOLERANCES`: ``max |merged - reference| <= atol + rtol * max
-   |reference|``. Only then is the folder fsynced and renamed into place
-   (:func:`loraq.fsutil.building_dir`): it appears whole and checked, or not at all.
+   |reference|``, and within half the adapter's own effect on them. Only then is the folder
+   fsynced and renamed into place (:func:`loraq.fsutil.building_dir`): it appears whole and
+   checked, or not at all.
+
+Measured on SmolLM2-135M-Instruct (2 shared cores): fp32 max |diff| 6.6e-5 against a
+tolerance of 5.4e-3 (logits up to 44; the adapter moved them by up to 36), 64 s for 542 MB;
+bf16 0.26 against 2.27, 75 s for 273 MB; top-1 agreement 100% in both; peak RSS 1.0-1.3 GB.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ DTYPES = ("fp32", "bf16", "fp16")
 #: up to ~30); bf16 keeps 8 bits of mantissa, fp16 11: their rounding of every weight moves
 #: the logits by up to a few percent of their largest value.
 TOLERANCES = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}
+#: The merged model must also be closer to base + adapter than half the adapter's own effect
+#: (max |base + adapter - base|): else a weak adapter's merge could drown in the rounding of a
+#: half-precision dtype, or not have happened at all, and still pass.
+MAX_SHARE_OF_EFFECT = 0.5
 EVAL_ROWS = 4
 MAX_TOKENS = 128
 PROBES = (
@@ -187,4 +196,8 @@ def _check(folder: Path, tokenizer: Any, inputs: list[list[int]], reference: lis
     if not diff <= check.tolerance:  # NaN fails too
         raise ExportError(f"the merged model's logits differ from base + adapter's by {diff:.3g} (tolerance "
                           f"{check.tolerance:.3g} for {dtype}, on {len(inputs)} rows of {where}); nothing written")
+    if not diff <= MAX_SHARE_OF_EFFECT * effect:
+        raise ExportError(f"the merged model's logits differ from base + adapter's by {diff:.3g}, more than half the "
+                          f"adapter's own effect ({effect:.3g}): {dtype} cannot hold this adapter faithfully; export "
+                          "with --dtype fp32; nothing written")
     return check
