@@ -144,6 +144,7 @@ jobs:
 
 def test_clone_copies_a_job_with_overrides_validated_like_a_submit(workdir: Path) -> None:
     queue = write_queue(workdir, TINY_DEFAULTS.replace("learning_rate: 5.0e-3", "learning_rate: auto") + """
+serving: [vllm]
 jobs:
   - name: base-job
     dataset: {path: ./data/sql.jsonl, format: prompt_completion}
@@ -156,6 +157,7 @@ jobs:
     copy = jobs["copy"]
     assert copy["spec"]["training"]["learning_rate"] == 1e-4 and copy["spec"]["lora"]["r"] == 8
     assert copy["dataset_path"] == jobs["base-job"]["dataset_path"] and "auto" not in (copy.get("auto") or {})
+    assert copy["serving"] == jobs["base-job"]["serving"] == ["vllm"]  # the job's serving gate goes with it
     # An auto of the original is resolved again for the copy unless --set gives it a value.
     again = loraq(home, "clone", "base-job", "copy-2", "--set", "lora.alpha=4")
     assert again.returncode == 0, again.stderr

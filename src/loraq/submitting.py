@@ -168,5 +168,6 @@ def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str
         _set(job, key, value)
     if problems:
         raise SpecError(problems)
-    return {"jobs": [job]}
+    # The serving gate its queue gave the job goes with the copy (only the job keeps it; the home's settings stay).
+    return {"jobs": [job]} | ({"serving": stored["serving"]} if stored.get("serving") else {})
 
