@@ -188,16 +188,17 @@ def resolve_data(data: str, roots: Roots | None) -> Path:
 
 def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: dict[str, Any], *,
          min_drop: float, max_seq_len: int, n_modules: int) -> None:
+    from ..model.base import quiet_libraries, resolve_dtype
+
+    quiet_libraries()  # the CLI's output is the findings, not loading bars; before peft (it imports bitsandbytes)
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model.base import quiet_libraries, resolve_dtype
     from ..model.batching import Collator
     from ..model.evaluation import evaluate_loss
 
-    quiet_libraries()  # the CLI's output is the findings, not loading bars
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)

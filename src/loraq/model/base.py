@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import os
 import time
 import warnings
@@ -202,6 +203,10 @@ class BaseCache:
         return Resident(key=key, model=model, tokenizer=tokenizer, checksum=weights_checksum(model), loaded_at=time.time())
 
 
+def _no_kernels_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def quiet_libraries() -> None:
     """Keep Hugging Face's progress bars and notices out of this process's output.
 
@@ -211,6 +216,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes (the qlora extra) logs at import, on CPUs with AVX512-BF16, that an optional faster 4-bit
+    # kernel package is missing: a notice about speed, not about this job.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_notice)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
