@@ -31,7 +31,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "workspace": {"errors", "sandbox"},
     "queue": {"errors", "sandbox"},  # spec, store: knows nothing of training
     "checkpoints": {"errors", "fsutil", "workspace", "inspect"},  # inspect: only its torch-free safetensors reader
-    "data": {"errors", "fsutil", "queue"},
+    "data": {"errors", "fsutil", "queue", "sandbox"},  # sandbox: a job's chat_template file is read inside the roots
     # the torch side
     "model": {"errors", "data"},
     "inspect": {"errors", "sandbox", "workspace", "data", "model"},  # model: only inspect.on_base, against a base

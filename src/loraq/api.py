@@ -96,10 +96,13 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     """Check a validated queue's data (and warm starts) and enqueue all its jobs, or none."""
     from . import submitting
     from .data import check as datacheck
+    from .data import templates
     from .queue.store import NewJob
 
     queue_file = label
     queue, problems = submitting.resolve_warm_starts(queue, home, roots, label)
+    queue, found_templates = templates.resolve_queue_templates(queue, roots, label)
+    problems += found_templates
     # A dry run on a home that holds nothing yet leaves it that way: no token cache on disk.
     cache_dir = datacheck.cache_dir_of(home.root) if not dry_run or home.db_path.exists() else None
     reports, found = datacheck.analyze_queue(queue, cache_dir=cache_dir)

@@ -81,6 +81,7 @@ class JobInput:
     eval_dataset_sha256: str | None = None
     init_from_path: str | None = None  # a warm start: the adapter folder checked at submit (spec.init_from)
     init_from_sha256: str | None = None  # its weights as checked: the trainer refuses them changed
+    chat_template_text: str | None = None  # the job's chat_template as loaded at submit (data/templates.py)
 
     @classmethod
     def of_stored(cls, stored: Mapping[str, Any]) -> JobInput:

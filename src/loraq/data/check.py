@@ -123,14 +123,17 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
-def profile_dataset(dataset: Dataset, tokenizer: Any) -> FileProfile:
-    """Render and tokenise every row in batches. Raises TemplateError when a chat file meets no template."""
+def profile_dataset(dataset: Dataset, tokenizer: Any, chat_template: str | None = None) -> FileProfile:
+    """Render and tokenise every row in batches (with the job's ``chat_template`` if it names one).
+
+    Raises TemplateError when a chat file meets no template.
+    """
     n = len(dataset.rows)
     lengths, firsts = array("q", [0]) * n, array("q", [-1]) * n
     keys = array("Q", [0]) * n
     errors: dict[int, str] = {}
     for start in range(0, n, CHUNK_ROWS):
-        rendered = data.render_many(dataset.rows[start:start + CHUNK_ROWS], dataset.format, tokenizer)
+        rendered = data.render_many(dataset.rows[start:start + CHUNK_ROWS], dataset.format, tokenizer, chat_template)
         good = [(start + i, item) for i, item in enumerate(rendered) if isinstance(item, data.Rendered)]
         for i, item in enumerate(rendered):
             if isinstance(item, data.TemplateError):
@@ -204,16 +207,20 @@ class TokenCache:
                     self._fingerprints.popitem(last=False)
             return held[1]
 
-    def key(self, dataset: Dataset, tokenizer: Any) -> str:
+    def key(self, dataset: Dataset, tokenizer: Any, chat_template: str | None = None) -> str:
         mixed = f"{ANALYSIS_VERSION}|{dataset.format}|{self.fingerprint(tokenizer)}"
+        if chat_template is not None and dataset.format == "chat":  # a job's own template renders other text
+            mixed += "|" + hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
         return f"{dataset.sha256}-{hashlib.sha256(mixed.encode()).hexdigest()[:16]}"
 
-    def profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None = None) -> FileProfile:
+    def profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None = None,
+                chat_template: str | None = None) -> FileProfile:
         with self._lock:
-            return self._profile(dataset, tokenizer, directory)
+            return self._profile(dataset, tokenizer, directory, chat_template)
 
-    def _profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None) -> FileProfile:
-        key = self.key(dataset, tokenizer)
+    def _profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None,
+                 chat_template: str | None = None) -> FileProfile:
+        key = self.key(dataset, tokenizer, chat_template)
         if key in self._profiles:
             self.memory_hits += 1
             self._profiles.move_to_end(key)
@@ -222,7 +229,7 @@ class TokenCache:
         if profile is not None:
             self.disk_hits += 1
         else:
-            profile = profile_dataset(dataset, tokenizer)
+            profile = profile_dataset(dataset, tokenizer, chat_template)
             self.tokenisations += 1
             if directory is not None:
                 try:
@@ -295,6 +302,7 @@ class DatasetReport:
     est_epochs: float
     warnings: tuple[str, ...] = ()
     auto: dict[str, Any] | None = None  # what each `auto` setting was resolved to, and why (queue/auto.py)
+    chat_template: str | None = None  # the job's own chat template (its name or file), if it names one
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -361,9 +369,10 @@ class _Run:
     def dataset(self, path: str, fmt: str | None) -> tuple[Dataset | None, ProblemList]:
         return self.memo(("dataset", path, fmt), lambda: data.check_dataset(path, fmt))  # type: ignore[no-any-return]
 
-    def profile(self, dataset: Dataset, tokenizer: Any) -> FileProfile:
-        return self.memo(("profile", dataset.path, dataset.format, id(tokenizer)),  # type: ignore[no-any-return]
-                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir))
+    def profile(self, dataset: Dataset, tokenizer: Any, chat_template: str | None = None) -> FileProfile:
+        template = chat_template if dataset.format == "chat" else None
+        return self.memo(("profile", dataset.path, dataset.format, id(tokenizer), template),  # type: ignore[no-any-return]
+                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir, template))
 
     def once(self, key: tuple[Any, ...], job: str, problems: list[Problem], shared: str) -> list[Problem]:
         """``problems`` the first time; for a later job, one line pointing at the job they were listed for."""
@@ -377,14 +386,19 @@ class _Run:
                          f"which uses this {shared} too")]
 
 
-def _token_problems(dataset: Dataset, profile: FileProfile, max_seq_len: int) -> ProblemList:
+def _token_problems(dataset: Dataset, profile: FileProfile, max_seq_len: int,
+                    template: str | None = None) -> ProblemList:
+    """The rows that cannot train; ``template`` names the job's chat_template in a row it cannot render."""
     out = ProblemList(dataset.path, dataset.kind)
     bad = [i for i, first in enumerate(profile.first_label) if first < 0 or first >= max_seq_len]
     for index in bad:
         line, record = dataset.locate(index)
         first = profile.first_label[index]
         if index in profile.template_errors:
-            out.add("template_error", profile.template_errors[index], line=line, row=record)
+            why = profile.template_errors[index]
+            if template is not None:
+                why = why.replace("the chat template", f"chat_template {template!r}", 1)
+            out.add("template_error", why, line=line, row=record)
         elif first < 0:
             out.add("untrainable", "no token to train on: the trained part renders to no token", line=line, row=record)
         else:
@@ -446,15 +460,18 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         train_idx, eval_idx = run.memo(("split", *split), lambda: data.split_indices(*split))
         n_eval = len(eval_idx)
 
+    if spec.chat_template is not None and job.chat_template_text is None and train.format == "chat":
+        return None, problems  # the template could not be loaded (templates.resolve_queue_templates said why)
     tokenizer, problem = run.tokenizer(job)
     base_key = ("base", job.base_model, spec.revision, spec.trust_remote_code)
     if problem is not None:
         return None, problems + run.once(base_key, job.name, [problem], "base model")
+    template = job.chat_template_text
     try:
-        profile = run.profile(train, tokenizer)
-        eval_profile = run.profile(eval_set, tokenizer) if eval_set else None
-    except data.TemplateError as exc:
-        no_template = _problem("base_model", "template_error", f"{job.base_model!r}: {exc}")
+        profile = run.profile(train, tokenizer, template)
+        eval_profile = run.profile(eval_set, tokenizer, template) if eval_set else None
+    except data.TemplateError as exc:  # no template at all: the job's chat_template is what fixes it
+        no_template = _problem("chat_template", "template_error", f"base model {job.base_model!r}: {exc}")
         return None, problems + run.once(base_key, job.name, [no_template], "base model")
 
     warnings: list[str] = []
@@ -462,10 +479,11 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     for label, dataset, file_profile in (("", train, profile), ("eval file: ", eval_set, eval_profile)):
         if dataset is None or file_profile is None:
             continue
-        found = run.memo(("tokens", dataset.path, id(file_profile), max_seq_len),
-                         partial(_token_problems, dataset, file_profile, max_seq_len))
+        found = run.memo(("tokens", dataset.path, id(file_profile), max_seq_len, spec.chat_template),
+                         partial(_token_problems, dataset, file_profile, max_seq_len, spec.chat_template))
         untrainable += found.count
-        problems += run.once(("tokens", str(dataset.path), dataset.format, id(tokenizer), max_seq_len), job.name,
+        problems += run.once(("tokens", str(dataset.path), dataset.format, id(tokenizer), max_seq_len,
+                              template if dataset.format == "chat" else None), job.name,
                              found.problems(), "file")
         cut, warning = run.memo(("cut", label, dataset.path, id(file_profile), max_seq_len),
                                 partial(_truncation, label, dataset, file_profile, max_seq_len))
@@ -482,6 +500,8 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     if leaked:
         warnings.append(f"{leaked} eval row(s) also appear among the training rows: the eval loss that gates "
                         "publishing will read better than it is")
+    if template is not None and train.format == "chat":
+        warnings += _template_warnings(spec.chat_template or "", template, tokenizer)
     if profile.special_rows:
         warnings.append(f"{len(profile.special_rows)} row(s) contain the text of a special token (e.g. "
                         f"{profile.special_example!r} at {_where(train, profile.special_rows[0])}); the tokenizer "
@@ -513,8 +533,24 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         base_model=job.base_model, max_seq_len=max_seq_len, tokens=profile.stats,
         truncated_rows=truncated, untrainable_rows=untrainable, duplicate_rows=len(repeats),
         est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
+        chat_template=spec.chat_template if train.format == "chat" else None,
     )
     return report, problems
+
+
+def _template_warnings(name: str, template: str, tokenizer: Any) -> list[str]:
+    """A built-in template's turn markers that the tokenizer lacks as tokens: trained as text pieces."""
+    from .templates import BUILTIN, MARKERS
+
+    if template != BUILTIN.get(name):
+        return []
+    vocab = tokenizer.get_vocab()
+    missing = [marker for marker in MARKERS.get(name, ()) if marker not in vocab]
+    if not missing:
+        return []
+    pieces = len(tokenizer(missing[0], add_special_tokens=False)["input_ids"])
+    return [f"chat_template {name}: the tokenizer has no {' / '.join(missing)} token(s); the turn markers are "
+            f"trained as plain text ({missing[0]} is {pieces} tokens), which works but costs tokens"]
 
 
 def _for_job(job: ResolvedJob, problems: list[Problem]) -> list[Problem]:
@@ -573,6 +609,8 @@ def describe(report: DatasetReport | None) -> list[str]:
         f"estimated: {report.est_steps} steps, {report.est_epochs:g} epoch(s)",
         *auto.lines(report.auto),
     ]
+    if report.chat_template:
+        lines.append(f"chat template: {report.chat_template} (the job's chat_template)")
     if report.untrainable_rows:
         lines.append(f"untrainable rows: {report.untrainable_rows} (errors)")
     lines += [f"warning: {warning}" for warning in report.warnings]

@@ -24,6 +24,9 @@ IGNORE_INDEX = -100
 TRAINED_KEY = {"prompt_completion": "completion", "alpaca": "output", "text": "text"}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+#: Why a chat dataset cannot be rendered: the field that fixes it is named.
+NO_TEMPLATE = ("the base model's tokenizer has no chat template, and chat datasets need one: set the job's "
+               "chat_template (a built-in such as chatml, or a .jinja file)")
 
 
 def is_trained(message: dict[str, Any]) -> bool:
@@ -43,20 +46,22 @@ class Rendered:
     add_special_tokens: bool = True
 
 
-def render(row: dict[str, Any], fmt: str, tokenizer: Any) -> Rendered:
-    result = render_many([row], fmt, tokenizer)[0]
+def render(row: dict[str, Any], fmt: str, tokenizer: Any, chat_template: str | None = None) -> Rendered:
+    result = render_many([row], fmt, tokenizer, chat_template)[0]
     if isinstance(result, TemplateError):
         raise result
     return result
 
 
-def render_many(rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any) -> list[Rendered | TemplateError]:
+def render_many(rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any,
+                chat_template: str | None = None) -> list[Rendered | TemplateError]:
     """Render checked rows; a chat row the template cannot render gets a TemplateError in its place.
 
-    Raises TemplateError when the tokenizer has no chat template at all (a chat dataset needs one).
+    ``chat_template`` (a job's, see :mod:`.templates`) replaces the tokenizer's own.
+    Raises TemplateError when there is no chat template at all (a chat dataset needs one).
     """
     if fmt == "chat":
-        return _render_chats([row["messages"] for row in rows], tokenizer)
+        return _render_chats([row["messages"] for row in rows], tokenizer, chat_template)
     if fmt not in TRAINED_KEY:
         raise ValueError(f"unknown format {fmt!r}")
     eos = getattr(tokenizer, "eos_token", None) or ""
@@ -78,7 +83,7 @@ def _render_flat(row: dict[str, Any], fmt: str, eos: str) -> Rendered:
 
 
 class ChatTemplate:
-    """A tokenizer's chat template, rendering many conversations at a time.
+    """A tokenizer's chat template (or ``template``, a job's own), rendering many conversations at a time.
 
     ``apply_chat_template`` is the reference. Rendering the compiled Jinja template
     directly is about 2.5x faster on a large file; it is used only once it has
@@ -87,14 +92,15 @@ class ChatTemplate:
 
     SAMPLE = 4
 
-    def __init__(self, tokenizer: Any) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("the tokenizer has no chat_template; chat datasets need one")
+    def __init__(self, tokenizer: Any, template: str | None = None) -> None:
+        template = template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise TemplateError(NO_TEMPLATE)
         self.tokenizer = tokenizer
+        self.template = template
         self._direct: Any = None
         self._kwargs: dict[str, Any] = {}
         self._checked = False
-        template = tokenizer.chat_template
         try:
             from transformers.utils import chat_template_utils as ctu
 
@@ -106,7 +112,8 @@ class ChatTemplate:
             self._direct = None
 
     def _public(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
-        out = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt)
+        out = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 chat_template=self.template)
         return [str(text) for text in out]
 
     def _fast(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
@@ -147,8 +154,9 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "weight" and v is not None}
 
 
-def _render_chats(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer: Any) -> list[Rendered | TemplateError]:
-    template = ChatTemplate(tokenizer)
+def _render_chats(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer: Any,
+                  chat_template: str | None = None) -> list[Rendered | TemplateError]:
+    template = ChatTemplate(tokenizer, chat_template)
     clean = [[_template_message(m) for m in conversation] for conversation in conversations]
     fulls = template.render(clean, False)
     # A trained turn spans from the end of the text before it (with the assistant header)
@@ -304,19 +312,20 @@ def _encode_rendered(rendered: Sequence[Rendered], tokenizer: Any, max_seq_len: 
     return out
 
 
-def encode_many(rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any, max_seq_len: int) -> list[Encoded]:
+def encode_many(rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any, max_seq_len: int,
+                chat_template: str | None = None) -> list[Encoded]:
     """:func:`encode` for many checked rows at once (one batched render and tokenise).
 
     Raises TemplateError, naming the row's position, when the chat template cannot render a row.
     """
     rendered: list[Rendered] = []
-    for index, item in enumerate(render_many(rows, fmt, tokenizer)):
+    for index, item in enumerate(render_many(rows, fmt, tokenizer, chat_template)):
         if isinstance(item, TemplateError):
             raise TemplateError(f"row {index + 1}: {item}")
         rendered.append(item)
     return _encode_rendered(rendered, tokenizer, max_seq_len)
 
 
-def encode(row: dict[str, Any], fmt: str, tokenizer: Any, max_seq_len: int) -> Encoded:
+def encode(row: dict[str, Any], fmt: str, tokenizer: Any, max_seq_len: int, chat_template: str | None = None) -> Encoded:
     """Tokenise one row; labels are the token ids inside trainable spans, else -100."""
-    return _encode_rendered([render(row, fmt, tokenizer)], tokenizer, max_seq_len)[0]
+    return _encode_rendered([render(row, fmt, tokenizer, chat_template)], tokenizer, max_seq_len)[0]

@@ -75,6 +75,7 @@ nonfinite_output           error     the adapted model outputs NaN or Inf
 no_effect                  error     the adapter does not change the base model's output
 quality_gate               error     eval loss not at least min_drop below the base's (or not finite)
 serving                    error     an engine the queue requires (``serving: [...]``) will not serve it
+bad_chat_template          error     ``chat_template.jinja`` is not a Jinja template (or unreadable, over 1 MiB)
 =========================  ========  =====================================================
 """
 from __future__ import annotations
@@ -84,7 +85,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import InspectionError, PathError
+from ..data import templates
+from ..errors import InspectionError, PathError, TemplateError
 from ..sandbox import Roots, is_pickle
 from . import safetensors as st
 from . import serving
@@ -313,6 +315,7 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
     names = _list(root, found)
     cfg, raw_cfg = _read_config(root, names, found, stats)
     weights = _read_weights(root, names, cfg, found, stats)
+    chat_template = _read_template(root, names, found, stats)
     verdicts: dict[str, serving.Verdict] = {}
     if cfg is not None and weights is not None:
         if base_config is None:
@@ -323,8 +326,28 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
         stats["base"] = base
         if cfg is not None and weights is not None:
             on_base.inspect_on_base(root, weights, cfg, found, stats, base=base, data_path=data_path,
-                                          min_drop=min_eval_loss_drop, max_seq_len=max_seq_len)
+                                    min_drop=min_eval_loss_drop, max_seq_len=max_seq_len,
+                                    chat_template=chat_template)
     return Inspection(str(root), found.result(), stats, verdicts)
+
+
+def _read_template(root: Path, names: list[str], found: Findings, stats: dict[str, Any]) -> str | None:
+    """The folder's ``chat_template.jinja`` (the job's template, written at publish): rows of ``data`` render with it."""
+    name = templates.TEMPLATE_FILE
+    if name not in names:
+        return None
+    try:
+        if not (root / name).resolve().is_relative_to(root):
+            return None  # a symlink_escape finding already; never read
+    except (OSError, RuntimeError):
+        return None
+    try:
+        source = templates.load_chat_template(name, base_dir=root, roots=None)
+    except TemplateError as exc:
+        found.add("bad_chat_template", "error", f"{exc}; a server rendering prompts with it would fail", name)
+        return None
+    stats["chat_template"] = {"file": name, "sha256": source.sha256}
+    return source.text
 
 
 def _serving_base_config(root: Path, raw_cfg: dict[str, Any], base: str | None,

@@ -162,16 +162,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Findings, stats: dict[str, Any], *,
-                    base: str, data_path: Path | None, min_drop: float, max_seq_len: int) -> None:
+                    base: str, data_path: Path | None, min_drop: float, max_seq_len: int,
+                    chat_template: str | None = None) -> None:
     """Check the adapter against ``base`` (and the dataset), adding findings and stats.
 
-    ``base`` and ``data_path`` come from :func:`resolve_base` and :func:`resolve_data`.
+    ``base`` and ``data_path`` come from :func:`resolve_base` and :func:`resolve_data`;
+    chat rows of the dataset render with ``chat_template`` (the adapter folder's) when given.
     """
     check_layout(base_layout(base), weights, cfg, found, base=base)
     if found.has_errors():
         return  # loading an adapter already known to be broken proves nothing more
     _run(root, base, data_path, found, stats, min_drop=min_drop, max_seq_len=max_seq_len,
-         n_modules=len(weights.modules))
+         n_modules=len(weights.modules), chat_template=chat_template)
 
 
 def resolve_data(data: str, roots: Roots | None) -> Path:
@@ -187,7 +189,7 @@ def resolve_data(data: str, roots: Roots | None) -> Path:
 
 
 def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: dict[str, Any], *,
-         min_drop: float, max_seq_len: int, n_modules: int) -> None:
+         min_drop: float, max_seq_len: int, n_modules: int, chat_template: str | None = None) -> None:
     from ..model.base import quiet_libraries, resolve_dtype
 
     quiet_libraries()  # the CLI's output is the findings, not loading bars; before peft (it imports bitsandbytes)
@@ -208,7 +210,7 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
         raise InspectionError(f"base model {base}: cannot load it: {type(exc).__name__}: {exc}") from None
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() as a decorator
     model.eval()
-    eval_set = _eval_set(data_path, tokenizer, max_seq_len) if data_path is not None else None
+    eval_set = _eval_set(data_path, tokenizer, max_seq_len, chat_template) if data_path is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = Collator(pad_id=pad_id)
     probe = _probe(tokenizer, model.config.vocab_size).to(device)
@@ -257,7 +259,7 @@ def _probe(tokenizer: Any, vocab_size: int) -> Any:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def _eval_set(path: Path, tokenizer: Any, max_seq_len: int) -> Any:
+def _eval_set(path: Path, tokenizer: Any, max_seq_len: int, chat_template: str | None = None) -> Any:
     from .. import data
     from ..model.batching import ListDataset
 
@@ -265,7 +267,7 @@ def _eval_set(path: Path, tokenizer: Any, max_seq_len: int) -> Any:
         dataset = data.load_dataset(path)
         items = []
         for row in dataset.rows[:MAX_EVAL_ROWS]:
-            encoded = data.encode(row, dataset.format, tokenizer, max_seq_len)
+            encoded = data.encode(row, dataset.format, tokenizer, max_seq_len, chat_template)
             if encoded.trainable:
                 items.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
     except (DataError, data.TemplateError) as exc:

@@ -165,6 +165,15 @@ class JobSpec(_Strict):
     group: str | None = None  # the sweep this job was expanded from (queue/sweep.py)
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the base loaded through bitsandbytes
     init_from: str | None = None  # warm start: a published adapter's name, or an adapter folder
+    # ---- a chat template for a base without one (issue 10): a built-in name (chatml) or a .jinja file
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a built-in chat template (chatml) or a .jinja file")
+        return value
 
     @field_validator("group")
     @classmethod
@@ -266,6 +275,9 @@ class ResolvedJob(BaseModel):
     sweep: dict[str, Any] | None = None  # the settings this job of a sweep was given (queue/sweep.py)
     auto: dict[str, Any] | None = None  # what each `auto` was resolved to, and why (queue/auto.py)
     init_from_path: str | None = None  # spec.init_from as an absolute adapter folder, checked at submit
+    # spec.chat_template as loaded at submit (data/templates.py): the trainer renders with this text
+    chat_template_text: str | None = None
+    chat_template_path: str | None = None  # the file it was read from; None for a built-in
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ and attempt: the next worker recognises it and completes the job exactly once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..queue.store import Claim, Job, Store
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
 MANIFEST = "loraq-manifest.json"
+#: The job's own chat template (``chat_template``), as transformers names a tokenizer's template file.
+CHAT_TEMPLATE = "chat_template.jinja"
 INSPECTION = "inspection.json"
 MODEL_CARD = "README.md"
 WEIGHTS, CONFIG = ADAPTER_WEIGHTS, ADAPTER_CONFIG
@@ -68,7 +71,17 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[
         if job.spec.get("init_from_path") else None,
         "oom_adjustments": job.spec.get("oom_adjustments") or [],
         "stopping": (result.get("extras") or {}).get("stopping"),
+        # a job's own chat template, written beside the adapter: a server renders prompts as training did
+        "chat_template": _template_entry(job.spec),
     }
+
+
+def _template_entry(stored: dict[str, Any]) -> dict[str, Any] | None:
+    text = stored.get("chat_template_text")
+    if not isinstance(text, str):
+        return None
+    return {"name": stored["spec"].get("chat_template"), "file": CHAT_TEMPLATE, "source": stored.get("chat_template_path"),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
@@ -97,6 +110,8 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         f"| training | {manifest.get('steps')} steps, lr={training.get('learning_rate')}, batch={training.get('batch_size')}×{training.get('grad_accum')}, seed={training.get('seed')} |",
         f"| eval loss | base {fmt(manifest.get('base_eval_loss'))} → adapter {fmt(manifest.get('eval_loss'))} |",
         f"| inspection | {'pass' if inspection.get('passed') else 'fail'} ({len(inspection.get('findings', []))} finding(s)) |",
+        *([f"| chat template | `{manifest['chat_template']['name']}`, in `{CHAT_TEMPLATE}` beside the adapter: render "
+           "prompts with it |"] if manifest.get("chat_template") else []),
         "| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())) + " |",
         "",
         "## Use",
@@ -113,7 +128,10 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str, Any]) -> None:
+def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str, Any],
+                   chat_template: str | None = None) -> None:
+    if chat_template is not None:
+        fsutil.atomic_write_text(staging / CHAT_TEMPLATE, chat_template)
     fsutil.atomic_write_json(staging / INSPECTION, inspection)
     fsutil.atomic_write_text(staging / MODEL_CARD, model_card(manifest, inspection))
     # The manifest is written last: its presence says the folder is complete.

@@ -450,7 +450,7 @@ class Worker:
             return
         try:
             manifest = publish.build_manifest(claim, result, staging)
-            publish.stage_metadata(staging, manifest, inspection)
+            publish.stage_metadata(staging, manifest, inspection, claim.job.spec.get("chat_template_text"))
             target = publish.publish(self.store, self.home, claim, staging, result)
         except LeaseLost:
             self.observer("lost", {"name": claim.job.name, "why": "lease lost before publishing; nothing published"})

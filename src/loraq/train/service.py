@@ -151,7 +151,8 @@ def prepare(job: JobInput, tokenizer: Any) -> Prepared:
 
     def encode_all(subset: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], int]:
         try:  # one batched render and tokenise for all rows (the tokenizer's Rust batch path)
-            encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len)
+            encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len,
+                                       job.chat_template_text)
         except data.TemplateError as exc:
             raise TrainingError(f"{dataset.path}: {exc}", kind=FailureKind.DATA) from exc
         items = [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded if enc.trainable]
