@@ -174,10 +174,7 @@ def prompt_text(row: dict[str, Any], fmt: str, tokenizer: Any) -> tuple[str, boo
         return str(text), False
     if fmt == "prompt_completion":
         return row["prompt"], True
-    try:  # loraq.data re-exports them; the modules are moving into sub-packages
-        from loraq.data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
-    except ImportError:
-        from loraq.encoding import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+    from loraq.data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
 
     template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
     return template.format(instruction=row["instruction"], input=row.get("input") or ""), True
