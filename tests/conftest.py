@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch is imported: in-process training and generation in the tests do not spin their
+# OpenMP threads on cores that the trainers beside them need (as executors.base.trainer_env does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 LORAQ = str(Path(sys.executable).with_name("loraq"))

@@ -43,6 +43,9 @@ def test_each_trainer_is_pinned_to_its_device_and_cpu_trainers_share_the_cores()
     assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU trainer sees no GPU at all
     assert env["OMP_NUM_THREADS"] == str(max(1, usable_cores() // 2))
     assert trainer_env("cpu", cpus, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the operator's choice stands
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning threads on cores other work needs
+    assert trainer_env("cpu", cpus, {"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in trainer_env("1", gpus, {})
 
 
 SIX_JOBS = TINY_DEFAULTS + "jobs:\n" + "".join(
