@@ -282,6 +282,8 @@ class JobRow:
     adapter: str | None
     group: str | None = None  # the sweep a job belongs to (``spec.group``), if any
     seq: int = 0  # the store's change sequence when this row was read (live readers order updates by it)
+    exact_match: float | None = None  # validation.metrics: [exact_match], the adapter's and the base's
+    base_exact_match: float | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobRow:
@@ -291,7 +293,8 @@ class JobRow:
             train_loss=job.train_loss, eval_loss=job.eval_loss, base_eval_loss=job.base_eval_loss,
             verdict=job.verdict, error_kind=job.error_kind, error=job.error,
             adapter=(job.result or {}).get("adapter"), group=(job.spec.get("spec") or {}).get("group"),
-            seq=job.seq,
+            seq=job.seq, exact_match=_metric(job.result, "exact_match"),
+            base_exact_match=_metric(job.result, "base_exact_match"),
         )
 
     @classmethod
@@ -303,6 +306,7 @@ class JobRow:
             total_steps=row["progress_total"], train_loss=row["train_loss"], eval_loss=row["eval_loss"],
             base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
             error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
+            exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -312,8 +316,13 @@ class JobRow:
             "progress": {"step": self.step, "total": self.total_steps},
             "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
             "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
-            "group": self.group,
+            "group": self.group, "exact_match": self.exact_match, "base_exact_match": self.base_exact_match,
         }
+
+
+def _metric(result: dict[str, Any] | None, name: str) -> float | None:
+    value = ((result or {}).get("metrics") or {}).get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)

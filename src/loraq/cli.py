@@ -295,6 +295,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         print("no jobs (loraq submit QUEUE.yaml to add some)")
         return 0
     rows = []
+    measured = any(job.exact_match is not None for job in result.jobs)  # a column only where a job asked for it
     grouped: dict[str | None, list[api.JobRow]] = {}
     for job in result.jobs:  # a sweep's jobs together, under a line naming it, where its first job was
         grouped.setdefault(job.group, []).append(job)
@@ -302,16 +303,22 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         if group is not None:
             states = ", ".join(f"{sum(1 for m in members if m.status == s)} {s}" for s in
                                dict.fromkeys(m.status for m in members))
-            rows.append([f"sweep {group}", f"{len(members)} jobs", "", "", "", "", states])
+            rows.append([f"sweep {group}", f"{len(members)} jobs", "", "", "", "", states] + ([""] if measured else []))
         for job in members:
             progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
             note = job.verdict or ""
             if job.status in ("failed", "pending") and job.error:
                 note = f"{job.error_kind}: {job.error}"[:100]
             rows.append([("  " if group is not None else "") + job.name, job.status, f"{job.attempts}/{job.max_attempts}",
-                         progress, _num(job.train_loss), f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note])
-    _plain_table(["job", "status", "attempts", "progress", "train loss", "eval loss base -> adapter", "verdict / why"], rows)
+                         progress, _num(job.train_loss), f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note]
+                        + ([_exact(job.base_exact_match, job.exact_match)] if measured else []))
+    _plain_table(["job", "status", "attempts", "progress", "train loss", "eval loss base -> adapter", "verdict / why"]
+                 + (["exact match base -> adapter"] if measured else []), rows)
     return 0
+
+
+def _exact(base: float | None, adapter: float | None) -> str:
+    return "" if adapter is None and base is None else f"{_num(base)} -> {_num(adapter)}"
 
 
 @app.command()
@@ -327,6 +334,12 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
     print(f"  base model: {j.spec.get('base_model')}")
     print(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
     print(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
+    result_doc = j.result or {}
+    metrics = result_doc.get("metrics") or {}
+    if "exact_match" in metrics:
+        rows_used = (result_doc.get("extras") or {}).get("exact_match_rows")
+        print(f"  exact match: base {_num(metrics.get('base_exact_match'))} -> adapter {_num(metrics['exact_match'])}"
+              + (f" (greedy answers to {rows_used} eval prompts)" if rows_used else ""))
     if j.error:
         print(f"  why:        {j.error_kind}: {j.error}")
     if adapter := (j.result or {}).get("adapter"):
@@ -350,9 +363,23 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         print(f"inspection: {verdict}")
         for f in result.inspection.get("findings", []):
             print(f"  {f.get('severity')} [{f.get('code')}] {f.get('message')}")
+    _print_samples((result_doc.get("extras") or {}).get("samples"))
     if result.log_path:
         print(f"log: {result.log_path}")
     return 0
+
+
+def _print_samples(samples: Any) -> None:
+    """A few eval prompts with the reference, the base's answer and the adapter's, one under the other."""
+    if not isinstance(samples, list) or not samples:
+        return
+    print("samples (eval prompts; base and adapter answers, greedy):")
+    for n, sample in enumerate(s for s in samples if isinstance(s, dict)):
+        prompt = str(sample.get("prompt", ""))
+        tail = prompt if len(prompt) <= 160 else "…" + prompt[-159:]
+        print(f"  #{n + 1} prompt:    {tail!r}")
+        for key in ("reference", "base", "adapter"):
+            print(f"     {key + ':':<10} {str(sample.get(key, ''))!r}")
 
 
 @app.command()

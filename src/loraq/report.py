@@ -70,6 +70,9 @@ def build(store: Store, home: Home) -> dict[str, Any]:
             "oom_adjustments": job.spec.get("oom_adjustments") or [],
             "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),
             "controls": controls.control_lines(job.spec, job.result),
+            # quality you can see: exact match base -> adapter, and a few answers side by side
+            "metrics": _dict((job.result or {}).get("metrics")),
+            "samples": _samples(job.result),
         })
     state = store.queue_state()
     return {
@@ -81,6 +84,34 @@ def build(store: Store, home: Home) -> dict[str, Any]:
         "jobs": jobs,
         "sweeps": sweeps_of(jobs),
     }
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _samples(result: dict[str, Any] | None) -> list[dict[str, str]]:
+    """``extras["samples"]`` of a result: ``[{prompt, reference, base, adapter}, ...]``, as text."""
+    raw = _dict(_dict(result).get("extras")).get("samples")
+    if not isinstance(raw, list):
+        return []
+    keys = ("prompt", "reference", "base", "adapter")
+    return [{k: "" if s.get(k) is None else str(s.get(k)) for k in keys} for s in raw if isinstance(s, dict)]
+
+
+def exact_match_line(metrics: dict[str, Any]) -> str | None:
+    """``exact match 0.000 → 0.938`` (base → adapter), or ``None`` when the job did not measure it."""
+    if "exact_match" not in metrics:
+        return None
+    return f"exact match {_num(metrics.get('base_exact_match'), 3)} → {_num(metrics.get('exact_match'), 3)}"
+
+
+def _md_cell(text: str, limit: int = 200, *, tail: bool = False) -> str:
+    """``text`` as one Markdown table cell: code, one line, at most ``limit`` characters (its end if ``tail``)."""
+    if len(text) > limit:
+        text = "…" + text[-(limit - 1):] if tail else text[:limit - 1] + "…"
+    flat = text
+    return "`" + flat.replace("\n", "⏎").replace("`", "'").replace("|", "\\|") + "`" if flat else ""
 
 
 def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -190,9 +221,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         problems = [a for a in job["attempts"] if a["reason"]]
         findings = [f for f in job["findings"] if f.get("severity") in ("error", "warning")]
         not_served = serving_reasons(job["serving"])
-        if not problems and not findings and not not_served and not job.get("controls"):
+        quality = exact_match_line(job.get("metrics") or {})
+        samples = job.get("samples") or []
+        if not problems and not findings and not not_served and not job.get("controls") and not quality and not samples:
             continue
         lines += ["", f"## {job['name']}", ""]
+        lines += [f"- {quality} (greedy answers to the eval prompts)"] if quality else []
         lines += [f"- {line}" for line in job.get("controls") or []]
         for attempt in job["attempts"]:
             resumed = f", resumed from step {attempt['resumed_from_step']}" if attempt["resumed_from_step"] else ""
@@ -202,6 +236,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {finding['severity']} `{finding['code']}`: {finding['message']}")
         for line in not_served:
             lines.append(f"- serving: {line}")
+        if samples:
+            lines += ["", "| prompt (its end) | reference | base | adapter |", "| --- | --- | --- | --- |"]
+            lines += [f"| {_md_cell(x['prompt'], 80, tail=True)} | {_md_cell(x['reference'])} | {_md_cell(x['base'])} "
+                      f"| {_md_cell(x['adapter'])} |" for x in samples]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +339,7 @@ def body_html(report: dict[str, Any]) -> str:
             f"<br><span class=muted>{e(Path(str(job['dataset'])).name)}: {job['dataset_rows'] or '?'} rows"
             + (f", {job['n_train']} train / {job['n_eval']} eval" if job["n_train"] else "") + "</span></td>"
             f"<td>{e(job['status'])}</td><td>{job['attempts_used']}/{job['max_attempts']}</td>"
-            f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b></td>"
+            f"<td>{_num(job['base_eval_loss'])} → <b>{_num(job['eval_loss'])}</b>{_quality_html(job)}</td>"
             f"<td>{loss_svg(job['curves'], reference=job['base_eval_loss'])}{legend_html(job['base_eval_loss'] is not None)}</td>"
             f"<td>{_bytes(job['adapter_bytes'])}<br>{_num(job['duration_s'], 1)} s</td>"
             f"<td><ul>{attempts}</ul><ul>{findings}</ul>{serving}</td></tr>"
@@ -322,6 +360,21 @@ def body_html(report: dict[str, Any]) -> str:
 <table><thead><tr><th>job</th><th>status</th><th>attempts</th><th>eval loss base → adapter</th><th>loss curves</th><th>size / time</th><th>attempts and findings</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
 {sweeps}"""
+
+
+def _quality_html(job: dict[str, Any]) -> str:
+    """Exact match base → adapter, and the samples base beside adapter, under the eval loss."""
+    e = html.escape
+    line = exact_match_line(job.get("metrics") or {})
+    out = f"<br><span class=quality>{e(line)}</span>" if line else ""
+    samples = job.get("samples") or []
+    if samples:
+        out += ("<details class=samples><summary>samples</summary><table><thead><tr><th>prompt</th><th>reference</th>"
+                "<th>base</th><th>adapter</th></tr></thead><tbody>"
+                + "".join(f"<tr><td><pre>{e(x['prompt'][-300:])}</pre></td><td><pre>{e(x['reference'])}</pre></td>"
+                          f"<td><pre>{e(x['base'])}</pre></td><td><pre>{e(x['adapter'])}</pre></td></tr>"
+                          for x in samples) + "</tbody></table></details>")
+    return out
 
 
 def to_html(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from .encoding import (
     IGNORE_INDEX,
     TRAINED_KEY,
     Encoded,
+    Prompt,
     Rendered,
     TemplateError,
     Tokens,
@@ -17,6 +18,7 @@ from .encoding import (
     first_label,
     is_trained,
     labels_for,
+    prompts_of,
     render,
     render_many,
     tokenize_many,
@@ -46,9 +48,9 @@ from .rows import (
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "CATEGORIES", "CHAT_ROLES", "FORMAT_KEYS", "IGNORE_INDEX",
-    "MAX_LISTED_PROBLEMS", "MESSAGE_KEYS", "SUFFIXES", "TRAINED_KEY", "Dataset", "Encoded", "ProblemList",
+    "MAX_LISTED_PROBLEMS", "MESSAGE_KEYS", "SUFFIXES", "TRAINED_KEY", "Dataset", "Encoded", "ProblemList", "Prompt",
     "Rendered", "RowProblem", "TemplateError", "Tokens", "check_dataset", "check_split", "detect_file_format",
     "detect_format", "encode", "encode_many", "file_kind", "first_label", "is_trained", "labels_for",
-    "load_dataset", "read_records", "render", "render_many", "row_problem", "sha256_bytes", "split_indices",
+    "load_dataset", "prompts_of", "read_records", "render", "render_many", "row_problem", "sha256_bytes", "split_indices",
     "tokenize_many", "where_in",
 ]

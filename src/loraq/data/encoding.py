@@ -198,6 +198,58 @@ def _render_chats(conversations: Sequence[Sequence[dict[str, Any]]], tokenizer: 
     return results
 
 
+# ---------------------------------------------------------------- prompts and their answers
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a row asks and the one answer it teaches: the text a model continues, rendered as in training.
+
+    ``stop`` is the text that ends the answer in training (a chat template's end of turn,
+    ``<|im_end|>``); a generation is cut there. Flat formats end with the EOS token.
+    """
+
+    text: str
+    reference: str  # whitespace-trimmed
+    add_special_tokens: bool = True
+    stop: str | None = None
+
+
+def prompts_of(rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any,
+               chat_template: str | None = None) -> list[Prompt | TemplateError]:
+    """Each row's prompt (what precedes the trained text) and its reference answer (the trained text).
+
+    Chat rows end at their last trained assistant turn: the prompt is the conversation
+    before it with the template's generation prompt. A ``text`` row has no prompt:
+    ``ValueError``.
+    """
+    if fmt == "text":
+        raise ValueError("a text dataset has no prompts: every token is trained")
+    if fmt != "chat":
+        prompts: list[Prompt | TemplateError] = []
+        for row in rows:
+            rendered = _render_flat(row, fmt, "")
+            start = rendered.spans[0][0]
+            prompts.append(Prompt(rendered.text[:start], rendered.text[start:].strip()))
+        return prompts
+    template = ChatTemplate(tokenizer, chat_template)
+    clean = [[_template_message(m) for m in row["messages"]] for row in rows]
+    last = [max(t for t, m in enumerate(row["messages"]) if is_trained(m)) for row in rows]
+    befores = template.render([c[:t] for c, t in zip(clean, last)], True)
+    uptos = template.render([c[:t + 1] for c, t in zip(clean, last)], False)
+    out: list[Prompt | TemplateError] = []
+    for conversation, t, before, upto in zip(clean, last, befores, uptos):
+        if isinstance(before, TemplateError) or isinstance(upto, TemplateError):
+            out.append(before if isinstance(before, TemplateError) else upto)  # type: ignore[arg-type]
+            continue
+        content = str(conversation[t].get("content") or "")
+        turn = upto[len(before):] if upto.startswith(before) else ""
+        # what the template puts after the answer (its end-of-turn marker) is where an answer stops
+        stop = turn[len(content):].strip() if content and turn.startswith(content) else ""
+        out.append(Prompt(before, content.strip(), add_special_tokens=False, stop=stop or None))
+    return out
+
+
 # ---------------------------------------------------------------- tokenising
 
 

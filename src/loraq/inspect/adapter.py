@@ -74,6 +74,7 @@ load_mismatch              error     PEFT loads it with missing keys or fewer Lo
 nonfinite_output           error     the adapted model outputs NaN or Inf
 no_effect                  error     the adapter does not change the base model's output
 quality_gate               error     eval loss not at least min_drop below the base's (or not finite)
+exact_match_gate           error     the adapter's exact match on the eval prompts below validation.min_exact_match
 serving                    error     an engine the queue requires (``serving: [...]``) will not serve it
 bad_chat_template          error     ``chat_template.jinja`` is not a Jinja template (or unreadable, over 1 MiB)
 =========================  ========  =====================================================

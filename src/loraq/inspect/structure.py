@@ -307,3 +307,18 @@ def quality_gate(base_eval_loss: float | None, eval_loss: float | None, min_drop
                    f"eval loss {eval_loss:.4f} vs the base's {base_eval_loss:.4f} is {verdict}; the gate asks for a "
                    f"drop of at least {min_drop:.4f} (train longer, raise the learning rate, or lower "
                    "validation.min_eval_loss_drop)")
+
+
+def exact_match_gate(exact_match: float | None, minimum: float | None, base: float | None = None) -> Finding | None:
+    """``validation.min_exact_match``: the adapter's exact match on the eval prompts must reach ``minimum``."""
+    if minimum is None:
+        return None
+    if exact_match is None or not math.isfinite(exact_match):
+        return Finding("exact_match_gate", "error", f"no exact match was measured (got {exact_match}) but "
+                                                    f"validation.min_exact_match asks for {minimum:.3f}")
+    if exact_match >= minimum:
+        return None
+    versus = f" (the base's: {base:.3f})" if base is not None else ""
+    return Finding("exact_match_gate", "error",
+                   f"exact match {exact_match:.3f}{versus} on the eval prompts is below validation.min_exact_match "
+                   f"{minimum:.3f} (train longer, raise the learning rate, or lower the gate)")

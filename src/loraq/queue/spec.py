@@ -130,11 +130,26 @@ class EarlyStoppingSpec(_Strict):
         return _finite(value)
 
 
+#: Metrics a job can ask for besides the eval loss (``validation.metrics``).
+METRICS = ("exact_match",)
+
+
 class ValidationSpec(_Strict):
     split: float = Field(0.05, ge=0.0, lt=1.0)
     dataset: str | None = None
     min_eval_loss_drop: float = 0.0
     early_stopping: EarlyStoppingSpec | None = None
+    # ---- quality you can see (issue 10): greedy answers on the eval rows' prompts, base and adapter
+    metrics: list[Literal["exact_match"]] = Field(default_factory=list)
+    min_exact_match: float | None = Field(None, ge=0.0, le=1.0)  # a gate: the adapter's exact match at least this
+    samples: int = Field(3, ge=0, le=50)  # eval prompts whose base and adapter answers are shown side by side
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a metric twice")
+        return value
 
     @field_validator("split", "min_eval_loss_drop")
     @classmethod
@@ -145,6 +160,8 @@ class ValidationSpec(_Strict):
     def _has_eval(self) -> ValidationSpec:
         if self.split == 0.0 and self.dataset is None:
             raise ValueError("needs split > 0 or a dataset: the eval loss gates publishing")
+        if self.min_exact_match is not None and "exact_match" not in self.metrics:
+            raise ValueError("min_exact_match gates on the exact_match metric: add metrics: [exact_match]")
         return self
 
 

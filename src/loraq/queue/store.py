@@ -876,6 +876,8 @@ class Store:
         try:
             rows = self.conn.execute(
                 f"SELECT {self._LISTING}, json_extract(result, '$.adapter') AS adapter, "
+                f"json_extract(result, '$.metrics.exact_match') AS exact_match, "
+                f"json_extract(result, '$.metrics.base_exact_match') AS base_exact_match, "
                 f"json_extract(spec, '$.spec.group') AS grp FROM jobs {where} ORDER BY {order}{page}",
                 [*params, *([group] if group is not None else [])]).fetchall()
             return [dict(r) for r in rows]
@@ -886,7 +888,10 @@ class Store:
         out = []
         for r in self.conn.execute(f"SELECT {self._LISTING}, result, spec FROM jobs {where} ORDER BY {order}", params):
             row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}  # noqa: SIM118 (a Row iterates values)
-            row |= {"adapter": (json.loads(r["result"]) if r["result"] else {}).get("adapter"), "grp": _group_of(r["spec"])}
+            result = json.loads(r["result"]) if r["result"] else {}
+            metrics = result["metrics"] if isinstance(result.get("metrics"), dict) else {}
+            row |= {"adapter": result.get("adapter"), "grp": _group_of(r["spec"]),
+                    "exact_match": metrics.get("exact_match"), "base_exact_match": metrics.get("base_exact_match")}
             if group is None or row["grp"] == group:
                 out.append(row)
         return out[offset:offset + limit] if limit is not None else out[offset:]

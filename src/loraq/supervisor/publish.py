@@ -60,6 +60,7 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[
         "train_loss": result.get("train_loss"),
         "eval_loss": result.get("eval_loss"),
         "base_eval_loss": result.get("base_eval_loss"),
+        "metrics": result.get("metrics") or {},  # exact_match and base_exact_match, when the job asked for them
         "steps": result.get("steps"),
         "resumed_from": result.get("resumed_from"),
         "files": files,
@@ -109,6 +110,9 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         f"| LoRA | r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets={lora.get('target_modules')} |",
         f"| training | {manifest.get('steps')} steps, lr={training.get('learning_rate')}, batch={training.get('batch_size')}×{training.get('grad_accum')}, seed={training.get('seed')} |",
         f"| eval loss | base {fmt(manifest.get('base_eval_loss'))} → adapter {fmt(manifest.get('eval_loss'))} |",
+        *([f"| exact match | base {fmt(manifest['metrics'].get('base_exact_match'))} → adapter "
+           f"{fmt(manifest['metrics'].get('exact_match'))} (greedy answers to the eval prompts) |"]
+          if "exact_match" in (manifest.get("metrics") or {}) else []),
         f"| inspection | {'pass' if inspection.get('passed') else 'fail'} ({len(inspection.get('findings', []))} finding(s)) |",
         *([f"| chat template | `{manifest['chat_template']['name']}`, in `{CHAT_TEMPLATE}` beside the adapter: render "
            "prompts with it |"] if manifest.get("chat_template") else []),

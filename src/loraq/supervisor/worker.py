@@ -431,12 +431,20 @@ class Worker:
                                       spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
         if gate is not None:
             findings.append(gate)
+        validation = spec.get("validation", {})
+        matched = trained.metrics.get("exact_match")
+        if (em_gate := inspector.exact_match_gate(matched, validation.get("min_exact_match"),
+                                                  trained.metrics.get("base_exact_match"))) is not None:
+            findings.append(em_gate)
         inspection = report.to_json() | {
             "passed": not any(f.severity == "error" for f in findings),
             "findings": [dataclasses.asdict(f) for f in findings],
             "quality": {"base_eval_loss": _finite_or_none(trained.base_eval_loss),
                         "eval_loss": _finite_or_none(trained.eval_loss),
-                        "min_eval_loss_drop": spec.get("validation", {}).get("min_eval_loss_drop", 0.0)},
+                        "min_eval_loss_drop": validation.get("min_eval_loss_drop", 0.0)}
+            | ({"exact_match": _finite_or_none(matched),
+                "base_exact_match": _finite_or_none(trained.metrics.get("base_exact_match")),
+                "min_exact_match": validation.get("min_exact_match")} if matched is not None else {}),
         }
         # What the store records as the job's result: the trainer's, as JSON, and the inspection.
         result: dict[str, Any] = to_wire(trained) | {"inspection": inspection}

@@ -64,7 +64,7 @@ from ..model.base import (
     resolve_dtype,
 )
 from ..model.batching import Collator, ListDataset
-from ..model.evaluation import evaluate_loss
+from ..model.evaluation import EXACT_MATCH_MAX_ROWS, evaluate_loss, exact_match, generate_answers, samples
 from ..protocol import (
     Aborted,
     CheckpointSaved,
@@ -109,6 +109,8 @@ class Prepared:
     truncated: int
     train_tokens: int
     fault: controls.Fault | None = None  # tests only: see the module docstring
+    prompts: list[data.Prompt] = field(default_factory=list)  # eval prompts answered for exact_match and samples
+    base_answers: list[str] = field(default_factory=list)  # the base's answers to them, before training
 
 
 def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
@@ -166,8 +168,33 @@ def prepare(job: JobInput, tokenizer: Any) -> Prepared:
     return Prepared(
         train=ListDataset(train_items), eval=ListDataset(eval_items), n_train=len(train_items),
         n_eval=len(eval_items), truncated=truncated, fault=fault,
+        prompts=_eval_prompts(spec, eval_rows, dataset.format, tokenizer, job.chat_template_text),
         train_tokens=sum(sum(1 for label in item["labels"] if label != data.IGNORE_INDEX) for item in train_items),
     )
+
+
+def _eval_prompts(spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any,
+                  chat_template: str | None) -> list[data.Prompt]:
+    """The eval rows whose prompts base and adapter answer: all (up to a cap) for exact_match, else the samples."""
+    wanted = EXACT_MATCH_MAX_ROWS if "exact_match" in spec.validation.metrics else spec.validation.samples
+    if fmt == "text" or not wanted:
+        return []
+    return [p for p in data.prompts_of(rows[:wanted], fmt, tokenizer, chat_template) if isinstance(p, data.Prompt)]
+
+
+def _answers(model: Any, tokenizer: Any, spec: JobSpec, prompts: list[data.Prompt]) -> list[str]:
+    return generate_answers(model, tokenizer, prompts, max_seq_len=spec.training.max_seq_len)
+
+
+def _quality(spec: JobSpec, prompts: list[data.Prompt], base: list[str], adapter: list[str]) -> tuple[
+        dict[str, float], dict[str, Any]]:
+    """``TrainResult.metrics`` (``exact_match``, ``base_exact_match``) and the ``samples`` extra."""
+    metrics: dict[str, float] = {}
+    if "exact_match" in spec.validation.metrics and prompts:
+        metrics = {"exact_match": exact_match(adapter, prompts), "base_exact_match": exact_match(base, prompts)}
+    shown = samples(prompts, base, adapter, spec.validation.samples)
+    return metrics, ({"samples": shown} if shown else {}) | (
+        {"exact_match_rows": len(prompts)} if metrics else {})
 
 
 # ---------------------------------------------------------------- training
@@ -329,6 +356,9 @@ class TrainerService:
                 kind=FailureKind.BASE_MODEL,
             )
         timings["base_eval_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prepared.base_answers[:] = _answers(resident.model, resident.tokenizer, spec, prepared.prompts)
+        timings["base_generate_s"] = time.perf_counter() - t0
         resume = request.resume_from
         emit(Started(max_steps=steps, base_reused=reused, base_eval_loss=base_eval, resume_from=resume,
                      n_train=prepared.n_train, n_eval=prepared.n_eval))
@@ -339,6 +369,7 @@ class TrainerService:
         while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
             outcome = self._attempt(request, spec, key, prepared, collator, steps, base_eval, reused, load_s,
                                     batching, resume, retry, emit, log, timings)
+
             if not isinstance(outcome, _OutOfMemory):
                 return outcome
             after = controls.after_oom(batching)
@@ -479,6 +510,15 @@ class TrainerService:
         controls.save_adapter(model, staging, initial_lora)
         eval_loss = evaluate_loss(model, prepared.eval, collator, batching.batch_size)
         timings["save_eval_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert self.cache.resident is not None  # the base this job trained on
+        answers = _answers(model, self.cache.resident.tokenizer, spec, prepared.prompts)
+        metrics, shown = _quality(spec, prepared.prompts, prepared.base_answers, answers)
+        extras |= shown
+        timings["generate_s"] = time.perf_counter() - t0
+        if metrics:
+            log(f"exact match: base {metrics['base_exact_match']:.3f} -> adapter {metrics['exact_match']:.3f} "
+                f"on {len(prepared.prompts)} eval prompts")
         return TrainResult(
             staging=str(staging),
             steps=step,
@@ -496,6 +536,7 @@ class TrainerService:
             resumed_from=request.resume_from,
             versions=versions(),
             device=self.device,
+            metrics=metrics,
             extras=extras,
         )
 
