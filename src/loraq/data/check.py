@@ -43,6 +43,7 @@ from ..data import Dataset, ProblemList, RowProblem
 from ..errors import DataError, Problem
 from ..queue import auto
 from ..queue.spec import Queue, ResolvedJob, TrainingSpec
+from . import packing
 
 #: Bump when what a profile holds, or how rows are rendered, changes: old cache files are then ignored.
 ANALYSIS_VERSION = 1
@@ -303,6 +304,8 @@ class DatasetReport:
     warnings: tuple[str, ...] = ()
     auto: dict[str, Any] | None = None  # what each `auto` setting was resolved to, and why (queue/auto.py)
     chat_template: str | None = None  # the job's own chat template (its name or file), if it names one
+    # how the rows are batched: packed or padded, micro-batches, tokens laid out against padding (data/packing.py)
+    batches: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -518,8 +521,15 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
                                         grad_accum_given="grad_accum" in training.model_fields_set)
         spec = spec.model_copy(update={"training": TrainingSpec.model_validate(values)})
         training = spec.training
-    steps = spec.total_steps(n_train)  # the trainer's own formula
-    per_epoch = spec.steps_per_epoch(n_train)
+    # The trainer's own plan (data/packing.py) over the same token counts: the estimate is what runs.
+    lengths = [min(profile.lengths[i], max_seq_len) for i in train_idx]
+    plan = run.memo(("plan", id(profile), max_seq_len, *split, training.batch_size, training.grad_accum,
+                     training.packing, training.seed),
+                    lambda: packing.plan_train(lengths, batch_size=int(training.batch_size),  # type: ignore[arg-type]
+                                               grad_accum=training.grad_accum, packing=training.packing,
+                                               seed=training.seed))
+    per_epoch = max(1, plan.n_steps)
+    steps = spec.total_steps(n_train, per_epoch)
     epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else training.epochs
     if n_train < FEW_TRAIN_ROWS:
         warnings.append(f"only {n_train} training row(s); fine-tuning usually needs at least {FEW_TRAIN_ROWS}")
@@ -537,6 +547,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         truncated_rows=truncated, untrainable_rows=untrainable, duplicate_rows=len(repeats),
         est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
         chat_template=spec.chat_template if train.format == "chat" else None,
+        batches=_batches(plan, lengths),
     )
     return report, problems
 
@@ -610,6 +621,7 @@ def describe(report: DatasetReport | None) -> list[str]:
         f"({tokens.total} in all; max_seq_len {report.max_seq_len})",
         f"truncated rows: {report.truncated_rows}",
         f"estimated: {report.est_steps} steps, {report.est_epochs:g} epoch(s)",
+        *_batch_lines(report.batches),
         *auto.lines(report.auto),
     ]
     if report.chat_template:
@@ -618,6 +630,27 @@ def describe(report: DatasetReport | None) -> list[str]:
         lines.append(f"untrainable rows: {report.untrainable_rows} (errors)")
     lines += [f"warning: {warning}" for warning in report.warnings]
     return lines
+
+
+def _batches(plan: packing.Plan, lengths: Sequence[int]) -> dict[str, Any]:
+    stats = plan.stats(lengths)
+    keep = ("packed", "steps_per_epoch", "micro_batches_per_epoch", "tokens_per_epoch", "laid_out_tokens_per_epoch",
+            "padding_share", "step_budget", "fill", "max_micro_tokens", "mean_rows_per_step",
+            "padded_random_tokens_per_epoch")
+    return {k: stats[k] for k in keep}
+
+
+def _batch_lines(batches: dict[str, Any] | None) -> list[str]:
+    if not batches:
+        return []
+    tokens, laid_out = batches["tokens_per_epoch"], batches["laid_out_tokens_per_epoch"]
+    padded = batches["padded_random_tokens_per_epoch"]
+    saving = f"; padded random batches would lay out {padded:,} ({1 - tokens / padded:.0%} padding)" if padded else ""
+    if batches["packed"]:
+        return [f"batches: packed, ~{batches['mean_rows_per_step']:g} rows a step in at most "
+                f"{batches['step_budget']:,} tokens ({batches['fill']:.0%} full); {tokens:,} tokens an epoch{saving}"]
+    return [f"batches: padded, grouped by length; {laid_out:,} tokens laid out an epoch for {tokens:,} "
+            f"({batches['padding_share']:.0%} padding){saving}"]
 
 
 def summary(report: DatasetReport) -> str:

@@ -5,23 +5,37 @@ from __future__ import annotations
 from typing import Any
 
 from ..data.encoding import IGNORE_INDEX
-from .batching import Collator, ListDataset
+from .batching import Collator, EvalBatches, ListDataset, PackedCollator
 
 
-def evaluate_loss(model: Any, dataset: ListDataset, collator: Collator, batch_size: int) -> float:
-    """Mean loss per trainable token over ``dataset`` (the same measure for base and adapter)."""
+def evaluate_loss(model: Any, dataset: ListDataset | EvalBatches, collator: Collator | PackedCollator,
+                  batch_size: int = 1) -> float:
+    """Mean loss per trainable token over ``dataset`` (the same measure for base and adapter).
+
+    ``dataset`` is either planned micro-batches (:class:`EvalBatches`, one forward pass
+    each, packed or padded as the collator lays them out) or plain rows, taken
+    ``batch_size`` at a time. The sum is over every trainable token, so the figure does
+    not depend on how the rows were batched.
+    """
     import torch
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    if isinstance(dataset, EvalBatches):
+        batches = [dataset[i] for i in range(len(dataset))]
+    else:
+        batches = [[dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                   for start in range(0, len(dataset), batch_size)]
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        for rows in batches:
+            batch = collator(rows)
+            labels = batch.pop("labels").to(device)
+            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            inputs.setdefault("use_cache", False)
+            logits = model(**inputs).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                 ignore_index=IGNORE_INDEX, reduction="sum",

@@ -100,7 +100,14 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False  # also turned on by the OOM back-off at micro-batch 1
+    # auto: on when the largest micro-batch's activations would take over half the device's free memory
+    # (train/memory.py); also turned on by the OOM back-off at micro-batch 1
+    gradient_checkpointing: bool | Auto = "auto"
+    # whole examples packed padding-free up to a token budget per step (data/packing.py); false: padded, by length
+    packing: bool = True
+    # fused linear cross-entropy (liger-kernel, CUDA only): the logits are never materialised; skipped with a note
+    # where liger-kernel is not installed, the device is not CUDA or the architecture is not one it patches
+    fused_loss: bool = False
 
     @field_validator("epochs", "learning_rate", "warmup_ratio", "weight_decay")
     @classmethod
@@ -231,19 +238,24 @@ class JobSpec(_Strict):
         return {"path": value} if isinstance(value, str) else value
 
     def steps_per_epoch(self, n_train: int) -> int:
-        """Optimizer steps in one pass over ``n_train`` rows (the last batch may be short)."""
+        """Optimizer steps in one pass over ``n_train`` padded rows (the last batch may be short).
+
+        With ``packing`` the steps depend on the rows' token counts: ``data.packing.steps_per_epoch``.
+        """
         if self.training.batch_size == "auto":
             raise ValueError("training.batch_size is still 'auto': resolve it first (queue/auto.py)")
         batches = math.ceil(n_train / self.training.batch_size)
         return max(1, math.ceil(batches / self.training.grad_accum))
 
-    def total_steps(self, n_train: int) -> int:
-        """Optimizer steps the job trains for: ``max_steps``, else ``epochs`` passes over ``n_train`` rows."""
+    def total_steps(self, n_train: int, per_epoch: int | None = None) -> int:
+        """Optimizer steps the job trains for: ``max_steps``, else ``epochs`` passes of ``per_epoch`` steps
+        (by default, ``n_train`` padded rows: :meth:`steps_per_epoch`)."""
         if self.training.max_steps:
             return self.training.max_steps
         if self.training.epochs == "auto":
             raise ValueError("training.epochs is still 'auto': resolve it first (queue/auto.py)")
-        return max(1, math.ceil(self.training.epochs * self.steps_per_epoch(n_train)))
+        per_epoch = per_epoch if per_epoch is not None else self.steps_per_epoch(n_train)
+        return max(1, math.ceil(self.training.epochs * per_epoch))
 
 
 #: The engines ``serving: [...]`` may name (inspect.serving judges them); Ollama serves with llama.cpp.

@@ -235,9 +235,11 @@ class Batching:
     gradient_checkpointing: bool = False
 
     @classmethod
-    def of(cls, spec: JobSpec) -> Batching:
+    def of(cls, spec: JobSpec, gradient_checkpointing: bool | None = None) -> Batching:
+        """The job's settings; ``gradient_checkpointing`` as the trainer resolved an ``auto`` (train/memory.py)."""
         t = spec.training
-        return cls(int(t.batch_size), t.grad_accum, t.gradient_checkpointing)  # type: ignore[arg-type]
+        checkpointing = t.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+        return cls(int(t.batch_size), t.grad_accum, checkpointing is True)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -327,7 +329,8 @@ def settle_resume(folder: str, into: Path, batching: Batching, args: Any) -> str
     path = target / "trainer_state.json"
     if path.is_file():
         state = json.loads(path.read_text(encoding="utf-8"))
-        state["train_batch_size"] = batching.batch_size * max(1, int(getattr(args, "n_gpu", 1) or 1))
+        per_device = getattr(args, "per_device_train_batch_size", None) or batching.batch_size  # what loraq set
+        state["train_batch_size"] = per_device * max(1, int(getattr(args, "n_gpu", 1) or 1))
         for key in ("logging_steps", "eval_steps", "save_steps"):
             if getattr(args, key, None) is not None:
                 state[key] = getattr(args, key)
@@ -339,8 +342,10 @@ class BatchGuard:
     """Fails training at its start if it would run with another batch than loraq asked for (a Trainer that
     restored its saved batch size)."""
 
-    def __init__(self, trainer: Any, batching: Batching) -> None:
+    def __init__(self, trainer: Any, batching: Batching, per_device: int | None = None) -> None:
+        # per_device: the data loader's batch size loraq set (1 when the micro-batches are planned: data/packing.py)
         self.trainer, self.batching = trainer, batching
+        self.per_device = batching.batch_size if per_device is None else per_device
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -359,9 +364,9 @@ class BatchGuard:
         per_device = used // max(1, int(getattr(args, "n_gpu", 1) or 1)) if used else None
         loader = getattr(dataloader, "total_batch_size", None) or getattr(dataloader, "batch_size", None)
         wanted = self.batching
-        if (per_device is not None and per_device != wanted.batch_size) or \
+        if (per_device is not None and per_device != self.per_device) or \
                 args.gradient_accumulation_steps != wanted.grad_accum or \
-                (loader is not None and loader != wanted.batch_size * max(1, int(getattr(args, "n_gpu", 1) or 1))):
+                (loader is not None and loader != self.per_device * max(1, int(getattr(args, "n_gpu", 1) or 1))):
             raise TrainingError(f"transformers would train with micro-batch {per_device} (data loader {loader}) x "
                                 f"grad_accum {args.gradient_accumulation_steps}; loraq asked for {wanted.batch_size} x "
                                 f"{wanted.grad_accum}", kind=FailureKind.INTERNAL)

@@ -63,7 +63,7 @@ from ..model.base import (
     reset_peak_memory,
     resolve_dtype,
 )
-from ..model.batching import Collator, ListDataset
+from ..model.batching import ListDataset
 from ..model.evaluation import EXACT_MATCH_MAX_ROWS, evaluate_loss, exact_match, generate_answers, samples
 from ..protocol import (
     Aborted,
@@ -83,7 +83,7 @@ from ..protocol import (
     TrainResult,
 )
 from ..queue.spec import JobSpec
-from . import controls
+from . import controls, layout
 
 Emit = Callable[[Event], None]
 
@@ -344,11 +344,11 @@ class TrainerService:
             prepared = prepare(request.job, resident.tokenizer)
         except DataError as exc:
             raise TrainingError(str(exc), kind=FailureKind.DATA) from exc
-        collator = Collator(pad_id=resident.tokenizer.pad_token_id)
-        steps = spec.total_steps(prepared.n_train)
+        batches = layout.Layout.of(spec, prepared, resident, self.device, log)
+        steps = spec.total_steps(prepared.n_train, batches.steps_per_epoch)
         timings["prepare_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        base_eval = evaluate_loss(resident.model, prepared.eval, collator, int(spec.training.batch_size))
+        base_eval = evaluate_loss(resident.model, batches.eval, batches.collator)
         if not math.isfinite(base_eval):
             raise TrainingError(
                 f"base model {key.path} gives a non-finite eval loss ({base_eval}) before any training: its weights "
@@ -364,10 +364,10 @@ class TrainerService:
                      n_train=prepared.n_train, n_eval=prepared.n_eval))
         log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
 
-        batching = controls.Batching.of(spec)
+        batching = controls.Batching.of(spec, batches.gradient_checkpointing)
         retry = False
         while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
-            outcome = self._attempt(request, spec, key, prepared, collator, steps, base_eval, reused, load_s,
+            outcome = self._attempt(request, spec, key, prepared, batches, steps, base_eval, reused, load_s,
                                     batching, resume, retry, emit, log, timings)
 
             if not isinstance(outcome, _OutOfMemory):
@@ -385,7 +385,7 @@ class TrainerService:
             emit(event)
             batching, retry = after, True
 
-    def _attempt(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared, collator: Collator,
+    def _attempt(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared, batches: layout.Layout,
                  steps: int, base_eval: float, reused: bool, load_s: float, batching: controls.Batching,
                  resume: str | None, retry: bool, emit: Emit, log: Callable[[str], None],
                  timings: dict[str, float]) -> Stopped | TrainResult | _OutOfMemory:
@@ -414,10 +414,11 @@ class TrainerService:
             precision = resolve_dtype(spec.training.precision, self.device)
             args = TrainingArguments(
                 output_dir=request.checkpoints_dir,
-                per_device_train_batch_size=batching.batch_size,
-                per_device_eval_batch_size=batching.batch_size,
+                per_device_train_batch_size=1,  # one planned micro-batch at a time (train/layout.py)
+                per_device_eval_batch_size=1,
                 gradient_accumulation_steps=batching.grad_accum,
                 **controls.checkpointing_args(batching, TrainingArguments),
+                **batches.liger_args,
                 learning_rate=spec.training.learning_rate,
                 max_steps=steps,
                 lr_scheduler_type=spec.training.lr_scheduler,
@@ -447,11 +448,12 @@ class TrainerService:
             extra = [keeper.callback()] if keeper is not None else []
             if prepared.fault is not None:
                 extra.append(controls.FaultCallback(prepared.fault, batching).callback())
-            trainer = Trainer(
-                model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                data_collator=collator, callbacks=extra + _callbacks(emit, self.flags, log, problems),
+            trainer = layout.trainer_class(Trainer)(
+                model=model, args=args, train_dataset=batches.train(prepared, batching, spec.training.seed),
+                eval_dataset=batches.eval, data_collator=batches.collator,
+                callbacks=extra + _callbacks(emit, self.flags, log, problems),
             )
-            trainer.add_callback(controls.BatchGuard(trainer, batching).callback())
+            trainer.add_callback(controls.BatchGuard(trainer, batching, per_device=1).callback())
             t_train = time.perf_counter()
             timings["setup_s"] = t_train - t_setup
             try:
@@ -462,7 +464,7 @@ class TrainerService:
                 oom = _OutOfMemory(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
                                    asked=controls.asked(exc))
             if oom is None:
-                result = self._finish(request, spec, model, trainer, output, prepared, collator, steps, base_eval,
+                result = self._finish(request, spec, model, trainer, output, prepared, batches, steps, base_eval,
                                       reused, load_s, batching, resume, keeper, initial_lora, problems, t_train,
                                       log, timings)
         finally:
@@ -484,7 +486,7 @@ class TrainerService:
         return dataclasses.replace(result, timings={k: round(v, 3) for k, v in timings.items()})
 
     def _finish(self, request: TrainRequest, spec: JobSpec, model: Any, trainer: Any, output: Any, prepared: Prepared,
-                collator: Collator, steps: int, base_eval: float, reused: bool, load_s: float,
+                batches: layout.Layout, steps: int, base_eval: float, reused: bool, load_s: float,
                 batching: controls.Batching, resume: str | None, keeper: controls.EarlyStopping | None,
                 initial_lora: Path | None, problems: list[str], t_train: float, log: Callable[[str], None],
                 timings: dict[str, float]) -> Stopped | TrainResult:
@@ -496,7 +498,8 @@ class TrainerService:
         if self.flags.graceful.is_set() and step < steps:
             log(f"stopped gracefully at step {step}")
             return Stopped(step=step)
-        extras: dict[str, Any] = {}
+        extras: dict[str, Any] = batches.extras(batching, spec.training.seed, prepared)
+        extras["packing"]["epochs_trained"] = round(float(trainer.state.epoch or 0.0), 4)
         if keeper is not None:  # the adapter published is the best evaluated, the last step's included
             if not controls.evaluated_at(trainer.state, step):
                 trainer.evaluate()
@@ -508,7 +511,7 @@ class TrainerService:
         if staging.exists():
             fsutil.remove_tree(staging)
         controls.save_adapter(model, staging, initial_lora)
-        eval_loss = evaluate_loss(model, prepared.eval, collator, batching.batch_size)
+        eval_loss = evaluate_loss(model, batches.eval, batches.collator)
         timings["save_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         assert self.cache.resident is not None  # the base this job trained on
