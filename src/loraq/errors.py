@@ -99,6 +99,14 @@ class TrainerStartError(LoraqError):
     """A trainer cannot even start (a broken install, a bad device, no room on the cluster)."""
 
 
+class StoreFaultError(StoreError):
+    """The machine cannot write the state database now (a full disk, an I/O error).
+
+    A fault of the machine, not of a job: the worker keeps running, retries the write
+    with back-off, pauses the queue with the reason, and counts no attempt for it.
+    """
+
+
 class InspectionError(LoraqError):
     """An adapter cannot be inspected at all (missing, outside the roots)."""
 

@@ -1,7 +1,7 @@
 """The home: where loraq keeps its state, checkpoints, adapters and reports.
 
     loraq.db                      the state
-    config.yaml                   operator settings (allow_roots)
+    config.yaml                   operator settings (allow_roots, allow_remote_code, limits)
     jobs/<id>/attempt-<n>/        checkpoints/, train.log, staging/
     adapters/<name>/              published adapters
     reports/                      queue reports
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .errors import Problem, SpecError
+from . import safeyaml
+from .errors import Problem, SpecError, StoreError, UsageError
+from .escape import printable
 from .sandbox import Roots, hf_cache_dir
 
 DEFAULT_HOME = ".loraq"
@@ -33,7 +33,16 @@ class Home:
     def locate(cls, home: str | os.PathLike[str] | None = None) -> Home:
         """The home named by ``--home``, else ``LORAQ_HOME``, else ``./.loraq``."""
         chosen = home or os.environ.get("LORAQ_HOME") or DEFAULT_HOME
-        return cls(Path(chosen).expanduser().absolute())
+        named = "--home" if home else "LORAQ_HOME" if os.environ.get("LORAQ_HOME") else "the home"
+        try:
+            root = Path(chosen).expanduser().absolute()
+            if root.exists() and not root.is_dir():
+                raise UsageError(f"{named} {printable(root)}: is a file, not a folder")
+        except ValueError:  # a NUL byte
+            raise UsageError(f"{named} {printable(chosen)!r}: holds a NUL byte; not a usable path") from None
+        except OSError as exc:  # a name too long, a loop
+            raise UsageError(f"{named} {printable(chosen)!r}: {exc.strerror or exc}") from None
+        return cls(root)
 
     @property
     def db_path(self) -> Path:
@@ -66,27 +75,64 @@ class Home:
 
     def ensure(self) -> None:
         for folder in (self.root, self.jobs_dir, self.adapters_dir, self.reports_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{printable(folder)}: cannot create the home's folder: {exc.strerror or exc}") from None
+
+    def config(self) -> HomeConfig:
+        """The operator's settings in ``config.yaml`` (absent: the defaults).
+
+        ``allow_roots: [DIR, ...]`` adds read roots; ``allow_remote_code: true`` lets jobs
+        set ``trust_remote_code``; ``limits: {max_row_bytes: N, ...}`` raises or lowers
+        the dataset limits (:class:`loraq.data.ReadLimits`). The file is the
+        operator's: it is never a symlink, and any other key is an error.
+        """
+        path = self.config_path
+        where = str(path)
+        try:
+            if path.is_symlink():
+                raise SpecError([Problem(where, "is a symlink; loraq reads its home's files only as themselves")])
+            if not path.exists():
+                return HomeConfig()
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError([Problem(where, f"cannot be read: {getattr(exc, 'strerror', None) or exc}")]) from None
+        try:
+            data = safeyaml.load(text) or {}
+        except safeyaml.YamlProblem as exc:
+            raise SpecError([Problem(f"{where}:{exc.line}" if exc.line else where, str(exc))]) from None
+        if not isinstance(data, dict) or set(data) - CONFIG_KEYS:
+            raise SpecError([Problem(where, f"expected a mapping with only {', '.join(sorted(CONFIG_KEYS))}")])
+        roots = data.get("allow_roots") or []
+        if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+            raise SpecError([Problem(f"{where}: allow_roots", "expected a list of folders")])
+        remote = data.get("allow_remote_code", False)
+        if not isinstance(remote, bool):
+            raise SpecError([Problem(f"{where}: allow_remote_code", "expected true or false")])
+        limits = data.get("limits") or {}
+        if not isinstance(limits, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                   and v > 0 for k, v in limits.items()):
+            raise SpecError([Problem(f"{where}: limits", "expected a mapping of limit names to positive integers")])
+        return HomeConfig(allow_roots=tuple(Path(r).expanduser() for r in roots), allow_remote_code=remote,
+                          limits=dict(limits))
 
     def allowed_roots(self) -> list[Path]:
         """Roots the operator allowed in ``config.yaml`` (``allow_roots: [DIR, ...]``)."""
-        if not self.config_path.is_file():
-            return []
-        try:
-            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise SpecError([Problem(str(self.config_path), f"not valid YAML: {exc}")]) from exc
-        if not isinstance(data, dict) or set(data) - {"allow_roots"}:
-            raise SpecError(
-                [Problem(str(self.config_path), "expected a mapping with only 'allow_roots'")]
-            )
-        roots = data.get("allow_roots") or []
-        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
-            raise SpecError([Problem(f"{self.config_path}: allow_roots", "expected a list of folders")])
-        return [Path(r).expanduser() for r in roots]
+        return list(self.config().allow_roots)
 
     def roots(self, *, queue_dir: Path | None = None, extra: Iterable[Path | str] = ()) -> Roots:
         read: list[Path | str] = [self.root, hf_cache_dir(), *self.allowed_roots(), *extra]
         if queue_dir is not None:
             read.append(queue_dir)
-        return Roots.of(read)
+        return Roots.of(read, config=self.config_path)
+
+
+CONFIG_KEYS = frozenset({"allow_roots", "allow_remote_code", "limits"})
+
+
+@dataclass(frozen=True)
+class HomeConfig:
+    allow_roots: tuple[Path, ...] = ()
+    allow_remote_code: bool = False
+    limits: dict[str, int] = field(default_factory=dict)
