@@ -105,6 +105,12 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE jobs SET seq = (SELECT MAX(seq) FROM jobs) + 1 WHERE id = NEW.id;
     END;
     """,
+    # 4: the home's identity, written once when the database is made (or upgraded). An
+    # adapter folder's manifest names it, so an adapter copied in from another home, where
+    # job ids restart at 1 too, is never taken for this home's work.
+    """
+    INSERT OR IGNORE INTO queue_state (key, value) VALUES ('home_id', lower(hex(randomblob(16))));
+    """,
 )
 
 

@@ -15,6 +15,7 @@ Time is a parameter (``clock``), so lease, retry and backoff tests never sleep.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -23,12 +24,22 @@ import socket
 import sqlite3
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CorruptStoreError, FailureKind, LeaseLost, LoraqError, NotFoundError, StoreError, TransitionError
+from ..errors import (
+    CorruptStoreError,
+    FailureKind,
+    LeaseLost,
+    LoraqError,
+    NotFoundError,
+    StoreError,
+    StoreFaultError,
+    TransitionError,
+)
 from .migrations import MIGRATIONS, statements
 from .records import (  # the records and states are importable from the store, as callers always did
     CANCELLED,
@@ -69,6 +80,8 @@ def _db_error(path: Path, exc: sqlite3.Error) -> LoraqError | None:
         return None
     if "malformed" in text or "not a database" in text or type(exc) is sqlite3.DatabaseError:
         return _corrupt_error(path, exc)
+    if is_machine_fault(exc):
+        return StoreFaultError(f"{path}: cannot write the state database: {text} (a full disk or an I/O error)")
     if isinstance(exc, sqlite3.OperationalError):
         if "locked" in text or "busy" in text:
             return StoreError(f"{path}: another process kept the state database busy for {BUSY_TIMEOUT_S:.0f} s"
@@ -77,6 +90,26 @@ def _db_error(path: Path, exc: sqlite3.Error) -> LoraqError | None:
     if isinstance(exc, sqlite3.DatabaseError):
         return StoreError(f"{path}: the state database failed: {text}")
     return None
+
+
+#: What SQLite and the OS say when the machine, not the data, is at fault.
+_FAULT_TEXTS = ("database or disk is full", "disk i/o error", "no space left on device", "disk quota exceeded",
+                "file too large")
+
+
+def is_machine_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the disk is full or failed: no job's fault."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, StoreFaultError):
+            return True
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if isinstance(current, (sqlite3.Error, OSError)) and any(t in str(current).lower() for t in _FAULT_TEXTS):
+            return True
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return False
 
 
 def _lock_holders(path: Path) -> str:
@@ -120,19 +153,150 @@ def _corrupt_error(path: Path, exc: BaseException) -> CorruptStoreError:
 
 
 def _guarded(method: F) -> F:
-    """Turn SQLite errors escaping a :class:`Store` method into loraq errors (see :func:`_db_error`)."""
+    """Turn SQLite errors escaping a :class:`Store` method into loraq errors (see :func:`_db_error`).
+
+    Each method is one transaction, so a write the machine refused (a full disk, an
+    I/O error: :class:`StoreFaultError`) is run again, whole, after a back-off
+    (:attr:`Store.fault_delays`); only a fault that outlasts them reaches the caller.
+    """
 
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        outermost = not self._in_guard
+        self._in_guard = True
         try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            translated = _db_error(self.path, exc)
-            if translated is None:
-                raise
-            raise translated from exc
+            for delay in (*self.fault_delays, None) if outermost else (None,):
+                try:
+                    return method(self, *args, **kwargs)
+                except sqlite3.Error as exc:
+                    translated = _db_error(self.path, exc)
+                    if translated is None:
+                        raise
+                    if delay is None or not isinstance(translated, StoreFaultError):
+                        raise translated from exc
+                except StoreFaultError:
+                    if delay is None:
+                        raise
+                self.sleep(delay)
+            raise AssertionError("unreachable")  # the last try returns or raises
+        finally:
+            if outermost:
+                self._in_guard = False
 
     return wrapper  # type: ignore[return-value]
+
+
+#: The first 16 bytes of every SQLite database file.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise StoreError(f"{path.parent}: is a file, not a folder; give --home (or LORAQ_HOME) a folder") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
+    return True
+
+
+def _refuse_links(path: Path) -> None:
+    """The database and its journals are the home's own files: a symlink is refused, never followed."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        candidate = path.with_name(path.name + suffix)
+        try:
+            if candidate.is_symlink():
+                raise StoreError(f"{candidate}: is a symlink; loraq keeps its state only in the home's own files "
+                                 "(remove the link, or copy the file in)")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{candidate}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _check_header(path: Path) -> None:
+    """An existing file must be an SQLite database: SQLite itself would take an empty one for a new store."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(100)
+    except IsADirectoryError:
+        raise StoreError(f"{path}: is a folder, not loraq's state database") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the state database: {exc.strerror or exc}") from None
+    if not head:
+        raise _corrupt_error(path, RuntimeError("the file is empty (0 bytes): a disk that filled, or a bad copy"))
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        raise _corrupt_error(path, RuntimeError(f"not an SQLite database ({len(head)} bytes read of its header)"))
+
+
+def _create(path: Path) -> None:
+    """Make a new, migrated database at ``path``, whole or not at all.
+
+    It is built beside the target and linked into place, so no reader (another
+    process opening the home at the same moment) ever sees an empty file; if
+    another process got there first, its database is kept.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        reason = "is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (
+            getattr(exc, "strerror", None) or exc)
+        raise StoreError(f"{path.parent}: cannot create the home: {reason}") from None
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"{path}: cannot use WAL mode here")
+            conn.execute("BEGIN IMMEDIATE")
+            _apply_migrations(conn, 0)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
+            os.link(tmp, path)
+        # The new name must survive a power cut before anything is written under it.
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot create the state database: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the state database: {exc.strerror or exc}") from None
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _apply_migrations(conn: sqlite3.Connection, version: int) -> None:
+    for number in range(version, len(MIGRATIONS)):
+        for statement in statements(MIGRATIONS[number]):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number + 1}")
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write; on a read-only folder (no -shm can be made), an immutable one."""
+    uri = "file:" + urllib.parse.quote(str(path.absolute()))
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK) and not _read_only_fs(path.parent):
+            raise
+    # A read-only home: nobody can be writing it, so reading it as immutable is exact.
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -142,7 +306,11 @@ class Store:
     path: Path
     clock: Callable[[], float] = time.time
     actor: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    #: Seconds to wait before each new try of a write the machine refused (then it is raised).
+    fault_delays: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)
+    sleep: Callable[[float], None] = time.sleep
     _conn: sqlite3.Connection | None = field(default=None, repr=False)
+    _in_guard: bool = field(default=False, repr=False)
 
     # ---------------------------------------------------------------- opening
 
@@ -159,72 +327,58 @@ class Store:
     ) -> Store:
         """Open (and migrate) the store at ``path``.
 
+        Only an absent file is a new store (with ``create``); an empty or short one is
+        damage, reported and left as it is. ``readonly`` opens for reading only, as the
+        commands that only read do (``status``, ``show``, ``logs``, ``report``): they
+        never create, migrate or write the file, and work on a read-only home.
         ``check`` runs ``PRAGMA quick_check`` first: workers do, so a damaged file
-        stops them before they write. A damaged file is never recreated.
-
-        ``readonly`` is for readers that run beside a worker (``loraq serve``): an
-        SQLite ``mode=ro`` connection, which never creates the file and cannot write.
+        stops them before they write. A damaged file is never recreated, and a
+        database or journal that is a symlink is refused, never followed.
         """
         path = Path(path)
-        if not path.exists() and (readonly or not create):
-            raise NotFoundError(f"{path}: no loraq state here (run 'loraq submit' first)")
+        _refuse_links(path)
+        if not _exists(path):
+            if not create or readonly:
+                raise NotFoundError(f"{path}: no loraq state here (run 'loraq submit' first)")
+            _create(path)
+        _check_header(path)
         store = cls(path=path, clock=clock)
         if actor:
             store.actor = actor
-        if readonly:
-            store._connect_readonly()
-        else:
-            store._connect(check=check)
+        store._connect(check=check, readonly=readonly)
         return store
-
-    def _connect_readonly(self) -> None:
-        uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=ro"
-        conn = None
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:  # no schema: an empty file (damage), or a writer creating it this instant
-                raise StoreError(f"{self.path}: holds no loraq state (an empty file, or one being created); "
-                                 "a reader leaves it as it is")
-            if version < len(MIGRATIONS):
-                # A home made by an older loraq: brought up to date once, as any writer would,
-                # so a reader never queries columns that are not there yet.
-                conn.close()
-                conn = None
-                Store.open(self.path, create=False).close()
-                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-                conn.row_factory = sqlite3.Row
-                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != len(MIGRATIONS):
-                raise StoreError(f"{self.path}: made by a newer loraq (schema {version}, this one knows "
-                                 f"{len(MIGRATIONS)}); upgrade loraq")
-            self._conn = conn
-        except BaseException as exc:
-            self._conn = None
-            if conn is not None:
-                conn.close()
-            if isinstance(exc, sqlite3.Error):
-                translated = _db_error(self.path, exc) or StoreError(f"{self.path}: cannot open the state database: {exc}")
-                raise translated from exc
-            raise
 
     def _corrupt(self, exc: BaseException) -> CorruptStoreError:
         return _corrupt_error(self.path, exc)
 
-    def _connect(self, *, check: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _connect(self, *, check: bool, readonly: bool = False) -> None:
         conn = None
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn = _connect_readonly(self.path) if readonly else sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             if check:
                 verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
                 if verdict != "ok":
                     raise self._corrupt(RuntimeError(f"quick_check: {verdict}"))
+            if readonly:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if 0 < version < len(MIGRATIONS):
+                    # A home made by an older loraq: brought up to date once, as any writer would,
+                    # so a reader never queries columns that are not there yet. (The one write a
+                    # reader makes, and only to an intact database; on a read-only home it cannot.)
+                    conn.close()
+                    conn = None
+                    with contextlib.suppress(StoreError):  # a read-only home: said below, in one line
+                        Store.open(self.path, create=False).close()
+                    conn = _connect_readonly(self.path)
+                    conn.row_factory = sqlite3.Row
+                    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                self._check_version(version)
+                self._conn = conn
+                return
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
@@ -241,6 +395,19 @@ class Store:
                 raise translated from exc
             raise
 
+    def _check_version(self, version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: made by a newer loraq (schema {version}, this one knows "
+                f"{len(MIGRATIONS)}); upgrade loraq"
+            )
+        if version == 0:
+            raise self._corrupt(RuntimeError("no loraq schema in it"))
+        if version < len(MIGRATIONS):
+            raise StoreError(f"{self.path}: made by an older loraq (schema {version}, this one needs "
+                             f"{len(MIGRATIONS)}) and cannot be upgraded here; run loraq once where the home "
+                             "is writable")
+
     def _migrate(self) -> None:
         # Up to date (the usual case): no write lock, so 'loraq status' never queues
         # behind a worker's transaction just to open the file.
@@ -253,10 +420,7 @@ class Store:
                     f"{self.path}: made by a newer loraq (schema {version}, this one knows "
                     f"{len(MIGRATIONS)}); upgrade loraq"
                 )
-            for number in range(version, len(MIGRATIONS)):
-                for statement in statements(MIGRATIONS[number]):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number + 1}")
+            _apply_migrations(conn, version)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -299,7 +463,8 @@ class Store:
             except sqlite3.DatabaseError as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+                kind = StoreFaultError if is_machine_fault(exc) else StoreError
+                raise kind(f"{self.path}: commit failed: {exc}") from exc
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -362,7 +527,10 @@ class Store:
         return current
 
     def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        # '#3' is always job id 3; a bare '3' is the id too (names made only of digits are refused).
+        if isinstance(ref, str) and ref.startswith("#") and ref[1:].isdigit():
+            ref = int(ref[1:])
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
             row = conn.execute("SELECT id FROM jobs WHERE id = ?", (int(ref),)).fetchone()
             if row is None and isinstance(ref, str):
                 row = conn.execute("SELECT id FROM jobs WHERE name = ?", (ref,)).fetchone()
@@ -391,10 +559,12 @@ class Store:
         now = self.clock()
         ids: list[int] = []
         with self.transaction() as conn:
+            # Names that differ only in case would share one adapter folder on a case-insensitive
+            # file system (macOS, Windows): they count as taken too.
             taken = [
                 job.name
                 for job in jobs
-                if conn.execute("SELECT 1 FROM jobs WHERE name = ?", (job.name,)).fetchone()
+                if conn.execute("SELECT 1 FROM jobs WHERE name = ? COLLATE NOCASE", (job.name,)).fetchone()
             ]
             if taken:
                 raise TransitionError(
@@ -716,6 +886,31 @@ class Store:
             self._end_attempt(conn, job_id, epoch, OUTCOME_STOPPED, reason=reason, counted=False)
 
     @_guarded
+    def requeue_fault(self, job_id: int, epoch: int, *, kind: str, reason: str) -> None:
+        """A fault of the machine ended the attempt (a full disk): back to pending, the attempt not
+        counted, and the queue paused with the reason, so a machine that cannot work does not burn
+        the queue's attempts. ``loraq resume`` continues once it is fixed."""
+        with self.transaction() as conn:
+            self._transition(
+                conn, job_id, PENDING, reason=f"{kind}: {reason} (a fault of the machine; the attempt is not counted)",
+                epoch=epoch, expect=(RUNNING,),
+                sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
+                      "error_kind": kind, "error": reason},
+            )
+            self._end_attempt(conn, job_id, epoch, OUTCOME_RETRY, error_kind=kind, reason=reason, counted=False,
+                              retryable=True)
+            message = f"the machine failed a job ({kind}: {reason}); fix it, then 'loraq resume'"
+            self._set_state(conn, "paused", "1")
+            self._set_state(conn, "pause_reason", message)
+            self._event(conn, None, None, None, f"queue paused: {message}")
+
+    @_guarded
+    def note(self, job_id: int | None, reason: str) -> None:
+        """An event that changes no state (what a worker did with an adapter folder, say)."""
+        with self.transaction() as conn:
+            self._event(conn, job_id, None, None, reason)
+
+    @_guarded
     def expire_leases(self) -> list[int]:
         """Put running jobs whose lease ran out back to pending (or failed), counting the attempt."""
         now = self.clock()
@@ -799,6 +994,17 @@ class Store:
             retry_backoff_s=float(json.loads(backoff)) if backoff else 10.0,
             pause_after_internal_errors=int(json.loads(internal)) if internal is not None else 3,
         )
+
+    @_guarded
+    def home_id(self) -> str | None:
+        """The id written into this database when it was made (migration 3); ``None`` before it ran."""
+        return self._state(self.conn, "home_id")
+
+    @_guarded
+    def job_named(self, name: str) -> Job | None:
+        """The job whose name equals ``name`` ignoring case (names that would share an adapter folder)."""
+        row = self.conn.execute("SELECT * FROM jobs WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        return Job.from_row(row) if row is not None else None
 
     @_guarded
     def job(self, ref: int | str) -> Job:
