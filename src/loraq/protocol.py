@@ -82,6 +82,8 @@ class JobInput:
     init_from_path: str | None = None  # a warm start: the adapter folder checked at submit (spec.init_from)
     init_from_sha256: str | None = None  # its weights as checked: the trainer refuses them changed
     chat_template_text: str | None = None  # the job's chat_template as loaded at submit (data/templates.py)
+    dataset_bytes: int | None = None  # as submitted: a file of another size is refused unread
+    eval_dataset_bytes: int | None = None
 
     @classmethod
     def of_stored(cls, stored: Mapping[str, Any]) -> JobInput:
@@ -102,6 +104,9 @@ class TrainRequest:
     checkpoints_dir: str
     staging_dir: str  # where the trained adapter is saved
     resume_from: str | None = None  # a complete checkpoint-<step> folder
+    # Where the trainer may read: the roots the job's paths were checked against at submit.
+    # Every dataset and base model file is opened inside them again.
+    read_roots: list[str] = field(default_factory=list)
 
 
 class Command(_Named):

@@ -250,8 +250,9 @@ def fd_path(fd: int) -> Path | None:
 
 
 #: A Hugging Face hub id, ``name`` or ``org/name``: what a base model is when it is not a path.
-HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def is_hub_id(value: str) -> bool:
-    return HUB_ID_PATTERN.match(value) is not None
+    # fullmatch: '$' would also match before a trailing newline ("org/model\n")
+    return HUB_ID_PATTERN.fullmatch(value) is not None

@@ -26,12 +26,14 @@ from .encoding import (
 from .rows import (
     CATEGORIES,
     CHAT_ROLES,
+    DEFAULT_LIMITS,
     FORMAT_KEYS,
     MAX_LISTED_PROBLEMS,
     MESSAGE_KEYS,
     SUFFIXES,
     Dataset,
     ProblemList,
+    ReadLimits,
     RowProblem,
     check_dataset,
     check_split,
@@ -47,8 +49,9 @@ from .rows import (
 )
 
 __all__ = [
-    "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "CATEGORIES", "CHAT_ROLES", "FORMAT_KEYS", "IGNORE_INDEX",
+    "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "CATEGORIES", "CHAT_ROLES", "DEFAULT_LIMITS", "FORMAT_KEYS", "IGNORE_INDEX",
     "MAX_LISTED_PROBLEMS", "MESSAGE_KEYS", "SUFFIXES", "TRAINED_KEY", "Dataset", "Encoded", "ProblemList", "Prompt",
+    "ReadLimits",
     "Rendered", "RowProblem", "TemplateError", "Tokens", "check_dataset", "check_split", "detect_file_format",
     "detect_format", "encode", "encode_many", "file_kind", "first_label", "is_trained", "labels_for",
     "load_dataset", "prompts_of", "read_records", "render", "render_many", "row_problem", "sha256_bytes", "split_indices",

@@ -41,8 +41,10 @@ from typing import Any
 from .. import data, fsutil
 from ..data import Dataset, ProblemList, RowProblem
 from ..errors import DataError, Problem
+from ..escape import printable
 from ..queue import auto
 from ..queue.spec import Queue, ResolvedJob, TrainingSpec
+from ..sandbox import Roots, model_folder
 from . import packing
 
 #: Bump when what a profile holds, or how rows are rendered, changes: old cache files are then ignored.
@@ -215,12 +217,16 @@ class TokenCache:
         return f"{dataset.sha256}-{hashlib.sha256(mixed.encode()).hexdigest()[:16]}"
 
     def profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None = None,
-                chat_template: str | None = None) -> FileProfile:
+                chat_template: str | None = None,
+                deferred: list[tuple[Path, FileProfile]] | None = None) -> FileProfile:
+        """The file's profile; a new one is written under ``directory``, or appended to ``deferred``
+        to be written by :func:`write_profiles` once the caller knows it wants it on disk."""
         with self._lock:
-            return self._profile(dataset, tokenizer, directory, chat_template)
+            return self._profile(dataset, tokenizer, directory, chat_template, deferred)
 
     def _profile(self, dataset: Dataset, tokenizer: Any, directory: Path | None,
-                 chat_template: str | None = None) -> FileProfile:
+                 chat_template: str | None = None,
+                 deferred: list[tuple[Path, FileProfile]] | None = None) -> FileProfile:
         key = self.key(dataset, tokenizer, chat_template)
         if key in self._profiles:
             self.memory_hits += 1
@@ -232,12 +238,10 @@ class TokenCache:
         else:
             profile = profile_dataset(dataset, tokenizer, chat_template)
             self.tokenisations += 1
-            if directory is not None:
-                try:
-                    text = json.dumps(profile.to_json(), separators=(",", ":"))
-                    fsutil.atomic_write_text(directory / f"{key}.json", text)
-                except OSError:
-                    self.disk_errors += 1
+            if directory is not None and deferred is not None:
+                deferred.append((directory / f"{key}.json", profile))
+            elif directory is not None and not write_profiles([(directory / f"{key}.json", profile)]):
+                self.disk_errors += 1
         self._profiles[key] = profile
         while len(self._profiles) > self.capacity:
             self._profiles.popitem(last=False)
@@ -249,6 +253,17 @@ class TokenCache:
             return FileProfile.from_json(json.loads(path.read_text(encoding="utf-8")), rows)
         except (OSError, ValueError):
             return None  # absent or damaged: tokenise again and overwrite it
+
+
+def write_profiles(pending: Sequence[tuple[Path, FileProfile]]) -> bool:
+    """Write profiles to the disk cache; ``False`` if any could not be (the analysis stands anyway)."""
+    ok = True
+    for path, profile in pending:
+        try:
+            fsutil.atomic_write_text(path, json.dumps(profile.to_json(), separators=(",", ":")))
+        except OSError:
+            ok = False
+    return ok
 
 
 #: The process's cache: a long-lived process (the API) keeps profiles across submits.
@@ -306,6 +321,8 @@ class DatasetReport:
     chat_template: str | None = None  # the job's own chat template (its name or file), if it names one
     # how the rows are batched: packed or padded, micro-batches, tokens laid out against padding (data/packing.py)
     batches: dict[str, Any] | None = None
+    bytes: int | None = None  # the dataset file's size, as checked (the trainer refuses another size unread)
+    eval_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -322,11 +339,18 @@ def problems_to_json(problems: Sequence[Problem]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- analysis
 
 
-def load_tokenizer(job: ResolvedJob) -> Any:
-    """The job's base-model tokenizer: a local folder, or a hub id already in the local cache (no download)."""
+def load_tokenizer(job: ResolvedJob, roots: Roots | None = None) -> Any:
+    """The job's base-model tokenizer: a local folder, or a hub id already in the local cache (no download).
+
+    Loaded from the checked folder (:func:`loraq.sandbox.model_folder`), never by a
+    name transformers would look up in the working directory.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(job.base_model, revision=job.spec.revision, local_files_only=True,
+    if roots is None:
+        roots = Roots.of([job.base_model] if Path(job.base_model).is_absolute() else [])
+    folder = model_folder(job.base_model, roots, revision=job.spec.revision)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                          trust_remote_code=job.spec.trust_remote_code)
 
 
@@ -341,10 +365,13 @@ class _Run:
     per run, so each job after the first costs next to nothing.
     """
 
-    def __init__(self, loader: TokenizerLoader | None, cache_dir: Path | None, cache: TokenCache | None) -> None:
-        self.loader = loader or load_tokenizer
+    def __init__(self, loader: TokenizerLoader | None, cache_dir: Path | None, cache: TokenCache | None,
+                 roots: Roots | None = None, limits: data.ReadLimits = data.DEFAULT_LIMITS,
+                 deferred: list[tuple[Path, FileProfile]] | None = None) -> None:
+        self.loader = loader or partial(load_tokenizer, roots=roots)
         self.cache_dir = cache_dir
         self.cache = cache if cache is not None else DEFAULT_CACHE
+        self.roots, self.limits, self.deferred = roots, limits, deferred
         self._memo: dict[tuple[Any, ...], Any] = {}
         self._reported: dict[tuple[Any, ...], str] = {}
 
@@ -361,7 +388,7 @@ class _Run:
         try:
             tokenizer = self.loader(job)
         except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError, ...
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = printable((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
             return None, _problem("base_model", "tokenizer",
                                   f"cannot load the tokenizer of base_model {job.base_model!r}: {reason}")
         if not getattr(tokenizer, "is_fast", False):
@@ -370,12 +397,13 @@ class _Run:
         return tokenizer, None
 
     def dataset(self, path: str, fmt: str | None) -> tuple[Dataset | None, ProblemList]:
-        return self.memo(("dataset", path, fmt), lambda: data.check_dataset(path, fmt))  # type: ignore[no-any-return]
+        return self.memo(("dataset", path, fmt),  # type: ignore[no-any-return]
+                         lambda: data.check_dataset(path, fmt, roots=self.roots, limits=self.limits))
 
     def profile(self, dataset: Dataset, tokenizer: Any, chat_template: str | None = None) -> FileProfile:
         template = chat_template if dataset.format == "chat" else None
         return self.memo(("profile", dataset.path, dataset.format, id(tokenizer), template),  # type: ignore[no-any-return]
-                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir, template))
+                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir, template, self.deferred))
 
     def once(self, key: tuple[Any, ...], job: str, problems: list[Problem], shared: str) -> list[Problem]:
         """``problems`` the first time; for a later job, one line pointing at the job they were listed for."""
@@ -548,6 +576,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
         chat_template=spec.chat_template if train.format == "chat" else None,
         batches=_batches(plan, lengths),
+        bytes=train.size, eval_bytes=eval_set.size if eval_set else None,
     )
     return report, problems
 
@@ -582,14 +611,20 @@ def analyze_job(job: ResolvedJob, *, tokenizer_loader: TokenizerLoader | None = 
 
 
 def analyze_queue(queue: Queue, *, cache_dir: Path | None = None, tokenizer_loader: TokenizerLoader | None = None,
-                  cache: TokenCache | None = None) -> tuple[dict[str, DatasetReport], list[Problem]]:
+                  cache: TokenCache | None = None, roots: Roots | None = None,
+                  limits: data.ReadLimits = data.DEFAULT_LIMITS,
+                  deferred: list[tuple[Path, FileProfile]] | None = None,
+                  ) -> tuple[dict[str, DatasetReport], list[Problem]]:
     """Analyse every job: ``(reports by job name, every problem of every job)``.
 
     Submit enqueues nothing unless the problem list is empty. A job whose data was
     read and tokenised has a report even when it has problems (``--dry-run`` shows
     both). Each tokenizer is loaded once and each dataset file tokenised once.
+    Datasets are read inside ``roots`` within ``limits``; with ``deferred``, new
+    profiles for the disk cache are collected there instead of written (a submit
+    that is refused writes nothing into the home).
     """
-    run = _Run(tokenizer_loader, cache_dir, cache)
+    run = _Run(tokenizer_loader, cache_dir, cache, roots, limits, deferred)
     reports: dict[str, DatasetReport] = {}
     problems: list[Problem] = []
     for job in queue.jobs:

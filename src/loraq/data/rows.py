@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -35,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, Problem
+from ..errors import DataError, PathError, Problem
+from ..escape import excerpt
+from ..sandbox import Roots, open_regular, read_fd, resolve
 from .encoding import TRAINED_KEY, is_trained
 
 MAX_LISTED_PROBLEMS = 20
@@ -81,6 +84,9 @@ CATEGORIES = {
     "template_error": "the tokenizer's chat template cannot render the row, or not prefix-stably",
     "untrainable": "no trainable token is left after truncation to max_seq_len",
     "tokenizer": "the base model's tokenizer cannot be loaded or used",
+    "outside_roots": "the file lies outside the allowed roots, or is not a regular file (a FIFO, a device)",
+    "too_large": "a file, a row or a count of rows over a limit (each names the limit and how to raise it)",
+    "changed": "the file changed since it was submitted (its rows were checked as they were)",
     "more": "the count of problems not listed",
     "repeated": "a shared file's problems, listed once under the first job that uses it",
 }
@@ -155,6 +161,7 @@ class Dataset:
     sha256: str
     kind: str = "jsonl"  # how the file is stored: jsonl | json | csv | parquet
     records: list[int] = field(default_factory=list)  # each row's record number, 1-based
+    size: int = 0  # the file's bytes, as read
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,6 +169,38 @@ class Dataset:
     def locate(self, index: int) -> tuple[int, int | None]:
         """``(line, record)`` of row ``index``, for a problem about it."""
         return self.lines[index], (self.records[index] if self.records else None)
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much of a dataset loraq reads, so a hostile or mistaken file costs bounded time and memory.
+
+    Each limit can be changed for a home in its ``config.yaml``
+    (``limits: {max_row_bytes: 4194304}``); the error that names a limit says so.
+    """
+
+    max_file_bytes: int = 4 << 30  # the whole file
+    max_row_bytes: int = 1 << 20  # one row, as stored (a JSON line, a CSV record, a Parquet row's text)
+    max_rows: int = 2_000_000  # rows in one file
+    max_parquet_row_groups: int = 100_000  # row groups read from one Parquet file
+
+    @classmethod
+    def of(cls, overrides: dict[str, int] | None) -> ReadLimits:
+        """Defaults with ``overrides`` (from config.yaml) laid over; an unknown name is an error."""
+        overrides = overrides or {}
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise DataError([Problem("config.yaml: limits", f"unknown limit(s) {', '.join(unknown)}; known: "
+                                                            f"{', '.join(cls.__dataclass_fields__)}")])
+        return cls(**overrides)
+
+    def over(self, name: str, value: int, what: str) -> str:
+        """The message for ``what`` being over the limit ``name``."""
+        return (f"{what} ({value:,}) is over the limit of {getattr(self, name):,}; raise it with "
+                f"limits: {{{name}: N}} in the home's config.yaml")
+
+
+DEFAULT_LIMITS = ReadLimits()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -176,20 +215,61 @@ def file_kind(path: Path) -> str | None:
 # ---------------------------------------------------------------- reading
 
 Record = tuple[int, int | None, Any]  # (line, record number or None, value)
+#: Stands in for a row already reported (too large): it keeps its place, so later rows keep their numbers.
+_OVERSIZED = object()
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_SPACE_BYTES = re.compile(rb"[ \t\n\r]*")
 
 
-def _read_bytes(path: Path, out: ProblemList) -> bytes | None:
+def _read_bytes(path: Path, out: ProblemList, roots: Roots | None, limits: ReadLimits,
+                expect: tuple[int | None, str] | None) -> bytes | None:
+    """The file's bytes, read from a descriptor checked to be a regular file inside ``roots``.
+
+    ``expect`` is ``(size, sha256)`` from submit: a file whose size differs is refused
+    before it is read, one whose digest differs before any row is parsed, so nothing
+    of a swapped file reaches a message.
+    """
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        out.add("missing_file", "dataset file not found")
-    except IsADirectoryError:
-        out.add("missing_file", "is a folder, expected a dataset file")
+        resolved = resolve(path, what="dataset")
+        if not resolved.exists():
+            out.add("missing_file", "dataset file not found")
+            return None
+        if resolved.is_dir():
+            out.add("missing_file", "is a folder, expected a dataset file")
+            return None
+        fd, st = roots.open_file(path, what="dataset") if roots is not None else (
+            open_regular(resolved, what="dataset", shown=path), None)
+    except PathError as exc:
+        out.add("outside_roots", str(exc))
+        return None
     except OSError as exc:
-        out.add("unreadable", f"cannot read: {exc.strerror}")
-    return None
+        out.add("unreadable", f"cannot read: {exc.strerror or exc}")
+        return None
+    try:
+        size = (st or os.fstat(fd)).st_size
+        if expect is not None and expect[0] is not None and size != expect[0]:
+            out.add("changed", f"the dataset changed since it was submitted ({expect[0]:,} bytes then, {size:,} now); "
+                               "its rows were validated as they were. Restore the file, or submit the job again "
+                               "under a new name")
+            return None
+        if size > limits.max_file_bytes:
+            out.add("too_large", limits.over("max_file_bytes", size, "the file's size in bytes"))
+            return None
+        raw = read_fd(fd, limits.max_file_bytes + 1)
+    except OSError as exc:
+        out.add("unreadable", f"cannot read: {exc.strerror or exc}")
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > limits.max_file_bytes:  # it grew while being read
+        out.add("too_large", limits.over("max_file_bytes", len(raw), "the file's size in bytes"))
+        return None
+    if expect is not None and sha256_bytes(raw) != expect[1]:
+        out.add("changed", f"the dataset changed since it was submitted (sha256 {expect[1][:12]}… then, "
+                           f"{sha256_bytes(raw)[:12]}… now); its rows were validated as they were. Restore the "
+                           "file, or submit the job again under a new name")
+        return None
+    return raw
 
 
 def _decode_lines(raw: bytes, out: ProblemList) -> list[str | None]:
@@ -211,10 +291,10 @@ def _decode_lines(raw: bytes, out: ProblemList) -> list[str | None]:
     return lines
 
 
-def read_records(path: Path, raw: bytes, out: ProblemList) -> list[Record]:
-    """Parse the file into records; problems go to ``out``."""
+def read_records(path: Path, raw: bytes, out: ProblemList, limits: ReadLimits = DEFAULT_LIMITS) -> list[Record]:
+    """Parse the file into records; problems go to ``out``. Rows over ``limits`` are reported, not kept."""
     if out.kind == "parquet":
-        return _read_parquet(raw, out)
+        return _read_parquet(raw, out, limits)
     if raw.startswith(codecs.BOM_UTF8):  # Excel and Notepad write one; it is not part of the data
         raw = raw[len(codecs.BOM_UTF8):]
     start = _JSON_SPACE_BYTES.match(raw).end()  # type: ignore[union-attr]
@@ -224,20 +304,43 @@ def read_records(path: Path, raw: bytes, out: ProblemList) -> list[Record]:
     elif out.kind == "json" and first == b"{":
         out.kind = "jsonl"  # JSON Lines saved as .json (datasets' to_json does this)
     if out.kind == "jsonl":
-        return _read_jsonl(_decode_lines(raw, out), out)
+        # A cheap upper bound first: a file of 50 M short lines is refused before any is parsed.
+        if raw.count(b"\n") + 1 > limits.max_rows and _count_rows(raw) > limits.max_rows:
+            out.add("too_large", limits.over("max_rows", _count_rows(raw), "the number of rows"))
+            return []
+        return _read_jsonl(_decode_lines(raw, out), out, limits)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         _decode_lines(raw, out)  # lists every line that is not UTF-8; the document as a whole is unusable
         return []
-    return _read_csv(text, out) if out.kind == "csv" else _read_json_array(text, out)
+    records = _read_csv(text, out, limits) if out.kind == "csv" else _read_json_array(text, out, limits)
+    return records
 
 
-def _read_jsonl(lines: list[str | None], out: ProblemList) -> list[Record]:
+def _count_rows(raw: bytes) -> int:
+    return sum(1 for line in raw.split(b"\n") if line.strip())
+
+
+def _too_many(count: int, out: ProblemList, limits: ReadLimits) -> bool:
+    """Whether ``count`` rows (read so far) is past ``max_rows``, reported once."""
+    if count > limits.max_rows:
+        out.add("too_large", limits.over("max_rows", count, "the number of rows (at least)"))
+        return True
+    return False
+
+
+def _read_jsonl(lines: list[str | None], out: ProblemList, limits: ReadLimits) -> list[Record]:
     records: list[Record] = []
     loads = json.loads
+    max_chars = limits.max_row_bytes
     for number, line in enumerate(lines, start=1):
         if line is None or not line or line.isspace():
+            continue
+        # characters are at most bytes: only a line long in characters can be long in bytes
+        if len(line) > max_chars // 4 and len(line.encode("utf-8", "surrogatepass")) > max_chars:
+            out.add("too_large", limits.over("max_row_bytes", len(line.encode("utf-8", "surrogatepass")),
+                                             "the row's size in bytes"), line=number)
             continue
         try:
             records.append((number, None, loads(line)))
@@ -257,7 +360,7 @@ def _json_reason(exc: Exception) -> str:
     return str(exc)  # e.g. an integer with more digits than Python converts
 
 
-def _read_json_array(text: str, out: ProblemList) -> list[Record]:
+def _read_json_array(text: str, out: ProblemList, limits: ReadLimits) -> list[Record]:
     """Parse ``[row, row, ...]`` element by element, so each row knows its line."""
     decoder = json.JSONDecoder()
     pos = _JSON_SPACE.match(text).end()  # type: ignore[union-attr]
@@ -291,7 +394,14 @@ def _read_json_array(text: str, out: ProblemList) -> list[Record]:
             out.add("not_json", f"not valid JSON: {_json_reason(exc)}",
                     line=exc.lineno if isinstance(exc, json.JSONDecodeError) else line_at(pos), row=len(records) + 1)
             return records
-        records.append((line_at(pos), len(records) + 1, value))
+        if end - pos > limits.max_row_bytes // 4 and len(text[pos:end].encode("utf-8", "surrogatepass")) > limits.max_row_bytes:
+            out.add("too_large", limits.over("max_row_bytes", len(text[pos:end].encode("utf-8", "surrogatepass")),
+                                             "the row's size in bytes"), line=line_at(pos), row=len(records) + 1)
+            records.append((line_at(pos), len(records) + 1, _OVERSIZED))
+        else:
+            records.append((line_at(pos), len(records) + 1, value))
+        if _too_many(len(records), out, limits):
+            return []
         pos = _JSON_SPACE.match(text, end).end()  # type: ignore[union-attr]
         if pos < len(text) and text[pos] == ",":
             pos = _JSON_SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
@@ -302,11 +412,11 @@ def _read_json_array(text: str, out: ProblemList) -> list[Record]:
         return records
 
 
-def _read_csv(text: str, out: ProblemList) -> list[Record]:
+def _read_csv(text: str, out: ProblemList, limits: ReadLimits) -> list[Record]:
     reader = csv.reader(io.StringIO(text, newline=""))
     records: list[Record] = []
     # Long documents exceed the csv module's default 128 KiB field limit; lift it while we read.
-    previous_limit = csv.field_size_limit(1 << 30)
+    previous_limit = csv.field_size_limit(max(limits.max_row_bytes + 1, 1 << 17))
     try:
         header = [name.strip() for name in next(reader, [])]
         if not header:
@@ -328,6 +438,14 @@ def _read_csv(text: str, out: ProblemList) -> list[Record]:
                 out.add("csv_columns", f"has {len(fields)} field(s), the header has {len(header)}",
                         line=line, row=number)
                 continue
+            size = sum(map(len, fields))
+            if size > limits.max_row_bytes // 4 and sum(len(f.encode("utf-8", "surrogatepass")) for f in fields) > limits.max_row_bytes:
+                out.add("too_large", limits.over("max_row_bytes", sum(len(f.encode("utf-8", "surrogatepass"))
+                                                                      for f in fields), "the row's size in bytes"),
+                        line=line, row=number)
+                continue
+            if _too_many(len(records) + 1, out, limits):
+                return []
             records.append((line, number, dict(zip(header, fields, strict=True))))
     except csv.Error as exc:
         out.add("not_csv", f"not valid CSV: {exc}", line=reader.line_num)
@@ -336,28 +454,70 @@ def _read_csv(text: str, out: ProblemList) -> list[Record]:
     return records
 
 
-def _read_parquet(raw: bytes, out: ProblemList) -> list[Record]:
+def _read_parquet(raw: bytes, out: ProblemList, limits: ReadLimits) -> list[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         out.add("unsupported", "reading Parquet needs pyarrow: pip install 'loraq[parquet]'")
         return []
+    # The footer says how many rows and row groups the file holds, before any is read: a
+    # 340 KB file can hold 50 M rows. Row groups are then read one at a time.
     try:
-        table = pq.read_table(io.BytesIO(raw))
+        parquet = pq.ParquetFile(io.BytesIO(raw))
+        meta = parquet.metadata
     except Exception as exc:  # pyarrow raises many types for a damaged file
-        out.add("unreadable", f"not a readable Parquet file: {exc}")
+        out.add("unreadable", f"not a readable Parquet file: {excerpt(str(exc), 160)}")
         return []
-    rows = table.to_pylist()
-    if not _has_binary(table.schema.types):
-        return [(number, number, row) for number, row in enumerate(rows, start=1)]
-    # Some writers store text as binary columns: read UTF-8 bytes as the text they are.
+    if meta.num_rows > limits.max_rows:
+        out.add("too_large", limits.over("max_rows", meta.num_rows, "the number of rows"))
+        return []
+    if meta.num_row_groups > limits.max_parquet_row_groups:
+        out.add("too_large", limits.over("max_parquet_row_groups", meta.num_row_groups, "the number of row groups"))
+        return []
+    binary = _has_binary(parquet.schema_arrow.types)
     records: list[Record] = []
-    for number, row in enumerate(rows, start=1):
-        try:
-            records.append((number, number, _as_text(row)))
-        except UnicodeDecodeError as exc:
-            out.add("invalid_utf8", f"a binary value is not UTF-8 text (byte {exc.start + 1})", row=number)
-    return records
+    try:
+        for group in range(meta.num_row_groups):
+            # A row group is what pyarrow decompresses at once: bound it before reading it.
+            stored = meta.row_group(group).total_byte_size
+            if stored > limits.max_file_bytes:
+                out.add("too_large", limits.over("max_file_bytes", stored, f"row group {group + 1}'s size in bytes"))
+                return []
+            for row in parquet.read_row_group(group).to_pylist():
+                number = len(records) + 1
+                if number > limits.max_rows:  # the footer lied about its rows
+                    out.add("too_large", limits.over("max_rows", number, "the number of rows (at least)"))
+                    return []
+                if binary:
+                    try:
+                        row = _as_text(row)
+                    except UnicodeDecodeError as exc:
+                        out.add("invalid_utf8", f"a binary value is not UTF-8 text (byte {exc.start + 1})", row=number)
+                        records.append((number, number, _OVERSIZED))
+                        continue
+                size = _text_size(row)
+                if size > limits.max_row_bytes:
+                    out.add("too_large", limits.over("max_row_bytes", size, "the row's size in bytes"), row=number)
+                    row = _OVERSIZED
+                records.append((number, number, row))
+    except Exception as exc:  # a damaged row group
+        out.add("unreadable", f"not a readable Parquet file: {excerpt(str(exc), 160)}")
+        return []
+    # Rows refused above keep their number (so the next row's is right) but are not rows.
+    return [r for r in records if r[2] is not _OVERSIZED]
+
+
+def _text_size(value: Any) -> int:
+    """Bytes of text in a row (its strings, as UTF-8), the measure of a Parquet row's size."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 8
 
 
 def _has_binary(types: Sequence[Any]) -> bool:
@@ -479,8 +639,37 @@ def _chat_problem(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def check_dataset(path: str | Path, fmt: str | None = None) -> tuple[Dataset | None, ProblemList]:
-    """Read and check every row. Returns the good rows (None if the file is unusable) and the problems."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_problem(value: Any) -> tuple[str, str] | None:
+    """A lone surrogate (JSON's ``"\\ud800"`` with no pair) is no character: no tokenizer or file can hold it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return "invalid_utf8", "holds a lone surrogate (an escaped \\ud800-\\udfff without its pair), which is not text"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def check_dataset(path: str | Path, fmt: str | None = None, *, roots: Roots | None = None,
+                  limits: ReadLimits = DEFAULT_LIMITS,
+                  expect: tuple[int | None, str] | None = None) -> tuple[Dataset | None, ProblemList]:
+    """Read and check every row. Returns the good rows (None if the file is unusable) and the problems.
+
+    Args:
+        roots: the file is opened only as a regular file inside these (checked on the
+            descriptor read, so a file swapped for a symlink, FIFO or device is refused).
+        limits: bytes, rows and row groups read at most.
+        expect: ``(size, sha256)`` of the file as submitted (the trainer's read):
+            a changed file is refused before any row is parsed.
+    """
     path = Path(path)
     kind = file_kind(path)
     out = ProblemList(path, kind or "jsonl")
@@ -490,10 +679,10 @@ def check_dataset(path: str | Path, fmt: str | None = None) -> tuple[Dataset | N
     if kind == "csv" and fmt == "chat":
         out.add("chat_in_csv", "chat datasets cannot be CSV: a conversation is a list of messages; use JSON Lines")
         return None, out
-    raw = _read_bytes(path, out)
+    raw = _read_bytes(path, out, roots, limits, expect)
     if raw is None:
         return None, out
-    records = read_records(path, raw, out)
+    records = [r for r in read_records(path, raw, out, limits) if r[2] is not _OVERSIZED]
     if not records:
         if not out.count:
             out.add("empty_file", "no rows")
@@ -502,14 +691,14 @@ def check_dataset(path: str | Path, fmt: str | None = None) -> tuple[Dataset | N
         fmt = detect_file_format([value for _, _, value in records])
         if fmt is None:
             line, number, first = records[0]
-            keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+            keys = excerpt(sorted(map(str, first))) if isinstance(first, dict) else type(first).__name__
             out.add("unknown_format", f"cannot tell the format from keys {keys}; expected 'messages', "
                     "'prompt'+'completion', 'instruction'+'output' or 'text' (or set dataset.format)",
                     line=line, row=number)
             return None, out
     rows, lines, numbers = [], [], []
     for line, number, row in records:
-        problem = row_problem(row, fmt)
+        problem = _surrogate_problem(row) or row_problem(row, fmt)
         if problem:
             out.add(*problem, line=line, row=number)
         else:
@@ -517,13 +706,14 @@ def check_dataset(path: str | Path, fmt: str | None = None) -> tuple[Dataset | N
             lines.append(line)
             numbers.append(number if number is not None else line)
     dataset = Dataset(path=path, format=fmt, rows=rows, lines=lines, sha256=sha256_bytes(raw), kind=out.kind,
-                      records=numbers)
+                      records=numbers, size=len(raw))
     return dataset, out
 
 
-def load_dataset(path: str | Path, fmt: str | None = None) -> Dataset:
+def load_dataset(path: str | Path, fmt: str | None = None, *, roots: Roots | None = None,
+                 limits: ReadLimits = DEFAULT_LIMITS, expect: tuple[int | None, str] | None = None) -> Dataset:
     """Read and check every row of a dataset; raise :class:`DataError` listing the problems."""
-    dataset, problems = check_dataset(path, fmt)
+    dataset, problems = check_dataset(path, fmt, roots=roots, limits=limits, expect=expect)
     problems.raise_if_any()
     assert dataset is not None
     return dataset

@@ -198,7 +198,7 @@ class RayExecutor:
             except OSError:
                 resume_files = None  # unreadable: the job starts over rather than not at all
         # A dead actor shows up on its stream as 'exited'; nothing to catch here.
-        state.actor.train.remote(request, resume_files, _data_files(request.job))
+        state.actor.train.remote(request, resume_files, _data_files(request.job, request.read_roots))
 
     def stop_job(self, slot: Slot, *, graceful: bool) -> None:
         state: _ActorState | None = slot.handle
@@ -403,18 +403,32 @@ def store_folder(target: Path, files: dict[str, bytes], *, step: int | None = No
             fsutil.fsync_tree(tmp)
 
 
-def _data_files(job: JobInput) -> dict[str, tuple[str, bytes]]:
-    """Datasets small enough to send with the job: ``{field: (file name, bytes)}``."""
+def _data_files(job: JobInput, roots: list[str] | None = None) -> dict[str, tuple[str, bytes]]:
+    """Datasets small enough to send with the job: ``{field: (file name, bytes)}``.
+
+    Read as the trainer reads them: a regular file inside the job's roots, on the
+    descriptor checked (a FIFO swapped in must not block the supervisor).
+    """
+    from ..errors import PathError
+    from ..sandbox import Roots, read_fd
+
+    allowed = Roots.of(roots or [])
     out = {}
     for field in ("dataset_path", "eval_dataset_path"):
         path = getattr(job, field)
         if not path:
             continue
         try:
-            if Path(path).is_file() and Path(path).stat().st_size <= SHIP_DATA_MAX_BYTES:
-                out[field] = (Path(path).name, Path(path).read_bytes())
+            fd, st = allowed.open_file(path, what="dataset")
+        except PathError:
+            continue  # the trainer refuses it with the reason
+        try:
+            if st.st_size <= SHIP_DATA_MAX_BYTES:
+                out[field] = (Path(path).name, read_fd(fd, SHIP_DATA_MAX_BYTES + 1))
         except OSError:
             continue  # the node reads it at its path, and says so if it cannot
+        finally:
+            os.close(fd)
     return out
 
 

@@ -223,9 +223,11 @@ class TrainerActor:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             shipped[field] = str(path)
+        # The shipped datasets live in this scratch folder: the trainer may read them there.
         return dataclasses.replace(request, checkpoints_dir=str(work / "checkpoints"), staging_dir=str(work / "staging"),
                                    log_path=str(work / "train.log"), resume_from=resume_from,
-                                   job=dataclasses.replace(request.job, **shipped))
+                                   job=dataclasses.replace(request.job, **shipped),
+                                   read_roots=[*request.read_roots, str(work / "data")])
 
     @staticmethod
     def _node_id() -> str:

@@ -16,9 +16,11 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..errors import FailureKind, TrainingError
+from ..errors import FailureKind, PathError, TrainingError
+from ..sandbox import Roots, model_folder
 
 #: Weight values sampled per tensor for the base fingerprint (besides the exact sum of every value).
 CHECKSUM_SAMPLES = 256
@@ -141,12 +143,15 @@ class BaseCache:
     resident: Resident | None = None
     loads: int = 0
 
-    def get(self, key: BaseKey) -> tuple[Resident, bool]:
-        """The resident base for ``key`` and whether it was reused (not loaded now)."""
+    def get(self, key: BaseKey, roots: Roots | None = None) -> tuple[Resident, bool]:
+        """The resident base for ``key`` and whether it was reused (not loaded now).
+
+        A base is loaded from its checked folder (``roots``: see :func:`loraq.sandbox.model_folder`).
+        """
         if self.resident is not None and self.resident.key == key:
             return self.resident, True
         self.drop()
-        self.resident = self._load(key)
+        self.resident = self._load(key, roots)
         self.loads += 1
         # What exists now (the libraries, this base) lives as long as the base does:
         # out of the collector's sight, every later collection is cheap (~0.15 s less each
@@ -172,17 +177,23 @@ class BaseCache:
         self.drop()
         return False
 
-    def _load(self, key: BaseKey) -> Resident:
+    def _load(self, key: BaseKey, roots: Roots | None = None) -> Resident:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = resolve_dtype(key.dtype, self.device)
         quantized = quantization_args(key.quantization, dtype, self.device)
+        if roots is None:
+            roots = Roots.of([key.path] if Path(key.path).is_absolute() else [])
         try:
-            tokenizer = AutoTokenizer.from_pretrained(key.path, revision=key.revision, trust_remote_code=key.trust_remote_code)
+            # Checked just before the load: every file inside the roots, a hub id from its snapshot folder.
+            folder = str(model_folder(key.path, roots, revision=key.revision, download=True))
+        except PathError as exc:
+            raise TrainingError(f"cannot load base model: {exc}", kind=FailureKind.BASE_MODEL) from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=key.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                key.path, revision=key.revision, dtype=dtype, trust_remote_code=key.trust_remote_code,
-                use_safetensors=True, **quantized,
+                folder, dtype=dtype, trust_remote_code=key.trust_remote_code, use_safetensors=True, **quantized,
             )
         except OSError as exc:
             if _is_transient_io(exc):

@@ -11,18 +11,27 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import safeyaml
 from ..errors import PathError, Problem, SpecError
-from ..sandbox import Roots, is_hub_id, is_pickle
+from ..escape import excerpt, printable
+from ..sandbox import Roots, check_model_folder, is_hub_id, is_pickle, open_regular, read_fd, resolve
 from . import sweep
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+#: A job name: it becomes a folder (adapters/<name>) and a command-line argument. Matched
+#: with ``fullmatch``: ``$`` would also match before a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+#: Names Windows file systems reserve for devices, with or without an extension (``nul.txt`` too).
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                              *(f"LPT{i}" for i in range(10))})
+#: SQLite stores integers in 64 bits; a priority is far smaller in practice.
+MAX_PRIORITY = 1_000_000_000
 DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 
@@ -183,7 +192,7 @@ class JobSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     validation: ValidationSpec = ValidationSpec()
     max_retries: int = Field(2, ge=0, le=100)
-    priority: int = 0
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     trust_remote_code: bool = False
     # ---- training controls (issue 12)
     group: str | None = None  # the sweep this job was expanded from (queue/sweep.py)
@@ -226,10 +235,8 @@ class JobSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
-            raise ValueError(
-                "must be 1-100 characters of [A-Za-z0-9._-] and must not start with a dot"
-            )
+        if problem := name_problem(value):
+            raise ValueError(problem)
         return value
 
     @field_validator("dataset", mode="before")
@@ -327,6 +334,24 @@ class Queue(BaseModel):
     jobs: list[ResolvedJob]
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a job (``None`` if it can).
+
+    A name becomes ``adapters/<name>`` and an argument of ``cancel``/``show``: it must
+    be the same folder on every file system and never read as a job id or a flag.
+    """
+    if not NAME_PATTERN.fullmatch(name):
+        return ("must be 1-100 characters of [A-Za-z0-9._-], starting with a letter, a digit or '_' "
+                "(not '.' or '-')")
+    if name.isdigit():
+        return "must not be only digits: 'loraq cancel 1' means the job with id 1"
+    if name.endswith("."):
+        return "must not end with a dot: Windows file systems drop it, so the adapter folder would lose it"
+    if name.split(".", 1)[0].upper() in WINDOWS_RESERVED:
+        return f"{name.split('.', 1)[0]!r} is a device name on Windows file systems; the adapter folder could not be made"
+    return None
+
+
 def base_is_local(base_model: str) -> bool:
     return base_model.startswith(("/", "./", "../", "~")) or base_model in (".", "..")
 
@@ -360,8 +385,15 @@ def _field_path(loc: tuple[Any, ...], data: Any, *, missing: bool) -> str:
             node = node[part]
         elif not (missing and position == len(loc) - 1):
             continue
-        parts.append(str(part))
-    return ".".join(parts) or "(job)"
+        parts.append(part if isinstance(part, int) else _key(part))
+    return ".".join(str(p) for p in parts) or "(job)"
+
+
+def _key(key: Any) -> str:
+    """A key of the input as a location: itself when it is a plain name, else a short escaped excerpt."""
+    if isinstance(key, str) and len(key) <= 60 and key.isprintable():
+        return key
+    return excerpt(key, 60)
 
 
 def _pydantic_problems(where: str, exc: ValidationError, data: Any) -> list[Problem]:
@@ -378,46 +410,64 @@ def _pydantic_problems(where: str, exc: ValidationError, data: Any) -> list[Prob
         elif err.get("input") == "auto" and field not in AUTO_FIELDS:
             message = f"'auto' is accepted only for {', '.join(AUTO_FIELDS)}"
         elif err["type"] != "missing" and "input" in err:
-            message = f"{message} (got {err['input']!r})"
+            message = f"{message} (got {excerpt(err['input'])})"
         problems.append(Problem(f"{where}: {field}", message))
     return problems
 
 
 def _load_yaml(path: Path) -> Any:
+    where = printable(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([Problem(str(path), "queue file not found")]) from None
-    except IsADirectoryError:
-        raise SpecError([Problem(str(path), "is a folder, expected a queue file")]) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError([Problem(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+        if not resolve(path, what="queue file").exists():
+            raise SpecError([Problem(where, "queue file not found")])
+        fd = open_regular(resolve(path), what="queue file", shown=path)  # a FIFO would block the read
+    except PathError as exc:
+        raise SpecError([Problem(where, str(exc).replace(f"queue file {where!r} ", ""))]) from None
     except OSError as exc:
-        raise SpecError([Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+        raise SpecError([Problem(where, f"cannot read: {exc.strerror or exc}")]) from None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem(where, f"not valid YAML: {problem}")]) from None
+        size = os.fstat(fd).st_size
+        if size > safeyaml.MAX_BYTES:
+            raise SpecError([Problem(where, f"is {size:,} bytes; queue files over {safeyaml.MAX_BYTES:,} are refused")])
+        text = read_fd(fd, safeyaml.MAX_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    except OSError as exc:
+        raise SpecError([Problem(where, f"cannot read: {exc.strerror or exc}")]) from None
+    finally:
+        os.close(fd)
+    try:
+        return safeyaml.load(text)
+    except safeyaml.YamlProblem as exc:
+        raise SpecError([Problem(f"{where}:{exc.line}" if exc.line else where, str(exc))]) from None
 
 
 def resolve_local(queue_dir: Path, value: str) -> Path:
     return (queue_dir / Path(value).expanduser()).resolve()
 
 
-def load_queue(path: str | Path, roots: Roots) -> Queue:
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except ValueError:
+        raise PathError(f"{printable(path)!r} holds a NUL byte; not a usable path") from None
+    except OSError as exc:
+        raise PathError(f"{printable(path)!r}: {exc.strerror or exc}") from None
+
+
+def load_queue(path: str | Path, roots: Roots, *, allow_remote_code: bool = False) -> Queue:
     """Parse, merge and validate a queue file; raise :class:`SpecError` listing every problem.
 
     Checks the schema, names, and that every path exists inside ``roots``. Dataset
-    rows and base models are checked by :mod:`loraq.data` and :mod:`loraq.validate`.
+    rows and base models are checked by :mod:`loraq.data`. ``trust_remote_code`` in a
+    job is refused unless the operator allowed remote code (``allow_remote_code``):
+    a queue file alone cannot run a model's Python.
     """
     qpath = Path(path).expanduser().absolute()
-    return queue_from_doc(_load_yaml(qpath), qpath, roots, where=str(path))
+    return queue_from_doc(_load_yaml(qpath), qpath, roots, where=printable(path), allow_remote_code=allow_remote_code)
 
 
-def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str) -> Queue:
+def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_remote_code: bool = False) -> Queue:
     """Validate a parsed queue file (``qpath`` is where its relative paths start); see :func:`load_queue`."""
     if not isinstance(doc, dict):
         raise SpecError([Problem(where, "expected a mapping with 'jobs' (and optional 'defaults')")])
@@ -425,7 +475,7 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str) -> Queue:
     known = {"defaults", "jobs", *QueueSettings.model_fields}
     for key in doc:
         if key not in known:
-            problems.append(Problem(f"{where}: {key}", f"unknown key (expected one of: {', '.join(sorted(known))})"))
+            problems.append(Problem(f"{where}: {_key(key)}", f"unknown key (expected one of: {', '.join(sorted(known))})"))
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.append(Problem(f"{where}: defaults", "must be a mapping"))
@@ -450,24 +500,34 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str) -> Queue:
                                          schema=JobSpec)
     queue_dir = qpath.parent
     jobs: list[ResolvedJob] = []
-    names: dict[str, int] = {}
+    names: dict[str, tuple[str, int]] = {}
     for index, raw in enumerate(raw_jobs):
         label = f"job #{index + 1}"
         if not isinstance(raw, dict):
             problems.append(Problem(f"{where}: {label}", "must be a mapping"))
             continue
         if isinstance(raw.get("name"), str):
-            label = f"job {raw['name']!r}"
+            label = f"job {excerpt(raw['name'], 60)}"
         merged = deep_merge(defaults, raw)
         try:
             spec = JobSpec.model_validate(merged)
         except ValidationError as exc:
             problems.extend(_pydantic_problems(f"{where}: {label}", exc, merged))
             continue
-        if spec.name in names:
-            problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{names[spec.name]})"))
+        # Names that differ only in case would share one adapter folder on macOS and Windows.
+        folded = spec.name.lower()
+        if folded in names:
+            other, first = names[folded]
+            same = "" if other == spec.name else f" {other!r}: names that differ only in case are one folder on " \
+                                                  "case-insensitive file systems"
+            problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{first}{same})"))
             continue
-        names[spec.name] = index + 1
+        names[folded] = (spec.name, index + 1)
+        if spec.trust_remote_code and not allow_remote_code:
+            problems.append(Problem(f"{where}: {label}: trust_remote_code", "runs the model's own Python code, which "
+                                    "a queue file alone cannot allow: submit with --allow-remote-code, or set "
+                                    "allow_remote_code: true in the home's config.yaml"))
+            continue
         job, job_problems = _resolve_paths(spec, qpath, queue_dir, roots, f"{where}: {label}")
         problems.extend(job_problems)
         if job is not None:
@@ -479,17 +539,18 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str) -> Queue:
 
 
 def _check_file(value: str, field: str, queue_dir: Path, roots: Roots, where: str) -> tuple[Path | None, Problem | None]:
-    candidate = resolve_local(queue_dir, value)
     try:
-        roots.check_read(candidate, what=field)
+        candidate = roots.check_read(queue_dir / value, what=field)
+        if not candidate.exists():
+            return None, Problem(f"{where}: {field}", f"file not found: {printable(candidate)}")
+        if not candidate.is_file():
+            return None, Problem(f"{where}: {field}", f"not a file: {printable(candidate)}")
     except PathError as exc:
         return None, Problem(f"{where}: {field}", str(exc))
-    if not candidate.exists():
-        return None, Problem(f"{where}: {field}", f"file not found: {candidate}")
-    if not candidate.is_file():
-        return None, Problem(f"{where}: {field}", f"not a file: {candidate}")
+    except OSError as exc:  # a name too long for the file system, a permission
+        return None, Problem(f"{where}: {field}", f"{excerpt(value)}: {exc.strerror or exc}")
     if is_pickle(candidate):
-        return None, Problem(f"{where}: {field}", f"pickle files are refused: {candidate}")
+        return None, Problem(f"{where}: {field}", f"pickle files are refused: {printable(candidate)}")
     return candidate, None
 
 
@@ -504,21 +565,32 @@ def _resolve_paths(spec: JobSpec, qpath: Path, queue_dir: Path, roots: Roots, wh
         if problem:
             problems.append(problem)
     base = spec.base_model
-    if base_is_local(base) or (queue_dir / base).is_dir():
-        folder = resolve_local(queue_dir, base)
+    try:
+        local = base_is_local(base) or _is_dir(queue_dir / base)
+    except PathError as exc:
+        problems.append(Problem(f"{where}: base_model", str(exc)))
+        local = None
+    if local:
         try:
-            roots.check_read(folder, what="base_model")
+            folder = roots.check_read(queue_dir / Path(base).expanduser(), what="base_model")
+            if not folder.is_dir():
+                problems.append(Problem(f"{where}: base_model", f"folder not found: {printable(folder)}"))
+            elif not (folder / "config.json").is_file():
+                problems.append(Problem(f"{where}: base_model",
+                                        f"no config.json in {printable(folder)}: not a model folder"))
+            else:
+                # Every file the model and tokenizer are read from must stay inside the roots,
+                # symlinks included (a tokenizer.json linked to a file elsewhere is not read).
+                check_model_folder(folder, roots)
+            base = str(folder)
         except PathError as exc:
             problems.append(Problem(f"{where}: base_model", str(exc)))
-        else:
-            if not folder.is_dir():
-                problems.append(Problem(f"{where}: base_model", f"folder not found: {folder}"))
-            elif not (folder / "config.json").is_file():
-                problems.append(Problem(f"{where}: base_model", f"no config.json in {folder}: not a model folder"))
-            base = str(folder)
-    elif not is_hub_id(base):
+        except OSError as exc:
+            problems.append(Problem(f"{where}: base_model", f"{excerpt(base)}: {exc.strerror or exc}"))
+    elif local is not None and not is_hub_id(base):
         problems.append(
-            Problem(f"{where}: base_model", f"{base!r} is neither a local folder (start it with ./ or /) nor a hub id like 'org/model'")
+            Problem(f"{where}: base_model", f"{excerpt(base)} is neither a local folder (start it with ./ or /) nor a "
+                                            "hub id like 'org/model'")
         )
     if problems:
         return None, problems

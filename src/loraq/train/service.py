@@ -83,6 +83,7 @@ from ..protocol import (
     TrainResult,
 )
 from ..queue.spec import JobSpec
+from ..sandbox import Roots
 from . import controls, layout
 
 Emit = Callable[[Event], None]
@@ -113,15 +114,22 @@ class Prepared:
     base_answers: list[str] = field(default_factory=list)  # the base's answers to them, before training
 
 
-def _same_as_submitted(dataset: data.Dataset, sha256: str | None) -> None:
-    """Every row was checked at submit; a file changed since then has not been."""
-    if sha256 and dataset.sha256 != sha256:
-        raise TrainingError(
-            f"{dataset.path}: the dataset changed since it was submitted (sha256 {sha256[:12]}… then, "
-            f"{dataset.sha256[:12]}… now); its rows were validated as they were. Restore the file, or "
-            "submit the job again under a new name",
-            kind=FailureKind.DATA,
-        )
+def read_roots(request: TrainRequest) -> Roots:
+    """The roots the job's files were checked against at submit; the trainer opens each file inside them again.
+
+    A request made by an older worker carries none: the folders of its own files then.
+    """
+    job = request.job
+    roots = list(request.read_roots)
+    if not roots:
+        roots = [str(Path(p).parent) for p in (job.dataset_path, job.eval_dataset_path) if p]
+        roots += [job.base_model] if Path(job.base_model).is_absolute() else []
+    return Roots.of(roots)
+
+
+def _expected(size: int | None, sha256: str | None) -> tuple[int | None, str] | None:
+    """``(bytes, sha256)`` of a dataset as submitted: every row was checked then; a changed file was not."""
+    return (size, sha256) if sha256 else None
 
 
 def _injected_bug(rows: list[dict[str, Any]]) -> controls.Fault | None:
@@ -136,15 +144,18 @@ def _injected_bug(rows: list[dict[str, Any]]) -> controls.Fault | None:
     return None
 
 
-def prepare(job: JobInput, tokenizer: Any) -> Prepared:
+def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepared:
     spec = JobSpec.model_validate(job.spec)
-    dataset = data.load_dataset(job.dataset_path, spec.dataset.format)
-    _same_as_submitted(dataset, job.dataset_sha256)
+    # Opened on a descriptor checked to be the regular file inside the roots, and refused
+    # unread if its size or digest is not what was submitted: nothing of a file swapped in
+    # after submit (a symlink to a secret, /dev/zero, a FIFO) is read or quoted.
+    dataset = data.load_dataset(job.dataset_path, spec.dataset.format, roots=roots,
+                                expect=_expected(job.dataset_bytes, job.dataset_sha256))
     rows = dataset.rows
     fault = _injected_bug(rows)
     if job.eval_dataset_path:
-        eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format)
-        _same_as_submitted(eval_set, job.eval_dataset_sha256)
+        eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format, roots=roots,
+                                     expect=_expected(job.eval_dataset_bytes, job.eval_dataset_sha256))
         train_rows, eval_rows = rows, eval_set.rows
     else:
         data.check_split(dataset.path, len(rows), spec.validation.split)
@@ -336,12 +347,12 @@ class TrainerService:
         t0 = time.perf_counter()
         key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code,
                       quantization=spec.quantization)
-        resident, reused = self.cache.get(key)
+        resident, reused = self.cache.get(key, roots=read_roots(request))
         load_s = timings["load_s"] = time.perf_counter() - t0
         log(f"job {spec.name} attempt {request.attempt}: base {key} ({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
         t0 = time.perf_counter()
         try:
-            prepared = prepare(request.job, resident.tokenizer)
+            prepared = prepare(request.job, resident.tokenizer, roots=read_roots(request))
         except DataError as exc:
             raise TrainingError(str(exc), kind=FailureKind.DATA) from exc
         batches = layout.Layout.of(spec, prepared, resident, self.device, log)
