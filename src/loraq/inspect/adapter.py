@@ -83,15 +83,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..data import templates
 from ..errors import InspectionError, PathError, TemplateError
-from ..sandbox import Roots, is_pickle
+from ..escape import printable
+from ..sandbox import Roots, fd_path, is_pickle
 from . import safetensors as st
 from . import serving
-from .lora_config import LoraSettings, parse_config
+from .lora_config import LoraSettings, RegexTimeout, parse_config, regex_budget
 from .structure import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -120,10 +123,10 @@ def _resolve(folder: str | Path, roots: Roots | None) -> Path:
             raise InspectionError(str(exc)) from None
     try:
         resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise InspectionError(f"adapter folder {str(folder)!r} does not exist") from None
+    except (OSError, RuntimeError, ValueError):
+        raise InspectionError(f"adapter folder {printable(folder)!r} does not exist") from None
     if not resolved.is_dir():
-        raise InspectionError(f"adapter folder {str(folder)!r} is not a folder")
+        raise InspectionError(f"adapter folder {printable(folder)!r} is not a folder")
     return resolved
 
 
@@ -171,6 +174,12 @@ def _open(root: Path, name: str, found: Findings) -> tuple[int, int] | None:
         return None  # already a symlink_escape finding; never opened
     try:
         fd, stat_result = st.open_regular(resolved)
+        actual = fd_path(fd)
+        if actual is not None and not actual.is_relative_to(root):
+            os.close(fd)
+            found.add("symlink_escape", "error", f"{name} changed while it was opened (now {printable(actual)}, "
+                                                 "outside the adapter folder); refused", name)
+            return None
     except OSError as exc:
         if exc.errno == 0 or path.is_dir():
             found.add("not_regular_file", "error", f"{name} is not a regular file", name)
@@ -185,14 +194,14 @@ def _open(root: Path, name: str, found: Findings) -> tuple[int, int] | None:
     return fd, stat_result.st_size
 
 
-def _read_config(root: Path, names: list[str], found: Findings,
-                 stats: dict[str, Any]) -> tuple[LoraSettings | None, dict[str, Any]]:
+def _read_config(root: Path, names: list[str], found: Findings, stats: dict[str, Any],
+                 source: Path | None = None) -> tuple[LoraSettings | None, dict[str, Any]]:
     if CONFIG_NAME not in names:
         if names:
             found.add("missing_config", "error", f"no {CONFIG_NAME} in {root}; PEFT cannot load the adapter "
                                                  "without it (save with save_pretrained)")
         return None, {}
-    opened = _open(root, CONFIG_NAME, found)
+    opened = _open(source or root, CONFIG_NAME, found)
     if opened is None:
         return None, {}
     fd, size = opened
@@ -222,7 +231,7 @@ def _read_config(root: Path, names: list[str], found: Findings,
 
 
 def _read_weights(root: Path, names: list[str], cfg: LoraSettings | None, found: Findings,
-                  stats: dict[str, Any]) -> Weights | None:
+                  stats: dict[str, Any], source: Path | None = None) -> Weights | None:
     others = [n for n in names if n.lower().endswith(".safetensors") and n != WEIGHTS_NAME]
     if WEIGHTS_NAME not in names:
         pickles = [n for n in names if n.startswith("adapter_model.") and is_pickle(Path(n))]
@@ -234,7 +243,7 @@ def _read_weights(root: Path, names: list[str], cfg: LoraSettings | None, found:
     if others:
         found.add("multiple_weights", "error", f"{len(others)} other .safetensors file(s) beside {WEIGHTS_NAME} "
                                                f"({', '.join(others[:3])}); an adapter folder holds one", others[0])
-    opened = _open(root, WEIGHTS_NAME, found)
+    opened = _open(source or root, WEIGHTS_NAME, found)
     if opened is None:
         return None
     fd, size = opened
@@ -314,21 +323,37 @@ def inspect_adapter(folder: str | Path, *, roots: Roots | None = None, base: str
     found = Findings()
     stats: dict[str, Any] = {}
     names = _list(root, found)
-    cfg, raw_cfg = _read_config(root, names, found, stats)
-    weights = _read_weights(root, names, cfg, found, stats)
-    chat_template = _read_template(root, names, found, stats)
+    private = None
     verdicts: dict[str, serving.Verdict] = {}
-    if cfg is not None and weights is not None:
-        if base_config is None:
-            base_config = _serving_base_config(root, raw_cfg, base, roots)
-        facts = serving.facts_from_adapter(raw_cfg, [(t.name, t.shape) for t in weights.header.tensors], base_config)
-        verdicts = serving.verdicts(facts)
-    if base is not None:
-        stats["base"] = base
-        if cfg is not None and weights is not None:
-            on_base.inspect_on_base(root, weights, cfg, found, stats, base=base, data_path=data_path,
-                                    min_drop=min_eval_loss_drop, max_seq_len=max_seq_len,
-                                    chat_template=chat_template)
+    try:
+        source = root
+        if base is not None:
+            # PEFT loads by name, after our checks: it loads from a private copy of the exact
+            # bytes checked, holding the config and the safetensors only (nothing to unpickle).
+            private = _private_copy(root, names, found)
+            source = private or root
+        with regex_budget():
+            try:
+                cfg, raw_cfg = _read_config(root, names, found, stats, source=source)
+                weights = _read_weights(root, names, cfg, found, stats, source=source)
+                chat_template = _read_template(root, names, found, stats)
+                if cfg is not None and weights is not None:
+                    if base_config is None:
+                        base_config = _serving_base_config(root, raw_cfg, base, roots)
+                    facts = serving.facts_from_adapter(raw_cfg, [(t.name, t.shape) for t in weights.header.tensors],
+                                                       base_config)
+                    verdicts = serving.verdicts(facts)
+                if base is not None:
+                    stats["base"] = base
+                    if cfg is not None and weights is not None and private is not None:
+                        on_base.inspect_on_base(private, weights, cfg, found, stats, base=base, data_path=data_path,
+                                                min_drop=min_eval_loss_drop, max_seq_len=max_seq_len, roots=roots,
+                                                chat_template=chat_template)
+            except RegexTimeout as exc:
+                found.add("bad_config", "error", f"{CONFIG_NAME}: {exc}", CONFIG_NAME)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
     return Inspection(str(root), found.result(), stats, verdicts)
 
 
@@ -381,3 +406,47 @@ def _small_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+#: The largest weights file copied aside to be loaded onto a base (far above any LoRA adapter).
+MAX_PRIVATE_COPY = 8 << 30
+
+
+def _private_copy(root: Path, names: list[str], found: Findings) -> Path | None:
+    """The config and weights, copied from their checked descriptors into a folder only this process uses.
+
+    ``None`` when either cannot be opened (a finding says why) or the weights are too big to copy.
+    """
+    if CONFIG_NAME not in names or WEIGHTS_NAME not in names:
+        return None
+    private = Path(tempfile.mkdtemp(prefix="loraq-inspect-"))  # mode 0700: no other user can swap a file in
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            opened = _open(root, name, found)
+            if opened is None:
+                shutil.rmtree(private, ignore_errors=True)
+                return None
+            fd, size = opened
+            try:
+                if size > MAX_PRIVATE_COPY:
+                    found.add("oversized", "error", f"{name} is {size / 2**30:,.1f} GiB: too big to be a LoRA adapter "
+                                                    "or to load onto a base", name)
+                    shutil.rmtree(private, ignore_errors=True)
+                    return None
+                out = os.open(private / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    offset = 0
+                    while offset < size:
+                        chunk = os.pread(fd, min(st.CHUNK_BYTES * 8, size - offset), offset)
+                        if not chunk:
+                            break  # it shrank: the copy holds what was there, and is checked as it is
+                        os.write(out, chunk)
+                        offset += len(chunk)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        shutil.rmtree(private, ignore_errors=True)
+        raise InspectionError(f"cannot copy the adapter aside to load it onto the base: {exc.strerror or exc}") from None
+    return private

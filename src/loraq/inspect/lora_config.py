@@ -6,19 +6,32 @@ decide which modules carry LoRA and with which rank (``target_modules``,
 ``rank_pattern``); a test checks it against peft's own matcher.
 
 The config comes from an untrusted folder, and its regexes run on every module
-name. Python's ``re`` cannot time out, so a regex with a nested quantifier
-(``(a+)+``), the classic catastrophic-backtracking shape, is refused instead of run.
+name. A regex with a nested quantifier (``(a+)+``), the classic
+catastrophic-backtracking shape, or with many repetitions, is refused instead of
+run; the rest run on the ``regex`` engine, which can time out, within one time
+budget per inspection (:func:`regex_budget`): a pattern that backtracks past it
+(``.{0,1000}`` repeated, then a letter the names lack) is a :class:`RegexTimeout`,
+which the inspector reports as a ``bad_config`` finding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import math
 import re
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+import regex
+
+from ..escape import excerpt
 
 #: Longest regex accepted in target_modules, exclude_modules or a pattern key.
 MAX_REGEX_CHARS = 1000
@@ -35,13 +48,55 @@ MAX_RANK = 1 << 20
 # backtrack exponentially; many unbounded repetitions (".*a.*b.*c.*d.*e") polynomially.
 # Both are refused; module names are capped in length by the header reader.
 _REPEATED_GROUP = re.compile(r"\)(?:[*+]|\{)")
-_UNBOUNDED = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\})")
+# Repetitions that can each take many lengths: '*', '+', '{n,}' and '{m,n}' with n over 16.
+_UNBOUNDED = re.compile(r"(?<!\\)(?:[*+]|\{\d*,\}|\{\d*,(?:1[7-9]|[2-9]\d|\d{3,})\})")
+#: Seconds all the regex matching of one inspection may take together.
+REGEX_BUDGET_S = 5.0
 # How PEFT embeds a pattern key and a layers_pattern into a bigger regex; they are
 # checked embedded, since a key that compiles alone may not ("(?i)x", "(?P<idx>.)").
 RANK_KEY_REGEX = r"(.*\.)?({})$"
 LAYERS_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
 # A rank_pattern key of plain name parts is looked up, not run as a regex.
 _LITERAL_KEY = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+
+
+class RegexTimeout(Exception):
+    """A regex of the config took longer than the inspection's budget to match."""
+
+    def __init__(self, pattern: str, budget: float) -> None:
+        super().__init__(f"the regex {excerpt(pattern, 60)} takes longer than {budget:g} s to match the module names "
+                         "(it backtracks); list the module names instead")
+
+
+_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("_deadline", default=None)
+
+
+@contextlib.contextmanager
+def regex_budget(seconds: float | None = None) -> Iterator[None]:
+    """All matches inside share ``seconds`` (default :data:`REGEX_BUDGET_S`); past it they raise :class:`RegexTimeout`."""
+    budget = REGEX_BUDGET_S if seconds is None else seconds
+    token = _deadline.set((time.monotonic() + budget, budget))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> Any:
+    return regex.compile(pattern, flags=regex.V0)
+
+
+def _bounded(how: str, pattern: str, text: str) -> Any:
+    """``regex``'s ``match`` or ``fullmatch`` of ``pattern`` on ``text`` within what is left of the budget."""
+    deadline, budget = _deadline.get() or (time.monotonic() + REGEX_BUDGET_S, REGEX_BUDGET_S)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RegexTimeout(pattern, budget)
+    try:
+        return getattr(_compiled(pattern), how)(text, timeout=left)
+    except TimeoutError:
+        raise RegexTimeout(pattern, budget) from None
 
 
 def dot_suffixes(name: str) -> list[str]:
@@ -95,7 +150,7 @@ class LoraSettings:
         for index, key, rank in regexes:
             if best is not None and index > best[0]:
                 break
-            if re.match(RANK_KEY_REGEX.replace("{}", key), module):
+            if _bounded("match", RANK_KEY_REGEX.replace("{}", key), module):
                 best = (index, rank)
                 break
         return self.r if best is None else best[1]
@@ -129,7 +184,7 @@ class LoraSettings:
         if self.targets == "all-linear":
             return module in all_linear if all_linear is not None else module.split(".")[-1] != "lm_head"
         if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, module) is not None
+            return _bounded("fullmatch", self.targets, module) is not None
         targets = self._target_set
         if module in targets:
             return True  # a name listed in full is taken as is, whatever layers_to_transform says
@@ -143,7 +198,7 @@ class LoraSettings:
 
     def _excluded(self, module: str) -> bool:
         if isinstance(self.exclude, str):
-            return re.fullmatch(self.exclude, module) is not None
+            return _bounded("fullmatch", self.exclude, module) is not None
         excluded = frozenset(self.exclude or ())
         return any(tail in excluded for tail in dot_suffixes(module))
 
@@ -152,7 +207,7 @@ class LoraSettings:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
             return int(match.group("idx")) if match else None
         for pattern in self.layers_pattern:
-            match = re.match(LAYERS_REGEX.replace("{}", pattern), module)
+            match = _bounded("match", LAYERS_REGEX.replace("{}", pattern), module)
             if match:
                 return int(match.group("idx"))
         return None
@@ -170,8 +225,9 @@ def _regex_problem(pattern: str, embed: str = "{}") -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "possible nested set" and the like: meaning that will change
-            re.compile(embed.replace("{}", pattern))
-    except (re.error, RecursionError, OverflowError, Warning) as exc:
+            re.compile(embed.replace("{}", pattern))  # as PEFT will compile it
+            _compiled(embed.replace("{}", pattern))  # as loraq matches it
+    except (re.error, regex.error, RecursionError, OverflowError, Warning) as exc:
         return f"is not a valid regex ({exc})"
     return None
 

@@ -14,13 +14,18 @@ inspect against); an adapter that PEFT cannot load is a ``load_failed`` finding.
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InspectionError, PathError
-from ..sandbox import Roots, is_hub_id
+from ..escape import printable
+from ..sandbox import Roots, check_model_folder, hf_cache_dir, is_hub_id, model_folder
 from .lora_config import LoraSettings
 from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets, quality_gate
 
@@ -42,24 +47,31 @@ class BaseLayout:
 
 
 def resolve_base(base: str, roots: Roots | None) -> str:
-    """The base as a resolved local folder (checked against ``roots``) or a hub id for the local cache.
+    """The base as a checked local folder: its own (inside ``roots``) or a hub id's snapshot in the local cache.
+
+    Every file of the folder must be a regular file inside ``roots`` (symlinks into
+    the Hugging Face cache are, for a hub snapshot); the folder is checked again just
+    before the base loads.
 
     Raises:
-        InspectionError: missing, not a folder, or outside ``roots``.
+        InspectionError: missing, not a folder, outside ``roots``, not in the cache, or a
+            file that leads outside the roots.
     """
     path = Path(base).expanduser()
-    if path.exists():
-        if roots is not None:
-            try:
-                roots.check_read(path, what="base model")
-            except PathError as exc:
-                raise InspectionError(str(exc)) from None
-        if not path.resolve().is_dir():
-            raise InspectionError(f"base model {base!r} is not a folder")
-        return str(path.resolve())
-    if not is_hub_id(base):
-        raise InspectionError(f"base model {base!r} does not exist")
-    return base  # a hub id, read from the local Hugging Face cache only
+    try:
+        local = path.exists()
+    except (OSError, ValueError):
+        local = False
+    if not local and (base.startswith((".", "/", "~")) or not is_hub_id(base)):
+        raise InspectionError(f"base model {printable(base)!r} does not exist")
+    try:
+        if local and not path.resolve().is_dir():
+            raise InspectionError(f"base model {printable(base)!r} is not a folder")
+        target = str(path.resolve()) if local else base
+        allowed = roots if roots is not None else Roots.of([path] if local else [])
+        return str(model_folder(target, allowed))
+    except PathError as exc:
+        raise InspectionError(str(exc)) from None
 
 
 def base_layout(base: str) -> BaseLayout:
@@ -163,33 +175,80 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Findings, stats: dict[str, Any], *,
                     base: str, data_path: Path | None, min_drop: float, max_seq_len: int,
-                    chat_template: str | None = None) -> None:
+                    roots: Roots | None = None, chat_template: str | None = None) -> None:
     """Check the adapter against ``base`` (and the dataset), adding findings and stats.
 
     ``base`` and ``data_path`` come from :func:`resolve_base` and :func:`resolve_data`;
-    chat rows of the dataset render with ``chat_template`` (the adapter folder's) when given.
+    ``root`` is the private copy of the adapter that PEFT loads; chat rows of the
+    dataset render with ``chat_template`` (the adapter folder's) when given.
     """
-    check_layout(base_layout(base), weights, cfg, found, base=base)
+    allowed = roots if roots is not None else Roots.of([base])
+    try:
+        check_model_folder(Path(base), allowed.with_read(hf_cache_dir()))  # again, just before it loads
+    except PathError as exc:
+        raise InspectionError(str(exc)) from None
+    layout = base_layout(base)
+    check_layout(layout, weights, cfg, found, base=base)
     if found.has_errors():
         return  # loading an adapter already known to be broken proves nothing more
+    if (slow := peft_regex_problem(cfg, list(layout.modules))) is not None:
+        found.add("bad_config", "error", f"adapter_config.json: {slow}", "adapter_config.json")
+        return
     _run(root, base, data_path, found, stats, min_drop=min_drop, max_seq_len=max_seq_len,
-         n_modules=len(weights.modules), chat_template=chat_template)
+         n_modules=len(weights.modules), roots=roots, chat_template=chat_template)
+
+
+#: Seconds Python's own ``re`` may take to match the config's regexes on every module of the base.
+PEFT_REGEX_BUDGET_S = 5.0
+
+
+def peft_regex_problem(cfg: LoraSettings, modules: list[str], budget: float | None = None) -> str | None:
+    """Why PEFT's own matching would hang on this config, or ``None``.
+
+    loraq matches with a bounded engine, but PEFT matches ``target_modules`` and
+    ``exclude_modules`` with Python's ``re``, which cannot time out, on every module of
+    the base as it loads. When either is a regex, that same matching is run first in a
+    child process that is killed past ``budget`` seconds.
+    """
+    patterns = [p for p in (cfg.targets, cfg.exclude) if isinstance(p, str) and p != "all-linear"]
+    if not patterns:
+        return None
+    budget = PEFT_REGEX_BUDGET_S if budget is None else budget
+    program = ("import json, re, sys\n"
+               "patterns, names = json.load(sys.stdin)\n"
+               "for p in patterns:\n"
+               "    c = re.compile(p)\n"
+               "    for n in names:\n"
+               "        c.fullmatch(n)\n")
+    try:
+        subprocess.run([sys.executable, "-I", "-S", "-c", program], input=json.dumps([patterns, modules]),
+                       text=True, capture_output=True, timeout=budget, check=True)
+    except subprocess.TimeoutExpired:
+        return (f"a regex in target_modules or exclude_modules takes longer than {budget:g} s to match the base's "
+                f"{len(modules)} module names with Python's re, as PEFT would; list the module names instead")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return f"its regexes cannot be matched with Python's re ({printable(str(exc))[:120]})"
+    return None
 
 
 def resolve_data(data: str, roots: Roots | None) -> Path:
     path = Path(data).expanduser()
-    if roots is not None:
-        try:
+    try:
+        if roots is not None:
             roots.check_read(path, what="eval dataset")
-        except PathError as exc:
-            raise InspectionError(str(exc)) from None
-    if not path.is_file():
-        raise InspectionError(f"eval dataset {data!r} does not exist")
+        exists = path.is_file()
+    except PathError as exc:
+        raise InspectionError(str(exc)) from None
+    except (OSError, ValueError):
+        exists = False
+    if not exists:
+        raise InspectionError(f"eval dataset {printable(data)!r} does not exist")
     return path
 
 
 def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: dict[str, Any], *,
-         min_drop: float, max_seq_len: int, n_modules: int, chat_template: str | None = None) -> None:
+         min_drop: float, max_seq_len: int, n_modules: int, roots: Roots | None = None,
+         chat_template: str | None = None) -> None:
     from ..model.base import quiet_libraries, resolve_dtype
 
     quiet_libraries()  # the CLI's output is the findings, not loading bars; before peft (it imports bitsandbytes)
@@ -210,7 +269,7 @@ def _run(root: Path, base: str, data_path: Path | None, found: Findings, stats: 
         raise InspectionError(f"base model {base}: cannot load it: {type(exc).__name__}: {exc}") from None
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() as a decorator
     model.eval()
-    eval_set = _eval_set(data_path, tokenizer, max_seq_len, chat_template) if data_path is not None else None
+    eval_set = _eval_set(data_path, tokenizer, max_seq_len, roots, chat_template) if data_path is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = Collator(pad_id=pad_id)
     probe = _probe(tokenizer, model.config.vocab_size).to(device)
@@ -259,12 +318,13 @@ def _probe(tokenizer: Any, vocab_size: int) -> Any:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def _eval_set(path: Path, tokenizer: Any, max_seq_len: int, chat_template: str | None = None) -> Any:
+def _eval_set(path: Path, tokenizer: Any, max_seq_len: int, roots: Roots | None = None,
+              chat_template: str | None = None) -> Any:
     from .. import data
     from ..model.batching import ListDataset
 
     try:
-        dataset = data.load_dataset(path)
+        dataset = data.load_dataset(path, roots=roots if roots is not None else Roots.of([path]))
         items = []
         for row in dataset.rows[:MAX_EVAL_ROWS]:
             encoded = data.encode(row, dataset.format, tokenizer, max_seq_len, chat_template)
