@@ -145,7 +145,7 @@ def setup_publish(root: Path) -> Setup:
 
 def finish(s: Setup) -> Path:
     """What the worker does once a trainer is done and the inspector passed (Worker._finish)."""
-    manifest = publish.build_manifest(s.claim, RESULT, s.staging)
+    manifest = publish.build_manifest(s.claim, RESULT, s.staging, home_id=s.store.home_id())
     publish.stage_metadata(s.staging, manifest, INSPECTION)
     return publish.publish(s.store, s.home, s.claim, s.staging, RESULT)
 
@@ -305,7 +305,7 @@ def test_a_kill_between_rename_and_commit_completes_once_on_restart(tmp_path: Pa
 def test_reconcile_tolerates_an_owner_that_commits_the_publish_first(tmp_path: Path) -> None:
     """A worker starting while another, live one publishes: the live one wins, nobody crashes."""
     s = setup_publish(tmp_path)
-    manifest = publish.build_manifest(s.claim, RESULT, s.staging)
+    manifest = publish.build_manifest(s.claim, RESULT, s.staging, home_id=s.store.home_id())
     publish.stage_metadata(s.staging, manifest, INSPECTION)
     fsutil.publish_dir(s.staging, s.home.adapter_dir("sql-writer"))  # renamed, not yet committed
     starting = Worker(s.home, Store.open(s.home.db_path), _NoExecutor())  # type: ignore[arg-type]

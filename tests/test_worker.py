@@ -227,6 +227,16 @@ def test_a_full_disk_while_publishing_fails_the_attempt_clearly_and_the_retry_pu
 
     with fsutil.use_ops(FullDiskOnFirstAttempt()):
         run(home, store, ScriptedExecutor(script))
+        if err == errno.ENOSPC:
+            # A full disk is the machine's fault: the attempt is not counted and the queue pauses,
+            # rather than spending the job's attempts; 'loraq resume' continues.
+            (first,) = store.attempts("unlucky")
+            assert (first.outcome, first.error_kind, first.counted) == ("retry", "io", 0)
+            job, queue = store.job("unlucky"), store.queue_state()
+            assert (job.status, job.attempts) == ("pending", 0)
+            assert queue.paused and "No space left on device" in queue.pause_reason
+            store.resume()
+            run(home, store, ScriptedExecutor(script))
     first, second = store.attempts("unlucky")
     assert (first.outcome, first.error_kind, first.retryable) == ("retry", "io", 1)
     assert first.reason.startswith("cannot publish: ") and os.strerror(err) in first.reason

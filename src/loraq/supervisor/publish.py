@@ -9,35 +9,67 @@ and attempt: the next worker recognises it and completes the job exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from .. import fsutil
-from ..errors import PublishConflict
+from ..errors import PathError, PublishConflict
+from ..sandbox import open_regular, read_fd
 from ..queue.store import Claim, Job, Store
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
 MANIFEST = "loraq-manifest.json"
 #: The job's own chat template (``chat_template``), as transformers names a tokenizer's template file.
 CHAT_TEMPLATE = "chat_template.jinja"
+#: Where a folder found under a job's name in adapters/, but not made by it, is moved.
+SET_ASIDE = "set-aside"
 INSPECTION = "inspection.json"
 MODEL_CARD = "README.md"
 WEIGHTS, CONFIG = ADAPTER_WEIGHTS, ADAPTER_CONFIG
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
+#: A manifest or inspection report is a few KB; a bigger file is not one of ours.
+MAX_METADATA_BYTES = 16 << 20
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a regular file (never a FIFO or a device planted under the name), or ``None``."""
     try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        fd = open_regular(path, what="metadata")
+    except (PathError, OSError, ValueError):
+        return None
+    try:
+        raw = read_fd(fd, MAX_METADATA_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_METADATA_BYTES:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    return _read_json(folder / MANIFEST)
+
+
+def spec_sha256(job: Job) -> str:
+    """A digest of everything the job was submitted with (spec, paths, dataset identity)."""
+    return hashlib.sha256(json.dumps(job.spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id: str | None = None) -> dict[str, Any]:
     job = claim.job
     files = {}
     for name in (CONFIG, WEIGHTS):
@@ -45,6 +77,10 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path) -> dict[
         files[name] = {"bytes": path.stat().st_size, "sha256": fsutil.sha256_file(path)}
     return {
         "loraq_manifest": 1,
+        # Which home, job, attempt and inputs made this folder: a restart adopts a published
+        # folder only when every one of them is this home's job's (see ``foreign``).
+        "home_id": home_id,
+        "spec_sha256": spec_sha256(job),
         "job_id": job.id,
         "name": job.name,
         "attempt": claim.attempt,
@@ -145,6 +181,9 @@ def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str
 def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[str, Any]) -> Path:
     """Rename ``staging`` to ``adapters/<name>`` and complete the job, both under the lease.
 
+    If the commit fails after the rename (a full disk), the folder is renamed back, so
+    the store and ``adapters/`` agree and the publish can be tried again whole.
+
     Raises :class:`~loraq.errors.LeaseLost` if the lease is gone (nothing is published),
     :class:`PublishConflict` if another job's adapter holds the name.
     """
@@ -152,33 +191,37 @@ def publish(store: Store, home: Home, claim: Claim, staging: Path, result: dict[
     # The slow part (an fsync of every file) before the store's write lock, which every
     # other worker and 'loraq submit' wait on; only the rename and the commit inside it.
     fsutil.fsync_tree(staging)
-    with store.fenced(claim.job.id, claim.epoch) as conn:
-        try:
-            fsutil.publish_dir(staging, target, synced=True)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or (target.exists() and any(target.iterdir())):
-                existing = read_manifest(target)
-                if existing and existing.get("job_id") == claim.job.id:
-                    fsutil.remove_tree(staging)  # already published by an earlier attempt: keep that one
+    renamed = False
+    try:
+        with store.fenced(claim.job.id, claim.epoch) as conn:
+            try:
+                fsutil.publish_dir(staging, target, synced=True)
+                renamed = True
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or (target.exists() and any(target.iterdir())):
+                    existing = read_manifest(target)
+                    if existing and foreign(store, claim.job, existing) is None:
+                        fsutil.remove_tree(staging)  # already published by an earlier attempt: keep that one
+                    else:
+                        raise PublishConflict(
+                            f"{target} already holds an adapter"
+                            + (f" of job {existing.get('job_id')}" if existing else "")
+                            + " that this job did not make; move it away, then 'loraq retry' this job"
+                        ) from exc
                 else:
-                    raise PublishConflict(
-                        f"{target} already holds an adapter"
-                        + (f" of job {existing.get('job_id')}" if existing else "")
-                        + "; move it away, then 'loraq retry' this job"
-                    ) from exc
-            else:
-                raise
-        store.complete(claim.job.id, claim.epoch, result=result | {"adapter": str(target)}, conn=conn)
+                    raise
+            store.complete(claim.job.id, claim.epoch, result=result | {"adapter": str(target)}, conn=conn)
+    except BaseException:
+        if renamed:
+            with contextlib.suppress(OSError):  # else reconcile finds it by its manifest
+                os.rename(target, staging)
+        raise
     return target
 
 
 def read_inspection(folder: Path) -> dict[str, Any] | None:
     """The ``inspection.json`` of a published adapter, or ``None`` if it is missing or unreadable."""
-    try:
-        data = json.loads((folder / INSPECTION).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_json(folder / INSPECTION)
 
 
 def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
@@ -201,15 +244,55 @@ def recovered_result(target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                      "inspection": read_inspection(target) or {}}
 
 
+def foreign(store: Store, job: Job, manifest: dict[str, Any]) -> str | None:
+    """Why a published folder's manifest was not made by ``job`` of this home (``None``: it was).
+
+    Job ids restart at 1 in every home, so an id alone proves nothing: the home's id
+    (written into its database when it was made), the job's id and name, an attempt of
+    this job with the manifest's epoch, and the digests of the job's spec and dataset
+    must all be this job's.
+    """
+    if manifest.get("home_id") is None or manifest.get("home_id") != store.home_id():
+        return "it was made in another home (or by a loraq that did not record its home)"
+    if manifest.get("job_id") != job.id or manifest.get("name") != job.name:
+        return f"it names job {manifest.get('job_id')} ({str(manifest.get('name'))[:40]!r})"
+    epochs = {(a.n, a.epoch) for a in store.attempts(job.id)}
+    if (manifest.get("attempt"), manifest.get("epoch")) not in epochs:
+        return f"no attempt of this job has epoch {manifest.get('epoch')}"
+    if manifest.get("spec_sha256") != spec_sha256(job):
+        return "it was trained from another spec"
+    if (manifest.get("dataset") or {}).get("sha256") != job.dataset_sha256:
+        return "it was trained on another dataset"
+    return None
+
+
+def set_aside(home: Home, store: Store, job: Job, why: str) -> Path | None:
+    """Move ``adapters/<name>`` (not this job's) to ``<home>/set-aside/``, kept for a person to look at."""
+    source = home.adapter_dir(job.name)
+    target = home.root / SET_ASIDE / f"{job.name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return None
+    store.note(job.id, f"{source} held an adapter this job did not make ({why}); moved to {target}; training it")
+    return target
+
+
 def adopt_published(store: Store, home: Home, claim: Claim) -> dict[str, Any] | None:
     """Complete a freshly claimed job whose adapter an earlier, killed attempt published.
 
     Returns the manifest if the job was completed this way, ``None`` if there is nothing
-    to adopt. The claim's fresh epoch makes the completion exactly-once.
+    to adopt. The claim's fresh epoch makes the completion exactly-once. A folder that
+    this job did not make (:func:`foreign`) is moved aside, and the job trains.
     """
     target = home.adapter_dir(claim.job.name)
+    if not target.exists() and not target.is_symlink():
+        return None
     manifest = read_manifest(target)
-    if not manifest or manifest.get("job_id") != claim.job.id:
+    why = foreign(store, claim.job, manifest) if manifest else "it has no readable manifest"
+    if why is not None:
+        set_aside(home, store, claim.job, why)
         return None
     store.complete(claim.job.id, claim.epoch, result=recovered_result(target, manifest))
     return manifest

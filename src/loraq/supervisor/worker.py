@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, fsutil
-from ..errors import FailureKind, LeaseLost, LoraqError, PublishConflict, TrainerStartError, TransitionError
+from ..errors import (
+    FailureKind,
+    LeaseLost,
+    LoraqError,
+    PublishConflict,
+    StoreFaultError,
+    TrainerStartError,
+    TransitionError,
+)
 from ..executors.base import Executor, Slot, pid_alive
 from ..protocol import (
     Aborted,
@@ -61,6 +69,8 @@ Observer = Callable[[str, dict[str, Any]], None]
 Clock = Callable[[], float]
 MAX_FAILED_STARTS = 3
 STARTUP_GRACE_S = 600.0  # how long a trainer process may take to become ready before the watchdog acts
+FAULT_RETRY_S = 1.0  # first back-off before a store write the machine refused is tried again
+MAX_FAULT_RETRY_S = 30.0
 RESUME_DIR = "resume"  # attempt-<n>/resume/checkpoint-<step>: what the attempt resumed from
 
 
@@ -121,6 +131,11 @@ class Worker:
         self.summary = RunSummary()
         self._signals = 0
         self._claimed = 0
+        # Store writes the machine refused (a full disk), retried in order with back-off.
+        self._pending: list[tuple[str, Callable[[], Any]]] = []
+        self._fault: str | None = None
+        self._fault_delay = FAULT_RETRY_S
+        self._retry_at = 0.0
 
     # -------------------------------------------------------------- signals
 
@@ -167,6 +182,8 @@ class Worker:
             if self._signals >= 2:
                 self.summary.interrupted = True
                 return
+            if self._pending and self.clock() >= self._retry_at:
+                self._retry_pending()
             if self._signals == 0:
                 self._fill_slots()
             for slot, message in self.executor.poll(self.config.poll_s):
@@ -174,11 +191,14 @@ class Worker:
             now = self.clock()
             self._heartbeats(now)
             self._watchdog(now)
-            if now - last_sweep > max(self.config.lease_s / 4, 1.0):
+            if now - last_sweep > max(self.config.lease_s / 4, 1.0) and not self._fault:
                 last_sweep = now
-                for job_id in self.store.expire_leases():
-                    self.observer("lease_expired", {"job_id": job_id})
-            if not self.running:
+                try:
+                    for job_id in self.store.expire_leases():
+                        self.observer("lease_expired", {"job_id": job_id})
+                except StoreFaultError as exc:
+                    self._on_fault(exc)
+            if not self.running and not self._pending:
                 if self._signals:
                     self.summary.interrupted = True
                     return
@@ -196,13 +216,71 @@ class Worker:
         # Jobs running elsewhere or pending behind a backoff keep this worker waiting.
         return not self.store.has_runnable()
 
+    # -------------------------------------------------------------- faults of the machine
+
+    def _on_fault(self, exc: StoreFaultError) -> None:
+        """The state database cannot be written: claim nothing new, pause the queue (once it can be
+        written), and try again with back-off. Running trainers go on."""
+        if self._fault is None:
+            self._fault = str(exc)
+            self.observer("fault", {"reason": str(exc)})
+            reason = f"the machine cannot write the state database ({exc}); free space or fix the disk, then 'loraq resume'"
+            self._pending.insert(0, ("pause the queue", lambda: self.store.pause(reason)))
+        self._retry_at = self.clock() + self._fault_delay
+        self._fault_delay = min(self._fault_delay * 2, MAX_FAULT_RETRY_S)
+
+    def _write(self, what: str, action: Callable[[], Any]) -> None:
+        """Run a store write now; if the machine refuses it, keep it to run again, in order."""
+        if self._pending:  # earlier writes wait: they keep their order
+            self._pending.append((what, action))
+            return
+        try:
+            action()
+        except StoreFaultError as exc:
+            self._on_fault(exc)
+            self._pending.append((what, action))
+
+    def _retry_pending(self) -> None:
+        while self._pending:
+            what, action = self._pending[0]
+            try:
+                action()
+            except StoreFaultError as exc:
+                self._on_fault(exc)
+                return
+            self._pending.pop(0)
+            self.observer("fault_cleared", {"done": what})
+        self._fault, self._fault_delay = None, FAULT_RETRY_S
+
+    def _requeue_fault(self, claim: Claim, kind: FailureKind, reason: str) -> None:
+        """A fault of the machine ended this attempt: the job goes back uncounted and the queue pauses."""
+        def requeue() -> None:
+            with contextlib.suppress(LeaseLost, TransitionError):
+                self.store.requeue_fault(claim.job.id, claim.epoch, kind=kind.value, reason=reason)
+                self.summary.requeued.append(claim.job.name)
+                self.observer("failed", {"name": claim.job.name, "kind": kind.value, "final": False,
+                                         "reason": f"{reason} (a fault of the machine: not counted; queue paused)"})
+
+        self._write(f"requeue {claim.job.name}", requeue)
+
+    def _requeue_stopped(self, claim: Claim, reason: str) -> None:
+        with contextlib.suppress(LeaseLost):
+            self.store.requeue_stopped(claim.job.id, claim.epoch, reason=reason)
+            self.summary.requeued.append(claim.job.name)
+
     def _fill_slots(self) -> None:
+        if self._fault or self._pending:
+            return  # nothing new while the machine cannot record it
         for slot in self.executor.slots:
             if slot.busy:
                 continue
             if self.config.max_jobs is not None and self._claimed >= self.config.max_jobs:
                 return
-            claim = self.store.claim(self.id, lease_s=self.config.lease_s, prefer_base=slot.hot_base)
+            try:
+                claim = self.store.claim(self.id, lease_s=self.config.lease_s, prefer_base=slot.hot_base)
+            except StoreFaultError as exc:
+                self._on_fault(exc)
+                return
             if claim is None:
                 return
             self._claimed += 1
@@ -210,7 +288,13 @@ class Worker:
 
     def _start(self, slot: Slot, claim: Claim) -> None:
         job = claim.job
-        if publish.adopt_published(self.store, self.home, claim):
+        try:
+            adopted = publish.adopt_published(self.store, self.home, claim)
+        except StoreFaultError as exc:
+            self._on_fault(exc)
+            self._requeue_fault(claim, FailureKind.IO, f"cannot record the job's start: {exc}")
+            return
+        if adopted:
             self.observer("recovered", {"name": job.name, "job_id": job.id})
             self.summary.completed.append(job.name)
             return
@@ -235,6 +319,11 @@ class Worker:
             checkpoints_dir=str(attempt_dir / "checkpoints"),
             staging_dir=str(attempt_dir / "staging"),
             resume_from=str(resume.path) if resume else None,
+            # Where the trainer may read: the roots the job was checked against at submit (a job
+            # submitted by an older loraq: the home's roots and its queue file's folder).
+            read_roots=list(job.spec.get("read_roots") or [
+                str(root) for root in self.home.roots(
+                    queue_dir=Path(job.queue_file).parent if job.queue_file else None).read]),
         )
         now = self.clock()
         self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir, started=now,
@@ -247,6 +336,12 @@ class Worker:
     # -------------------------------------------------------------- events
 
     def _handle(self, slot: Slot, message: Message) -> None:
+        try:
+            self._on_message(slot, message)
+        except StoreFaultError as exc:  # progress, a checkpoint note: lost, the next one carries it
+            self._on_fault(exc)
+
+    def _on_message(self, slot: Slot, message: Message) -> None:
         event = message.event
         if isinstance(event, Exited):
             self._trainer_died(slot, event)
@@ -285,19 +380,19 @@ class Worker:
             self._after_job(slot, event)
             if self._signals == 0:
                 self._fill_slots()
-            self._finish(run, event.result)
+            self._release(run)
+            result = event.result
+            self._write(f"finish {claim.job.name}", lambda: self._finish(run, result))
         elif isinstance(event, Stopped):
             self._release(run)
-            with contextlib.suppress(LeaseLost):
-                self.store.requeue_stopped(claim.job.id, claim.epoch, reason=str(run.stopping or "stopped"))
-                self.summary.requeued.append(claim.job.name)
+            why = str(run.stopping or "stopped")
+            self._write(f"requeue {claim.job.name}", lambda: self._requeue_stopped(claim, why))
             self.observer("stopped", {"name": claim.job.name, "step": event.step})
             self._after_job(slot, event)
         elif isinstance(event, Failed):
             self._release(run)
             if run.stopping is StopReason.SIGNAL and event.failure is FailureKind.INTERRUPTED:
-                with contextlib.suppress(LeaseLost):
-                    self.store.requeue_stopped(claim.job.id, claim.epoch)
+                self._write(f"requeue {claim.job.name}", lambda: self._requeue_stopped(claim, "graceful stop"))
             else:
                 self._fail(claim, kind=event.failure, reason=event.reason, traceback=event.traceback)
             self._after_job(slot, event)
@@ -327,14 +422,24 @@ class Worker:
         self.running.pop(run.claim.job.id, None)
 
     def _fail(self, claim: Claim, *, kind: FailureKind, reason: str, traceback: str | None = None, **extra: Any) -> None:
-        try:
-            new = self.store.fail(claim.job.id, claim.epoch, kind=kind, reason=reason, retryable=kind.retryable,
-                                  traceback=traceback, **extra)
-        except LeaseLost:
+        if kind.retryable and disk_full(reason):
+            # A full disk is the machine's fault, not the job's: no attempt is used, and the
+            # queue pauses instead of spending every job's attempts on a machine that cannot work.
+            self._requeue_fault(claim, kind, reason)
             return
-        if new == FAILED:
-            self.summary.failed.append(claim.job.name)
-        self.observer("failed", {"name": claim.job.name, "kind": kind.value, "reason": reason, "final": new == FAILED})
+
+        def record() -> None:
+            try:
+                new = self.store.fail(claim.job.id, claim.epoch, kind=kind, reason=reason, retryable=kind.retryable,
+                                      traceback=traceback, **extra)
+            except LeaseLost:
+                return
+            if new == FAILED:
+                self.summary.failed.append(claim.job.name)
+            self.observer("failed", {"name": claim.job.name, "kind": kind.value, "reason": reason,
+                                     "final": new == FAILED})
+
+        self._write(f"fail {claim.job.name}", record)
 
     def _lost(self, run: Running) -> None:
         """This worker no longer owns the job: stop its trainer, keep nothing it makes."""
@@ -349,8 +454,8 @@ class Worker:
         if run is not None:
             self._release(run)
             if self._signals >= 2 or run.stopping is StopReason.AT_ONCE:
-                with contextlib.suppress(LeaseLost):
-                    self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason=str(StopReason.AT_ONCE))
+                died = run.claim
+                self._write(f"requeue {died.job.name}", lambda: self._requeue_stopped(died, str(StopReason.AT_ONCE)))
             elif run.stopping is StopReason.STALLED:  # the watchdog killed it
                 self._fail(run.claim, kind=FailureKind.STALLED,
                            reason=f"no progress for {self.config.stall_s:.0f} s; the trainer was killed")
@@ -376,7 +481,12 @@ class Worker:
                 continue
             run.last_heartbeat = now
             claim = run.claim
-            if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
+            try:
+                owned = self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s)
+            except StoreFaultError as exc:
+                self._on_fault(exc)  # the trainer goes on; the next heartbeat tries again
+                continue
+            if not owned:
                 self._lost(run)
 
     def _watchdog(self, now: float) -> None:
@@ -394,7 +504,7 @@ class Worker:
         for run in list(self.running.values()):
             run.stopping = StopReason.AT_ONCE
             self.executor.kill(run.slot)
-            with contextlib.suppress(LeaseLost):
+            with contextlib.suppress(LeaseLost, StoreFaultError):  # else the next run reclaims it
                 self.store.requeue_stopped(run.claim.job.id, run.claim.epoch, reason=str(StopReason.AT_ONCE))
                 self.summary.requeued.append(run.claim.job.name)
             self._release(run)
@@ -405,7 +515,6 @@ class Worker:
         from .. import inspect as inspector  # numpy only; loaded when the first adapter is done
 
         claim = run.claim
-        self._release(run)
         staging = Path(trained.staging)
         spec = claim.job.spec["spec"]
         if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
@@ -457,7 +566,7 @@ class Worker:
             self._fail(claim, kind=FailureKind.INSPECTION, reason=reason, verdict="fail", result=result)
             return
         try:
-            manifest = publish.build_manifest(claim, result, staging)
+            manifest = publish.build_manifest(claim, result, staging, home_id=self.store.home_id())
             publish.stage_metadata(staging, manifest, inspection, claim.job.spec.get("chat_template_text"))
             target = publish.publish(self.store, self.home, claim, staging, result)
         except LeaseLost:
@@ -468,6 +577,8 @@ class Worker:
         except PublishConflict as exc:
             self._fail(claim, kind=FailureKind.CONFLICT, reason=str(exc))
             return
+        except StoreFaultError:
+            raise  # the rename was undone: the whole finish is tried again (see _write)
         except OSError as exc:
             self._fail(claim, kind=FailureKind.IO, reason=f"cannot publish: {exc}")
             return
@@ -492,7 +603,7 @@ class Worker:
         # between the rename and the commit. Complete it under the epoch it recorded.
         for job in self.store.jobs(RUNNING):
             manifest = publish.read_manifest(self.home.adapter_dir(job.name))
-            if manifest and manifest.get("job_id") == job.id and manifest.get("epoch") == job.epoch:
+            if manifest and manifest.get("epoch") == job.epoch and publish.foreign(self.store, job, manifest) is None:
                 # The owner may be alive and committing this very publish right now: then
                 # it wins and the job is no longer running here (TransitionError).
                 with contextlib.suppress(LeaseLost, TransitionError):
@@ -514,6 +625,17 @@ class Worker:
             if folder.name in ("staging", RESUME_DIR) or (folder.name == "checkpoints" and ended[key] == COMPLETED):
                 with contextlib.suppress(OSError):
                     fsutil.remove_tree(folder)
+
+
+#: What a full disk says, wherever it is reported (the OS, SQLite, torch, safetensors).
+_DISK_FULL = ("no space left on device", "database or disk is full", "disk quota exceeded", "file too large",
+              "cannot write the state database")
+
+
+def disk_full(reason: str) -> bool:
+    """Whether a failure's reason says the disk was full: a fault of the machine, not the job."""
+    text = reason.lower()
+    return any(phrase in text for phrase in _DISK_FULL)
 
 
 def _attempt_key(attempt_dir: Path) -> tuple[int, int] | None:
