@@ -66,7 +66,8 @@ jobs:
     ],
 )
 def test_bad_values_are_named(workdir: Path, job_yaml: str, expected: str) -> None:
-    found = problems(workdir, TINY_DEFAULTS + f"jobs:\n  - name: j\n    dataset: ./data/support.jsonl\n    {job_yaml}\n")
+    dataset = "" if job_yaml.startswith("dataset:") else "    dataset: ./data/support.jsonl\n"
+    found = problems(workdir, TINY_DEFAULTS + f"jobs:\n  - name: j\n{dataset}    {job_yaml}\n")
     assert any(expected in p for p in found), found
     assert all(p.startswith(str(workdir / "queue.yaml")) for p in found)
 

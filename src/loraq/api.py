@@ -71,23 +71,33 @@ def open_store(home: Home, *, create: bool = True, check: bool = False) -> Store
     return Store.open(home.db_path, create=create, check=check)
 
 
+def _store_exists(home: Home) -> bool:
+    """Whether the home has a state database (a symlink or a damaged file counts: opening it says what is wrong)."""
+    return home.db_path.exists() or home.db_path.is_symlink()
+
+
 def open_reader(home: Home) -> Store:
     """A read-only store (SQLite ``mode=ro``): never creates the database, never writes it."""
-    if not home.db_path.exists():
+    if not _store_exists(home):
         raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
     return Store.open(home.db_path, readonly=True)
 
 
-def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), dry_run: bool = False) -> SubmitResult:
+def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), dry_run: bool = False,
+           allow_remote_code: bool = False) -> SubmitResult:
     """Validate every job of a queue file and enqueue all of them, or none.
 
-    Raises :class:`SpecError` (or :class:`DataError`) listing every problem found.
+    ``--dry-run`` refuses exactly what a real submit refuses; a refused submit (and a
+    dry run) writes nothing into the home. ``allow_remote_code`` (or
+    ``allow_remote_code: true`` in the home's config.yaml) lets jobs set
+    ``trust_remote_code``. Raises :class:`SpecError` (or :class:`DataError`)
+    listing every problem found.
     """
     from .queue import spec
 
     path = Path(queue_file).expanduser()
     roots = home.roots(queue_dir=path.absolute().parent, extra=allow_roots)
-    queue = spec.load_queue(path, roots)
+    queue = spec.load_queue(path, roots, allow_remote_code=allow_remote_code or home.config().allow_remote_code)
     return _submit_queue(queue, str(queue_file), path, home=home, roots=roots, dry_run=dry_run)
 
 
@@ -95,32 +105,40 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
                   queue_settings: bool = True) -> SubmitResult:
     """Check a validated queue's data (and warm starts) and enqueue all its jobs, or none."""
     from . import submitting
+    from .data import ReadLimits
     from .data import check as datacheck
     from .data import templates
+    from .errors import DataError
     from .queue.store import NewJob
 
     queue_file = label
+    try:
+        limits = ReadLimits.of(home.config().limits)
+    except DataError as exc:
+        raise SpecError([Problem(str(home.config_path), p.message) for p in exc.problems]) from None
     queue, problems = submitting.resolve_warm_starts(queue, home, roots, label)
     queue, found_templates = templates.resolve_queue_templates(queue, roots, label)
     problems += found_templates
-    # A dry run on a home that holds nothing yet leaves it that way: no token cache on disk.
-    cache_dir = datacheck.cache_dir_of(home.root) if not dry_run or home.db_path.exists() else None
-    reports, found = datacheck.analyze_queue(queue, cache_dir=cache_dir)
+    # Profiles for the token cache are written only once the submit is accepted (and never by a dry run).
+    deferred: list[Any] = []
+    reports, found = datacheck.analyze_queue(queue, cache_dir=datacheck.cache_dir_of(home.root), roots=roots,
+                                             limits=limits, deferred=deferred)
     problems += list(found) + _serving_problems(queue, str(queue_file))
     queue = submitting.with_auto(queue, reports)
     already: list[str] = []
-    if home.db_path.exists():
-        with open_store(home, create=False) as store:
+    if _store_exists(home):
+        with open_reader(home) as store:
             for job in queue.jobs:
-                try:
-                    existing = store.job(job.name)
-                except NotFoundError:
+                existing = store.job_named(job.name)
+                if existing is None:
                     continue
-                if submitting.same_sweep_job(existing.spec, job):
+                if existing.name == job.name and submitting.same_sweep_job(existing.spec, job):
                     already.append(job.name)  # the same sweep submitted again: nothing new
                     continue
+                same = "" if existing.name == job.name else f" (as {existing.name!r}: names that differ only in case " \
+                                                             "would share one adapter folder)"
                 problems.append(Problem(f"{queue_file}: job {job.name!r}: name",
-                                        f"a job named {job.name!r} is already in {home.root} ({existing.status}); "
+                                        f"a job named {job.name!r} is already in {home.root}{same} ({existing.status}); "
                                         "rename it, or 'loraq retry' the existing one"))
     if problems:
         raise SpecError(problems)
@@ -128,12 +146,15 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     sweeps = submitting.sweeps_of(queue)
     if dry_run:
         return SubmitResult(str(path), True, names, [], reports, sweeps, already)
+    read_roots = [str(root) for root in roots.read]
     new_jobs = [
         NewJob(
             name=job.name,
             # The validated dataset's identity travels with the job: the trainer refuses a file
-            # that changed after submit, since its rows were never checked.
+            # that changed after submit, since its rows were never checked. So do the roots the
+            # paths were checked against: the trainer opens every file inside them again.
             spec=job.model_dump(mode="json") | _dataset_identity(reports.get(job.name)) | submitting.identity(job)
+            | {"read_roots": read_roots}
             | ({"serving": queue.settings.serving} if queue.settings.serving else {}),
             base_key=job.base_key,
             priority=job.spec.priority,
@@ -151,11 +172,12 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
         except TransitionError as exc:  # a name taken between the check and the insert
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
+    datacheck.write_profiles(deferred)
     return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already)
 
 
 def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allow_roots: Iterable[str | Path] = (),
-          dry_run: bool = False) -> SubmitResult:
+          dry_run: bool = False, allow_remote_code: bool = False) -> SubmitResult:
     """Enqueue a copy of job ``ref`` named ``new_name``, with ``key=value`` overrides, validated like a submit.
 
     The copy starts from the job's settings as submitted (an ``auto`` is resolved
@@ -172,7 +194,9 @@ def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allo
     doc = submitting.clone_doc(job.spec, new_name, list(sets), label)
     queue_path = Path(job.queue_file or job.spec.get("queue_file") or home.root / "queue.yaml")
     roots = home.roots(queue_dir=queue_path.parent, extra=allow_roots)
-    queue = spec.queue_from_doc(doc, queue_path, roots, where=label)
+    # A copy is a new submit: remote code needs the operator again (a --set cannot turn it on).
+    queue = spec.queue_from_doc(doc, queue_path, roots, where=label,
+                                allow_remote_code=allow_remote_code or home.config().allow_remote_code)
     return _submit_queue(queue, label, queue_path, home=home, roots=roots, dry_run=dry_run, queue_settings=False)
 
 
@@ -195,7 +219,8 @@ def _serving_problems(queue: Any, where: str) -> list[Problem]:
 def _dataset_identity(report: Any) -> dict[str, Any]:
     if report is None:
         return {}
-    return {"dataset_sha256": report.sha256, "eval_dataset_sha256": report.eval_sha256, "dataset_rows": report.rows}
+    return {"dataset_sha256": report.sha256, "eval_dataset_sha256": report.eval_sha256, "dataset_rows": report.rows,
+            "dataset_bytes": report.bytes, "eval_dataset_bytes": report.eval_bytes}
 
 
 # ---------------------------------------------------------------- run
@@ -338,7 +363,7 @@ class StatusResult:
 
 
 def status(home: Home) -> StatusResult:
-    if not home.db_path.exists():
+    if not _store_exists(home):
         return StatusResult([], None)
     with open_reader(home) as store:
         return StatusResult([JobRow.of_listing(row) for row in store.listing()], store.queue_state())
@@ -363,7 +388,7 @@ def queue_page(home: Home, *, status: str | None = None, group: str | None = Non
     """A page of ``status``, read in one snapshot, at a cost that does not grow with the queue's length."""
     from .queue.records import STATES
 
-    if not home.db_path.exists():
+    if not _store_exists(home):
         return QueuePage([], 0, offset, limit, {k: 0 for k in STATES}, {}, None, 0)
     with open_reader(home) as store, store.snapshot():
         rows = store.listing(status=status, group=group, offset=offset, limit=limit)
@@ -410,7 +435,7 @@ def adjustment_line(record: dict[str, Any]) -> str:
 
 
 def _require_store(home: Home) -> Store:
-    if not home.db_path.exists():
+    if not _store_exists(home):
         raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
     return open_store(home, create=False)
 
@@ -545,32 +570,62 @@ def inspect_adapter(folder: str | Path, *, home: Home, allow_roots: Iterable[str
             data: str | Path | None = None, min_eval_loss_drop: float = 0.0) -> Inspection:
     """Inspect one adapter folder; with ``base`` (and ``data``) against its base model.
 
-    The current folder counts as a root, as a queue file's folder does for submit.
-    Whatever cannot be inspected (missing, outside the roots, ``data`` without
-    ``base``) raises :class:`~loraq.errors.InspectionError`.
+    Paths the operator names here (the folder, ``base`` when it is a folder, ``data``)
+    are trusted for this call, wherever they are; the working folder is no root. What
+    they hold is still checked: a symlink inside the adapter folder that leads out of
+    it, or a base model file that leads out of the roots, is refused. Whatever cannot
+    be inspected (missing, ``data`` without ``base``) raises
+    :class:`~loraq.errors.InspectionError`.
     """
     from . import inspect as inspector
+    from .errors import InspectionError, PathError
 
-    roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)
+    named: list[str | Path] = [folder, *([data] if data else [])]
+    if base is not None and (base.startswith((".", "/", "~")) or _path_exists(base)):
+        named.append(base)
+    try:
+        roots = home.roots(extra=allow_roots).with_read(*named)
+    except PathError as exc:
+        raise InspectionError(str(exc)) from None
     return inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
-                           min_eval_loss_drop=min_eval_loss_drop)
+                                     min_eval_loss_drop=min_eval_loss_drop)
+
+
+def _path_exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
 class ReportResult:
-    path: Path  # where the report was written
+    path: Path | None  # where the report was written (None: a read-only home kept no copy)
     format: str
     text: str
+    note: str | None = None  # why no copy was kept
 
 
 def write_report(home: Home, *, fmt: str = "md", output: str | Path | None = None) -> ReportResult:
-    """Write the queue report (``json``, ``md`` or ``html``); default ``<home>/reports/report.<format>``."""
+    """Write the queue report (``json``, ``md`` or ``html``); default ``<home>/reports/report.<format>``.
+
+    The state is only read (a read-only open). On a home that cannot be written, a
+    report to the default place is still built and returned, with a note that no copy
+    was kept; one to ``output`` (or an HTML one, which is never printed) is an error.
+    """
     from . import report as report_mod
 
     if fmt not in report_mod.FORMATS:
         raise UsageError(f"--format: {fmt!r} is not one of {', '.join(report_mod.FORMATS)}")
-    with _require_store(home) as store:
-        target, text = report_mod.write(home, store, fmt, Path(output) if output is not None else None)
+    with open_reader(home) as store:
+        text = report_mod.render(report_mod.build(store, home), fmt)
+    target = Path(output) if output is not None else home.reports_dir / f"report.{fmt}"
+    try:
+        report_mod.save(target, text)
+    except OSError as exc:
+        if output is not None or fmt == "html":
+            raise
+        return ReportResult(None, fmt, text, note=f"cannot write {target}: {exc.strerror or exc}; printed only")
     return ReportResult(target, fmt, text)
 
 

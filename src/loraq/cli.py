@@ -7,6 +7,7 @@ with its code (1 by default, 2 for usage and "cannot inspect").
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import typer
 
 from . import api
 from .errors import LoraqError, ProblemsError
+from .escape import printable, printable_lines
 from .protocol import Progress, Started, TrainResult
 from .workspace import Home
 
@@ -82,6 +84,7 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> None:
     For listings that can be long: rich lays out 10,000 rows in ~15 s, this in ~0.1 s;
     the last column is not padded or wrapped, so a long reason stays on its line.
     """
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(column)] + [len(row[i]) for row in rows]) for i, column in enumerate(columns[:-1])]
 
     def line(cells: list[str]) -> str:
@@ -92,7 +95,15 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> None:
 
 
 def _err(line: str) -> None:
-    sys.stderr.write(line.rstrip("\n") + "\n")
+    # One line, whatever the message holds: names and reasons can come from hostile files.
+    sys.stderr.write(printable(line.rstrip("\n")) + "\n")
+
+
+def _say(line: str = "", *, flush: bool = False) -> None:
+    """One line on stdout with its control characters escaped (see :mod:`loraq.escape`)."""
+    sys.stdout.write(printable(line) + "\n")
+    if flush:
+        sys.stdout.flush()
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -120,11 +131,14 @@ def submit(
     queue_file: Path = typer.Argument(..., help="The queue file (YAML)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would run; enqueue nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code",
+                                           help="Let jobs set trust_remote_code (runs the model's own Python)."),
 ) -> int:
     """Validate every job of QUEUE_FILE and enqueue all of them, or none."""
     c = _ctx(ctx)
     try:
-        result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run)
+        result = api.submit(queue_file, home=c.home, allow_roots=c.allow_roots, dry_run=dry_run,
+                            allow_remote_code=allow_remote_code)
     except ProblemsError as exc:
         if not as_json:
             raise
@@ -144,20 +158,20 @@ def submit(
 def _print_submitted(result: api.SubmitResult, home: Home) -> None:
     dry_run = result.dry_run
     for group, members in result.sweeps.items():
-        print(f"sweep {group}: {len(members)} job(s)")
+        _say(f"sweep {group}: {len(members)} job(s)")
     for name in result.job_names:
         if dry_run:
-            print(f"{name}:")
+            _say(f"{name}:")
             for line in result.describe(name):
-                print(f"  {line}")
+                _say(f"  {line}")
         else:
-            print(f"{name}: {result.summary(name)}")
+            _say(f"{name}: {result.summary(name)}")
     if result.already:
-        print(f"{len(result.already)} job(s) of a sweep already in {home.root}, as submitted: left as they are")
+        _say(f"{len(result.already)} job(s) of a sweep already in {home.root}, as submitted: left as they are")
     if dry_run:
-        print(f"dry run: {len(result.job_names)} job(s) valid; nothing enqueued")
+        _say(f"dry run: {len(result.job_names)} job(s) valid; nothing enqueued")
     else:
-        print(f"enqueued {len(result.job_ids)} job(s) into {home.root}")
+        _say(f"enqueued {len(result.job_ids)} job(s) into {home.root}")
 
 
 @app.command()
@@ -167,10 +181,13 @@ def clone(
     new_name: str = typer.Argument(..., help="The copy's name."),
     sets: list[str] = typer.Option([], "--set", help="Override a setting: KEY=VALUE, e.g. training.learning_rate=1e-4 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show; enqueue nothing."),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code",
+                                           help="Let the copy set trust_remote_code (runs the model's own Python)."),
 ) -> int:
     """Enqueue a copy of JOB named NEW_NAME with overrides, validated like a submit. Exit 0 enqueued, 1 rejected."""
     c = _ctx(ctx)
-    _print_submitted(api.clone(c.home, job, new_name, sets, allow_roots=c.allow_roots, dry_run=dry_run), c.home)
+    _print_submitted(api.clone(c.home, job, new_name, sets, allow_roots=c.allow_roots, dry_run=dry_run,
+                               allow_remote_code=allow_remote_code), c.home)
     return 0
 
 
@@ -200,9 +217,9 @@ class _Progress:
         if self.quiet:
             return
         if self.bars is not None:
-            self.bars.console.print(text)
+            self.bars.console.print(printable(text), markup=False, highlight=False)
         else:
-            print(text, flush=True)
+            _say(text, flush=True)
 
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         name = info.get("name", "")
@@ -212,10 +229,10 @@ class _Progress:
             if self.bars is not None:
                 task = self.tasks.get(name)
                 if task is None:
-                    task = self.tasks[name] = self.bars.add_task(name, total=progress.max_steps, info="")
+                    task = self.tasks[name] = self.bars.add_task(printable(name), total=progress.max_steps, info="")
                 self.bars.update(task, completed=progress.step, total=progress.max_steps, info=text)
             elif text and not self.quiet:
-                print(f"[{name}] step {progress.step}/{progress.max_steps} {text}", flush=True)
+                _say(f"[{name}] step {progress.step}/{progress.max_steps} {text}", flush=True)
         elif kind == "claimed":
             resume = f", resuming from step {info['resume_step']}" if info.get("resume_step") else ""
             self._line(f"[{name}] attempt {info['attempt']} on {info['slot']}{resume}")
@@ -242,7 +259,8 @@ class _Progress:
             from .protocol import to_wire
 
             self._line(f"[{name}] oom_adjusted: {api.adjustment_line(to_wire(info['event']))}")
-        elif kind in ("recovered", "reclaimed", "lease_expired", "lost", "stalled", "recycled"):
+        elif kind in ("recovered", "reclaimed", "lease_expired", "lost", "stalled", "recycled", "fault",
+                      "fault_cleared"):
             detail = {k: v for k, v in info.items() if k != "name"}
             self._line(f"[{name or 'queue'}] {kind}: {detail}")
 
@@ -269,11 +287,11 @@ def run(
         progress.close()
     counts = result.counts
     if not quiet:
-        print(" · ".join(f"{counts[k]} {k}" for k in ("completed", "failed", "pending", "running", "cancelled")))
+        _say(" · ".join(f"{counts[k]} {k}" for k in ("completed", "failed", "pending", "running", "cancelled")))
         if result.paused:
-            print(f"queue paused: {result.paused}  (loraq resume to continue)")
+            _say(f"queue paused: {result.paused}  (loraq resume to continue)")
         if result.interrupted:
-            print("interrupted: unfinished jobs are back in the queue; run again to continue")
+            _say("interrupted: unfinished jobs are back in the queue; run again to continue")
     if result.interrupted:
         return 130
     return 0 if result.ok and not result.paused else 1
@@ -290,9 +308,9 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         _print_json_listing(result.to_json(), "jobs")
         return 0
     if result.queue is not None and result.queue.paused:
-        print(f"queue paused: {result.queue.pause_reason}  (loraq resume to continue)")
+        _say(f"queue paused: {result.queue.pause_reason}  (loraq resume to continue)")
     if not result.jobs:
-        print("no jobs (loraq submit QUEUE.yaml to add some)")
+        _say("no jobs (loraq submit QUEUE.yaml to add some)")
         return 0
     rows = []
     measured = any(job.exact_match is not None for job in result.jobs)  # a column only where a job asked for it
@@ -330,42 +348,42 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         _print_json(result.to_json())
         return 0
     j = result.job
-    print(f"{j.name} (id {j.id}): {j.status}, attempts {j.attempts}/{j.max_retries + 1}, priority {j.priority}")
-    print(f"  base model: {j.spec.get('base_model')}")
-    print(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
-    print(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
+    _say(f"{j.name} (id {j.id}): {j.status}, attempts {j.attempts}/{j.max_retries + 1}, priority {j.priority}")
+    _say(f"  base model: {j.spec.get('base_model')}")
+    _say(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
+    _say(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
     result_doc = j.result or {}
     metrics = result_doc.get("metrics") or {}
     if "exact_match" in metrics:
         rows_used = (result_doc.get("extras") or {}).get("exact_match_rows")
-        print(f"  exact match: base {_num(metrics.get('base_exact_match'))} -> adapter {_num(metrics['exact_match'])}"
-              + (f" (greedy answers to {rows_used} eval prompts)" if rows_used else ""))
+        _say(f"  exact match: base {_num(metrics.get('base_exact_match'))} -> adapter {_num(metrics['exact_match'])}"
+             + (f" (greedy answers to {rows_used} eval prompts)" if rows_used else ""))
     if j.error:
-        print(f"  why:        {j.error_kind}: {j.error}")
+        _say(f"  why:        {j.error_kind}: {j.error}")
     if adapter := (j.result or {}).get("adapter"):
-        print(f"  adapter:    {adapter}")
+        _say(f"  adapter:    {adapter}")
     for line in api.control_lines(j):
-        print(f"  {line}")
-    print("attempts:")
+        _say(f"  {line}")
+    _say("attempts:")
     for a in result.attempts:
         resumed = f", resumed from step {a.resumed_from_step}" if a.resumed_from_step else ""
         saved = f", checkpoint at step {a.checkpoint_step}" if a.checkpoint_step else ""
         kind = "" if a.retryable is None else (" (retryable)" if a.retryable else " (permanent)")
         reason = ": " + ": ".join(x for x in (a.error_kind, a.reason) if x) + kind if a.reason or a.error_kind else ""
         counted = "" if a.counted else " (not counted)"
-        print(f"  #{a.n} {a.outcome or 'running'}{counted}, last step {a.last_step}{resumed}{saved}{reason}")
-    print("events:")
+        _say(f"  #{a.n} {a.outcome or 'running'}{counted}, last step {a.last_step}{resumed}{saved}{reason}")
+    _say("events:")
     for e in result.events:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts))
-        print(f"  {stamp} {e.from_state or '-'} -> {e.to_state or '-'}: {e.reason} ({e.actor})")
+        _say(f"  {stamp} {e.from_state or '-'} -> {e.to_state or '-'}: {e.reason} ({e.actor})")
     if result.inspection:
         verdict = "pass" if result.inspection.get("passed") else "fail"
-        print(f"inspection: {verdict}")
+        _say(f"inspection: {verdict}")
         for f in result.inspection.get("findings", []):
-            print(f"  {f.get('severity')} [{f.get('code')}] {f.get('message')}")
+            _say(f"  {f.get('severity')} [{f.get('code')}] {f.get('message')}")
     _print_samples((result_doc.get("extras") or {}).get("samples"))
     if result.log_path:
-        print(f"log: {result.log_path}")
+        _say(f"log: {result.log_path}")
     return 0
 
 
@@ -373,13 +391,13 @@ def _print_samples(samples: Any) -> None:
     """A few eval prompts with the reference, the base's answer and the adapter's, one under the other."""
     if not isinstance(samples, list) or not samples:
         return
-    print("samples (eval prompts; base and adapter answers, greedy):")
+    _say("samples (eval prompts; base and adapter answers, greedy):")
     for n, sample in enumerate(s for s in samples if isinstance(s, dict)):
         prompt = str(sample.get("prompt", ""))
         tail = prompt if len(prompt) <= 160 else "…" + prompt[-159:]
-        print(f"  #{n + 1} prompt:    {tail!r}")
+        _say(f"  #{n + 1} prompt:    {tail!r}")
         for key in ("reference", "base", "adapter"):
-            print(f"     {key + ':':<10} {str(sample.get(key, ''))!r}")
+            _say(f"     {key + ':':<10} {str(sample.get(key, ''))!r}")
 
 
 @app.command()
@@ -390,9 +408,13 @@ def logs(
     attempt: Optional[int] = typer.Option(None, "--attempt", help="An earlier attempt's log."),
 ) -> int:
     """The training log of the job's newest attempt."""
+    # The log holds what libraries printed, which can quote a dataset: control characters
+    # are escaped (newlines and tabs kept), as everywhere loraq prints.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for chunk in api.follow_log(_ctx(ctx).home, job, attempt, follow=follow):
-        sys.stdout.buffer.write(chunk)
+        sys.stdout.write(printable_lines(decoder.decode(chunk)))
         sys.stdout.flush()
+    sys.stdout.write(printable_lines(decoder.decode(b"", final=True)))
     return 0
 
 
@@ -401,7 +423,7 @@ def logs(
 
 def _change(result: api.ChangeResult, verb: str) -> int:
     for row in result.changed:
-        print(f"{row.name}: {row.status}")
+        _say(f"{row.name}: {row.status}")
     for line in result.refused:
         _err(f"loraq {verb}: {line}")
     return 1 if result.refused else 0
@@ -423,7 +445,7 @@ def retry(ctx: typer.Context, jobs: list[str] = typer.Argument(..., help="Job na
 def pause(ctx: typer.Context, reason: str = typer.Option("paused by the operator", "--reason")) -> int:
     """Stop claiming new jobs (running ones finish)."""
     api.pause(_ctx(ctx).home, reason)
-    print(f"queue paused: {reason}")
+    _say(f"queue paused: {reason}")
     return 0
 
 
@@ -431,7 +453,7 @@ def pause(ctx: typer.Context, reason: str = typer.Option("paused by the operator
 def resume(ctx: typer.Context) -> int:
     """Continue a paused queue (and reset the failure count)."""
     api.resume(_ctx(ctx).home)
-    print("queue resumed")
+    _say("queue resumed")
     return 0
 
 
@@ -454,9 +476,9 @@ def inspect(
     if as_json:
         _print_json(result.to_json())
     else:
-        print(f"{result.path}: {'PASS' if result.passed else 'FAIL'}")
+        _say(f"{result.path}: {'PASS' if result.passed else 'FAIL'}")
         for f in result.findings:
-            print(f"  {f.severity:<7} [{f.code}] {f.message}")
+            _say(f"  {f.severity:<7} [{f.code}] {f.message}")
         _print_serving(result.serving)
     return 0 if result.passed else 1
 
@@ -465,12 +487,12 @@ def _print_serving(verdicts: dict[str, Any]) -> None:
     """One line per engine ("vLLM  yes (--max-lora-rank 8)"), then its notes."""
     if not verdicts:
         return
-    print("serving:")
+    _say("serving:")
     width = max(len(v.label) for v in verdicts.values())
     for verdict in verdicts.values():
-        print(f"  {verdict.label:<{width}}  {verdict.summary()}")
+        _say(f"  {verdict.label:<{width}}  {verdict.summary()}")
         for note in verdict.notes:
-            print(f"  {'':<{width}}  note: {note}")
+            _say(f"  {'':<{width}}  note: {note}")
 
 
 @app.command()
@@ -502,17 +524,17 @@ def export(
     mb = result.bytes / 1e6
     if result.kind == "merged":
         check = result.details["check"]
-        print(f"wrote {result.path}: {result.details['dtype']} model merged from {result.adapter} into "
+        _say(f"wrote {result.path}: {result.details['dtype']} model merged from {result.adapter} into "
               f"{result.base_model}, {result.details['shards']} shard(s), {mb:.1f} MB in {result.seconds:.1f} s")
-        print(f"  checked: logits vs base + adapter on {check['rows']} rows ({check['source']}): max |diff| "
+        _say(f"  checked: logits vs base + adapter on {check['rows']} rows ({check['source']}): max |diff| "
               f"{check['max_abs_diff']:.2e} <= tolerance {check['tolerance']:.2e}; top-1 agreement "
               f"{check['top1_agreement']:.1%}")
     else:
-        print(f"wrote {result.path}: GGUF LoRA for {result.details['architecture']} ({result.details['modules']} "
+        _say(f"wrote {result.path}: GGUF LoRA for {result.details['architecture']} ({result.details['modules']} "
               f"modules, alpha {result.details['alpha']:g}), {mb:.1f} MB in {result.seconds:.1f} s; read back and checked")
-        print(f"  llama.cpp: llama-server -m BASE.gguf --lora {result.path}")
-        print(f"  Ollama:    a Modelfile with 'FROM BASE.gguf' and 'ADAPTER {result.path}'")
-        print("  (BASE.gguf: the base model's weights as GGUF, the ones the adapter was trained on)")
+        _say(f"  llama.cpp: llama-server -m BASE.gguf --lora {result.path}")
+        _say(f"  Ollama:    a Modelfile with 'FROM BASE.gguf' and 'ADAPTER {result.path}'")
+        _say("  (BASE.gguf: the base model's weights as GGUF, the ones the adapter was trained on)")
     return 0
 
 
@@ -526,7 +548,10 @@ def report(
     result = api.write_report(_ctx(ctx).home, fmt=fmt, output=output)
     if output is None and fmt != "html":
         sys.stdout.write(result.text)
-    _err(f"wrote {result.path}")
+    if result.note:
+        _err(f"loraq: report: {result.note}")
+    else:
+        _err(f"wrote {result.path}")
     return 0
 
 
@@ -550,9 +575,9 @@ def serve(
         _err(f"loraq serve: warning: {warning}")
 
     def ready(listening: Any) -> None:
-        print(f"loraq serve: the dashboard of {home.root}", flush=True)
-        print(f"  open {listening.url}", flush=True)
-        print("  (the token in the link is needed for every page and action; Ctrl-C to stop)", flush=True)
+        _say(f"loraq serve: the dashboard of {home.root}", flush=True)
+        _say(f"  open {listening.url}", flush=True)
+        _say("  (the token in the link is needed for every page and action; Ctrl-C to stop)", flush=True)
 
     try:
         dashboard.serve(home, host, port, allow_remote=allow_remote, ready=ready)
@@ -570,13 +595,13 @@ def demo(
     started = time.time()
     files = api.write_demo(directory)
     home = Home(files.root / ".loraq")
-    print(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
+    _say(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
           f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
     if no_run:
-        print(f"run it: loraq --home {home.root} submit {files.queue} && loraq --home {home.root} run")
+        _say(f"run it: loraq --home {home.root} submit {files.queue} && loraq --home {home.root} run")
         return 0
     submitted = api.submit(files.queue, home=home)
-    print(f"submitted {len(submitted.job_ids)} jobs")
+    _say(f"submitted {len(submitted.job_ids)} jobs")
     progress = _Progress()
     try:
         result = api.run(home, api.RunOptions(devices="cpu"), observer=progress)
@@ -592,7 +617,7 @@ def demo(
                      f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", f"{size:.0f} KB" if size else "-",
                      f"{took:.1f} s" if took else "-"])
     _table("loraq demo", ["adapter", "status", "steps", "train loss", "eval loss base -> adapter", "size", "time"], rows)
-    print(f"adapters in {home.adapters_dir}; total {time.time() - started:.0f} s. "
+    _say(f"adapters in {home.adapters_dir}; total {time.time() - started:.0f} s. "
           f"Try: loraq --home {home.root} status | show support-bot | report --format html")
     return 0 if result.ok else 1
 
@@ -623,6 +648,12 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except BrokenPipeError:
         code = 0
+    except OSError as exc:
+        # A file loraq was not told about can still fail (a full disk, a home that is a
+        # file or read-only): one line naming it, as for every other error.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _err(f"loraq: {where}{exc.strerror or exc}")
+        code = 1
     except Exception as exc:
         # Typer's (vendored) click usage errors: a bad option, a missing argument.
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
@@ -632,8 +663,25 @@ def main(argv: list[str] | None = None) -> None:
                 _err(f"loraq: {exc.format_message()}")
             code = exc.exit_code
         else:
-            raise
+            # A bug of loraq's: the user still gets one line, with where it happened;
+            # LORAQ_DEBUG=1 shows the traceback.
+            if os.environ.get("LORAQ_DEBUG"):
+                raise
+            _err(f"loraq: internal error (a bug; please report it): {type(exc).__name__}: {exc} "
+                 f"(at {_innermost(exc)}; LORAQ_DEBUG=1 shows the traceback)")
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _innermost(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame inside loraq where ``exc`` was raised."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}loraq{os.sep}" in f.filename]
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
+from .escape import md_cell, printable
 from .queue import controls
 from .queue.store import Store
 from .supervisor import publish
@@ -110,8 +111,8 @@ def _md_cell(text: str, limit: int = 200, *, tail: bool = False) -> str:
     """``text`` as one Markdown table cell: code, one line, at most ``limit`` characters (its end if ``tail``)."""
     if len(text) > limit:
         text = "…" + text[-(limit - 1):] if tail else text[:limit - 1] + "…"
-    flat = text
-    return "`" + flat.replace("\n", "⏎").replace("`", "'").replace("|", "\\|") + "`" if flat else ""
+    flat = printable(text.replace("\n", "⏎"))  # a model's answer may hold control characters too
+    return "`" + flat.replace("`", "'").replace("|", "\\|") + "`" if flat else ""
 
 
 def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -189,24 +190,27 @@ def serving_reasons(serving: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
+    # Every value from the store goes through md_cell: a name or a reason is text, never
+    # HTML (<script>, <img onerror>) or a table break (a newline, a pipe).
+    m = md_cell
     counts = report["counts"]
     lines = [
         "# loraq queue report",
         "",
-        f"Home `{report['home']}`, generated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report['generated_at']))}.",
+        f"Home {m(report['home'])}, generated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report['generated_at']))}.",
         "",
         " · ".join(f"{counts[k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled")),
         "",
     ]
     if report["queue"]["paused"]:
-        lines += [f"**Queue paused:** {report['queue']['pause_reason']}", ""]
+        lines += [f"**Queue paused:** {m(report['queue']['pause_reason'])}", ""]
     lines += [
         "| job | status | attempts | steps | train loss | eval loss base → adapter | adapter | time | serving |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for job in report["jobs"]:
         lines.append(
-            f"| {job['name']} | {job['status']} | {job['attempts_used']}/{job['max_attempts']} | {_num(job['steps'])} "
+            f"| {m(job['name'])} | {m(job['status'])} | {job['attempts_used']}/{job['max_attempts']} | {_num(job['steps'])} "
             f"| {_num(job['train_loss'])} | {_num(job['base_eval_loss'])} → {_num(job['eval_loss'])} "
             f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s | {serving_cell(job['serving'])} |"
         )
@@ -225,17 +229,17 @@ def to_markdown(report: dict[str, Any]) -> str:
         samples = job.get("samples") or []
         if not problems and not findings and not not_served and not job.get("controls") and not quality and not samples:
             continue
-        lines += ["", f"## {job['name']}", ""]
-        lines += [f"- {quality} (greedy answers to the eval prompts)"] if quality else []
-        lines += [f"- {line}" for line in job.get("controls") or []]
+        lines += ["", f"## {m(job['name'])}", ""]
+        lines += [f"- {m(quality)} (greedy answers to the eval prompts)"] if quality else []
+        lines += [f"- {m(line)}" for line in job.get("controls") or []]
         for attempt in job["attempts"]:
             resumed = f", resumed from step {attempt['resumed_from_step']}" if attempt["resumed_from_step"] else ""
-            reason = f": {attempt['error_kind']}: {attempt['reason']}" if attempt["reason"] else ""
-            lines.append(f"- attempt {attempt['n']}: {attempt['outcome']}{resumed}{reason}")
+            reason = f": {m(attempt['error_kind'])}: {m(attempt['reason'])}" if attempt["reason"] else ""
+            lines.append(f"- attempt {attempt['n']}: {m(attempt['outcome'])}{resumed}{reason}")
         for finding in findings:
-            lines.append(f"- {finding['severity']} `{finding['code']}`: {finding['message']}")
+            lines.append(f"- {m(finding['severity'])} `{m(finding['code'])}`: {m(finding['message'])}")
         for line in not_served:
-            lines.append(f"- serving: {line}")
+            lines.append(f"- serving: {m(line)}")
         if samples:
             lines += ["", "| prompt (its end) | reference | base | adapter |", "| --- | --- | --- | --- |"]
             lines += [f"| {_md_cell(x['prompt'], 80, tail=True)} | {_md_cell(x['reference'])} | {_md_cell(x['base'])} "
@@ -399,5 +403,10 @@ def write(home: Home, store: Store, fmt: str, output: Path | None = None) -> tup
     """Build the report, write it atomically (default ``<home>/reports/report.<ext>``)."""
     text = render(build(store, home), fmt)
     target = output or home.reports_dir / f"report.{fmt}"
-    fsutil.atomic_write_text(target, text)
+    save(target, text)
     return target, text
+
+
+def save(target: Path, text: str) -> Path:
+    """Write a rendered report atomically; ``target`` is the operator's (``-o``) or the home's."""
+    return fsutil.atomic_write_text(target, text)
