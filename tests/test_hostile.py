@@ -357,23 +357,38 @@ def test_an_adapter_folder_this_job_did_not_make_is_set_aside_not_adopted(tmp_pa
     assert mine["home_id"] == b_store.home_id() != a_store.home_id()
 
 
-def test_a_home_made_before_home_ids_gets_one_on_upgrade(tmp_path: Path) -> None:
-    db = tmp_path / "loraq.db"
+def _old_home(db: Path) -> None:
+    """A database as the loraq before home ids made it (every migration before the home id's)."""
+    before = next(i for i, script in enumerate(migrations.MIGRATIONS) if "home_id" in script)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    for number, script in enumerate(migrations.MIGRATIONS[:2], start=1):
-        for statement in script.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+    for number, script in enumerate(migrations.MIGRATIONS[:before], start=1):
+        for statement in migrations.statements(script):
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {number}")
     conn.close()
-    with Store.open(db, readonly=True) as store:  # a reader does not upgrade
-        assert store.home_id() is None
-    with Store.open(db) as store:
+
+
+def test_a_home_made_before_home_ids_gets_one_on_upgrade(tmp_path: Path) -> None:
+    db = tmp_path / "loraq.db"
+    _old_home(db)
+    with Store.open(db, readonly=True) as store:  # the first open upgrades an intact older home, once
         first = store.home_id()
     with Store.open(db) as store:
-        assert first and len(first) == 32 and store.home_id() == first  # written once
-    assert Store.open(tmp_path / "other.db").home_id() != first
+        assert first and len(first) == 32 and store.home_id() == first  # written once, never again
+    with Store.open(tmp_path / "other.db") as other:
+        assert other.home_id() != first  # every home its own
+
+
+def test_an_older_home_on_a_read_only_disk_is_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    _old_home(home / "loraq.db")
+    before = (home / "loraq.db").read_bytes()
+    result = _read_only(home, LORAQ, "--home", str(home), "status")
+    (line,) = one_line_errors(result.stderr)
+    assert result.returncode == 1 and "older loraq" in line and "writable" in line
+    assert (home / "loraq.db").read_bytes() == before
 
 
 # ---------------------------------------------------------------- denial of service

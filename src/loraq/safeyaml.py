@@ -117,8 +117,9 @@ def load(text: str) -> Any:
     """Parse one YAML document with the bounds above; raise :class:`YamlProblem`."""
     if len(text) > MAX_BYTES:
         raise YamlProblem(None, f"is {len(text):,} characters; YAML files over {MAX_BYTES:,} are refused")
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # the reader refuses some characters already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -126,9 +127,10 @@ def load(text: str) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
         raise YamlProblem(mark.line + 1 if mark else None, f"not valid YAML: {problem}") from None
     except RecursionError:
         raise YamlProblem(None, f"nested too deeply to read (more than {MAX_DEPTH} levels are refused)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

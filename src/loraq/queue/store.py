@@ -463,8 +463,10 @@ class Store:
             except sqlite3.DatabaseError as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                kind = StoreFaultError if is_machine_fault(exc) else StoreError
-                raise kind(f"{self.path}: commit failed: {exc}") from exc
+                if is_machine_fault(exc):
+                    raise StoreFaultError(f"{self.path}: cannot write the state database: commit failed: {exc} "
+                                          "(a full disk or an I/O error)") from exc
+                raise StoreError(f"{self.path}: commit failed: {exc}") from exc
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
