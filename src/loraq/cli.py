@@ -113,12 +113,13 @@ def _num(value: float | None, digits: int = 3) -> str:
 def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, show_lines=False, header_style="bold")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(printable(cell)) for cell in row))
     Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
 
 

@@ -8,6 +8,15 @@ writes from the home; a queue file names no output paths.) Containment is decide
 with ``Path.is_relative_to`` on resolved paths, never with string prefixes, so
 ``/data-evil`` is not inside ``/data`` and a symlink cannot lead out.
 
+Paths named on the command line are the operator's: the CLI adds them to the roots
+for that command (:meth:`Roots.with_read`); the working folder is never a root.
+
+A check on a name is not a check on what is read: a file can be swapped between
+the two. :meth:`Roots.open_file` checks the descriptor it returns, and
+:func:`check_model_folder` checks every file of a base model folder just before a
+library opens them by name; a hub id is loaded from its cache snapshot
+(:func:`model_folder`), never looked up as a folder of the working directory.
+
 Pickle files are never loaded: :func:`is_pickle` tells them by suffix.
 """
 

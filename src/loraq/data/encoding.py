@@ -146,7 +146,7 @@ class ChatTemplate:
             return self._public([conversation], generation_prompt)[0]
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return TemplateError(f"the chat template rejects this conversation: {first_line}")
+            return TemplateError(f"the chat template rejects this conversation: {first_line[:200]}")
 
 
 def _template_message(message: dict[str, Any]) -> dict[str, Any]:

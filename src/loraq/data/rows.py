@@ -597,19 +597,19 @@ def _message_problem(message: Any) -> tuple[str, str] | None:
     if not message.keys() <= MESSAGE_KEYS:
         unknown = sorted(k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None)
         if unknown:
-            return "unrecognized_key", f" has key(s) {unknown}; a message has {', '.join(sorted(MESSAGE_KEYS))}"
+            return "unrecognized_key", f" has key(s) {excerpt(unknown)}; a message has {', '.join(sorted(MESSAGE_KEYS))}"
     role, content, weight = message.get("role"), message.get("content"), message.get("weight")
     if role is None:
         return "missing_role", " has no 'role'"
     if content is None:
         return "missing_content", " has no 'content' (or it is null)"
     if not isinstance(role, str) or role not in CHAT_ROLES:
-        return "unrecognized_role", f".role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}"
+        return "unrecognized_role", f".role {excerpt(role, 40)} is not one of {', '.join(sorted(CHAT_ROLES))}"
     if not isinstance(content, str):
         return "wrong_type", f".content must be a string, got {type(content).__name__}"
     if weight is not None:
         if isinstance(weight, bool) or weight not in (0, 1):
-            return "bad_weight", f".weight must be 0 or 1, got {weight!r}"
+            return "bad_weight", f".weight must be 0 or 1, got {excerpt(weight, 40)}"
         if role != "assistant":
             return "bad_weight", f".weight is set on a {role} message; only assistant turns are weighted"
     return None
@@ -674,7 +674,7 @@ def check_dataset(path: str | Path, fmt: str | None = None, *, roots: Roots | No
     kind = file_kind(path)
     out = ProblemList(path, kind or "jsonl")
     if kind is None:
-        out.add("unsupported", f"unknown dataset type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        out.add("unsupported", f"unknown dataset type {excerpt(path.suffix, 40)}; use one of {', '.join(SUFFIXES)}")
         return None, out
     if kind == "csv" and fmt == "chat":
         out.add("chat_in_csv", "chat datasets cannot be CSV: a conversation is a list of messages; use JSON Lines")
