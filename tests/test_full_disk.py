@@ -27,8 +27,9 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 import adapters
 from test_faults import resolved_spec
-from test_worker import ScriptedExecutor, trains
-from loraq.errors import StoreFaultError
+from test_worker import ScriptedExecutor, started, trains
+from loraq.errors import FailureKind, StoreFaultError
+from loraq.protocol import Failed
 from loraq.queue.store import NewJob, Store
 from loraq.supervisor.worker import Worker, WorkerConfig
 from loraq.workspace import Home
@@ -60,20 +61,20 @@ def fill():
 
 
 def script(request):
-    staging = Path(request["staging_dir"])
-    if request["attempt"] > 1:
+    staging = Path(request.staging_dir)
+    if request.attempt > 1:
         return trains()(request)
     if variant == "store":  # the disk fills after the adapter is staged: progress, heartbeats, publish meet it
         done = trains()(request)
         return [*done[:2], lambda: adapters.synthetic(staging), fill, *done[2:4], done[-1]]
     # the trainer itself meets the full disk (saving a checkpoint) and reports it
-    return [{"ev": "started", "max_steps": 3, "base_eval_loss": 2.0, "resume_from": None}, fill,
-            {"ev": "failed", "kind": "io", "retryable": True,
-             "message": "RuntimeError: [Errno 28] No space left on device: checkpoint-2/optimizer.pt"}]
+    return [started(), fill, Failed(failure=FailureKind.IO,
+                                    message="RuntimeError: [Errno 28] No space left on device: checkpoint-2/optimizer.pt")]
 
 
 seen = []
-worker = Worker(home, store, ScriptedExecutor(script), observer=lambda kind, info: seen.append(kind),
+executor = ScriptedExecutor(script)
+worker = Worker(home, store, executor, observer=lambda kind, info: seen.append(kind), clock=executor.clock,
                 config=WorkerConfig(lease_s=60, heartbeat_s=0.05, poll_s=0.005))
 summary = worker.run()
 job = store.job("full")

@@ -317,7 +317,7 @@ def _scripted_worker_run(home_path: Path, names: list[str]):  # type: ignore[no-
     home.ensure()
     store = Store.open(home.db_path)
     executor = ScriptedExecutor(trains())
-    Worker(home, store, executor, config=WorkerConfig(heartbeat_s=0.02, poll_s=0.005)).run()
+    Worker(home, store, executor, config=WorkerConfig(heartbeat_s=0.02, poll_s=0.005), clock=executor.clock).run()
     return home, store, executor
 
 

@@ -25,22 +25,27 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loraq"
 MAY_IMPORT: dict[str, set[str]] = {
     # the foundation: standard library only, or nearly
     "errors": set(),
+    "escape": set(),  # what loraq prints, made safe: everything that prints or quotes may use it
+    "safeyaml": {"escape"},  # YAML with bounds: the queue file and the home's config.yaml
     "protocol": {"errors"},  # the supervisor <-> trainer seam
     "fsutil": {"errors"},
-    "sandbox": {"errors"},
-    "workspace": {"errors", "sandbox"},
-    "queue": {"errors", "sandbox"},  # spec, store: knows nothing of training
+    # sandbox: where files may be read, on checked descriptors; every reader of a file goes through it
+    "sandbox": {"errors", "escape"},
+    "workspace": {"errors", "escape", "safeyaml", "sandbox"},
+    "queue": {"errors", "escape", "safeyaml", "sandbox"},  # spec, store: knows nothing of training
     "checkpoints": {"errors", "fsutil", "workspace", "inspect"},  # inspect: only its torch-free safetensors reader
-    "data": {"errors", "fsutil", "queue", "sandbox"},  # sandbox: a job's chat_template file is read inside the roots
+    "data": {"errors", "escape", "fsutil", "queue", "sandbox"},  # sandbox: datasets and chat_template files read inside the roots
     # the torch side
-    "model": {"errors", "data"},
-    "inspect": {"errors", "sandbox", "workspace", "data", "model"},  # model: only inspect.on_base, against a base
-    "train": {"errors", "protocol", "fsutil", "checkpoints", "data", "model", "queue"},
+    "model": {"errors", "data", "sandbox"},
+    "inspect": {"errors", "escape", "sandbox", "workspace", "data", "model"},  # model: only inspect.on_base, against a base
+    "train": {"errors", "protocol", "fsutil", "checkpoints", "data", "model", "queue", "sandbox"},
     # the supervisor side (torch-free)
-    "executors": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "train"},  # train: inside a Ray actor
-    "supervisor": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "queue", "executors", "inspect"},
+    "executors": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "train",  # train: inside a Ray actor
+                  "sandbox"},
+    "supervisor": {"errors", "protocol", "fsutil", "checkpoints", "workspace", "queue", "executors", "inspect",
+                   "sandbox"},
     # the library's surface and what is built on it
-    "report": {"errors", "fsutil", "workspace", "queue", "supervisor"},
+    "report": {"errors", "escape", "fsutil", "workspace", "queue", "supervisor"},
     "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
     # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter
     "export": {"errors", "fsutil", "inspect", "data"},
@@ -51,7 +56,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
-    "cli": {"api", "errors", "protocol", "workspace", "serve"},
+    "cli": {"api", "errors", "escape", "protocol", "workspace", "serve"},
 }
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
@@ -62,7 +67,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
               "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged",
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
-              "loraq.inspect.warm_start"]
+              "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
