@@ -412,7 +412,8 @@ def _data_files(job: JobInput, roots: list[str] | None = None) -> dict[str, tupl
     from ..errors import PathError
     from ..sandbox import Roots, read_fd
 
-    allowed = Roots.of(roots or [])
+    # A request without roots (an older worker's): the folders of its own datasets.
+    allowed = Roots.of(roots or [str(Path(p).parent) for p in (job.dataset_path, job.eval_dataset_path) if p])
     out = {}
     for field in ("dataset_path", "eval_dataset_path"):
         path = getattr(job, field)

@@ -162,7 +162,9 @@ def _guarded(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        outermost = not self._in_guard
+        # Only a whole transaction is run again: never a part of a caller's (fenced) one.
+        in_callers = self._conn is not None and self._conn.in_transaction
+        outermost, previous = not self._in_guard and not in_callers, self._in_guard
         self._in_guard = True
         try:
             for delay in (*self.fault_delays, None) if outermost else (None,):
@@ -180,8 +182,7 @@ def _guarded(method: F) -> F:
                 self.sleep(delay)
             raise AssertionError("unreachable")  # the last try returns or raises
         finally:
-            if outermost:
-                self._in_guard = False
+            self._in_guard = previous
 
     return wrapper  # type: ignore[return-value]
 
