@@ -308,10 +308,9 @@ def test_duplicate_yaml_keys_are_errors(workdir: Path, body: str) -> None:
 
 
 def _scripted_worker_run(home_path: Path, names: list[str]):  # type: ignore[no-untyped-def]
-    from test_worker import ScriptedExecutor, trains
-
     from loraq.supervisor.worker import Worker, WorkerConfig
     from loraq.workspace import Home
+    from test_worker import ScriptedExecutor, trains
 
     home = Home(home_path)
     home.ensure()
@@ -324,9 +323,8 @@ def _scripted_worker_run(home_path: Path, names: list[str]):  # type: ignore[no-
 @pytest.mark.parametrize("variant", ["another home", "another spec"])
 def test_an_adapter_folder_this_job_did_not_make_is_set_aside_not_adopted(tmp_path: Path, variant: str) -> None:
     """Ids restart at 1 in every home: a folder copied from elsewhere must not complete a job that never trained."""
-    from test_faults import resolved_spec
-
     from loraq.queue.store import NewJob
+    from test_faults import resolved_spec
 
     for home in ("a", "b"):
         with Store.open(tmp_path / home / "loraq.db") as store:
@@ -535,7 +533,7 @@ def test_control_characters_never_reach_the_terminal(workdir: Path, tmp_path: Pa
         if args[0] != "logs":  # a log's lines are its content; a name never spans two
             assert not any(line.startswith("FAKE: PASS") for line in out.splitlines()), (args, out)
     folder = ad.synthetic(tmp_path / f"adapter{ESC_NAME}")
-    (folder / f"x\x1b[2J\nFAKE: PASS.bin").write_bytes(b"\x80")
+    (folder / "x\x1b[2J\nFAKE: PASS.bin").write_bytes(b"\x80")
     code, out, err = cli("inspect", str(folder), home=home)
     assert code == 1 and "\x1b" not in out + err
     assert not any(line.startswith("FAKE: PASS") for line in out.splitlines())

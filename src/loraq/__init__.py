@@ -25,8 +25,8 @@ _EXPORTS = {
                      "write_demo", "write_report"], ".api"),
     **dict.fromkeys(["CorruptStoreError", "DataError", "ExportError", "FailureKind", "InspectionError", "LeaseLost",
                      "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError",
-                     "PublishConflict", "SpecError", "StoreError", "TemplateError", "TrainerStartError",
-                     "TrainingError", "TransitionError", "UsageError"], ".errors"),
+                     "PublishConflict", "RegexTimeout", "SpecError", "StoreError", "StoreFaultError", "TemplateError",
+                     "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "YamlProblem"], ".errors"),
     "Home": ".workspace",
 }
 
@@ -70,13 +70,16 @@ if TYPE_CHECKING:
         ProblemsError,
         ProtocolError,
         PublishConflict,
+        RegexTimeout,
         SpecError,
         StoreError,
+        StoreFaultError,
         TemplateError,
         TrainerStartError,
         TrainingError,
         TransitionError,
         UsageError,
+        YamlProblem,
     )
     from .workspace import Home
 
@@ -99,8 +102,8 @@ __version__ = "0.1.0"
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "ChangeResult", "CorruptStoreError", "DataError", "ExportError", "ExportResult", "FailureKind", "Home",
     "InspectionError", "JobRow", "LeaseLost", "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError",
-    "ProtocolError", "PublishConflict", "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError",
-    "StatusResult", "StoreError", "SubmitResult", "TemplateError", "TrainerStartError", "TrainingError",
-    "TransitionError", "UsageError", "__version__", "cancel", "export", "follow_log", "inspect_adapter", "log_path",
+    "ProtocolError", "PublishConflict", "RegexTimeout", "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError",
+    "StatusResult", "StoreError", "StoreFaultError", "SubmitResult", "TemplateError", "TrainerStartError", "TrainingError",
+    "TransitionError", "UsageError", "YamlProblem", "__version__", "cancel", "export", "follow_log", "inspect_adapter", "log_path",
     "pause", "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report",
 ]

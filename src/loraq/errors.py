@@ -99,6 +99,19 @@ class TrainerStartError(LoraqError):
     """A trainer cannot even start (a broken install, a bad device, no room on the cluster)."""
 
 
+class YamlProblem(LoraqError):
+    """What is wrong with a YAML file (the queue file, config.yaml), and on which line (1-based; ``None``: the file)."""
+
+    def __init__(self, line: int | None, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class RegexTimeout(LoraqError):
+    """A regex of an adapter config took longer than the inspection's budget to match (it backtracks)."""
+
+
 class StoreFaultError(StoreError):
     """The machine cannot write the state database now (a full disk, an I/O error).
 

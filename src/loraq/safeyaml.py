@@ -9,7 +9,7 @@ file's word for everything else:
 - nesting is unbounded, and deep enough nesting ends in a ``RecursionError``;
 - an alias can refer to the node that holds it, making a structure with no end.
 
-:func:`load` refuses all of these with a :class:`YamlProblem` naming the line. The
+:func:`load` refuses all of these with a :class:`~loraq.errors.YamlProblem` naming the line. The
 size of the document is measured on the composed node graph with aliases expanded,
 in time linear in the file (each node is measured once), before any Python object
 is built.
@@ -17,11 +17,11 @@ is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from .errors import YamlProblem
 from .escape import excerpt
 
 #: Bytes of a YAML file loraq reads (a queue of thousands of jobs is well under 1 MB).
@@ -32,17 +32,6 @@ MAX_EXPANDED = 2_000_000
 MAX_DEPTH = 32
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-@dataclass(frozen=True)
-class YamlProblem(Exception):
-    """What is wrong with a YAML file, and on which line (1-based; ``None`` for the file as a whole)."""
-
-    line: int | None
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class _StrictLoader(yaml.SafeLoader):

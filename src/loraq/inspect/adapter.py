@@ -89,12 +89,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data import templates
-from ..errors import InspectionError, PathError, TemplateError
+from ..errors import InspectionError, PathError, RegexTimeout, TemplateError
 from ..escape import printable
 from ..sandbox import Roots, fd_path, is_pickle
 from . import safetensors as st
 from . import serving
-from .lora_config import LoraSettings, RegexTimeout, parse_config, regex_budget
+from .lora_config import LoraSettings, parse_config, regex_budget
 from .structure import (
     CONFIG_NAME,
     KEY_PREFIX,

@@ -31,6 +31,7 @@ from typing import Any
 
 import regex
 
+from ..errors import RegexTimeout
 from ..escape import excerpt
 
 #: Longest regex accepted in target_modules, exclude_modules or a pattern key.
@@ -60,12 +61,9 @@ LAYERS_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
 _LITERAL_KEY = re.compile(r"[\w-]+(?:\.[\w-]+)*")
 
 
-class RegexTimeout(Exception):
-    """A regex of the config took longer than the inspection's budget to match."""
-
-    def __init__(self, pattern: str, budget: float) -> None:
-        super().__init__(f"the regex {excerpt(pattern, 60)} takes longer than {budget:g} s to match the module names "
-                         "(it backtracks); list the module names instead")
+def _timeout(pattern: str, budget: float) -> RegexTimeout:
+    return RegexTimeout(f"the regex {excerpt(pattern, 60)} takes longer than {budget:g} s to match the module names "
+                        "(it backtracks); list the module names instead")
 
 
 _deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("_deadline", default=None)
@@ -92,11 +90,11 @@ def _bounded(how: str, pattern: str, text: str) -> Any:
     deadline, budget = _deadline.get() or (time.monotonic() + REGEX_BUDGET_S, REGEX_BUDGET_S)
     left = deadline - time.monotonic()
     if left <= 0:
-        raise RegexTimeout(pattern, budget)
+        raise _timeout(pattern, budget)
     try:
         return getattr(_compiled(pattern), how)(text, timeout=left)
     except TimeoutError:
-        raise RegexTimeout(pattern, budget) from None
+        raise _timeout(pattern, budget) from None
 
 
 def dot_suffixes(name: str) -> list[str]:

@@ -385,8 +385,8 @@ def _field_path(loc: tuple[Any, ...], data: Any, *, missing: bool) -> str:
             node = node[part]
         elif not (missing and position == len(loc) - 1):
             continue
-        parts.append(part if isinstance(part, int) else _key(part))
-    return ".".join(str(p) for p in parts) or "(job)"
+        parts.append(str(part) if isinstance(part, int) else _key(part))
+    return ".".join(parts) or "(job)"
 
 
 def _key(key: Any) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import PathError, PublishConflict
-from ..sandbox import open_regular, read_fd
 from ..queue.store import Claim, Job, Store
+from ..sandbox import open_regular, read_fd
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
 MANIFEST = "loraq-manifest.json"
@@ -291,8 +291,8 @@ def adopt_published(store: Store, home: Home, claim: Claim) -> dict[str, Any] | 
         return None
     manifest = read_manifest(target)
     why = foreign(store, claim.job, manifest) if manifest else "it has no readable manifest"
-    if why is not None:
-        set_aside(home, store, claim.job, why)
+    if manifest is None or why is not None:
+        set_aside(home, store, claim.job, why or "it has no readable manifest")
         return None
     store.complete(claim.job.id, claim.epoch, result=recovered_result(target, manifest))
     return manifest
