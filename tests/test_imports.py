@@ -26,7 +26,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # the foundation: standard library only, or nearly
     "errors": set(),
     "escape": set(),  # what loraq prints, made safe: everything that prints or quotes may use it
-    "safeyaml": {"escape"},  # YAML with bounds: the queue file and the home's config.yaml
+    "safeyaml": {"errors", "escape"},  # YAML with bounds: the queue file and the home's config.yaml
     "protocol": {"errors"},  # the supervisor <-> trainer seam
     "fsutil": {"errors"},
     # sandbox: where files may be read, on checked descriptors; every reader of a file goes through it
