@@ -102,8 +102,9 @@ __version__ = "0.1.0"
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
     "ChangeResult", "CorruptStoreError", "DataError", "ExportError", "ExportResult", "FailureKind", "Home",
     "InspectionError", "JobRow", "LeaseLost", "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError",
-    "ProtocolError", "PublishConflict", "RegexTimeout", "ReportResult", "RunOptions", "RunResult", "ShowResult", "SpecError",
-    "StatusResult", "StoreError", "StoreFaultError", "SubmitResult", "TemplateError", "TrainerStartError", "TrainingError",
-    "TransitionError", "UsageError", "YamlProblem", "__version__", "cancel", "export", "follow_log", "inspect_adapter", "log_path",
-    "pause", "resume", "retry", "run", "show", "status", "submit", "write_demo", "write_report",
+    "ProtocolError", "PublishConflict", "RegexTimeout", "ReportResult", "RunOptions", "RunResult", "ShowResult",
+    "SpecError", "StatusResult", "StoreError", "StoreFaultError", "SubmitResult", "TemplateError",
+    "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "YamlProblem", "__version__", "cancel",
+    "export", "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status",
+    "submit", "write_demo", "write_report",
 ]

@@ -526,13 +526,13 @@ def export(
     if result.kind == "merged":
         check = result.details["check"]
         _say(f"wrote {result.path}: {result.details['dtype']} model merged from {result.adapter} into "
-              f"{result.base_model}, {result.details['shards']} shard(s), {mb:.1f} MB in {result.seconds:.1f} s")
+             f"{result.base_model}, {result.details['shards']} shard(s), {mb:.1f} MB in {result.seconds:.1f} s")
         _say(f"  checked: logits vs base + adapter on {check['rows']} rows ({check['source']}): max |diff| "
-              f"{check['max_abs_diff']:.2e} <= tolerance {check['tolerance']:.2e}; top-1 agreement "
-              f"{check['top1_agreement']:.1%}")
+             f"{check['max_abs_diff']:.2e} <= tolerance {check['tolerance']:.2e}; top-1 agreement "
+             f"{check['top1_agreement']:.1%}")
     else:
         _say(f"wrote {result.path}: GGUF LoRA for {result.details['architecture']} ({result.details['modules']} "
-              f"modules, alpha {result.details['alpha']:g}), {mb:.1f} MB in {result.seconds:.1f} s; read back and checked")
+             f"modules, alpha {result.details['alpha']:g}), {mb:.1f} MB in {result.seconds:.1f} s; read back and checked")
         _say(f"  llama.cpp: llama-server -m BASE.gguf --lora {result.path}")
         _say(f"  Ollama:    a Modelfile with 'FROM BASE.gguf' and 'ADAPTER {result.path}'")
         _say("  (BASE.gguf: the base model's weights as GGUF, the ones the adapter was trained on)")
@@ -597,7 +597,7 @@ def demo(
     files = api.write_demo(directory)
     home = Home(files.root / ".loraq")
     _say(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
-          f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
+         f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
     if no_run:
         _say(f"run it: loraq --home {home.root} submit {files.queue} && loraq --home {home.root} run")
         return 0
@@ -619,7 +619,7 @@ def demo(
                      f"{took:.1f} s" if took else "-"])
     _table("loraq demo", ["adapter", "status", "steps", "train loss", "eval loss base -> adapter", "size", "time"], rows)
     _say(f"adapters in {home.adapters_dir}; total {time.time() - started:.0f} s. "
-          f"Try: loraq --home {home.root} status | show support-bot | report --format html")
+         f"Try: loraq --home {home.root} status | show support-bot | report --format html")
     return 0 if result.ok else 1
 
 

@@ -15,7 +15,6 @@ inspect against); an adapter that PEFT cannot load is a ``load_failed`` finding.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import warnings
