@@ -105,9 +105,8 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
                   queue_settings: bool = True) -> SubmitResult:
     """Check a validated queue's data (and warm starts) and enqueue all its jobs, or none."""
     from . import submitting
-    from .data import ReadLimits
+    from .data import ReadLimits, templates
     from .data import check as datacheck
-    from .data import templates
     from .errors import DataError
     from .queue.store import NewJob
 
