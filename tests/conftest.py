@@ -47,6 +47,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shaped_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random-init models of a real model's shape (tests/shapes.py): 150 k vocabulary, GQA, tied and untied."""
+    import shapes
+
+    root = tmp_path_factory.mktemp("shaped")
+    return {name: shapes.build(root / name, name) for name in shapes.SHAPES}
+
+
+@pytest.fixture(scope="session")
 def demo_datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import random
 

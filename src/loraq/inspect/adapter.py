@@ -280,10 +280,13 @@ def _weights_stats(weights: Weights, found: Findings, stats: dict[str, Any]) -> 
     )
     if weights.copies and weights.copy_bytes > weights.lora_bytes:
         copied = sorted({t.name[len(KEY_PREFIX):].rsplit(".", 1)[0] for t in weights.copies})
+        # PEFT saves the base's embedding beside LoRA on it (save_embedding_layers) as "<module>.base_layer"
+        fix = ("save with save_embedding_layers=False unless the vocabulary was resized"
+               if all(name.endswith(".base_layer") for name in copied)
+               else "drop them from modules_to_save unless they must be trained")
         found.add("modules_to_save_bloat", "warning",
                   f"full copies of {', '.join(copied[:3])} take {weights.copy_bytes / 2**20:,.1f} MiB, more than "
-                  f"the LoRA weights ({weights.lora_bytes / 2**20:,.1f} MiB); drop them from modules_to_save unless "
-                  "they must be trained", WEIGHTS_NAME)
+                  f"the LoRA weights ({weights.lora_bytes / 2**20:,.1f} MiB); {fix}", WEIGHTS_NAME)
 
 
 # ---------------------------------------------------------------- the public interface
