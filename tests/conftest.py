@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraq.demo import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny", pretrain_steps=100)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Any:
+    """The real pretrained base (SmolLM2-135M-Instruct): ``.folder`` (HF safetensors, float32) and ``.gguf``.
+
+    Built once per machine into $LORAQ_CACHE (default ~/.cache/loraq) by tools/real_model.py
+    (``make test`` builds it first). Where it cannot be had, every test that needs it FAILS
+    with the tool's one line: CI must run the real tier, so it never skips by itself.
+    Offline, leave the tier out: ``pytest -m "not real"``.
+    """
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import real_model as tool
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    try:
+        return tool.ensure()
+    except tool.RealModelUnavailable as exc:
+        pytest.fail(f"the real model is unavailable: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
