@@ -169,6 +169,7 @@ class Memory:
     """A trainer's memory: RSS, and where CUDA is in use what its caching allocator holds."""
 
     rss_mb: float
+    peak_rss_mb: float | None = None  # the trainer process's high-water mark so far (its jobs before included)
     cuda_allocated_mb: float | None = None
     cuda_reserved_mb: float | None = None
     cuda_peak_mb: float | None = None  # the most allocated since the job started

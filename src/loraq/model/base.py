@@ -34,15 +34,24 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def peak_rss_mb() -> float:
+    """The most RSS this process has had (its high-water mark since it started)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 def device_memory() -> dict[str, float]:
-    """RSS of this process, and where CUDA is in use the memory its caching allocator holds.
+    """RSS of this process (now, and its peak so far), and where CUDA is in use what its caching allocator holds.
 
     ``cuda_peak_mb`` is the most allocated since the last :func:`reset_peak_memory`
     (the start of the job, in a trainer).
     """
     import torch
 
-    out = {"rss_mb": round(rss_mb(), 1)}
+    out = {"rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["cuda_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
