@@ -67,7 +67,8 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
               "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged",
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
-              "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox"]
+              "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
+              "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
@@ -89,6 +90,39 @@ def test_status_command_does_not_import_torch(tmp_path) -> None:
         f"app(args=['--home', {str(tmp_path / 'h')!r}, 'status', '--json'], standalone_mode=False)"
     )
     assert not loaded & set(HEAVY)
+
+
+@pytest.fixture(scope="module")
+def queue_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A queue of 8 jobs (chat, prompt/completion, alpaca) on the demo's tiny model, as a user writes one."""
+    import random
+
+    from loraq import demo
+
+    root = tmp_path_factory.mktemp("submit")
+    demo.build_model(root / "models" / "tiny", pretrain_steps=1)
+    rng = random.Random(1)
+    jobs = []
+    for i in range(8):
+        name, make = list(demo.DATASETS.values())[i % 3]
+        demo.write_jsonl(root / "data" / f"{i}-{name}", make(60, rng))
+        jobs.append(f"  - name: job-{i}\n    dataset: ./data/{i}-{name}\n")
+    (root / "queue.yaml").write_text("defaults:\n  base_model: ./models/tiny\n  training: {max_steps: 4}\njobs:\n"
+                                     + "".join(jobs), encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_submit_and_its_dry_run_do_not_import_torch(queue_on_disk: Path, dry_run: bool, tmp_path: Path) -> None:
+    """Every row tokenised with the base's own tokenizer (tokenizer.json through the tokenizers library) and
+    enqueued, without torch, transformers or peft."""
+    home = tmp_path / "home"
+    args = ["--home", str(home), "submit", str(queue_on_disk / "queue.yaml"), "--json"] + (["--dry-run"] if dry_run
+                                                                                          else [])
+    loaded = modules_after(f"from loraq.cli import app\napp(args={args!r}, standalone_mode=False)")
+    assert not loaded & set(HEAVY), f"submit pulled in {sorted(loaded & set(HEAVY))}"
+    assert "tokenizers" in loaded and "jinja2" in loaded  # it did tokenise and render the chat rows
+    assert (home / "loraq.db").exists() is not dry_run
 
 
 def test_store_uses_only_the_standard_library() -> None:

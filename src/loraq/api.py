@@ -219,7 +219,9 @@ def _dataset_identity(report: Any) -> dict[str, Any]:
     if report is None:
         return {}
     return {"dataset_sha256": report.sha256, "eval_dataset_sha256": report.eval_sha256, "dataset_rows": report.rows,
-            "dataset_bytes": report.bytes, "eval_dataset_bytes": report.eval_bytes}
+            "dataset_bytes": report.bytes, "eval_dataset_bytes": report.eval_bytes,
+            # what counted the tokens at submit: the trainer checks a torch-free count against transformers
+            "submit_tokenizer": report.tokenizer, "est_steps": report.est_steps}
 
 
 # ---------------------------------------------------------------- run

@@ -84,6 +84,8 @@ class JobInput:
     chat_template_text: str | None = None  # the job's chat_template as loaded at submit (data/templates.py)
     dataset_bytes: int | None = None  # as submitted: a file of another size is refused unread
     eval_dataset_bytes: int | None = None
+    submit_tokenizer: str | None = None  # what counted the tokens at submit: "tokenizers" (torch-free) | "transformers"
+    est_steps: int | None = None  # the steps submit estimated (the trainer's own plan gives the steps it runs)
 
     @classmethod
     def of_stored(cls, stored: Mapping[str, Any]) -> JobInput:

@@ -323,6 +323,7 @@ class DatasetReport:
     batches: dict[str, Any] | None = None
     bytes: int | None = None  # the dataset file's size, as checked (the trainer refuses another size unread)
     eval_bytes: int | None = None
+    tokenizer: str = "transformers"  # what counted the tokens: tokenizers (torch-free) | transformers
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -343,15 +344,29 @@ def load_tokenizer(job: ResolvedJob, roots: Roots | None = None) -> Any:
     """The job's base-model tokenizer: a local folder, or a hub id already in the local cache (no download).
 
     Loaded from the checked folder (:func:`loraq.sandbox.model_folder`), never by a
-    name transformers would look up in the working directory.
+    name transformers would look up in the working directory. Torch-free where the base
+    has a ``tokenizer.json`` (:class:`.tokenizer.FolderTokenizer`, which the trainer
+    checks against transformers on a sample of the job's rows); through transformers
+    otherwise, or for a base with ``trust_remote_code`` (its tokenizer may be code).
     """
-    from transformers import AutoTokenizer
+    from . import tokenizer as light
 
     if roots is None:
         roots = Roots.of([job.base_model] if Path(job.base_model).is_absolute() else [])
     folder = model_folder(job.base_model, roots, revision=job.spec.revision)
+    if not job.spec.trust_remote_code and not light.disabled() and (folder / "tokenizer.json").is_file():
+        return light.FolderTokenizer(folder)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                          trust_remote_code=job.spec.trust_remote_code)
+
+
+def loaded_by(tokenizer: Any) -> str:
+    """``tokenizers`` for a torch-free :class:`.tokenizer.FolderTokenizer`, else ``transformers``."""
+    from .tokenizer import FolderTokenizer
+
+    return "tokenizers" if isinstance(tokenizer, FolderTokenizer) else "transformers"
 
 
 def _problem(where: str, category: str, message: str) -> RowProblem:
@@ -575,7 +590,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         truncated_rows=truncated, untrainable_rows=untrainable, duplicate_rows=len(repeats),
         est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
         chat_template=spec.chat_template if train.format == "chat" else None,
-        batches=_batches(plan, lengths),
+        batches=_batches(plan, lengths), tokenizer=loaded_by(tokenizer),
         bytes=train.size, eval_bytes=eval_set.size if eval_set else None,
     )
     return report, problems

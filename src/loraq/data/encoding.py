@@ -85,9 +85,11 @@ def _render_flat(row: dict[str, Any], fmt: str, eos: str) -> Rendered:
 class ChatTemplate:
     """A tokenizer's chat template (or ``template``, a job's own), rendering many conversations at a time.
 
-    ``apply_chat_template`` is the reference. Rendering the compiled Jinja template
-    directly is about 2.5x faster on a large file; it is used only once it has
-    rendered a sample exactly as ``apply_chat_template`` does.
+    ``apply_chat_template`` is the reference. Rendering with loraq's own Jinja
+    environment (:func:`.templates.render_chat`, what the torch-free submit renders
+    with) is about 2.5x faster on a large file; it is used only once it has rendered a
+    sample exactly as ``apply_chat_template`` does, so every training run checks it
+    against transformers.
     """
 
     SAMPLE = 4
@@ -101,15 +103,10 @@ class ChatTemplate:
         self._direct: Any = None
         self._kwargs: dict[str, Any] = {}
         self._checked = False
-        try:
-            from transformers.utils import chat_template_utils as ctu
-
-            if isinstance(template, str):
-                self._direct = ctu._compile_jinja_template(template)
-                plain = getattr(ctu, "_plain_template_data", lambda data: data)
-                self._kwargs = plain(dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
-        except Exception:  # a private API that moved: the public call still works
-            self._direct = None
+        direct = template.get("default") if isinstance(template, dict) else template
+        if isinstance(direct, str):  # rendered with loraq's own Jinja environment (templates.render_chat)
+            self._direct = direct
+            self._kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
 
     def _public(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
         out = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt,
@@ -117,9 +114,10 @@ class ChatTemplate:
         return [str(text) for text in out]
 
     def _fast(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
-        render = self._direct.render
-        return [render(messages=c, tools=None, documents=None, add_generation_prompt=generation_prompt, **self._kwargs)
-                for c in conversations]
+        from .templates import render_chat
+
+        return render_chat(self._direct, conversations, add_generation_prompt=generation_prompt,
+                           special_tokens=self._kwargs)
 
     def render(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str | TemplateError]:
         if not conversations:

@@ -22,6 +22,7 @@ templates) is imported only to check that a file's template parses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +119,38 @@ def syntax_problem(text: str) -> str | None:
     """Why ``text`` does not parse as a chat template (as transformers compiles one); ``None`` if it does."""
     try:
         import jinja2
-        from jinja2.ext import Extension
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # transformers needs jinja2 to render at all; rendering the rows will say so
         return None
+    try:
+        environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"line {exc.lineno}: {exc.message}"
+    return None
 
-    class _Generation(Extension):  # transformers' {% generation %} ... {% endgeneration %} tag, parsed only
+
+# ---------------------------------------------------------------- rendering, without transformers
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> Any:
+    """The Jinja environment transformers renders chat templates in (5.x ``chat_template_utils``), built here.
+
+    The same sandbox (``ImmutableSandboxedEnvironment``, ``trim_blocks``,
+    ``lstrip_blocks``, the ``loopcontrols`` extension, a ``{% generation %}`` tag that
+    renders its body), the same globals (``raise_exception``, ``strftime_now``, a
+    ``dict`` and a ``namespace`` that refuse underscore names) and the same ``tojson``
+    filter (``ensure_ascii=False``, no HTML escaping). ``loraq submit`` renders with it,
+    torch-free; the trainer checks a sample against transformers' ``apply_chat_template``.
+    """
+    import datetime
+    import json
+
+    import jinja2
+    import jinja2.ext
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # {% generation %} ... {% endgeneration %}: the body, as rendered
         tags = {"generation"}
 
         def parse(self, parser: Any) -> Any:
@@ -131,11 +158,125 @@ def syntax_problem(text: str) -> str | None:
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
             return jinja2.nodes.Scope(body).set_lineno(lineno)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation])
-    try:
-        env.parse(text)
-    except jinja2.TemplateSyntaxError as exc:
-        return f"line {exc.lineno}: {exc.message}"
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:  # noqa: A002 - the name templates call it with
+        return datetime.datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's own signature trick
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=TemplateNamespace)
+    return env
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(text: str) -> Any:
+    return environment().from_string(text)
+
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
+def _plain(value: Any) -> Any:
+    """JSON types only, as transformers passes template data (anything else becomes a ``<type>`` placeholder)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
+def render_chat(template: str, conversations: list[list[dict[str, Any]]], *, add_generation_prompt: bool,
+                special_tokens: dict[str, str]) -> list[str]:
+    """``apply_chat_template(conversations, tokenize=False, ...)`` as transformers 5 renders it, without it.
+
+    Messages lose their ``None`` values, reasoning is aliased under the names templates read
+    (``reasoning_content``, ``thinking``), and the tokenizer's named special tokens
+    (``bos_token``, ``eos_token``, ...) are the template's variables, as transformers does.
+    """
+    compiled = compile_template(template)
+    variables = _plain(dict(special_tokens))
+    out = []
+    for conversation in conversations:
+        messages = []
+        for message in conversation:
+            message = _plain({k: v for k, v in message.items() if v is not None})
+            reasoning = next((message[k] for k in _REASONING if message.get(k) is not None), None)
+            if reasoning is not None:
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+            messages.append(message)
+        out.append(compiled.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables))
+    return out
+
+
+def folder_template(folder: Path) -> str | dict[str, str] | None:
+    """A tokenizer folder's own chat template, found as transformers 5 finds it: ``chat_template.jinja``, then
+    ``chat_templates/*.jinja`` (named), over the ``chat_template`` of ``tokenizer_config.json``."""
+    import json
+
+    named = {}
+    main = folder / TEMPLATE_FILE
+    if main.is_file():
+        named["default"] = _read(main)
+    templates_dir = folder / "chat_templates"
+    if templates_dir.is_dir():
+        for path in sorted(templates_dir.glob("*.jinja")):
+            named[path.name.removesuffix(".jinja")] = _read(path)
+    if len(named) == 1 and "default" in named:
+        return named["default"]
+    if named:
+        return named
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(value, list):
+            return {t["name"]: t["template"] for t in value}
+        return value if isinstance(value, (str, dict)) and value else None
     return None
 
 

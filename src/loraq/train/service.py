@@ -144,6 +144,27 @@ def _injected_bug(rows: list[dict[str, Any]]) -> controls.Fault | None:
     return None
 
 
+def _same_encoding_as_submit(job: JobInput, spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any) -> None:
+    """Submit counted tokens torch-free (data/tokenizer.py); what trains is transformers' encoding. A sample of
+    the rows must encode the same both ways, or the submit-time checks and step estimates do not hold."""
+    if job.submit_tokenizer != "tokenizers":
+        return
+    from ..data import tokenizer as light
+
+    # the checked folder transformers loaded from (sandbox.model_folder), never the name looked up again
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    if light.disabled() or not (folder / "tokenizer.json").is_file():
+        return  # the base's tokenizer.json is gone from where submit read it: nothing to compare with
+    mismatch = light.check_against(tokenizer, light.cached(folder), rows, fmt, spec.training.max_seq_len,
+                                   job.chat_template_text)
+    if mismatch:
+        raise TrainingError(
+            f"base model {job.base_model}: the tokenizer encodes otherwise at submit (tokenizer.json through the "
+            f"tokenizers library, without transformers) than in training (transformers): {mismatch}. The token "
+            f"checks and step estimates of submit do not hold for this tokenizer: submit the job again with "
+            f"{light.SUBMIT_TOKENIZER_ENV}=transformers", kind=FailureKind.BASE_MODEL)
+
+
 def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepared:
     spec = JobSpec.model_validate(job.spec)
     # Opened on a descriptor checked to be the regular file inside the roots, and refused
@@ -173,6 +194,7 @@ def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepar
 
     train_items, truncated = encode_all(train_rows)
     eval_items, _ = encode_all(eval_rows)
+    _same_encoding_as_submit(job, spec, train_rows + eval_rows, dataset.format, tokenizer)
     if not train_items or not eval_items:
         raise TrainingError(f"{dataset.path}: no row keeps a trainable token after truncation to "
                             f"max_seq_len {spec.training.max_seq_len}", kind=FailureKind.DATA)
