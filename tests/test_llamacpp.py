@@ -23,13 +23,13 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import realdata
-from conftest import LORAQ, ROOT
+from conftest import LORAQ
 
 pytestmark = [pytest.mark.real, pytest.mark.llamacpp, pytest.mark.slow]
 
@@ -38,18 +38,6 @@ pytestmark = [pytest.mark.real, pytest.mark.llamacpp, pytest.mark.slow]
 N_TRAIN, N_EVAL = 78, 12
 TRAINING = "{max_steps: 40, learning_rate: 2.0e-3, lr_scheduler: constant, batch_size: 8, max_seq_len: 32, " \
            "save_steps: 1000, logging_steps: 10, seed: 1}"
-
-
-def real_model():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import real_model as tool
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    try:
-        return tool.ensure()
-    except tool.RealModelUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def llama_cpp():  # type: ignore[no-untyped-def]
@@ -88,8 +76,8 @@ def greedy(llm, prompts: list[str]) -> list[str]:  # type: ignore[no-untyped-def
 
 
 @pytest.mark.timeout(1800)  # a few minutes on 2 idle cores; 15 when five other jobs share them
-def test_an_exported_adapter_answers_in_llamacpp_as_it_was_trained(tmp_path: Path) -> None:
-    model = real_model()
+def test_an_exported_adapter_answers_in_llamacpp_as_it_was_trained(real_model: Any, tmp_path: Path) -> None:
+    model = real_model
     client = llama_cpp()
     held_out = digits_task(tmp_path)
     (tmp_path / "queue.yaml").write_text(f"""

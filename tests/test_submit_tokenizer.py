@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +123,8 @@ def test_chat_templates_render_as_transformers_renders_them(name: str, tiny_mode
 
 
 @pytest.mark.real
-def test_the_real_models_tokenizer_and_template_encode_every_real_task_as_transformers_does() -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import real_model as tool
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    try:
-        folder = tool.ensure().folder
-    except tool.RealModelUnavailable as exc:
-        pytest.skip(str(exc))
+def test_the_real_models_tokenizer_and_template_encode_every_real_task_as_transformers_does(real_model: Any) -> None:
+    folder = real_model.folder
     import realdata
 
     rows = rows_by_format()
