@@ -68,6 +68,9 @@ def built(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for_base(root / "plain-neox", neox)
     adapters.copy(root / "plain", root / "plain-nobase")
     for_base(root / "plain-nobase", root / "no-such-base")
+    # the bases are named inside the adapters' configs: read only inside the roots, so the home allows this folder
+    (root / ".loraq").mkdir()
+    (root / ".loraq" / "config.yaml").write_text(f"allow_roots: [{json.dumps(str(root))}]\n")
     return root
 
 
@@ -164,6 +167,31 @@ jobs:
     assert json.loads(loraq("status", "--json", cwd=workdir).stdout)["jobs"] == []
 
 
+def test_submit_refuses_lora_variants_an_engine_cannot_apply(workdir: Path) -> None:
+    queue = write_queue(workdir, TINY_DEFAULTS + """
+serving: [vllm]
+jobs:
+  - {name: rs, dataset: ./data/sql.jsonl, lora: {use_rslora: true}}
+  - {name: dora, dataset: ./data/sql.jsonl, lora: {use_dora: true}}
+  - {name: whole, dataset: ./data/sql.jsonl, lora: {modules_to_save: [lm_head]}}
+""", name="variants.yaml")
+    result = loraq("submit", str(queue), cwd=workdir)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert f"{queue}: job 'dora': lora.use_dora: serving: vLLM will not serve it" in lines[0]
+    assert f"{queue}: job 'whole': lora.modules_to_save: serving: vLLM will not serve it" in lines[1]
+    assert "lm_head" in lines[1]
+    llamacpp = write_queue(workdir, TINY_DEFAULTS + """
+serving: [llamacpp]
+jobs:
+  - {name: dora, dataset: ./data/sql.jsonl, lora: {use_dora: true}}
+""", name="variants-gguf.yaml")
+    result = loraq("submit", str(llamacpp), cwd=workdir)
+    assert result.returncode == 1 and "job 'dora': lora.use_dora: serving: llama.cpp / Ollama" in result.stderr
+    assert json.loads(loraq("status", "--json", cwd=workdir).stdout)["jobs"] == []
+
+
 def test_submit_gate_for_lorax_and_a_queue_that_passes_it(workdir: Path) -> None:
     refused = write_queue(workdir, TINY_DEFAULTS + """
 serving: [lorax]
@@ -238,3 +266,14 @@ def test_publish_passes_a_servable_adapter_and_the_report_shows_the_verdicts(tmp
     # the base (/models/tiny) is not on this machine: the other engines cannot be judged, and say so
     assert "LoRAX: cannot tell" in md
     assert "serving: vLLM yes" in report.to_html(built)
+
+
+def test_a_base_named_inside_the_adapter_and_outside_the_roots_is_not_read(built: Path, tmp_path: Path) -> None:
+    """The adapter folder is the operator's (the command line); the base its config names is not."""
+    result = loraq("inspect", str(built / "plain"), "--json", cwd=tmp_path, home=tmp_path / "home")
+    assert result.returncode == 0, result.stdout + result.stderr
+    serving = json.loads(result.stdout)["serving"]
+    assert serving["lorax"]["servable"] is None and "architecture is unknown" in serving["lorax"]["why"][0]
+    named = loraq("inspect", str(built / "plain"), "--base", str(built / "tiny"), "--json", cwd=tmp_path,
+                  home=tmp_path / "home")
+    assert json.loads(named.stdout)["serving"]["lorax"]["servable"] is True

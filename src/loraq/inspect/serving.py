@@ -181,7 +181,10 @@ def facts_from_spec(lora: Any, base_config: dict[str, Any] | None) -> AdapterFac
         targets = ALL_LINEAR.get(base.model_type or "") if base else None
     else:
         targets = frozenset(str(t).rsplit(".", 1)[-1] for t in lora.target_modules)
-    return AdapterFacts(max_rank=int(lora.r), targets=targets, base=base)
+    # the PEFT options the job passes on (spec.LoraSpec): DoRA and whole modules refuse engines before training
+    options = {key: value for key in ("use_dora", "use_rslora", "modules_to_save")
+               if (value := getattr(lora, key, None))}
+    return AdapterFacts(max_rank=int(lora.r), targets=targets, options=options, base=base)
 
 
 def facts_from_adapter(config: dict[str, Any], tensors: Iterable[tuple[str, tuple[int, ...]]],
@@ -266,11 +269,11 @@ def vllm_verdict(facts: AdapterFacts) -> Verdict:
             notes.append(f"rank {rank} is served padded to {fitting[0]}: lora.r {fitting[0]} costs the same memory")
     if facts.options.get("use_dora"):
         reasons.append(Reason("DoRA (use_dora): vLLM refuses it ('vLLM does not yet support DoRA'); train with "
-                              "use_dora off"))
+                              "use_dora off", "lora.use_dora"))
     if facts.options.get("modules_to_save") or facts.saved_whole:
         what = facts.options.get("modules_to_save") or [n.removeprefix(_PREFIX) for n in facts.saved_whole[:3]]
         reasons.append(Reason(f"modules saved whole ({_names(map(str, what))}): vLLM accepts only "
-                              "modules_to_save: None; train without modules_to_save"))
+                              "modules_to_save: None; train without modules_to_save", "lora.modules_to_save"))
     return Verdict("vllm", not reasons, tuple(reasons), tuple(notes), flags)
 
 
@@ -300,7 +303,8 @@ def llamacpp_verdict(facts: AdapterFacts) -> Verdict:
     reasons: list[Reason] = []
     for key, why in LLAMACPP_UNSUPPORTED_OPTIONS.items():
         if facts.options.get(key):
-            reasons.append(Reason(f"{key} is set: {why}; train without it to serve with llama.cpp"))
+            reasons.append(Reason(f"{key} is set: {why}; train without it to serve with llama.cpp",
+                                  f"lora.{key}" if key in ("use_dora", "modules_to_save") else None))
     if facts.options.get("bias"):
         reasons.append(Reason(f"bias={facts.options['bias']!r} trains the base's biases; llama.cpp applies no LoRA "
                               "bias; train with bias: none"))
