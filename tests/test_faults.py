@@ -462,10 +462,10 @@ def test_prune_keeps_the_two_newest_and_a_snapshot_outlives_its_original(tmp_pat
     assert (snap.path / "optimizer.pt").stat().st_size == 9000
 
 
+@pytest.mark.timeout(120)  # the busy timeout is 0.5 s: a hang here is the bug, not a slow machine
 def test_a_writer_frozen_inside_a_transaction_is_named_not_a_raw_locked_error(tmp_path: Path, monkeypatch) -> None:
     """SQLite cannot take a lock from a frozen holder; loraq says who it is and what to do."""
     import signal
-    import time
 
     from loraq.errors import StoreError
     from loraq.queue import store as store_module
@@ -482,10 +482,8 @@ def test_a_writer_frozen_inside_a_transaction_is_named_not_a_raw_locked_error(tm
         monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.5)
         store = Store.open(db)  # opening needs no write lock
         assert store.jobs() == []  # nor does reading (WAL)
-        started = time.monotonic()
         with pytest.raises(StoreError) as caught:
             store.pause("maintenance")
-        assert time.monotonic() - started < 30
         message = str(caught.value)
         assert f"process {holder.pid}" in message and f"kill -CONT {holder.pid}" in message
         assert "database is locked" not in message
