@@ -77,11 +77,12 @@ class Run:
         return next(e for e in self.events if isinstance(e, Started))
 
 
-def request(name: str, base: Path, dataset: Path, folder: Path, **training: Any) -> TrainRequest:
+def request(name: str, base: Path, dataset: Path, folder: Path, validation: dict[str, Any] | None = None,
+            **training: Any) -> TrainRequest:
     spec = JobSpec.model_validate({
         "name": name, "base_model": str(base), "dataset": {"path": str(dataset), "format": "prompt_completion"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "training": TRAINING | training, "validation": {"split": 0.1},
+        "training": TRAINING | training, "validation": {"split": 0.1} | (validation or {}),
     })
     job_dir = folder / name
     return TrainRequest(job_id=1, attempt=1, epoch=1,
@@ -158,6 +159,33 @@ def test_each_job_reports_its_memory_and_sends_rss_as_its_last_metric(
     last_progress = [e for e in run.events if isinstance(e, Progress)][-1]
     assert last_progress.metrics == {"rss_mb": memory.rss_mb}
     assert last_progress.step == run.result.steps
+
+
+def test_the_eval_rows_go_through_the_model_once_per_evaluation_and_the_last_one_is_published(
+        service: TrainerService, tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The base's eval, then ``Trainer``'s at steps 2 and 4; the eval loss published is step 4's, not measured again."""
+    import torch
+
+    Run(service, request("warm", tiny_model, demo_datasets["sql"], tmp_path))  # makes A resident
+    seen: dict[tuple[int, ...], int] = {}
+
+    def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():  # evaluations; training runs with gradients (no generation: samples 0)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            key = tuple(ids.flatten().tolist())
+            seen[key] = seen.get(key, 0) + 1
+
+    handle = service.cache.resident.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        run = Run(service, request("once", tiny_model, demo_datasets["sql"], tmp_path, {"samples": 0}, eval_steps=2))
+    finally:
+        handle.remove()
+    assert run.result.base_reused is True and seen
+    assert set(seen.values()) == {3}, seen.values()  # base, step 2, step 4: no fourth pass after training
+    evals = {e.step: e.metrics["eval_loss"] for e in run.events if isinstance(e, Progress) and "eval_loss" in e.metrics}
+    assert sorted(evals) == [2, 4]
+    assert run.result.eval_loss == evals[4]
+    assert recorded_eval_loss_reproduced(run, tiny_model) == pytest.approx(run.result.eval_loss, rel=1e-4)
 
 
 def test_the_fingerprint_sees_any_single_weight_changed(tiny_model: Path) -> None:

@@ -249,7 +249,9 @@ class Flags:
         self.abort.clear()
 
 
-def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: list[str]) -> list[Any]:
+def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: list[str],
+               evaluated: dict[int, float]) -> list[Any]:
+    """loraq's callbacks; ``evaluated`` collects each evaluation's eval loss by step (this attempt's only)."""
     from transformers import TrainerCallback
 
     class LoraqCallback(TrainerCallback):  # type: ignore[misc]
@@ -270,6 +272,12 @@ def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: l
             if loss is not None and not math.isfinite(loss):
                 problems.append(f"training loss became {loss} at step {state.global_step}; lower the learning_rate")
                 control.should_training_stop = True
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                        **kw: Any) -> None:
+            value = (metrics or {}).get("eval_loss")
+            if isinstance(value, (int, float)):
+                evaluated[state.global_step] = float(value)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if flags.abort.is_set():
@@ -438,6 +446,7 @@ class TrainerService:
             raise TrainingError(f"lora: {exc}", kind=FailureKind.SPEC) from exc
         trainer = None
         problems: list[str] = []
+        evaluated: dict[int, float] = {}  # step -> the Trainer's eval loss (loraq's measure: see sequential_trainer)
         oom: _OutOfMemory | None = None
         initial = Path(request.checkpoints_dir).parent / "initial-lora"
         try:
@@ -484,7 +493,7 @@ class TrainerService:
             trainer = layout.trainer_class(Trainer)(
                 model=model, args=args, train_dataset=batches.train(prepared, batching, spec.training.seed),
                 eval_dataset=batches.eval, data_collator=batches.collator,
-                callbacks=extra + _callbacks(emit, self.flags, log, problems),
+                callbacks=extra + _callbacks(emit, self.flags, log, problems, evaluated),
             )
             trainer.add_callback(controls.BatchGuard(trainer, batching, per_device=1).callback())
             t_train = time.perf_counter()
@@ -498,8 +507,8 @@ class TrainerService:
                                    asked=controls.asked(exc))
             if oom is None:
                 result = self._finish(request, spec, model, trainer, output, prepared, batches, steps, base_eval,
-                                      reused, load_s, batching, resume, keeper, initial_lora, problems, t_train,
-                                      log, timings)
+                                      reused, load_s, batching, resume, keeper, initial_lora, problems, evaluated,
+                                      t_train, log, timings)
         finally:
             t_cleanup = time.perf_counter()
             del trainer
@@ -521,9 +530,16 @@ class TrainerService:
     def _finish(self, request: TrainRequest, spec: JobSpec, model: Any, trainer: Any, output: Any, prepared: Prepared,
                 batches: layout.Layout, steps: int, base_eval: float, reused: bool, load_s: float,
                 batching: controls.Batching, resume: str | None, keeper: controls.EarlyStopping | None,
-                initial_lora: Path | None, problems: list[str], t_train: float, log: Callable[[str], None],
-                timings: dict[str, float]) -> Stopped | TrainResult:
-        """After training: the divergence and graceful-stop checks, the best checkpoint, the save and the eval."""
+                initial_lora: Path | None, problems: list[str], evaluated: dict[int, float], t_train: float,
+                log: Callable[[str], None], timings: dict[str, float]) -> Stopped | TrainResult:
+        """After training: the divergence and graceful-stop checks, the best checkpoint, the save and the eval loss.
+
+        The published eval loss is the one of the weights published, evaluated once: ``Trainer``
+        evaluates the last step (transformers does at the end of a ``steps`` eval strategy), and
+        its eval loss is loraq's per-token measure (:func:`~loraq.model.batching.sequential_trainer`),
+        so it is not evaluated again; with early stopping it is the best step's. Only weights no
+        evaluation of this attempt saw (a resume from a checkpoint at the last step) are evaluated here.
+        """
         train_s = timings["train_s"] = time.perf_counter() - t_train
         if problems:
             raise TrainingError("; ".join(problems), kind=FailureKind.DIVERGED)
@@ -544,7 +560,9 @@ class TrainerService:
         if staging.exists():
             fsutil.remove_tree(staging)
         controls.save_adapter(model, staging, initial_lora)
-        eval_loss = evaluate_loss(model, batches.eval, batches.collator)
+        eval_loss = _published_eval_loss(extras.get("stopping"), evaluated, step)
+        if eval_loss is None:
+            eval_loss = evaluate_loss(model, batches.eval, batches.collator)
         timings["save_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         assert self.cache.resident is not None  # the base this job trained on
@@ -584,6 +602,13 @@ class _OutOfMemory:
     step: int
     error: str
     asked: str | None
+
+
+def _published_eval_loss(stopping: dict[str, Any] | None, evaluated: dict[int, float], step: int) -> float | None:
+    """The eval loss of the weights published, if an evaluation already measured them; else ``None``."""
+    if stopping is not None and "best_eval_loss" in stopping:  # the best step's weights were put back in
+        return float(stopping["best_eval_loss"])
+    return evaluated.get(step)
 
 
 def _torch_threads() -> int:
