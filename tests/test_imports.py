@@ -46,13 +46,15 @@ MAY_IMPORT: dict[str, set[str]] = {
                    "sandbox"},
     # the library's surface and what is built on it
     "report": {"errors", "escape", "fsutil", "workspace", "queue", "supervisor"},
+    # views: what the read-only commands (status, the dashboard's queue page, show, logs) return
+    "views": {"errors", "workspace", "queue", "supervisor"},
     "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
     # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter
     "export": {"errors", "fsutil", "inspect", "data"},
     # submit's steps beyond the schema (warm starts, auto values, sweeps' identity, clones): torch-free
     "submitting": {"errors", "fsutil", "inspect", "queue", "sandbox", "workspace"},
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
-            "submitting"},
+            "submitting", "views"},
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
@@ -68,7 +70,8 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged",
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
-              "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates"]
+              "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
+              "loraq.queue.listing", "loraq.views"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
@@ -126,7 +129,8 @@ def test_submit_and_its_dry_run_do_not_import_torch(queue_on_disk: Path, dry_run
 
 
 def test_store_uses_only_the_standard_library() -> None:
-    loaded = modules_after("import loraq.queue.store, loraq.queue.records, loraq.queue.migrations")
+    loaded = modules_after("import loraq.queue.store, loraq.queue.records, loraq.queue.migrations, "
+                           "loraq.queue.dbfile, loraq.queue.listing")
     third_party = {m.split(".")[0] for m in loaded} & {"yaml", "pydantic", "numpy", "typer", "rich", "psutil"}
     assert not third_party
 

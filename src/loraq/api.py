@@ -3,20 +3,36 @@
 The CLI only parses arguments and prints what these return; tests and scripts
 call them directly. Nothing here prints. Functions on the supervisor side
 (``status``, ``show``, ``cancel`` ...) never import torch; ``run`` starts trainer
-processes that do.
+processes that do. What the read-only commands return (``status``, ``show``, logs)
+is built in :mod:`loraq.views` and exported here with the rest.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotFoundError, Problem, SpecError, TransitionError, UsageError
-from .queue.store import Attempt, Event, Job, QueueState, Store
+from .queue.store import QueueState, Store
 from .supervisor import publish
+from .views import (  # noqa: F401 (what the read-only commands return: importable from the api, as always)
+    JobRow,
+    QueuePage,
+    ShowResult,
+    StatusResult,
+    adjustment_line,
+    control_lines,
+    follow_log,
+    log_path,
+    newest_log,
+    open_reader,
+    queue_page,
+    show,
+    status,
+    store_exists,
+)
 from .workspace import Home
 
 if TYPE_CHECKING:
@@ -71,18 +87,6 @@ def open_store(home: Home, *, create: bool = True, check: bool = False) -> Store
     return Store.open(home.db_path, create=create, check=check)
 
 
-def _store_exists(home: Home) -> bool:
-    """Whether the home has a state database (a symlink or a damaged file counts: opening it says what is wrong)."""
-    return home.db_path.exists() or home.db_path.is_symlink()
-
-
-def open_reader(home: Home) -> Store:
-    """A read-only store (SQLite ``mode=ro``): never creates the database, never writes it."""
-    if not _store_exists(home):
-        raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
-    return Store.open(home.db_path, readonly=True)
-
-
 def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Path] = (), dry_run: bool = False,
            allow_remote_code: bool = False) -> SubmitResult:
     """Validate every job of a queue file and enqueue all of them, or none.
@@ -125,7 +129,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     problems += list(found) + _serving_problems(queue, str(queue_file))
     queue = submitting.with_auto(queue, reports)
     already: list[str] = []
-    if _store_exists(home):
+    if store_exists(home):
         with open_reader(home) as store:
             for job in queue.jobs:
                 existing = store.job_named(job.name)
@@ -286,194 +290,13 @@ def make_executor(home: Home, options: RunOptions) -> Any:
     raise UsageError(f"--executor: {options.executor!r} is not one of local, ray")
 
 
-# ---------------------------------------------------------------- status and show
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: int
-    name: str
-    status: str
-    attempts: int
-    max_attempts: int
-    priority: int
-    step: int | None
-    total_steps: int | None
-    train_loss: float | None
-    eval_loss: float | None
-    base_eval_loss: float | None
-    verdict: str | None
-    error_kind: str | None
-    error: str | None
-    adapter: str | None
-    group: str | None = None  # the sweep a job belongs to (``spec.group``), if any
-    seq: int = 0  # the store's change sequence when this row was read (live readers order updates by it)
-    exact_match: float | None = None  # validation.metrics: [exact_match], the adapter's and the base's
-    base_exact_match: float | None = None
-
-    @classmethod
-    def of(cls, job: Job) -> JobRow:
-        return cls(
-            id=job.id, name=job.name, status=job.status, attempts=job.attempts, max_attempts=job.max_retries + 1,
-            priority=job.priority, step=job.progress_step, total_steps=job.progress_total,
-            train_loss=job.train_loss, eval_loss=job.eval_loss, base_eval_loss=job.base_eval_loss,
-            verdict=job.verdict, error_kind=job.error_kind, error=job.error,
-            adapter=(job.result or {}).get("adapter"), group=(job.spec.get("spec") or {}).get("group"),
-            seq=job.seq, exact_match=_metric(job.result, "exact_match"),
-            base_exact_match=_metric(job.result, "base_exact_match"),
-        )
-
-    @classmethod
-    def of_listing(cls, row: dict[str, Any]) -> JobRow:
-        """From a row of :meth:`Store.listing` (what ``status`` reads)."""
-        return cls(
-            id=row["id"], name=row["name"], status=row["status"], attempts=row["attempts"],
-            max_attempts=row["max_retries"] + 1, priority=row["priority"], step=row["progress_step"],
-            total_steps=row["progress_total"], train_loss=row["train_loss"], eval_loss=row["eval_loss"],
-            base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
-            error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
-            exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "name": self.name, "status": self.status, "attempts": self.attempts,
-            "max_attempts": self.max_attempts, "priority": self.priority,
-            "progress": {"step": self.step, "total": self.total_steps},
-            "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
-            "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
-            "group": self.group, "exact_match": self.exact_match, "base_exact_match": self.base_exact_match,
-        }
-
-
-def _metric(result: dict[str, Any] | None, name: str) -> float | None:
-    value = ((result or {}).get("metrics") or {}).get(name)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-@dataclass(frozen=True)
-class StatusResult:
-    jobs: list[JobRow]
-    queue: QueueState | None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"jobs": [row.to_json() for row in self.jobs]}
-        if self.queue is not None and self.queue.paused:
-            out["queue"] = {"paused": True, "reason": self.queue.pause_reason}
-        return out
-
-
-def status(home: Home) -> StatusResult:
-    if not _store_exists(home):
-        return StatusResult([], None)
-    with open_reader(home) as store:
-        return StatusResult([JobRow.of_listing(row) for row in store.listing()], store.queue_state())
-
-
-@dataclass(frozen=True)
-class QueuePage:
-    """One page of the queue (the dashboard's queue page): a slice of the jobs and the totals."""
-
-    jobs: list[JobRow]
-    total: int  # jobs matching the filter
-    offset: int
-    limit: int
-    counts: dict[str, int]  # every job, by status
-    groups: dict[str, dict[str, int]]  # sweep -> {status: count}
-    queue: QueueState | None
-    seq: int  # the newest change this page shows (see Store.changed_since)
-
-
-def queue_page(home: Home, *, status: str | None = None, group: str | None = None, offset: int = 0,
-               limit: int = 100) -> QueuePage:
-    """A page of ``status``, read in one snapshot, at a cost that does not grow with the queue's length."""
-    from .queue.records import STATES
-
-    if not _store_exists(home):
-        return QueuePage([], 0, offset, limit, {k: 0 for k in STATES}, {}, None, 0)
-    with open_reader(home) as store, store.snapshot():
-        rows = store.listing(status=status, group=group, offset=offset, limit=limit)
-        return QueuePage([JobRow.of_listing(row) for row in rows], store.listing_count(status=status, group=group),
-                         offset, limit, store.counts(), store.groups(), store.queue_state(), store.max_seq())
-
-
-@dataclass(frozen=True)
-class ShowResult:
-    job: Job
-    attempts: list[Attempt]
-    events: list[Event]
-    metrics: list[dict[str, Any]]
-    inspection: dict[str, Any] | None
-    log_path: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {
-            "job": JobRow.of(self.job).to_json() | {"spec": self.job.spec, "result": self.job.result,
-                                                    "created_at": self.job.created_at, "started_at": self.job.started_at,
-                                                    "finished_at": self.job.finished_at, "dataset_sha256": self.job.dataset_sha256},
-            "attempts": [asdict(a) for a in self.attempts],
-            "events": [asdict(e) for e in self.events],
-            "metrics": self.metrics,
-            "inspection": self.inspection,
-            "log": self.log_path,
-        }
-
-
-def control_lines(job: Job) -> list[str]:
-    """What loraq chose for a job, for people: its sweep, resolved ``auto`` values, OOM adjustments, why it stopped."""
-    from .queue import controls
-
-    return controls.control_lines(job.spec, job.result)
-
-
-def adjustment_line(record: dict[str, Any]) -> str:
-    """One OOM adjustment (an ``oom_adjusted`` event as JSON), for people."""
-    from .queue import controls
-
-    return controls.adjustment_line(record)
+# ---------------------------------------------------------------- operator verbs
 
 
 def _require_store(home: Home) -> Store:
-    if not _store_exists(home):
+    if not store_exists(home):
         raise NotFoundError(f"{home.root}: no loraq state here (no jobs submitted; see 'loraq submit')")
     return open_store(home, create=False)
-
-
-def show(home: Home, ref: str) -> ShowResult:
-    with open_reader(home) as store, store.snapshot():
-        job = store.job(ref)
-        attempts = store.attempts(job.id)
-        inspection = publish.job_inspection(home, job)
-        log = newest_log(home, job.id, attempts)
-        return ShowResult(job, attempts, store.events(job.id), store.metrics(job.id), inspection, str(log) if log else None)
-
-
-def newest_log(home: Home, job_id: int, attempts: list[Attempt]) -> Path | None:
-    for attempt in reversed(attempts):
-        path = home.attempt_dir(job_id, attempt.n) / "train.log"
-        if path.exists():
-            return path
-    return None
-
-
-def log_path(home: Home, ref: str, attempt: int | None = None) -> Path:
-    with open_reader(home) as store:
-        job = store.job(ref)
-        attempts = store.attempts(job.id)
-    if attempt is not None:
-        path = home.attempt_dir(job.id, attempt) / "train.log"
-        if not path.exists():
-            raise NotFoundError(f"job {job.name!r} has no log for attempt {attempt}")
-        return path
-    newest = newest_log(home, job.id, attempts)
-    if newest is None:
-        raise NotFoundError(f"job {job.name!r} has no training log yet ({job.status})")
-    return newest
-
-
-# ---------------------------------------------------------------- operator verbs
 
 
 @dataclass(frozen=True)
@@ -513,55 +336,6 @@ def resume(home: Home) -> QueueState:
     with open_store(home) as store:
         store.resume()
         return store.queue_state()
-
-
-# ---------------------------------------------------------------- logs
-
-
-def follow_log(home: Home, ref: str, attempt: int | None = None, *, follow: bool = False, poll_s: float = 0.5,
-               sleep: Callable[[float], None] = time.sleep) -> Iterator[bytes]:
-    """The training log of a job's newest attempt (or of ``attempt``), in chunks.
-
-    With ``follow`` it waits for a job that has not started yet to write its first
-    log, goes on with the log of each new attempt, and ends once the job has ended
-    and everything its trainer wrote has been read.
-    """
-    def state() -> str | None:
-        row = next((r for r in status(home).jobs if r.name == ref or str(r.id) == ref), None)
-        return row.status if row is not None else None
-
-    while True:
-        try:
-            path = log_path(home, ref, attempt)
-            break
-        except NotFoundError:
-            if not follow or attempt is not None or state() not in ("running", "pending"):
-                raise
-            sleep(poll_s)
-    fh = open(path, "rb")  # noqa: SIM115 - it is swapped for the next attempt's log below
-    try:
-        while True:
-            chunk = fh.read(1 << 16)
-            if chunk:
-                yield chunk
-                continue
-            if not follow:
-                return
-            now = state()
-            newest = log_path(home, ref)
-            if newest != path:  # a new attempt started: follow its log
-                fh.close()
-                path, fh = newest, open(newest, "rb")  # noqa: SIM115
-                continue
-            if now not in ("running", "pending"):
-                # The job ended; what its trainer wrote between our last read and now is still to come.
-                rest = fh.read()
-                if rest:
-                    yield rest
-                return
-            sleep(poll_s)
-    finally:
-        fh.close()
 
 
 # ---------------------------------------------------------------- inspect, report, demo

@@ -10,12 +10,14 @@ epoch, so a worker that was paused past its lease, or an orphaned trainer, can
 never complete or overwrite a job that someone else now owns.
 
 Time is a parameter (``clock``), so lease, retry and backoff tests never sleep.
+
+The file itself (how it is opened, checked and created, and how its faults read)
+is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import math
@@ -23,8 +25,6 @@ import os
 import socket
 import sqlite3
 import time
-import urllib.parse
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,10 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from .migrations import MIGRATIONS, statements
+from . import dbfile
+from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
+from .listing import group_counts, listing_rows
+from .migrations import MIGRATIONS
 from .records import (  # the records and states are importable from the store, as callers always did
     CANCELLED,
     COMPLETED,
@@ -65,91 +68,14 @@ from .records import (  # the records and states are importable from the store, 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: How long a store waits on another process's lock. Read where it is used (opening a
+#: connection, wording a "busy" error), so lowering it here takes effect everywhere.
 BUSY_TIMEOUT_S = 60.0
 
 
 def _db_error(path: Path, exc: sqlite3.Error) -> LoraqError | None:
-    """The loraq error an SQLite error means for a user, or ``None`` for a bug of ours.
-
-    A damaged file may only show when a query reaches a damaged page, long after it
-    was opened; wherever that happens, the user gets the same "damaged, do this"
-    message, never a traceback, and never "database is locked".
-    """
-    text = str(exc)
-    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
-        return None
-    if "malformed" in text or "not a database" in text or type(exc) is sqlite3.DatabaseError:
-        return _corrupt_error(path, exc)
-    if is_machine_fault(exc):
-        return StoreFaultError(f"{path}: cannot write the state database: {text} (a full disk or an I/O error)")
-    if isinstance(exc, sqlite3.OperationalError):
-        if "locked" in text or "busy" in text:
-            return StoreError(f"{path}: another process kept the state database busy for {BUSY_TIMEOUT_S:.0f} s"
-                              f"{_lock_holders(path)}")
-        return StoreError(f"{path}: cannot use the state database: {text}")
-    if isinstance(exc, sqlite3.DatabaseError):
-        return StoreError(f"{path}: the state database failed: {text}")
-    return None
-
-
-#: What SQLite and the OS say when the machine, not the data, is at fault.
-_FAULT_TEXTS = ("database or disk is full", "disk i/o error", "no space left on device", "disk quota exceeded",
-                "file too large")
-
-
-def is_machine_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) says the disk is full or failed: no job's fault."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, StoreFaultError):
-            return True
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if isinstance(current, (sqlite3.Error, OSError)) and any(t in str(current).lower() for t in _FAULT_TEXTS):
-            return True
-        current, seen = current.__cause__ or current.__context__, seen + 1
-    return False
-
-
-def _lock_holders(path: Path) -> str:
-    """Who holds SQLite's locks on ``path`` (Linux: /proc/locks), as the end of an error message.
-
-    A process frozen inside a write transaction (SIGSTOP, a debugger, a paused VM)
-    blocks every writer until it runs again or ends; naming it tells the operator
-    what to do.
-    """
-    try:
-        inodes = {(path.parent / f"{path.name}{suffix}").stat().st_ino for suffix in ("", "-shm", "-wal")
-                  if (path.parent / f"{path.name}{suffix}").exists()}
-        pids = set()
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 5 and fields[1] == "POSIX" and fields[3] == "WRITE" and fields[4].isdigit():
-                if int(fields[5].rsplit(":", 1)[-1]) in inodes and int(fields[4]) != os.getpid():
-                    pids.add(int(fields[4]))
-    except (OSError, ValueError):
-        return "; another loraq process holds it"
-    if not pids:
-        return "; another loraq process holds it"
-    described = []
-    for pid in sorted(pids):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
-        except (OSError, IndexError):
-            state, cmd = "?", "?"
-        frozen = f" and is stopped: continue it (kill -CONT {pid}) or end it" if state in ("T", "t") else ""
-        described.append(f"process {pid} ({cmd[:80]}) holds its lock{frozen}")
-    return "; " + "; ".join(described)
-
-
-def _corrupt_error(path: Path, exc: BaseException) -> CorruptStoreError:
-    return CorruptStoreError(
-        f"{path}: the state database is damaged ({exc}); loraq will not touch it. "
-        f"Move it aside (mv {path} {path}.damaged) and restore a backup, "
-        "or start a new home and submit the queue again"
-    )
+    """:func:`.dbfile.db_error` with the busy timeout read now (a test lowers :data:`BUSY_TIMEOUT_S`)."""
+    return dbfile.db_error(path, exc, busy_timeout_s=BUSY_TIMEOUT_S)
 
 
 def _guarded(method: F) -> F:
@@ -185,119 +111,6 @@ def _guarded(method: F) -> F:
             self._in_guard = previous
 
     return wrapper  # type: ignore[return-value]
-
-
-#: The first 16 bytes of every SQLite database file.
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _exists(path: Path) -> bool:
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:
-        raise StoreError(f"{path.parent}: is a file, not a folder; give --home (or LORAQ_HOME) a folder") from None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
-    return True
-
-
-def _refuse_links(path: Path) -> None:
-    """The database and its journals are the home's own files: a symlink is refused, never followed."""
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        candidate = path.with_name(path.name + suffix)
-        try:
-            if candidate.is_symlink():
-                raise StoreError(f"{candidate}: is a symlink; loraq keeps its state only in the home's own files "
-                                 "(remove the link, or copy the file in)")
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{candidate}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def _check_header(path: Path) -> None:
-    """An existing file must be an SQLite database: SQLite itself would take an empty one for a new store."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(100)
-    except IsADirectoryError:
-        raise StoreError(f"{path}: is a folder, not loraq's state database") from None
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read the state database: {exc.strerror or exc}") from None
-    if not head:
-        raise _corrupt_error(path, RuntimeError("the file is empty (0 bytes): a disk that filled, or a bad copy"))
-    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
-        raise _corrupt_error(path, RuntimeError(f"not an SQLite database ({len(head)} bytes read of its header)"))
-
-
-def _create(path: Path) -> None:
-    """Make a new, migrated database at ``path``, whole or not at all.
-
-    It is built beside the target and linked into place, so no reader (another
-    process opening the home at the same moment) ever sees an empty file; if
-    another process got there first, its database is kept.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as exc:
-        reason = "is a file, not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (
-            getattr(exc, "strerror", None) or exc)
-        raise StoreError(f"{path.parent}: cannot create the home: {reason}") from None
-    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        conn = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                raise StoreError(f"{path}: cannot use WAL mode here")
-            conn.execute("BEGIN IMMEDIATE")
-            _apply_migrations(conn, 0)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
-            os.link(tmp, path)
-        # The new name must survive a power cut before anything is written under it.
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot create the state database: {exc}") from exc
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot create the state database: {exc.strerror or exc}") from None
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
-
-def _apply_migrations(conn: sqlite3.Connection, version: int) -> None:
-    for number in range(version, len(MIGRATIONS)):
-        for statement in statements(MIGRATIONS[number]):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {number + 1}")
-
-
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """A connection that cannot write; on a read-only folder (no -shm can be made), an immutable one."""
-    uri = "file:" + urllib.parse.quote(str(path.absolute()))
-    try:
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.OperationalError:
-        if os.access(path.parent, os.W_OK) and not _read_only_fs(path.parent):
-            raise
-    # A read-only home: nobody can be writing it, so reading it as immutable is exact.
-    return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-
-
-def _read_only_fs(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 @dataclass
@@ -337,12 +150,12 @@ class Store:
         database or journal that is a symlink is refused, never followed.
         """
         path = Path(path)
-        _refuse_links(path)
-        if not _exists(path):
+        dbfile.refuse_links(path)
+        if not dbfile.exists(path):
             if not create or readonly:
                 raise NotFoundError(f"{path}: no loraq state here (run 'loraq submit' first)")
-            _create(path)
-        _check_header(path)
+            dbfile.create(path)
+        dbfile.check_header(path)
         store = cls(path=path, clock=clock)
         if actor:
             store.actor = actor
@@ -350,12 +163,12 @@ class Store:
         return store
 
     def _corrupt(self, exc: BaseException) -> CorruptStoreError:
-        return _corrupt_error(self.path, exc)
+        return dbfile.corrupt_error(self.path, exc)
 
     def _connect(self, *, check: bool, readonly: bool = False) -> None:
         conn = None
         try:
-            conn = _connect_readonly(self.path) if readonly else sqlite3.connect(
+            conn = dbfile.connect_readonly(self.path, busy_timeout_s=BUSY_TIMEOUT_S) if readonly else sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -373,11 +186,11 @@ class Store:
                     conn = None
                     with contextlib.suppress(StoreError):  # a read-only home: said below, in one line
                         Store.open(self.path, create=False).close()
-                    conn = _connect_readonly(self.path)
+                    conn = dbfile.connect_readonly(self.path, busy_timeout_s=BUSY_TIMEOUT_S)
                     conn.row_factory = sqlite3.Row
                     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
                     version = conn.execute("PRAGMA user_version").fetchone()[0]
-                self._check_version(version)
+                dbfile.check_version(self.path, version)
                 self._conn = conn
                 return
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -396,19 +209,6 @@ class Store:
                 raise translated from exc
             raise
 
-    def _check_version(self, version: int) -> None:
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path}: made by a newer loraq (schema {version}, this one knows "
-                f"{len(MIGRATIONS)}); upgrade loraq"
-            )
-        if version == 0:
-            raise self._corrupt(RuntimeError("no loraq schema in it"))
-        if version < len(MIGRATIONS):
-            raise StoreError(f"{self.path}: made by an older loraq (schema {version}, this one needs "
-                             f"{len(MIGRATIONS)}) and cannot be upgraded here; run loraq once where the home "
-                             "is writable")
-
     def _migrate(self) -> None:
         # Up to date (the usual case): no write lock, so 'loraq status' never queues
         # behind a worker's transaction just to open the file.
@@ -421,7 +221,7 @@ class Store:
                     f"{self.path}: made by a newer loraq (schema {version}, this one knows "
                     f"{len(MIGRATIONS)}); upgrade loraq"
                 )
-            _apply_migrations(conn, version)
+            dbfile.apply_migrations(conn, version)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -1022,9 +822,6 @@ class Store:
             rows = self.conn.execute("SELECT * FROM jobs ORDER BY id")
         return [Job.from_row(r) for r in rows]
 
-    _LISTING = ("id, name, status, priority, max_retries, attempts, progress_step, progress_total, train_loss, "
-                "eval_loss, base_eval_loss, error_kind, error, verdict, seq")
-
     @_guarded
     def listing(self, *, status: str | None = None, group: str | None = None, offset: int = 0,
                 limit: int | None = None) -> list[dict[str, Any]]:
@@ -1035,7 +832,7 @@ class Store:
         ``status``/``group`` filter, ``offset``/``limit`` page (the dashboard's queue page).
         """
         clauses, params = (["status = ?"], [status]) if status is not None else ([], [])
-        return self._listing_rows(clauses, params, group=group, order="id", offset=offset, limit=limit)
+        return listing_rows(self.conn, clauses, params, group=group, order="id", offset=offset, limit=limit)
 
     @_guarded
     def listing_count(self, *, status: str | None = None, group: str | None = None) -> int:
@@ -1051,7 +848,7 @@ class Store:
         An index range on ``jobs_seq``: the work is in proportion to the jobs that
         changed, not to the jobs in the home.
         """
-        return self._listing_rows(["seq > ?"], [int(seq)], order="seq", limit=limit)
+        return listing_rows(self.conn, ["seq > ?"], [int(seq)], order="seq", limit=limit)
 
     @_guarded
     def max_seq(self) -> int:
@@ -1060,50 +857,7 @@ class Store:
     @_guarded
     def groups(self) -> dict[str, dict[str, int]]:
         """``group -> {status: count}`` for the jobs of sweeps (``spec.group``), by group name."""
-        counted: dict[tuple[str, str], int] = {}
-        try:
-            for r in self.conn.execute(
-                    "SELECT json_extract(spec, '$.spec.group') AS grp, status, COUNT(*) AS n FROM jobs "
-                    "WHERE json_extract(spec, '$.spec.group') IS NOT NULL GROUP BY grp, status"):
-                counted[(str(r["grp"]), str(r["status"]))] = int(r["n"])
-        except sqlite3.OperationalError as exc:  # an SQLite built without JSON functions
-            if "json_extract" not in str(exc):
-                raise
-            for r in self.conn.execute("SELECT spec, status FROM jobs"):
-                if (grp := _group_of(r["spec"])) is not None:
-                    counted[(grp, r["status"])] = counted.get((grp, r["status"]), 0) + 1
-        out: dict[str, dict[str, int]] = {}
-        for (grp, state), n in sorted(counted.items()):
-            out.setdefault(grp, {k: 0 for k in STATES})[state] = n
-        return out
-
-    def _listing_rows(self, clauses: list[str], params: list[Any], *, order: str, group: str | None = None,
-                      offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-        page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit is not None else (f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
-        grouped = [*clauses, "json_extract(spec, '$.spec.group') = ?"] if group is not None else clauses
-        where = ("WHERE " + " AND ".join(grouped)) if grouped else ""
-        try:
-            rows = self.conn.execute(
-                f"SELECT {self._LISTING}, json_extract(result, '$.adapter') AS adapter, "
-                f"json_extract(result, '$.metrics.exact_match') AS exact_match, "
-                f"json_extract(result, '$.metrics.base_exact_match') AS base_exact_match, "
-                f"json_extract(spec, '$.spec.group') AS grp FROM jobs {where} ORDER BY {order}{page}",
-                [*params, *([group] if group is not None else [])]).fetchall()
-            return [dict(r) for r in rows]
-        except sqlite3.OperationalError as exc:  # an SQLite built without JSON functions: the same, in Python
-            if "json_extract" not in str(exc):
-                raise
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        out = []
-        for r in self.conn.execute(f"SELECT {self._LISTING}, result, spec FROM jobs {where} ORDER BY {order}", params):
-            row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}  # noqa: SIM118 (a Row iterates values)
-            result = json.loads(r["result"]) if r["result"] else {}
-            metrics = result["metrics"] if isinstance(result.get("metrics"), dict) else {}
-            row |= {"adapter": result.get("adapter"), "grp": _group_of(r["spec"]),
-                    "exact_match": metrics.get("exact_match"), "base_exact_match": metrics.get("base_exact_match")}
-            if group is None or row["grp"] == group:
-                out.append(row)
-        return out[offset:offset + limit] if limit is not None else out[offset:]
+        return group_counts(self.conn)
 
     @_guarded
     def counts(self) -> dict[str, int]:
@@ -1145,11 +899,6 @@ class Store:
         """Whether any job is pending or running (the queue is not finished)."""
         row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
         return row is not None
-
-def _group_of(spec_json: str) -> str | None:
-    group = (json.loads(spec_json).get("spec") or {}).get("group")
-    return None if group is None else str(group)
-
 
 class _raw(str):
     """An SQL expression to use as-is in an assignment (``epoch + 1``), not a value."""
