@@ -460,7 +460,7 @@ def test_an_empty_database_file_is_reported_and_left_as_it_is(tmp_path: Path) ->
     with make_client(home) as c:
         c.get(f"/?token={TOKEN}")
         r = c.get("/")
-        assert r.status_code == 503 and "holds no loraq state" in r.text
+        assert r.status_code == 503 and "the file is empty (0 bytes)" in r.text
         assert c.get("/report").status_code == 503 and c.get("/jobs/1").status_code == 503
     assert home.db_path.read_bytes() == b""
 
