@@ -24,6 +24,7 @@ from .views import (  # noqa: F401 (what the read-only commands return: importab
     StatusResult,
     adjustment_line,
     control_lines,
+    describe_halving,
     follow_log,
     log_path,
     newest_log,
@@ -54,6 +55,7 @@ class SubmitResult:
     datasets: dict[str, Any]  # job name -> dataset report (datacheck.DatasetReport)
     sweeps: dict[str, list[str]] = field(default_factory=dict)  # sweep name -> the names of its jobs
     already: list[str] = field(default_factory=list)  # jobs of a sweep already in the home, as submitted: left as they are
+    halving: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its halving plan
 
     def to_json(self) -> dict[str, Any]:
         from .data import check as datacheck
@@ -61,7 +63,8 @@ class SubmitResult:
         return {"queue": self.queue_file, "dry_run": self.dry_run, "ok": True, "jobs": [
             {"name": name, "id": self.job_ids[i] if self.job_ids else None,
              "dataset": datacheck.report_json(self.datasets[name]) if name in self.datasets else None}
-            for i, name in enumerate(self.job_names)], "sweeps": self.sweeps, "already": self.already}
+            for i, name in enumerate(self.job_names)], "sweeps": self.sweeps, "already": self.already,
+            "halving": self.halving}
 
     def describe(self, name: str) -> list[str]:
         """What the submit-time check found in a job's dataset, a line each (``--dry-run``)."""
@@ -147,8 +150,9 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
         raise SpecError(problems)
     names = [job.name for job in queue.jobs]
     sweeps = submitting.sweeps_of(queue)
+    plans = {job.spec.group: job.halving for job in queue.jobs if job.halving and job.spec.group}
     if dry_run:
-        return SubmitResult(str(path), True, names, [], reports, sweeps, already)
+        return SubmitResult(str(path), True, names, [], reports, sweeps, already, plans)
     read_roots = [str(root) for root in roots.read]
     new_jobs = [
         NewJob(
@@ -176,7 +180,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
     datacheck.write_profiles(deferred)
-    return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already)
+    return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already, plans)
 
 
 def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allow_roots: Iterable[str | Path] = (),

@@ -159,7 +159,8 @@ def submit(
 def _print_submitted(result: api.SubmitResult, home: Home) -> None:
     dry_run = result.dry_run
     for group, members in result.sweeps.items():
-        _say(f"sweep {group}: {len(members)} job(s)")
+        plan = result.halving.get(group)
+        _say(f"sweep {group}: {len(members)} job(s)" + (f"; {api.describe_halving(plan)}" if plan else ""))
     for name in result.job_names:
         if dry_run:
             _say(f"{name}:")
@@ -251,6 +252,9 @@ class _Progress:
         elif kind == "failed":
             final = "failed" if info.get("final") else "attempt failed (will retry)"
             self._line(f"[{name}] {final}: {info.get('kind')}: {info.get('reason')}")
+        elif kind == "round_ended":
+            self._line(f"[{name}] halving: round {info.get('round')} done at step {info.get('steps')}, eval loss "
+                       f"{_num(info.get('eval_loss'))}; waiting for the round's decision")
         elif kind in ("stopping", "stopping_now"):
             what = "asking trainers to checkpoint and stop (again to stop at once)" if kind == "stopping" else "stopping at once"
             self._line(f"{info.get('signal')}: {what}")
@@ -326,7 +330,9 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         for job in members:
             progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
             note = job.verdict or ""
-            if job.status in ("failed", "pending") and job.error:
+            if job.error_kind == "halving" and job.error:  # the round it is in, or why it was pruned
+                note = job.error[:120]
+            elif job.status in ("failed", "pending") and job.error:
                 note = f"{job.error_kind}: {job.error}"[:100]
             rows.append([("  " if group is not None else "") + job.name, job.status, f"{job.attempts}/{job.max_attempts}",
                          progress, _num(job.train_loss), f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note]

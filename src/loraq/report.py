@@ -67,6 +67,7 @@ def build(store: Store, home: Home) -> dict[str, Any]:
             "curves": curves,
             "group": (job.spec.get("spec") or {}).get("group"),
             "sweep": job.spec.get("sweep"),
+            "halving": job.spec.get("halving"),
             "auto": job.spec.get("auto"),
             "oom_adjustments": job.spec.get("oom_adjustments") or [],
             "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),
@@ -126,14 +127,24 @@ def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if job.get("group"):
             out.setdefault(job["group"], {"metric": "eval_loss", "ranking": []})["ranking"].append(job)
     for group in out.values():
-        ranked = sorted(group["ranking"], key=lambda j: (j["eval_loss"] is None, j["status"] != "completed",
+        # A halving sweep: the rounds a job reached first (an eval loss of an earlier round is of fewer steps).
+        ranked = sorted(group["ranking"], key=lambda j: (-((j.get("halving") or {}).get("round") or 0),
+                                                         j["eval_loss"] is None, j["status"] != "completed",
                                                          j["eval_loss"] if j["eval_loss"] is not None else 0.0, j["id"]))
         best = next((j for j in ranked if j["status"] == "completed" and j["eval_loss"] is not None), None)
         group["best"] = best["name"] if best else None
         group["ranking"] = [{"name": j["name"], "status": j["status"], "eval_loss": j["eval_loss"],
                              "base_eval_loss": j["base_eval_loss"], "settings": j.get("sweep") or {},
-                             "best": best is not None and j["name"] == best["name"]} for j in ranked]
+                             "best": best is not None and j["name"] == best["name"]}
+                            | ({"round": j["halving"].get("round"), "pruned": j["halving"].get("why")
+                                if j["halving"].get("state") == "pruned" else None} if j.get("halving") else {})
+                            for j in ranked]
     return out
+
+
+def _status_cell(entry: dict[str, Any]) -> str:
+    """A sweep ranking's status, with why halving pruned the job."""
+    return entry["status"] + (f" ({entry['pruned']})" if entry.get("pruned") else "")
 
 
 def curves_of(metrics: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
@@ -219,7 +230,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                   "| rank | job | settings | status | eval loss base → adapter | |", "| --- | --- | --- | --- | --- | --- |"]
         for rank, entry in enumerate(group["ranking"], 1):
             settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items())
-            lines.append(f"| {rank} | {entry['name']} | {settings} | {entry['status']} | {_num(entry['base_eval_loss'])}"
+            lines.append(f"| {rank} | {entry['name']} | {settings} | {_status_cell(entry)} | {_num(entry['base_eval_loss'])}"
                          f" → {_num(entry['eval_loss'])} | {'**best**' if entry['best'] else ''} |")
     for job in report["jobs"]:
         problems = [a for a in job["attempts"] if a["reason"]]
@@ -353,7 +364,7 @@ def body_html(report: dict[str, Any]) -> str:
         f"<h2>sweep {e(name)}</h2><p>ranked by {e(group['metric'])} (lower is better)</p><table><thead><tr><th>rank</th>"
         "<th>job</th><th>settings</th><th>status</th><th>eval loss base → adapter</th><th></th></tr></thead><tbody>"
         + "".join(f"<tr><td>{rank}</td><td>{e(entry['name'])}</td><td>"
-                  f"{e(', '.join(f'{k}={v}' for k, v in entry['settings'].items()))}</td><td>{e(entry['status'])}</td>"
+                  f"{e(', '.join(f'{k}={v}' for k, v in entry['settings'].items()))}</td><td>{e(_status_cell(entry))}</td>"
                   f"<td>{_num(entry['base_eval_loss'])} → {_num(entry['eval_loss'])}</td>"
                   f"<td>{'<b>best</b>' if entry['best'] else ''}</td></tr>"
                   for rank, entry in enumerate(group["ranking"], 1)) + "</tbody></table>"

@@ -87,6 +87,8 @@ def submitted_sha256(job: ResolvedJob) -> str:
     """The job as submitted (spec and resolved paths), hashed: what makes a resubmitted sweep job "the same"."""
     doc = job.model_dump(mode="json")
     doc.pop("queue_file", None)
+    if doc.get("halving") is None:  # a job submitted before halving existed hashes as it did then
+        doc.pop("halving", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -137,6 +139,8 @@ def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str
     job = copy.deepcopy(stored.get("spec") or {})
     job["name"] = new_name
     job.pop("group", None)  # a clone is a job of its own, not one of the sweep
+    if stored.get("halving"):  # and trains the sweep's full budget, not the round it was in
+        job.setdefault("training", {})["max_steps"] = stored["halving"]["budget"]
     resolved = stored.get("auto") or {}
     training = job.setdefault("training", {})
     for key in resolved:

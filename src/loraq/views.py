@@ -174,6 +174,13 @@ def control_lines(job: Job) -> list[str]:
     return controls.control_lines(job.spec, job.result)
 
 
+def describe_halving(plan: dict[str, Any]) -> str:
+    """A halving sweep's rounds and their step budgets, for people (``--dry-run``)."""
+    from .queue import halving
+
+    return halving.describe(plan)
+
+
 def adjustment_line(record: dict[str, Any]) -> str:
     """One OOM adjustment (an ``oom_adjusted`` event as JSON), for people."""
     from .queue import controls

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import auto, sweep
+from . import auto, halving, sweep
 
 
 def control_lines(stored: dict[str, Any], result: dict[str, Any] | None) -> list[str]:
@@ -19,6 +19,13 @@ def control_lines(stored: dict[str, Any], result: dict[str, Any] | None) -> list
     out = []
     if spec.get("group"):
         out.append(f"sweep:      {spec['group']} ({sweep.describe(stored.get('sweep') or {})})")
+    if plan := stored.get("halving"):
+        out.append(f"halving:    round {plan.get('round')} of {len(plan.get('steps') or [])} "
+                   f"({plan.get('state')}); {halving.describe(plan)}")
+        out += [f"halving:    round {h.get('round')}: eval loss {_loss(h.get('eval_loss'))}, ranked {h.get('rank')} "
+                f"of {h.get('of')}" for h in plan.get("history") or []]
+        if plan.get("why") and plan.get("state") in (halving.PRUNED, halving.RETRIED):
+            out.append(f"halving:    {plan['why']}")
     if stored.get("init_from_path"):
         out.append(f"warm start: {spec.get('init_from')} ({stored['init_from_path']})")
     out += [f"auto:       {line}" for line in auto.lines(stored.get("auto"))]
@@ -40,3 +47,7 @@ def adjustment_line(adjustment: dict[str, Any]) -> str:
     resumed = adjustment.get("resume_step")
     return (", ".join(changes) + f" after out of memory at step {adjustment.get('step')}{asked}; "
             + (f"resumed from checkpoint step {resumed}" if resumed else "restarted from step 0"))
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "unknown"

@@ -36,6 +36,7 @@ OUTCOME_FAILED = "failed"  # the job failed for good
 OUTCOME_RETRY = "retry"  # failed, will be retried
 OUTCOME_STOPPED = "stopped"  # graceful stop, does not use an attempt
 OUTCOME_CANCELLED = "cancelled"
+OUTCOME_ROUND = "round"  # a halving sweep's round ended (queue/halving.py): not published, not counted
 
 
 @dataclass(frozen=True)

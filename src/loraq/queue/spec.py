@@ -309,6 +309,7 @@ class ResolvedJob(BaseModel):
     eval_dataset_path: str | None = None
     # ---- training controls (issue 12)
     sweep: dict[str, Any] | None = None  # the settings this job of a sweep was given (queue/sweep.py)
+    halving: dict[str, Any] | None = None  # a halving sweep's plan and this job's round in it (queue/halving.py)
     auto: dict[str, Any] | None = None  # what each `auto` was resolved to, and why (queue/auto.py)
     init_from_path: str | None = None  # spec.init_from as an absolute adapter folder, checked at submit
     # spec.chat_template as loaded at submit (data/templates.py): the trainer renders with this text
@@ -493,10 +494,11 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
         problems.append(Problem(f"{where}: jobs", "must be a non-empty list of jobs"))
         raise SpecError(problems)
 
-    if isinstance(defaults, dict) and "sweep" in defaults:
-        problems.append(Problem(f"{where}: defaults.sweep", "a sweep is per job, not a default"))
-        defaults = {k: v for k, v in defaults.items() if k != "sweep"}
-    raw_jobs, sweeps = sweep.expand_jobs(raw_jobs, defaults if isinstance(defaults, dict) else {}, where, problems,
+    for key in ("sweep", "sweep_strategy"):
+        if isinstance(defaults, dict) and key in defaults:
+            problems.append(Problem(f"{where}: defaults.{key}", "a sweep is per job, not a default"))
+            defaults = {k: v for k, v in defaults.items() if k != key}
+    raw_jobs, sweeps, plans = sweep.expand_jobs(raw_jobs, defaults if isinstance(defaults, dict) else {}, where, problems,
                                          schema=JobSpec)
     queue_dir = qpath.parent
     jobs: list[ResolvedJob] = []
@@ -535,7 +537,14 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     if problems:
         raise SpecError(problems)
     jobs = [job.model_copy(update={"sweep": sweeps[job.name]}) if job.name in sweeps else job for job in jobs]
+    jobs = [_first_round(job, plans[job.name]) if job.name in plans else job for job in jobs]
     return Queue(path=str(qpath), settings=settings, jobs=jobs)
+
+
+def _first_round(job: ResolvedJob, plan: dict[str, Any]) -> ResolvedJob:
+    """A job of a halving sweep as it starts: ``max_steps`` is its first round's share (queue/halving.py)."""
+    training = job.spec.training.model_copy(update={"max_steps": plan["steps"][0]})
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"training": training}), "halving": plan})
 
 
 def _check_file(value: str, field: str, queue_dir: Path, roots: Roots, where: str) -> tuple[Path | None, Problem | None]:

@@ -18,6 +18,7 @@ is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -40,7 +41,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile
+from . import dbfile, halving
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -52,6 +53,7 @@ from .records import (  # the records and states are importable from the store, 
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_RETRY,
+    OUTCOME_ROUND,
     OUTCOME_STOPPED,
     PENDING,
     RUNNING,
@@ -534,6 +536,133 @@ class Store:
             self._event(conn, job_id, RUNNING, RUNNING, f"oom_adjusted: {reason}")
         return True
 
+    # ---------------------------------------------------------------- successive halving (queue/halving.py)
+
+    def _stored(self, conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
+        return dict(json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"]))
+
+    def _put_stored(self, conn: sqlite3.Connection, job_id: int, stored: dict[str, Any], **sets: Any) -> None:
+        clause, values = _assign({"spec": json.dumps(stored, sort_keys=True), "updated_at": self.clock(), **sets})
+        conn.execute(f"UPDATE jobs SET {clause} WHERE id = ?", [*values, job_id])
+
+    @_guarded
+    def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
+                  train_loss: float | None = None) -> bool:
+        """A job of a halving sweep trained to its round's ``max_steps``: it waits, unpublished, for the rest of
+        its round, and the round is decided in this same transaction once every job of it has ended.
+
+        The attempt ends uncounted (a round is not a failure). ``False`` if ``epoch`` no longer owns the job.
+        """
+        with self.transaction() as conn:
+            if not self._owns(conn, job_id, epoch):
+                return False
+            stored = self._stored(conn, job_id)
+            plan = stored["halving"]
+            k, rounds = int(plan["round"]), len(plan["steps"])
+            loss = eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None
+            group = (stored.get("spec") or {}).get("group")
+            if self._state(conn, _round_key(group, k)) is not None:  # decided without it (it was retried late)
+                why = f"halving: round {k} of {rounds} was decided while this job was not in it; not kept"
+                plan.update(state=halving.PRUNED, why=why)
+                self._transition(conn, job_id, CANCELLED, reason=why, epoch=epoch, expect=(RUNNING,),
+                                 sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
+                                       "finished_at": self.clock(), "error_kind": "halving", "error": why})
+                self._end_attempt(conn, job_id, epoch, OUTCOME_CANCELLED, reason=why, counted=False)
+                self._put_stored(conn, job_id, stored)
+                return True
+            plan.update(state=halving.WAITING, eval_loss=loss)
+            shown = f"{loss:.4f}" if loss is not None else "unknown"
+            why = (f"halving: round {k} of {rounds} done at step {steps}, eval loss {shown}; "
+                   "waiting for the rest of the round")
+            self._transition(conn, job_id, PENDING, reason=why, epoch=epoch, expect=(RUNNING,),
+                             sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
+                                   "not_before": halving.HELD, "error_kind": "halving", "error": why,
+                                   "eval_loss": loss, "train_loss": train_loss})
+            self._end_attempt(conn, job_id, epoch, OUTCOME_ROUND, reason=why, counted=False)
+            self._put_stored(conn, job_id, stored)
+            self._decide_round_of(conn, stored)
+        return True
+
+    @_guarded
+    def decide_rounds(self) -> int:
+        """Decide every halving round whose jobs have all ended (a worker does on start); the rounds decided."""
+        with self.transaction() as conn:
+            rows = conn.execute("SELECT spec FROM jobs WHERE status = 'pending' AND not_before >= ?",
+                                (halving.HELD,)).fetchall()
+            return sum(self._decide_round_of(conn, json.loads(r["spec"])) for r in rows)
+
+    def _decide_round_of(self, conn: sqlite3.Connection, stored: dict[str, Any]) -> bool:
+        """Decide the halving round ``stored`` (a job's stored spec) is in, if all its jobs have ended it.
+
+        Runs inside the caller's transaction: the decision, its events and the marker
+        that says it was made commit together, or not at all; the marker makes it once.
+        """
+        plan, group = stored.get("halving"), (stored.get("spec") or {}).get("group")
+        if not plan or group is None or plan.get("state") in (halving.RETRIED,):
+            return False
+        k, rounds = int(plan["round"]), len(plan["steps"])
+        if k >= rounds or self._state(conn, _round_key(group, k)) is not None:
+            return False
+        rows = conn.execute(
+            "SELECT id, name, status, not_before, spec FROM jobs WHERE json_extract(spec, '$.spec.group') = ? "
+            "AND json_extract(spec, '$.halving.round') = ? ORDER BY id", (group, k)).fetchall()
+        members: list[halving.Member] = []
+        for r in rows:
+            their = json.loads(r["spec"]).get("halving") or {}
+            if their.get("state") == halving.RETRIED:
+                continue
+            waiting = r["status"] == PENDING and their.get("state") == halving.WAITING
+            if r["status"] == RUNNING or (r["status"] == PENDING and not waiting):
+                return False  # the round is still going on
+            members.append(halving.Member(r["name"], waiting, their.get("eval_loss") if waiting else None))
+        verdicts = halving.decide(k, rounds, members)
+        by_name = {r["name"]: r for r in rows}
+        for verdict in verdicts:
+            row = by_name[verdict.name]
+            their = json.loads(row["spec"])
+            plan_of = their["halving"]
+            plan_of["history"] = [*plan_of.get("history", []), {"round": k, "eval_loss": plan_of.get("eval_loss"),
+                                                                 "rank": verdict.rank, "of": verdict.of}]
+            job_id = int(row["id"])
+            if verdict.kept:
+                plan_of.update(round=k + 1, state=halving.TRAINING, why=verdict.reason)
+                their.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan_of["steps"][k]
+                self._put_stored(conn, job_id, their, not_before=0, error_kind="halving",
+                                 error=f"{verdict.reason} ({plan_of['steps'][k]} steps)")
+                self._event(conn, job_id, None, None, f"{verdict.reason} ({plan_of['steps'][k]} steps, resuming "
+                                                      "from its newest checkpoint)")
+            elif verdict.name in {m.name for m in members if m.waiting}:
+                plan_of.update(state=halving.PRUNED, why=verdict.reason)
+                self._put_stored(conn, job_id, their)
+                self._transition(conn, job_id, CANCELLED, reason=verdict.reason, expect=(PENDING,),
+                                 sets={"finished_at": self.clock(), "not_before": 0, "error_kind": "halving",
+                                       "error": verdict.reason})
+            else:  # failed or cancelled already: the ranking is recorded, its state stays
+                plan_of.update(why=verdict.reason)
+                self._put_stored(conn, job_id, their)
+        self._set_state(conn, _round_key(group, k), json.dumps([dataclasses.asdict(v) for v in verdicts]))
+        self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {rounds} decided: "
+                    + ", ".join(f"{v.rank}. {v.name}{'' if v.kept else ' (pruned)'}" for v in verdicts))
+        return True
+
+    def _retry_outside_halving(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """A pruned job (or one whose round was decided without it) retried by the operator trains on
+        to the full budget from its checkpoint, as a job of its own: no round waits for it."""
+        stored = self._stored(conn, job_id)
+        plan, group = stored.get("halving"), (stored.get("spec") or {}).get("group")
+        if not plan:
+            return
+        decided = self._state(conn, _round_key(group, int(plan["round"]))) is not None
+        if plan.get("state") == halving.PRUNED or (decided and plan["round"] < len(plan["steps"])):
+            plan.update(state=halving.RETRIED)
+            stored.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan["budget"]
+            self._put_stored(conn, job_id, stored)
+            self._event(conn, job_id, None, None, f"halving: retried outside the sweep's rounds; trains to the "
+                                                  f"full budget of {plan['budget']} steps")
+        elif plan.get("state") == halving.WAITING:  # cancelled while it waited: it ends its round again
+            plan.update(state=halving.TRAINING)
+            self._put_stored(conn, job_id, stored)
+
     def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row is not None and row["status"] == RUNNING and row["epoch"] == epoch
@@ -648,6 +777,7 @@ class Store:
                 self._pause(conn, message)
             if new == FAILED:
                 self._count_internal_failure(conn, state, job.name, reason if kind == FailureKind.INTERNAL else None)
+                self._decide_round_of(conn, job.spec)  # a failed job ends its round too (counted as worst)
         return new
 
     def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
@@ -753,6 +883,7 @@ class Store:
             )
             if previous == RUNNING:
                 self._end_attempt(conn, job_id, row["epoch"], OUTCOME_CANCELLED, reason="cancelled", counted=True)
+            self._decide_round_of(conn, self._stored(conn, job_id))
         return self.job(job_id)
 
     @_guarded
@@ -764,6 +895,7 @@ class Store:
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
             )
+            self._retry_outside_halving(conn, job_id)
         return self.job(job_id)
 
     @_guarded
@@ -899,6 +1031,11 @@ class Store:
         """Whether any job is pending or running (the queue is not finished)."""
         row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
         return row is not None
+
+def _round_key(group: str | None, round_no: int) -> str:
+    """The queue_state key that records a halving round's decision (it is made once)."""
+    return f"halving:{group}:{round_no}"
+
 
 class _raw(str):
     """An SQL expression to use as-is in an assignment (``epoch + 1``), not a value."""

@@ -31,11 +31,12 @@ import typing
 from typing import Any
 
 from ..errors import Problem
+from . import halving
 
 #: The most jobs one sweep may expand into: a typo of a list should not enqueue a million jobs.
 MAX_JOBS = 1000
 #: Keys a sweep cannot set: they name the job and its group, which the sweep decides.
-FIXED = ("name", "group", "sweep")
+FIXED = ("name", "group", "sweep", "sweep_strategy")
 TOGETHER = "_"
 
 
@@ -136,21 +137,66 @@ def _axes(sweep: Any, where: str, schema: Any, problems: list[Problem]) -> list[
     return axes if ok else None
 
 
+def _strategy(raw: dict[str, Any], defaults: dict[str, Any], count: int, axes: list[list[dict[str, Any]]],
+              label: str, problems: list[Problem]) -> dict[str, Any] | None | bool:
+    """The halving plan of a sweep (``None`` for a grid; ``False`` after a problem)."""
+    strategy = raw.get("sweep_strategy", "grid")
+    if strategy not in halving.STRATEGIES:
+        problems.append(Problem(f"{label}: sweep_strategy", f"must be one of {', '.join(halving.STRATEGIES)} "
+                                                            f"(got {strategy!r})"))
+        return False
+    if strategy == "grid":
+        return None
+    if count < 2:
+        problems.append(Problem(f"{label}: sweep_strategy", f"halving needs at least 2 configurations; "
+                                                            f"the sweep gives {count}"))
+        return False
+    if any("training.max_steps" in part for axis in axes for part in axis):
+        problems.append(Problem(f"{label}: sweep.training.max_steps", "cannot be swept with sweep_strategy: halving: "
+                                                                     "max_steps is the budget the rounds share"))
+        return False
+    def field(section: str, key: str) -> Any:
+        for source in (raw, defaults):
+            value = source.get(section)
+            if isinstance(value, dict) and key in value:
+                return value[key]
+        return None
+
+    budget = field("training", "max_steps")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        problems.append(Problem(f"{label}: training.max_steps", "sweep_strategy: halving needs training.max_steps, "
+                                                               "the full budget in optimizer steps that the rounds share"))
+        return False
+    if problem := halving.budget_problem(count, budget):
+        problems.append(Problem(f"{label}: training.max_steps", problem))
+        return False
+    if field("validation", "early_stopping") is not None:
+        problems.append(Problem(f"{label}: validation.early_stopping", "cannot be combined with sweep_strategy: "
+                                                                      "halving, which stops the worse configurations itself"))
+        return False
+    return halving.plan(count, budget)
+
+
 def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, problems: list[Problem], *,
-                schema: Any) -> tuple[list[Any], dict[str, dict[str, Any]]]:
-    """Jobs with a ``sweep`` replaced by their expansion; also ``child name -> its settings``.
+                schema: Any) -> tuple[list[Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Jobs with a ``sweep`` replaced by their expansion; also ``child name -> its settings``, and
+    ``child name -> its halving plan`` for a sweep with ``sweep_strategy: halving``.
 
     Problems are appended to ``problems``, each naming the file, the job and the key;
     a sweep with any problem expands into nothing.
     """
     out: list[Any] = []
     settings_of: dict[str, dict[str, Any]] = {}
+    plans: dict[str, dict[str, Any]] = {}
     for index, raw in enumerate(raw_jobs):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        label = f"{where}: job {name!r}" if isinstance(name, str) else f"{where}: job #{index + 1}"
+        if isinstance(raw, dict) and "sweep_strategy" in raw and "sweep" not in raw:
+            problems.append(Problem(f"{label}: sweep_strategy", "applies to a sweep: add sweep:, or remove it"))
+            continue
         if not isinstance(raw, dict) or "sweep" not in raw:
             out.append(raw)
             continue
-        name = raw.get("name")
-        label = f"{where}: job {name!r}" if isinstance(name, str) else f"{where}: job #{index + 1}"
         if not isinstance(name, str):
             problems.append(Problem(f"{label}: name", "a sweep needs a name: its jobs are named after it"))
             continue
@@ -166,7 +212,10 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
         if count > MAX_JOBS:
             problems.append(Problem(f"{label}: sweep", f"expands into {count:,} jobs; at most {MAX_JOBS:,} a sweep"))
             continue
-        base = {k: v for k, v in raw.items() if k != "sweep"}
+        plan = _strategy(raw, defaults, count, axes, label, problems)
+        if plan is False:
+            continue
+        base = {k: v for k, v in raw.items() if k not in ("sweep", "sweep_strategy")}
         for combo in itertools.product(*axes):
             settings: dict[str, Any] = {}
             for part in combo:
@@ -179,8 +228,10 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
             job["name"] = child_name(name, settings)
             job["group"] = name
             settings_of[job["name"]] = settings
+            if isinstance(plan, dict):
+                plans[job["name"]] = copy.deepcopy(plan)
             out.append(job)
-    return out, settings_of
+    return out, settings_of, plans
 
 
 def describe(settings: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ from ..protocol import (
     TrainResult,
     to_wire,
 )
+from ..queue import halving
 from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
 from ..supervisor import publish
 from ..workspace import Home
@@ -524,6 +525,9 @@ class Worker:
             with contextlib.suppress(OSError):
                 fsutil.remove_tree(staging)
             return
+        if halving.is_round_end(claim.job.spec):
+            self._end_round(run, trained)
+            return
         try:
             # The base's config.json (no weights) lets the inspector judge the serving engines.
             base_config = inspector.serving.read_base_config(claim.job.spec.get("base_model"))
@@ -586,6 +590,20 @@ class Worker:
         self._cleanup_checkpoints(claim.job.id)
         self.observer("completed", {"name": claim.job.name, "adapter": str(target), "result": trained})
 
+    def _end_round(self, run: Running, trained: TrainResult) -> None:
+        """A job of a halving sweep reached its round's steps: nothing is published; it waits, with its
+        checkpoints, for the round's decision (made by the store, in the same transaction)."""
+        claim = run.claim
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(Path(trained.staging))
+        if not self.store.end_round(claim.job.id, claim.epoch, steps=trained.steps,
+                                    eval_loss=_finite_or_none(trained.eval_loss),
+                                    train_loss=_finite_or_none(trained.train_loss)):
+            self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled"})
+            return
+        self.observer("round_ended", {"name": claim.job.name, "round": claim.job.spec["halving"]["round"],
+                                      "steps": trained.steps, "eval_loss": trained.eval_loss})
+
     def _cleanup_checkpoints(self, job_id: int) -> None:
         """A completed job needs no checkpoints; its logs stay."""
         job_dir = self.home.job_dir(job_id)
@@ -613,6 +631,7 @@ class Worker:
         for job_id in self.store.reclaim_dead(self.id.host, pid_alive):
             self.observer("reclaimed", {"job_id": job_id})
         self.store.expire_leases()
+        self.store.decide_rounds()  # a halving round whose last job ended in an older loraq's hands
         fsutil.remove_stale_tmp(self.home.adapters_dir)
         # Only folders of attempts the store has ended: an attempt that is live (another
         # worker claimed it, perhaps a moment ago) keeps its own. One query, and only
