@@ -166,7 +166,8 @@ class Shape:
         """Forward FLOPs of one row of ``n`` tokens (with a LoRA of rank ``r`` on every linear layer when r > 0)."""
         per_token = 2 * (self.layers * sum(a * b for a, b in self.linears()) + self.hidden * self.vocab)
         attention = 2 * 2 * self.layers * self.heads * self.head_dim * n * (n + 1) / 2  # QK^T and AV, causal
-        return per_token * n + attention
+        lora = 2 * r * self.layers * sum(a + b for a, b in self.linears()) * n
+        return per_token * n + attention + lora
 
     def train(self, n: int, r: int) -> float:
         """A LoRA training step's FLOPs for one row: the frozen matmuls forward and backward into the
