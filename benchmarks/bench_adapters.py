@@ -16,7 +16,8 @@ size, learning rate, a checkpoint and an evaluation at the last step):
 
 Each is timed from the outside (wall clock of the processes, and their CPU
 seconds), ``--rounds`` times in rotating order; the medians are compared. Goals
-(issue 6): loraq >= 3x faster than the script per adapter, and within 1.3x of the loop.
+(issues 6 and 11): loraq >= 3x faster than the script per adapter, and within 1.15x of the loop
+(1.3x under issue 6).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def main() -> None:
         speedup, over_loop = wall["script"] / wall["loraq"], wall["loraq"] / wall["loop"]
         print()
         print(f"loraq vs script per adapter: {speedup:.2f}x faster (goal >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
-        print(f"loraq vs hand-written loop:  {over_loop:.2f}x the time (goal <= 1.3x: {'met' if over_loop <= 1.3 else 'MISSED'})")
+        print(f"loraq vs hand-written loop:  {over_loop:.2f}x the time (goal <= 1.15x: {'met' if over_loop <= 1.15 else 'MISSED'})")
         print(f"end: {load()}")
     finally:
         if args.dir is None:
