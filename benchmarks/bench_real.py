@@ -188,6 +188,8 @@ def matmul_peak(shape: Shape, tokens: int, device: str, seconds: float = 0.4) ->
         a = torch.randn(tokens, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
         torch.matmul(a, b)  # warm up
+        if device != "cpu":
+            torch.cuda.synchronize()  # the clock starts with the GPU idle
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             torch.matmul(a, b)
