@@ -177,3 +177,42 @@ def test_a_round_is_decided_once_in_the_transaction_of_the_event_that_ends_it(tm
         assert store.decide_rounds() == 0  # already decided: never twice
         decided = [e.reason for e in store.events() if e.reason and e.reason.startswith("halving: sweep g round 1")]
         assert decided == ["halving: sweep g round 1 of 3 decided: 1. b, 2. a, 3. c (pruned)"]
+
+
+def test_two_sweeps_of_one_name_never_share_a_round(tmp_path: Path) -> None:
+    """Submitted again with other values, a sweep of the same name is another sweep: its rounds are its own."""
+    from loraq.queue import spec as spec_module
+    from loraq.queue.store import NewJob, Store, WorkerId
+
+    def plans(values: list[float]) -> dict[str, dict]:
+        raw = [{"name": "lr", "dataset": "./d.jsonl", "sweep_strategy": "halving", "training": {"max_steps": 4},
+                "sweep": {"training.learning_rate": values}}]
+        problems: list = []
+        _, _, found = sweep.expand_jobs(raw, {}, "q.yaml", problems, schema=spec_module.JobSpec)
+        assert not problems, problems
+        return found
+
+    first, second = plans([1e-3, 2e-3]), plans([3e-3, 4e-3])
+    assert len({p["sweep"] for p in first.values()}) == 1 and len({p["sweep"] for p in second.values()}) == 1
+    assert {p["sweep"] for p in first.values()} != {p["sweep"] for p in second.values()}
+    assert plans([2e-3, 1e-3]) == first  # the same sweep again: the same id
+
+    with Store.open(tmp_path / "loraq.db") as store:
+        worker = WorkerId("h", 1, "t")
+        for batch in (first, second):
+            store.enqueue([NewJob(name=n, spec={"spec": {"name": n, "group": "lr", "training": {"max_steps": 2}},
+                                                "halving": plan}, base_key="b", max_retries=0)
+                           for n, plan in batch.items()])
+        claims = {c.job.name: c for c in (store.claim(worker, lease_s=60) for _ in range(4)) if c is not None}
+        for loss, name in enumerate(first, start=1):  # the first sweep ends its round 1
+            assert store.end_round(claims[name].job.id, claims[name].epoch, steps=2, eval_loss=float(loss))
+        after = {job.name: job for job in store.jobs()}
+        kept = [n for n in first if after[n].status == "pending" and after[n].spec["halving"]["round"] == 2]
+        assert len(kept) == 1 and sum(after[n].status == "cancelled" for n in first) == 1
+        # the second sweep's round 1 is still going on: it was not decided with the first one's
+        assert all(after[n].status == "running" for n in second)
+        for loss, name in enumerate(second, start=1):
+            assert store.end_round(claims[name].job.id, claims[name].epoch, steps=2, eval_loss=float(loss))
+        after = {job.name: job for job in store.jobs()}
+        assert sum(after[n].status == "cancelled" for n in second) == 1
+        assert not any("decided while this job was not in it" in (after[n].error or "") for n in second)

@@ -560,8 +560,7 @@ class Store:
             plan = stored["halving"]
             k, rounds = int(plan["round"]), len(plan["steps"])
             loss = eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None
-            group = (stored.get("spec") or {}).get("group")
-            if self._state(conn, _round_key(group, k)) is not None:  # decided without it (it was retried late)
+            if self._state(conn, _round_key(stored, k)) is not None:  # decided without it (it was retried late)
                 why = f"halving: round {k} of {rounds} was decided while this job was not in it; not kept"
                 plan.update(state=halving.PRUNED, why=why)
                 self._transition(conn, job_id, CANCELLED, reason=why, epoch=epoch, expect=(RUNNING,),
@@ -601,11 +600,13 @@ class Store:
         if not plan or group is None or plan.get("state") in (halving.RETRIED,):
             return False
         k, rounds = int(plan["round"]), len(plan["steps"])
-        if k >= rounds or self._state(conn, _round_key(group, k)) is not None:
+        if k >= rounds or self._state(conn, _round_key(stored, k)) is not None:
             return False
+        # the jobs of this sweep (its id; before ids, its group) in this round
+        member, value = ("$.halving.sweep", plan["sweep"]) if plan.get("sweep") else ("$.spec.group", group)
         rows = conn.execute(
-            "SELECT id, name, status, not_before, spec FROM jobs WHERE json_extract(spec, '$.spec.group') = ? "
-            "AND json_extract(spec, '$.halving.round') = ? ORDER BY id", (group, k)).fetchall()
+            "SELECT id, name, status, not_before, spec FROM jobs WHERE json_extract(spec, ?) = ? "
+            "AND json_extract(spec, '$.halving.round') = ? ORDER BY id", (member, value, k)).fetchall()
         members: list[halving.Member] = []
         for r in rows:
             their = json.loads(r["spec"]).get("halving") or {}
@@ -640,7 +641,7 @@ class Store:
             else:  # failed or cancelled already: the ranking is recorded, its state stays
                 plan_of.update(why=verdict.reason)
                 self._put_stored(conn, job_id, their)
-        self._set_state(conn, _round_key(group, k), json.dumps([dataclasses.asdict(v) for v in verdicts]))
+        self._set_state(conn, _round_key(stored, k), json.dumps([dataclasses.asdict(v) for v in verdicts]))
         self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {rounds} decided: "
                     + ", ".join(f"{v.rank}. {v.name}{'' if v.kept else ' (pruned)'}" for v in verdicts))
         return True
@@ -649,10 +650,10 @@ class Store:
         """A pruned job (or one whose round was decided without it) retried by the operator trains on
         to the full budget from its checkpoint, as a job of its own: no round waits for it."""
         stored = self._stored(conn, job_id)
-        plan, group = stored.get("halving"), (stored.get("spec") or {}).get("group")
+        plan = stored.get("halving")
         if not plan:
             return
-        decided = self._state(conn, _round_key(group, int(plan["round"]))) is not None
+        decided = self._state(conn, _round_key(stored, int(plan["round"]))) is not None
         if plan.get("state") == halving.PRUNED or (decided and plan["round"] < len(plan["steps"])):
             plan.update(state=halving.RETRIED)
             stored.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan["budget"]
@@ -1032,9 +1033,10 @@ class Store:
         row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
         return row is not None
 
-def _round_key(group: str | None, round_no: int) -> str:
-    """The queue_state key that records a halving round's decision (it is made once)."""
-    return f"halving:{group}:{round_no}"
+def _round_key(stored: dict[str, Any], round_no: int) -> str:
+    """The queue_state key that records a halving round's decision (it is made once): per sweep, by its id."""
+    plan = stored.get("halving") or {}
+    return f"halving:{plan.get('sweep') or (stored.get('spec') or {}).get('group')}:{round_no}"
 
 
 class _raw(str):

@@ -216,6 +216,7 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
         if plan is False:
             continue
         base = {k: v for k, v in raw.items() if k not in ("sweep", "sweep_strategy")}
+        children: list[str] = []  # this sweep's halving jobs
         for combo in itertools.product(*axes):
             settings: dict[str, Any] = {}
             for part in combo:
@@ -230,7 +231,12 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
             settings_of[job["name"]] = settings
             if isinstance(plan, dict):
                 plans[job["name"]] = copy.deepcopy(plan)
+                children.append(job["name"])
             out.append(job)
+        # A halving sweep's rounds are its own: another sweep of the same name (other values, another
+        # submit) shares the group but never a round. The id is its jobs' names, so a resubmit is the same.
+        for child in children:
+            plans[child]["sweep"] = settings_hash({"sweep": name, "jobs": sorted(children)})
     return out, settings_of, plans
 
 
