@@ -71,11 +71,18 @@ def test_ctrl_c_stops_the_actor_cleanly_and_the_next_run_resumes(workdir: Path) 
     checkpoint_dirs = list((home / "jobs").glob("*/attempt-1/checkpoints/checkpoint-*/loraq-complete.json"))
     assert checkpoint_dirs, "the graceful stop left no checkpoint in the home"
 
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # what Ray sets from num_cpus
     again = subprocess.run([LORAQ, "--home", str(home), "run", "--executor", "ray", "--devices", "cpu"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     shown = json.loads(subprocess.run([LORAQ, "--home", str(home), "show", "long", "--json"],
                                       check=True, capture_output=True, text=True).stdout)
     assert shown["job"]["status"] == "completed" and shown["job"]["attempts"] == 1
     assert shown["attempts"][-1]["resumed_from_step"] >= 10
     assert (home / "adapters" / "long" / "loraq-manifest.json").is_file()
+    # A lone CPU trainer on the instance loraq started has the machine's cores, as the local executor gives it
+    from loraq.executors.base import usable_cores
+    from loraq.queue.store import Store
+
+    with Store.open(home / "loraq.db", create=False) as store:
+        assert store.job("long").result["torch_threads"] == usable_cores()

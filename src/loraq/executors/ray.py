@@ -172,7 +172,7 @@ class RayExecutor:
                              f"{int(total.get('GPU', 0))} GPU(s); use --devices cpu, or --ray-address for a cluster")
 
     def _launch(self, slot: Slot) -> None:
-        resources = {"num_cpus": 1, "num_gpus": 1} if slot.device == "gpu" else {"num_cpus": 1}
+        resources = {"num_cpus": 1, "num_gpus": 1} if slot.device == "gpu" else {"num_cpus": self._cpu_share()}
         options = {**resources, **self.actor_options}
         actor = self._actor_class.options(**options).remote("cpu" if slot.device == "cpu" else "cuda", self.scratch_root)
         stream = actor.events.options(num_returns="streaming").remote()
@@ -180,6 +180,18 @@ class RayExecutor:
         slot.ready = False
         slot.hot_base = None
         slot.baseline_rss_mb = None
+
+    def _cpu_share(self) -> int:
+        """The CPUs a CPU trainer reserves: on the instance this run started, an equal share of the
+        machine's (as the local executor gives its trainers threads); on a cluster, 1.
+
+        Ray sets a task's ``OMP_NUM_THREADS`` to its ``num_cpus``: with 1 a lone CPU trainer
+        would train on one core of the machine's two.
+        """
+        if not self._owns_connection or self.address:
+            return 1
+        cpu_slots = sum(1 for s in self.all_slots if s.device == "cpu")
+        return max(1, int(self._ray.cluster_resources().get("CPU", 1)) // max(cpu_slots, 1))
 
     def pid(self, slot: Slot) -> int | None:
         state: _ActorState | None = slot.handle

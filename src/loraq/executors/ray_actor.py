@@ -93,6 +93,8 @@ class TrainerActor:
     """
 
     def __init__(self, device: str, scratch_root: str | None = None) -> None:
+        if device == "cpu":  # before torch loads OpenMP: see executors.base.trainer_env
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from ..train import service as trainer
 
         self._trainer = trainer
