@@ -159,25 +159,6 @@ def cached(folder: Path) -> FolderTokenizer:
         _CACHED.clear()
         _CACHED[key] = FolderTokenizer(folder)
     return _CACHED[key]
-
-
-def tokenizer_folder(base_model: str, revision: str | None) -> Path | None:
-    """The folder holding ``tokenizer.json`` for a base: the folder itself, or a hub id's snapshot in the local
-    Hugging Face cache (no download); ``None`` when there is none, or when ``LORAQ_SUBMIT_TOKENIZER=transformers``
-    (then transformers loads it)."""
-    if disabled():
-        return None
-    path = Path(base_model).expanduser()
-    if path.is_dir():
-        return path if (path / "tokenizer.json").is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(base_model, "tokenizer.json", revision=revision)
-    return Path(found).parent if isinstance(found, str) else None
-
-
 def check_against(reference: Any, light: Any, rows: Sequence[dict[str, Any]], fmt: str, max_seq_len: int,
                   chat_template: str | None = None) -> str | None:
     """Where ``light`` (what submit used) encodes a sample of ``rows`` otherwise than ``reference`` (transformers,
