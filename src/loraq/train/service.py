@@ -152,8 +152,9 @@ def _same_encoding_as_submit(job: JobInput, spec: JobSpec, rows: list[dict[str, 
     from ..data import tokenizer as light
 
     # the checked folder transformers loaded from (sandbox.model_folder), never the name looked up again
-    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
-    if light.disabled() or not (folder / "tokenizer.json").is_file():
+    name = getattr(tokenizer, "name_or_path", "")
+    folder = Path(name) if name else None
+    if light.disabled() or folder is None or not (folder / "tokenizer.json").is_file():
         return  # the base's tokenizer.json is gone from where submit read it: nothing to compare with
     mismatch = light.check_against(tokenizer, light.cached(folder), rows, fmt, spec.training.max_seq_len,
                                    job.chat_template_text)
