@@ -1,38 +1,65 @@
 # make demo: install into .venv/ and run the demo queue end to end.
 # make lint: install into .venv/, then ruff (src, tests, benchmarks) and mypy (the torch-free side).
 # make test: install into .venv/ (and the cached llama-cpp-python wheel), lint, and run the test suite.
+# make lock: re-resolve the lock files to the newest releases, install them and run the suite.
 #
-# On a machine without an NVIDIA GPU, the CPU build of torch is installed first
-# ($(TORCH_CPU); set TORCH_INDEX=https://download.pytorch.org/whl/cpu where the
-# default index would hand out a CUDA build), so pulling in loraq never drags a
-# multi-GB CUDA build onto a CPU-only machine. With a GPU, torch comes from the
-# normal index as a CUDA build.
+# Every install takes the exact versions (with hashes) of a lock file in locks/, made by uv
+# (`make lock`), never whatever the index serves that day:
+#   locks/linux-x86_64-cpu.txt   no NVIDIA GPU: the CPU build of torch (torch==2.13.0+cpu),
+#                                so a CPU-only machine never downloads a multi-GB CUDA build;
+#   locks/linux-x86_64-cuda.txt  an NVIDIA GPU: torch from the normal index, a CUDA build.
+# The CPU build of torch comes from the machine's pip configuration (find-links) or from
+# TORCH_INDEX (https://download.pytorch.org/whl/cpu where the default index has no +cpu wheels).
+# pyproject.toml keeps loose ranges for library users; the lock is what `make` builds and tests.
+# On another platform there is no lock: make installs the ranges and says so.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_CPU ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,ray,parquet,serve,export,qlora
+EXTRAS ?= dev,ray,parquet,serve,export,qlora,bench,api,graders,tracking
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PLATFORM := $(shell uname -s | tr A-Z a-z)-$(shell uname -m)
+FLAVOUR := $(if $(HAS_GPU),cuda,cpu)
+LOCK := locks/$(PLATFORM)-$(FLAVOUR).txt
+# Where uv finds the +cpu torch wheel when it re-resolves (pip's own configuration, then TORCH_INDEX).
+TORCH_FIND_LINKS ?= $(shell pip config get global.find-links 2>/dev/null || echo "$$PIP_FIND_LINKS")
 
-.PHONY: demo test lint install clean real-model
+.PHONY: demo test lint install clean real-model lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "loraq: NVIDIA GPU found; torch comes from the normal index (CUDA build)"; \
-	elif $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
-		echo "loraq: torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	@if [ -f "$(LOCK)" ]; then \
+		echo "loraq: installing the locked versions of $(LOCK)"; \
+		$(BIN)/pip install --disable-pip-version-check -q --require-hashes -r "$(LOCK)" \
+			$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) || exit 1; \
+		$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . || exit 1; \
 	else \
-		echo "loraq: no GPU; installing the CPU build of torch ($(TORCH_CPU))"; \
-		$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+		echo "loraq: no lock for $(PLATFORM) ($(LOCK)); installing the ranges of pyproject.toml (make lock makes one)"; \
+		$(if $(HAS_GPU),,$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || exit 1;) \
+		$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]" || exit 1; \
 	fi
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
 	@touch $@
+
+# Re-resolve both lock files to the newest releases the ranges allow (uv, from the dev extra),
+# reinstall .venv/ from the result, and run the whole suite against it: moving forward is this
+# one command and a test run. Commit locks/ only when the suite passed.
+LOCK_FLAGS = $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --generate-hashes --upgrade --custom-compile-command "make lock"
+comma := ,
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -c locks/torch-cpu.txt \
+		$(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(if $(TORCH_INDEX),--index $(TORCH_INDEX)) \
+		-o locks/linux-x86_64-cpu.txt
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -c locks/torch-cuda.txt -o locks/linux-x86_64-cuda.txt
+	rm -f $(STAMP)
+	$(MAKE) test
 
 demo: $(STAMP)
 	$(BIN)/loraq demo
