@@ -26,6 +26,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # the foundation: standard library only, or nearly
     "errors": set(),
     "escape": set(),  # what loraq prints, made safe: everything that prints or quotes may use it
+    "notices": set(),  # what libraries print goes to the home's log while a command runs (the cli routes it)
     "safeyaml": {"errors", "escape"},  # YAML with bounds: the queue file and the home's config.yaml
     "protocol": {"errors"},  # the supervisor <-> trainer seam
     "fsutil": {"errors"},
@@ -58,7 +59,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace"},
-    "cli": {"api", "errors", "escape", "protocol", "workspace", "serve"},
+    "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve"},
 }
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
@@ -71,7 +72,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
-              "loraq.queue.listing", "loraq.views"]
+              "loraq.queue.listing", "loraq.views", "loraq.notices"]
 HEAVY = ["torch", "transformers", "peft"]
 
 

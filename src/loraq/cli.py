@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from . import api
+from . import api, notices
 from .errors import LoraqError, ProblemsError
 from .escape import printable, printable_lines
 from .protocol import Progress, Started, TrainResult
@@ -56,7 +56,7 @@ def _global(
 def _print_json(obj: dict[str, Any]) -> None:
     """A ``--json`` output: ``obj`` with the output's ``"version"`` (README: what a version change means)."""
     obj = {**obj, "version": api.JSON_VERSION}
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    notices.out().write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _print_json_listing(obj: dict[str, Any], key: str) -> None:
@@ -75,7 +75,7 @@ def _print_json_listing(obj: dict[str, Any], key: str) -> None:
             parts.append(f'  {dumps(name)}: [\n{items}\n  ]' if items else f"  {dumps(name)}: []")
         else:
             parts.append(f"  {dumps(name)}: {dumps(obj[name])}")
-    sys.stdout.write("{\n" + ",\n".join(parts) + "\n}\n")
+    notices.out().write("{\n" + ",\n".join(parts) + "\n}\n")
 
 
 def _plain_table(columns: list[str], rows: list[list[str]]) -> None:
@@ -90,20 +90,21 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> None:
     def line(cells: list[str]) -> str:
         return "  ".join([cell.ljust(width) for cell, width in zip(cells, widths)] + [cells[-1]]).rstrip()
 
-    sys.stdout.write("\n".join([line(columns), line(["-" * w for w in widths] + ["-" * len(columns[-1])])]
+    notices.out().write("\n".join([line(columns), line(["-" * w for w in widths] + ["-" * len(columns[-1])])]
                                + [line(row) for row in rows]) + "\n")
 
 
 def _err(line: str) -> None:
     # One line, whatever the message holds: names and reasons can come from hostile files.
-    sys.stderr.write(printable(line.rstrip("\n")) + "\n")
+    notices.err().write(printable(line.rstrip("\n")) + "\n")
 
 
 def _say(line: str = "", *, flush: bool = False) -> None:
     """One line on stdout with its control characters escaped (see :mod:`loraq.escape`)."""
-    sys.stdout.write(printable(line) + "\n")
+    out = notices.out()
+    out.write(printable(line) + "\n")
     if flush:
-        sys.stdout.flush()
+        out.flush()
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -120,7 +121,7 @@ def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(Text(printable(cell)) for cell in row))
-    Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
+    Console(file=notices.out(), width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
 
 
 # ---------------------------------------------------------------- submit
@@ -201,14 +202,16 @@ class _Progress:
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.tty = sys.stdout.isatty()
+        self.tty = notices.out().isatty()
         self.bars: Any = None
         self.tasks: dict[str, Any] = {}
         if self.tty and not quiet:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bars = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=Console(file=notices.out()))
             self.bars.start()
 
     def close(self) -> None:
@@ -418,10 +421,11 @@ def logs(
     # The log holds what libraries printed, which can quote a dataset: control characters
     # are escaped (newlines and tabs kept), as everywhere loraq prints.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = notices.out()
     for chunk in api.follow_log(_ctx(ctx).home, job, attempt, follow=follow):
-        sys.stdout.write(printable_lines(decoder.decode(chunk)))
-        sys.stdout.flush()
-    sys.stdout.write(printable_lines(decoder.decode(b"", final=True)))
+        out.write(printable_lines(decoder.decode(chunk)))
+        out.flush()
+    out.write(printable_lines(decoder.decode(b"", final=True)))
     return 0
 
 
@@ -554,7 +558,7 @@ def report(
     """The queue report: per job status, attempts and why, losses, curves, findings."""
     result = api.write_report(_ctx(ctx).home, fmt=fmt, output=output)
     if output is None and fmt != "html":
-        sys.stdout.write(result.text)
+        notices.out().write(result.text)
     if result.note:
         _err(f"loraq: report: {result.note}")
     else:
@@ -602,6 +606,7 @@ def demo(
     started = time.time()
     files = api.write_demo(directory)
     home = Home(files.root / ".loraq")
+    notices.log_into(home.root)
     _say(f"wrote the demo into {files.root}: model {files.model.relative_to(files.root)}, "
          f"{len(files.datasets)} datasets, queue.yaml (home {home.root})")
     if no_run:
@@ -632,10 +637,37 @@ def demo(
 # ---------------------------------------------------------------- entry point
 
 
+#: Commands whose output is theirs to manage: the dashboard logs its own requests, for as long as it runs.
+_UNROUTED = {"serve"}
+
+
+def _route_library_output(command: Any) -> None:
+    """Run each (sub)command with what libraries print routed to the home's log (:mod:`loraq.notices`).
+
+    Around the command's body only: usage errors and ``--help`` are printed before it runs.
+    """
+    for name, sub in getattr(command, "commands", {}).items():
+        if name in _UNROUTED:
+            continue
+        if getattr(sub, "commands", None):
+            _route_library_output(sub)
+            continue
+        invoke = sub.invoke
+
+        def routed(ctx: Any, invoke: Any = invoke) -> Any:
+            obj = ctx.find_object(Context)
+            with notices.routed(obj.home.root if obj is not None else None):
+                return invoke(ctx)
+
+        sub.invoke = routed
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; map errors to exit codes (0 ok, 1 failed/rejected, 2 usage or cannot inspect)."""
     try:
-        code = app(args=argv, prog_name="loraq", standalone_mode=False)
+        command = typer.main.get_command(app)
+        _route_library_output(command)
+        code = command.main(args=argv, prog_name="loraq", standalone_mode=False)
     except ProblemsError as exc:
         for problem in exc.problems:
             _err(str(problem))
