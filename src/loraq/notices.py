@@ -103,7 +103,8 @@ def routed(home: Path | None) -> Iterator[None]:
         _own = None
         sys.stdout, sys.stderr = saved_streams
         for moved_handler, stream in moved:
-            moved_handler.setStream(stream)
+            if stream is not None:
+                moved_handler.setStream(stream)
         logging.captureWarnings(False)
         root.setLevel(saved_logging[0])
         logging.lastResort = saved_logging[1]
