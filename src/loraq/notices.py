@@ -126,8 +126,10 @@ def routed(home: Path | None) -> Iterator[None]:
 def _stream_handlers() -> list[logging.StreamHandler[TextIO]]:
     loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
                                       if isinstance(lg, logging.Logger))]
+    # logging's own last-resort handler reads sys.stderr when it writes (its stream cannot be set).
     return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and not isinstance(getattr(type(h), "stream", None), property)]
 
 
 def _redirect_fds(target: int) -> list[tuple[int, int]]:
