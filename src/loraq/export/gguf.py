@@ -174,9 +174,6 @@ def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
         raise ExportError(f"{adapter_dir}: no adapter_config.json")
     if not weights_file.is_file():
         raise ExportError(f"{adapter_dir}: no adapter_model.safetensors (pickle .bin adapters are not read)")
-    if base_shapes is None:
-        raise ExportError("the base model's safetensors weights cannot be read: the adapter cannot be checked "
-                          "against them; give --base the folder of the model it was trained on")
     try:
         cfg = json.loads(_read(cfg_file, roots))
     except ValueError:
@@ -191,6 +188,9 @@ def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
         serving.facts_from_adapter(cfg, [(n, tuple(a.shape)) for n, a in tensors.items()], base_config))
     if not verdict.servable:
         raise ExportError("llama.cpp cannot apply this adapter: " + "; ".join(r.message for r in verdict.reasons))
+    if base_shapes is None:
+        raise ExportError("the base model's safetensors weights cannot be read: the adapter cannot be checked "
+                          "against them; give --base the folder of the model it was trained on")
 
     hf_arch = base_config["architectures"][0]
     arch_name, permute_qk = serving.GGUF_ARCHITECTURES[hf_arch]
