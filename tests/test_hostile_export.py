@@ -305,6 +305,23 @@ def test_a_merged_export_ships_the_jobs_chat_template_and_checks_with_it(project
     assert check["rows"] == 4 and check["tokens"] == with_chatml != with_base
 
 
+def test_a_merged_export_refuses_a_chat_template_that_is_not_the_jobs(project: Path) -> None:
+    """Variant: the template beside the adapter was edited, or lost, after training: never shipped as the job's."""
+    edited = adapters.copy(project / ".loraq" / "adapters" / "chat", project / "chat-edited")
+    (edited / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    lost = adapters.copy(project / ".loraq" / "adapters" / "chat", project / "chat-lost")
+    (lost / "chat_template.jinja").unlink()
+    try:
+        for folder, why in ((edited, "is not the chat template the job trained with"), (lost, "is missing")):
+            result = loraq("export", f"./{folder.name}", "--to", "merged", f"{folder.name}-merged", cwd=project)
+            assert result.returncode == 1 and len(lines(result)) == 1, result.stderr
+            assert f"{folder.name}: chat_template.jinja {why}" in result.stderr, result.stderr
+            assert not (project / f"{folder.name}-merged").exists()
+    finally:
+        shutil.rmtree(edited)
+        shutil.rmtree(lost)
+
+
 def test_a_gguf_export_refuses_lora_shapes_that_do_not_fit_the_base(project: Path) -> None:
     dims = dict(adapters.TINY_LINEAR)
     dims["self_attn.q_proj"] = (72, 64)  # the example: lora_A is (r, 72), the base's q_proj takes 64 features
