@@ -34,11 +34,14 @@ retry_backoff_s: 0
 """
 SECRET = {"peft_type": "LORA", "r": "SECRET-r-4242", "lora_alpha": "SECRET-alpha-77", "target_modules": "SECRET-tm",
           "architectures": ["SECRET-ARCH-9"], "model_type": "SECRET-TYPE", "api_key": "SECRET-KEY-XYZ"}
-#: Runs the loraq CLI with an audit hook that turns any DNS lookup or connection into an error.
+#: Runs the loraq CLI with an audit hook that records any DNS lookup or connection (in the file
+#: $NETWORK_LOG: a library may catch the error and route its notice away from stderr) and refuses it.
 NO_NETWORK = """
-import sys
+import os, sys
 def hook(event, args):
     if event in ("socket.getaddrinfo", "socket.connect", "socket.gethostbyname"):
+        with open(os.environ["NETWORK_LOG"], "a") as log:
+            log.write(f"{event} {args[:2]!r}\\n")
         raise RuntimeError(f"NETWORK ATTEMPT: {event} {args[:2]!r}")
 sys.addaudithook(hook)
 from loraq.cli import main
@@ -53,10 +56,15 @@ def loraq(*args: str, cwd: Path, home: Path | None = None) -> subprocess.Complet
 
 
 def loraq_offline_unset(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """loraq as a user without HF_HUB_OFFLINE runs it, any network attempt an error."""
+    """loraq as a user without HF_HUB_OFFLINE runs it; asserts that it attempted no network connection."""
+    log = cwd / "network-attempts.log"
+    log.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return subprocess.run([sys.executable, "-c", NO_NETWORK, "--home", str(cwd / ".loraq"), *args],
-                          capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK, "--home", str(cwd / ".loraq"), *args],
+                            capture_output=True, text=True, timeout=600, cwd=cwd, env=env | {"NETWORK_LOG": str(log)})
+    assert not log.exists(), f"network attempts: {log.read_text()}"
+    assert "NETWORK ATTEMPT" not in result.stderr
+    return result
 
 
 def lines(result: subprocess.CompletedProcess[str]) -> list[str]:
