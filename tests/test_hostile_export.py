@@ -275,6 +275,27 @@ def test_an_export_base_whose_files_lead_out_of_the_roots_is_refused_unread(proj
             shutil.rmtree(path, ignore_errors=True)
 
 
+def test_the_merged_export_loads_the_adapter_bytes_it_checked(project: Path, secret: Path, tmp_path: Path) -> None:
+    """Variant, a layer down: a weights file swapped for a link out of the roots after the inspection is never loaded.
+
+    The api inspects first (a symlink is refused there); the exporter itself must not trust a name
+    either: PEFT loads a private copy of what was read from checked descriptors.
+    """
+    from loraq.errors import ExportError
+    from loraq.export import merged
+    from loraq.workspace import Home
+
+    swapped = adapters.copy(project / ".loraq" / "adapters" / "sql", tmp_path / "swapped")
+    outside = secret.parent / "other.safetensors"
+    shutil.copy(swapped / "adapter_model.safetensors", outside)
+    (swapped / "adapter_model.safetensors").unlink()
+    (swapped / "adapter_model.safetensors").symlink_to(outside)  # as if swapped after the inspection
+    roots = Home(project / ".loraq").roots(queue_dir=project).with_read(tmp_path)
+    with pytest.raises(ExportError, match="adapter_model.safetensors.*outside the allowed roots"):
+        merged.export_merged(swapped, project / "models" / "tiny", tmp_path / "out", roots=roots)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swapped"]
+
+
 # ---------------------------------------------------------------- wrong verdicts
 
 

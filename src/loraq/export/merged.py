@@ -30,6 +30,8 @@ bf16 0.26 against 2.27, 75 s for 273 MB; top-1 agreement 100% in both; peak RSS 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
-from ..errors import ExportError
-from ..sandbox import Roots
+from ..errors import ExportError, PathError
+from ..sandbox import Roots, open_regular
 from . import target as target_mod
 from .target import EXPORT_RECORD
 
@@ -156,10 +158,15 @@ def _export(adapter_dir: Path, base: str, dest: Path, *, dtype: str, dataset: Pa
     if chat_template is not None:
         tokenizer.chat_template = chat_template  # what the job trained with: shipped, and the check renders with it
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).eval()
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except Exception as exc:  # noqa: BLE001 -- PEFT's own words say why the adapter does not fit
-        raise ExportError(f"PEFT cannot load {adapter_dir} onto {base}: {type(exc).__name__}: {exc}") from None
+    # PEFT opens files by name: it loads a private copy of the bytes read from checked descriptors,
+    # so a file swapped after the inspection (a symlink to a secret, other weights) is never loaded.
+    with tempfile.TemporaryDirectory(prefix="loraq-export-") as private:
+        _copy_checked(adapter_dir, Path(private), roots)
+        try:
+            model = PeftModel.from_pretrained(model, private, is_trainable=False).eval()
+        except Exception as exc:  # noqa: BLE001 -- PEFT's own words say why the adapter does not fit
+            raise ExportError(f"PEFT cannot load {adapter_dir} onto {base}: {type(exc).__name__}: "
+                              f"{str(exc).replace(private, str(adapter_dir))}") from None
     inputs, where = _eval_inputs(tokenizer, dataset, dataset_format, roots, chat_template)
 
     def logits_of(m: Any) -> list[Any]:
@@ -192,6 +199,28 @@ def _export(adapter_dir: Path, base: str, dest: Path, *, dtype: str, dataset: Pa
         fsutil.fsync_tree(tmp)
         target_mod.replaceable(dest, "merged", force=True)  # what is there now, just before it steps aside
     return MergedResult(str(dest), dtype, size, shards, sorted(files), check, round(time.monotonic() - started, 2))
+
+
+#: What PEFT needs of an adapter folder: the config and the safetensors weights (never a pickle).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _copy_checked(adapter_dir: Path, private: Path, roots: Roots | None) -> None:
+    """Copy the adapter's files into ``private`` from descriptors checked to be regular files (inside ``roots``)."""
+    for name in ADAPTER_FILES:
+        try:
+            if roots is not None:
+                fd, _ = roots.open_file(adapter_dir / name, what=f"adapter file {name}")
+            else:
+                fd = open_regular(adapter_dir / name, what=f"adapter file {name}")
+        except PathError as exc:
+            raise ExportError(str(exc)) from None
+        try:
+            with open(private / name, "wb") as out:
+                while chunk := os.read(fd, 1 << 20):
+                    out.write(chunk)
+        finally:
+            os.close(fd)
 
 
 def _check(folder: Path, tokenizer: Any, inputs: list[list[int]], reference: list[Any], dtype: str, where: str,
