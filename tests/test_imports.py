@@ -50,8 +50,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     # views: what the read-only commands (status, the dashboard's queue page, show, logs) return
     "views": {"errors", "workspace", "queue", "supervisor"},
     "demo": {"errors", "fsutil", "model"},  # model: quiet_libraries, when it builds the tiny model
-    # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter
-    "export": {"errors", "fsutil", "inspect", "data"},
+    # export: a GGUF LoRA (torch-free) or a merged model (torch, when it runs) from an inspected adapter;
+    # sandbox: the base, its config, the chat template and the target, each checked where it leads
+    "export": {"errors", "escape", "fsutil", "inspect", "data", "sandbox"},
     # submit's steps beyond the schema (warm starts, auto values, sweeps' identity, clones): torch-free
     "submitting": {"errors", "fsutil", "inspect", "queue", "sandbox", "workspace"},
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
@@ -69,6 +70,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.data", "loraq.data.encoding", "loraq.data.check", "loraq.protocol", "loraq.errors",
               "loraq.serve", "loraq.serve.app", "loraq.serve.feed", "loraq.serve.render", "loraq.serve.security",
               "loraq.serve.server", "loraq.inspect.serving", "loraq.export", "loraq.export.gguf", "loraq.export.merged",
+              "loraq.export.sources", "loraq.export.target",
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",

@@ -441,6 +441,12 @@ def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | N
     """Write a published adapter (by job name) or an adapter folder as a merged model or a GGUF LoRA.
 
     Whatever is written is checked before it is put in place, and appears whole or not at all.
+    ``force`` replaces only an earlier export, never the home, the working folder, the
+    adapter's or its base's folder, a symlink or a device (:mod:`loraq.export.target`).
+    Every file read (the base's, the chat template, the eval rows) is read inside the
+    roots: the home's and the working folder's, and, for a published adapter, the roots
+    its job was checked against at submit, as the trainer reads them. Nothing is
+    fetched from the network.
 
     Raises:
         UsageError: a bad ``to``, or an option that does not apply to it.
@@ -450,91 +456,114 @@ def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | N
     import time
 
     from .errors import ExportError, UsageError
-    from .inspect import inspect_adapter, serving
+    from .export import sources
+    from .export import target as target_mod
+    from .inspect import inspect_adapter, warm_start
 
     if to not in EXPORT_KINDS:
         raise UsageError(f"--to: {to!r} is not one of {', '.join(EXPORT_KINDS)}")
     if to == "gguf" and (dtype is not None or shard_size is not None or data is not None):
         raise UsageError("--dtype, --shard-size and --data apply to --to merged; a GGUF LoRA is float32 pairs")
     roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)
-    folder = _adapter_folder(home, adapter, roots)
-    target = Path(dest).expanduser().absolute()
-    if target.exists() and not force:
-        raise ExportError(f"{target} already exists; remove it or pass --force to replace it")
-    if to == "gguf" and target.is_dir():
-        raise ExportError(f"{target} is a folder; --to gguf writes one file")
-    for holder in (home.adapters_dir.resolve(), folder):
-        if target.resolve().is_relative_to(holder):
-            raise ExportError(f"{target} is inside {holder}; never export into an adapter folder or adapters/")
-    inspection = inspect_adapter(folder, roots=roots)
-    if not inspection.passed:
-        raise ExportError(f"{folder} failed inspection; fix it before exporting: "
-                          + "; ".join(f"[{f.code}] {f.message}" for f in inspection.errors()))
-    manifest = publish.read_manifest(folder) or {}
-    base_model = _export_base(folder, base, manifest, roots)
-    started = time.monotonic()
-    if to == "gguf":
-        from .export import gguf
+    folder, roots = _adapter_folder(home, adapter, roots)
+    keep = [("the home", home.root), ("the working folder", Path.cwd()), ("the adapter's folder", folder)]
+    no_inside = [("adapters/", home.adapters_dir), ("the adapter's folder", folder)]
+    target_mod.check(dest, to, force=force, keep=keep, no_inside=no_inside)  # before any work
+    manifest = _export_manifest(folder, roots)
+    with sources.offline():
+        base_model = sources.base_model(_export_base(folder, base, manifest, roots), roots)
+        keep.append(("the base model's folder", base_model.folder))
+        target = target_mod.check(dest, to, force=force, keep=keep, no_inside=no_inside)
+        inspection = inspect_adapter(folder, roots=roots, base_config=base_model.config)
+        if not inspection.passed:
+            raise ExportError(f"{folder} failed inspection; fix it before exporting: "
+                              + "; ".join(f"[{f.code}] {f.message}" for f in inspection.errors()))
+        started = time.monotonic()
+        with target_mod.writing(target):
+            target_mod.check(target, to, force=force, keep=keep, no_inside=no_inside)  # again, under the lock
+            if to == "gguf":
+                from .export import gguf
 
-        config = serving.read_base_config(base_model)
-        if config is None:
-            raise ExportError(f"cannot read config.json of the base model {base_model}; give --base")
-        written = gguf.export_gguf(folder, config, target, name=manifest.get("name") or folder.name)
-        details: dict[str, Any] = {"architecture": written.architecture, "alpha": written.alpha,
-                                   "tensors": written.n_tensors, "modules": written.modules}
-        size = written.bytes
-    else:
-        from .export import merged
+                written = gguf.export_gguf(folder, base_model.config, target, name=manifest.get("name") or folder.name,
+                                           base_shapes=warm_start.base_shapes(base_model.folder, base_model.roots),
+                                           roots=roots)
+                details: dict[str, Any] = {"architecture": written.architecture, "alpha": written.alpha,
+                                           "tensors": written.n_tensors, "modules": written.modules}
+                size = written.bytes
+            else:
+                from .export import merged
 
-        dataset, fmt = _export_data(data, manifest, roots)
-        result = merged.export_merged(folder, base_model, target, dtype=dtype or "fp32", dataset=dataset,
-                                      dataset_format=fmt, shard_size=shard_size or merged.DEFAULT_SHARD_SIZE,
-                                      source={"job": manifest.get("name"), "job_id": manifest.get("job_id")})
-        details = {"dtype": result.dtype, "shards": result.shards, "files": result.files,
-                   "check": result.to_json()["check"]}
-        size = result.bytes
-    return ExportResult(to, str(folder), base_model, str(target), size, round(time.monotonic() - started, 2), details)
+                dataset, fmt = _export_data(data, manifest, roots)
+                result = merged.export_merged(
+                    folder, base_model.folder, target, dtype=dtype or "fp32", dataset=dataset, dataset_format=fmt,
+                    shard_size=shard_size or merged.DEFAULT_SHARD_SIZE,
+                    source={"job": manifest.get("name"), "job_id": manifest.get("job_id")},
+                    chat_template=sources.chat_template(folder, manifest, roots), roots=roots)
+                details = {"dtype": result.dtype, "shards": result.shards, "files": result.files,
+                           "check": result.to_json()["check"]}
+                size = result.bytes
+    return ExportResult(to, str(folder), base_model.name, str(target), size, round(time.monotonic() - started, 2),
+                        details)
 
 
-def _adapter_folder(home: Home, ref: str, roots: Any) -> Path:
-    """A published adapter's folder (``ref`` is a job name), else ``ref`` as a folder inside the roots."""
+def _adapter_folder(home: Home, ref: str, roots: Any) -> tuple[Path, Any]:
+    """The adapter's folder and the roots to read it and its files through.
+
+    ``ref`` is a published job's name (its folder in ``adapters/``, read through these
+    roots and the ones the job was checked against at submit: its base and dataset are
+    where they were), else a folder inside ``roots``.
+    """
     from .queue.spec import NAME_PATTERN
 
     if NAME_PATTERN.fullmatch(ref) and home.adapter_dir(ref).is_dir():
-        return home.adapter_dir(ref).resolve()
+        folder = home.adapter_dir(ref).resolve()
+        return folder, roots.with_read(*_job_roots(home, ref, folder, roots))
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise NotFoundError(f"{ref!r}: no published adapter of that name in {home.adapters_dir}, and no such folder")
-    return roots.check_read(path, what="adapter folder")  # PathError outside the roots
+    return roots.check_read(path, what="adapter folder"), roots  # PathError outside the roots
+
+
+def _export_manifest(folder: Path, roots: Any) -> dict[str, Any]:
+    from .export import sources
+
+    return sources.optional_json(folder / publish.MANIFEST, roots, what=f"{folder}: {publish.MANIFEST}")
+
+
+def _job_roots(home: Home, name: str, folder: Path, roots: Any) -> list[str]:
+    """The roots the published job ``name`` was checked against at submit (as the worker hands them to the trainer)."""
+    manifest = _export_manifest(folder, roots)
+    from .errors import StoreError
+
+    if not store_exists(home):
+        return []
+    try:
+        with open_reader(home) as store:
+            job = store.job_named(name)
+    except StoreError:
+        return []  # a damaged state: the folder is read through the command's own roots only
+    if job is None or (manifest.get("job_id") is not None and manifest.get("job_id") != job.id):
+        return []  # the folder is not this job's adapter: nothing beyond the command's own roots
+    stored = job.spec.get("read_roots")
+    if isinstance(stored, list) and all(isinstance(r, str) for r in stored):
+        return stored
+    return [str(Path(job.queue_file).parent)] if job.queue_file else []
 
 
 def _export_base(folder: Path, base: str | None, manifest: dict[str, Any], roots: Any) -> str:
-    """The base model: ``base``, else the one the loraq manifest or adapter_config.json names."""
-    import json
+    """The base model's name: ``base``, else the one the loraq manifest or adapter_config.json names."""
+    from .errors import ExportError
+    from .export import sources
 
-    from .errors import ExportError, PathError
-
-    if base is None:
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-            named = config.get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            named = None
-        candidates = [c for c in (manifest.get("base_model"), named) if isinstance(c, str) and c]
-        base = next((c for c in candidates if Path(c).expanduser().is_dir()), None)
-        if base is None:
-            raise ExportError(f"{folder}: the base model it names ({', '.join(candidates) or 'none'}) is not a "
-                              "folder here; give --base MODEL")
-    path = Path(base).expanduser()
-    if path.exists():
-        try:
-            roots.check_read(path, what="base model")
-        except PathError as exc:
-            raise ExportError(str(exc)) from None
-        if not (path / "config.json").is_file():
-            raise ExportError(f"base model {base}: no config.json, not a model folder")
-        return str(path.resolve())
-    return base  # a hub id, read from the local Hugging Face cache only
+    if base is not None:
+        return base
+    config = sources.read_json(folder / "adapter_config.json", roots, what=f"{folder}: adapter_config.json")
+    named = config.get("base_model_name_or_path")
+    candidates = [c for c in (manifest.get("base_model"), named) if isinstance(c, str) and c]
+    if not candidates:
+        raise ExportError(f"{folder}: names no base model; give --base MODEL")
+    # The manifest's base (a folder, as the job resolved it) first; a hub id is looked up in the local cache.
+    return next((c for c in candidates if Path(c).expanduser().is_dir()), candidates[0])
 
 
 def _export_data(data: str | Path | None, manifest: dict[str, Any], roots: Any) -> tuple[Path | None, str | None]:

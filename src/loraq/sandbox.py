@@ -67,7 +67,8 @@ class Roots:
 
     def with_read(self, *more: Path | str) -> Roots:
         """These roots and ``more`` (a folder or file named on the command line, trusted for that command)."""
-        return Roots(read=self.read + tuple(resolve(p) for p in more), config=self.config)
+        added = tuple(dict.fromkeys(root for root in (resolve(p) for p in more) if root not in self.read))
+        return Roots(read=self.read + added, config=self.config)
 
     def contains(self, path: Path | str) -> bool:
         resolved = resolve(path)
@@ -183,6 +184,10 @@ def model_folder(base: str, roots: Roots, *, revision: str | None = None, downlo
     return folder
 
 
+class NotInCache(PathError):
+    """A hub id that is not in the local Hugging Face cache (and was not to be downloaded)."""
+
+
 def _hub_snapshot(repo_id: str, revision: str | None, *, download: bool) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -192,7 +197,8 @@ def _hub_snapshot(repo_id: str, revision: str | None, *, download: bool) -> Path
     except Exception as exc:  # noqa: BLE001 -- huggingface_hub raises many types (offline, gated, missing)
         where = "cannot be downloaded" if download else f"is not in the local Hugging Face cache ({hf_cache_dir()})"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PathError(f"base_model {printable(repo_id)!r} {where}: {printable(reason)[:200]}") from None
+        kind = PathError if download else NotInCache
+        raise kind(f"base_model {printable(repo_id)!r} {where}: {printable(reason)[:200]}") from None
 
 
 def resolve(path: Path | str, *, what: str = "path") -> Path:

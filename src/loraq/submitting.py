@@ -61,7 +61,7 @@ def resolve_warm_starts(queue: Queue, home: Home, roots: Roots, label: str) -> t
         lora = job.spec.lora
         wanted = warm_start.WantedLora(r=lora.r, targets=lora.target_modules, use_dora=lora.use_dora)
         base = Path(job.base_model)
-        lines = warm_start.check(folder, wanted, base if base.is_dir() else None)
+        lines = warm_start.check(folder, wanted, base if base.is_dir() else None, roots)
         problems += [Problem(where, f"{ref}: {line}") for line in lines]
         jobs.append(job.model_copy(update={"init_from_path": str(folder)}))
     return queue.model_copy(update={"jobs": jobs}), problems

@@ -573,7 +573,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
                                                seed=training.seed))
     per_epoch = max(1, plan.n_steps)
     steps = spec.total_steps(n_train, per_epoch)
-    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else training.epochs
+    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else float(training.epochs)  # resolved above
     if n_train < FEW_TRAIN_ROWS:
         warnings.append(f"only {n_train} training row(s); fine-tuning usually needs at least {FEW_TRAIN_ROWS}")
     if 0 < n_eval < FEW_EVAL_ROWS:

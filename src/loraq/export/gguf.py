@@ -31,9 +31,14 @@ as the converter does, token_embd.weight.lora_a = A.T, fails GGML_ASSERT(ggml_ca
 the first decode, because the output projection reuses token_embd; an lm_head LoRA
 (output.weight.*) loads and then segfaults at the first decode.)
 
+Every pair is checked against the base's own weight, from its safetensors headers: lora_A
+must be (r, in) and lora_B (out, r) of the base's (out, in) weight, as PEFT and the merged
+export require; an adapter made for another model is refused, never written as "checked".
+
 The file is written beside its target, read back and compared with what was meant to be
 written (names, shapes, every value, the metadata), fsynced, and renamed into place: it
-appears whole and checked, or not at all.
+appears whole and checked, or not at all. What it replaces must be an earlier GGUF export
+(:mod:`.target`), checked again just before the rename.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ from typing import Any
 import numpy as np
 
 from .. import fsutil
-from ..errors import ExportError, UsageError
+from ..errors import ExportError, PathError, UsageError
 from ..inspect import serving
+from ..sandbox import Roots, open_regular, read_fd
+from . import target as target_mod
 
 PREFIX = "base_model.model."
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight)$")
@@ -85,9 +92,25 @@ def _gguf() -> Any:
     return gguf
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _read(path: Path, roots: Roots | None) -> bytes:
+    """A file's bytes from a checked descriptor: inside ``roots`` where given, a regular file (not a symlink) always."""
+    try:
+        if roots is not None:
+            fd, st = roots.open_file(path, what="adapter file")
+        else:
+            fd = open_regular(path, what="adapter file")
+            st = os.fstat(fd)
+    except PathError as exc:
+        raise ExportError(str(exc)) from None
+    try:
+        return read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)
+
+
+def read_safetensors(path: Path, roots: Roots | None = None) -> dict[str, np.ndarray]:
     """Every tensor as a float32 array (bf16 too, which numpy and safetensors' numpy API lack)."""
-    raw = path.read_bytes()
+    raw = _read(path, roots)
     if len(raw) < 8:
         raise ExportError(f"{path}: not a safetensors file")
     n = int.from_bytes(raw[:8], "little")
@@ -132,8 +155,13 @@ def _natural(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]) -> Plan:
-    """Check the adapter against llama.cpp's rules and compute what to write.
+def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any],
+                base_shapes: dict[str, tuple[int, ...]] | None, *, roots: Roots | None = None) -> Plan:
+    """Check the adapter against llama.cpp's rules and the base's weights, and compute what to write.
+
+    ``base_shapes``: ``tensor name -> shape`` of the base's weights
+    (:func:`loraq.inspect.warm_start.base_shapes`); ``None`` (unreadable) is refused, as an
+    adapter that cannot be checked against its base. ``roots``: where the adapter's files must be.
 
     Raises:
         ExportError: llama.cpp cannot apply the adapter faithfully (the message says why
@@ -146,15 +174,23 @@ def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
         raise ExportError(f"{adapter_dir}: no adapter_config.json")
     if not weights_file.is_file():
         raise ExportError(f"{adapter_dir}: no adapter_model.safetensors (pickle .bin adapters are not read)")
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(_read(cfg_file, roots))
+    except ValueError:
+        raise ExportError(f"{cfg_file}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{cfg_file}: not a JSON object")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ExportError(f"peft_type is {cfg.get('peft_type')}; only LoRA adapters can be written as GGUF LoRA")
-    tensors = read_safetensors(weights_file)
+    tensors = read_safetensors(weights_file, roots)
 
     verdict = serving.llamacpp_verdict(
         serving.facts_from_adapter(cfg, [(n, tuple(a.shape)) for n, a in tensors.items()], base_config))
     if not verdict.servable:
         raise ExportError("llama.cpp cannot apply this adapter: " + "; ".join(r.message for r in verdict.reasons))
+    if base_shapes is None:
+        raise ExportError("the base model's safetensors weights cannot be read: the adapter cannot be checked "
+                          "against them; give --base the folder of the model it was trained on")
 
     hf_arch = base_config["architectures"][0]
     arch_name, permute_qk = serving.GGUF_ARCHITECTURES[hf_arch]
@@ -191,6 +227,14 @@ def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ExportError(f"{module}: lora_A {a.shape} and lora_B {b.shape} do not form a rank-r pair")
+        weight = base_shapes.get(module + ".weight")
+        if weight is None:
+            raise ExportError(f"{module}: the base model has no {module}.weight: the adapter was made for another "
+                              "model")
+        if len(weight) != 2 or a.shape[1] != weight[1] or b.shape[0] != weight[0]:
+            raise ExportError(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit the base's "
+                              f"weight {list(weight)} (lora_A must be [r, {weight[-1]}], lora_B [{weight[0]}, r]): "
+                              "the adapter was made for another model")
         r = a.shape[0]
         if r != _pattern_value(cfg.get("rank_pattern") or {}, module, r0):
             raise ExportError(f"{module}: rank {r} in the weights disagrees with adapter_config.json")
@@ -211,14 +255,16 @@ def plan_export(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
 
 
 def export_gguf(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any], out_file: str | os.PathLike[str],
-                *, name: str | None = None) -> GgufResult:
+                *, base_shapes: dict[str, tuple[int, ...]] | None, name: str | None = None,
+                roots: Roots | None = None) -> GgufResult:
     """Write ``adapter_dir`` (a PEFT LoRA folder) as a GGUF LoRA for the base whose config.json is ``base_config``.
 
     The file appears whole, read back and checked, or not at all; an existing file is
-    replaced in one rename. Raises :class:`~loraq.errors.ExportError`.
+    replaced in one rename, and only if it is an earlier GGUF export. Raises
+    :class:`~loraq.errors.ExportError`.
     """
     gguf = _gguf()
-    plan = plan_export(adapter_dir, base_config)
+    plan = plan_export(adapter_dir, base_config, base_shapes, roots=roots)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = fsutil.tmp_sibling(out_file)
@@ -243,6 +289,7 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
             fsutil.ops.fsync(fd)
         finally:
             os.close(fd)
+        target_mod.replaceable(out_file, "gguf", force=True)  # what is there now, just before it is replaced
         fsutil.ops.replace(tmp, out_file)
     except BaseException:
         with contextlib.suppress(OSError):

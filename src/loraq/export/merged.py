@@ -10,7 +10,11 @@ torch, transformers and peft are imported when :func:`export_merged` runs, never
    does not change them is refused: it was not made for this base.
 3. ``merge_and_unload`` folds B·A·scaling into the weights; the model is cast to the asked
    dtype and saved as sharded safetensors, with the tokenizer, its chat template and the
-   generation config, in a hidden folder beside the target.
+   generation config, in a hidden folder beside the target. The chat template is the one
+   the job trained with (its own ``chat_template``, published beside the adapter) where it
+   had one, else the base's; the eval rows of step 2 are rendered with that same template.
+   The folder gets loraq's export record (:data:`~.target.EXPORT_RECORD`): what lets a
+   later ``--force`` replace it, and nothing else (:mod:`.target`).
 4. The saved folder is loaded back from disk (upcast to float32, so what is measured is the
    file, not the arithmetic of a half-precision CPU matmul) and its logits must equal the
    reference within :data:`TOLERANCES`: ``max |merged - reference| <= atol + rtol * max
@@ -26,6 +30,8 @@ bf16 0.26 against 2.27, 75 s for 273 MB; top-1 agreement 100% in both; peak RSS 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
-from ..errors import ExportError
+from ..errors import ExportError, PathError
+from ..sandbox import Roots, open_regular
+from . import target as target_mod
+from .target import EXPORT_RECORD
 
 DTYPES = ("fp32", "bf16", "fp16")
 #: (atol, rtol) of the logit check per saved dtype. fp32 measured ~1e-5 on SmolLM2-135M (logits
@@ -52,7 +61,6 @@ PROBES = (
     "Once upon a time, in a city by the sea,",
 )
 DEFAULT_SHARD_SIZE = "5GB"
-EXPORT_RECORD = "loraq-export.json"
 
 
 @dataclass(frozen=True)
@@ -85,13 +93,17 @@ class MergedResult:
         return asdict(self)
 
 
-def _eval_inputs(tokenizer: Any, dataset: Path | None, fmt: str | None) -> tuple[list[list[int]], str]:
-    """Token ids of a few eval rows: the first rows of ``dataset`` rendered as loraq trains them, else probes."""
+def _eval_inputs(tokenizer: Any, dataset: Path | None, fmt: str | None, roots: Roots | None = None,
+                 chat_template: str | None = None) -> tuple[list[list[int]], str]:
+    """Token ids of a few eval rows: the first rows of ``dataset`` rendered as loraq trains them, else probes.
+
+    Rows are rendered with the job's own chat template where it had one (as the trainer did), else the base's.
+    """
     if dataset is not None:
         from .. import data
 
-        loaded = data.load_dataset(dataset, fmt)
-        ids = [list(data.encode(row, loaded.format, tokenizer, MAX_TOKENS).input_ids)
+        loaded = data.load_dataset(dataset, fmt, roots=roots)
+        ids = [list(data.encode(row, loaded.format, tokenizer, MAX_TOKENS, chat_template).input_ids)
                for row in loaded.rows[:EVAL_ROWS]]
         ids = [seq for seq in ids if seq]
         if ids:
@@ -103,10 +115,15 @@ def _eval_inputs(tokenizer: Any, dataset: Path | None, fmt: str | None) -> tuple
     return [list(tokenizer(t, truncation=True, max_length=MAX_TOKENS).input_ids) for t in texts], "probe texts"
 
 
-def export_merged(adapter_dir: Path, base: str, dest: Path, *, dtype: str = "fp32", dataset: Path | None = None,
-                  dataset_format: str | None = None, shard_size: str = DEFAULT_SHARD_SIZE,
-                  source: dict[str, Any] | None = None) -> MergedResult:
-    """Merge the adapter in ``adapter_dir`` into ``base`` and write the model to ``dest``, checked.
+def export_merged(adapter_dir: Path, base: str | Path, dest: Path, *, dtype: str = "fp32",
+                  dataset: Path | None = None, dataset_format: str | None = None,
+                  shard_size: str = DEFAULT_SHARD_SIZE, source: dict[str, Any] | None = None,
+                  chat_template: str | None = None, roots: Roots | None = None) -> MergedResult:
+    """Merge the adapter in ``adapter_dir`` into ``base`` (a local folder) and write the model to ``dest``, checked.
+
+    ``chat_template``: the template the job trained with, shipped instead of the base's and
+    used to render the eval rows. ``roots``: where ``dataset`` must be (read on a checked
+    descriptor). ``dest`` is replaced only if it is an earlier merged export (:mod:`.target`).
 
     Raises:
         ExportError: a quantised base, an adapter that does not change the base, or a
@@ -117,12 +134,13 @@ def export_merged(adapter_dir: Path, base: str, dest: Path, *, dtype: str = "fp3
     with warnings.catch_warnings():
         # transformers 5 warns about its own deprecated is_gradient_checkpointing while saving.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return _export(adapter_dir, base, dest, dtype=dtype, dataset=dataset, dataset_format=dataset_format,
-                       shard_size=shard_size, source=source)
+        return _export(adapter_dir, str(base), dest, dtype=dtype, dataset=dataset, dataset_format=dataset_format,
+                       shard_size=shard_size, source=source, chat_template=chat_template, roots=roots)
 
 
 def _export(adapter_dir: Path, base: str, dest: Path, *, dtype: str, dataset: Path | None,
-            dataset_format: str | None, shard_size: str, source: dict[str, Any] | None) -> MergedResult:
+            dataset_format: str | None, shard_size: str, source: dict[str, Any] | None,
+            chat_template: str | None, roots: Roots | None) -> MergedResult:
     started = time.monotonic()
     import torch
     from peft import PeftModel
@@ -137,12 +155,19 @@ def _export(adapter_dir: Path, base: str, dest: Path, *, dtype: str, dataset: Pa
         raise ExportError(f"base model {base} is {method}: merging into a quantised base bakes its rounding into "
                           "every weight; merge into the full-precision base instead")
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template  # what the job trained with: shipped, and the check renders with it
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).eval()
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except Exception as exc:  # noqa: BLE001 -- PEFT's own words say why the adapter does not fit
-        raise ExportError(f"PEFT cannot load {adapter_dir} onto {base}: {type(exc).__name__}: {exc}") from None
-    inputs, where = _eval_inputs(tokenizer, dataset, dataset_format)
+    # PEFT opens files by name: it loads a private copy of the bytes read from checked descriptors,
+    # so a file swapped after the inspection (a symlink to a secret, other weights) is never loaded.
+    with tempfile.TemporaryDirectory(prefix="loraq-export-") as private:
+        _copy_checked(adapter_dir, Path(private), roots)
+        try:
+            model = PeftModel.from_pretrained(model, private, is_trainable=False).eval()
+        except Exception as exc:  # noqa: BLE001 -- PEFT's own words say why the adapter does not fit
+            raise ExportError(f"PEFT cannot load {adapter_dir} onto {base}: {type(exc).__name__}: "
+                              f"{str(exc).replace(private, str(adapter_dir))}") from None
+    inputs, where = _eval_inputs(tokenizer, dataset, dataset_format, roots, chat_template)
 
     def logits_of(m: Any) -> list[Any]:
         with torch.no_grad():
@@ -166,12 +191,36 @@ def _export(adapter_dir: Path, base: str, dest: Path, *, dtype: str, dataset: Pa
         files = sorted(p.name for p in tmp.iterdir())
         shards = sum(1 for name in files if name.endswith(".safetensors"))
         record = {"loraq_export": 1, "kind": "merged", "dtype": dtype, "base_model": base,
-                  "adapter": str(adapter_dir), "check": asdict(check), **(source or {})}
+                  "adapter": str(adapter_dir), "check": asdict(check), **(source or {}),
+                  "chat_template": "the job's" if chat_template is not None else "the base's"}
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files.append(EXPORT_RECORD)
         size = sum(p.stat().st_size for p in tmp.iterdir())
         fsutil.fsync_tree(tmp)
+        target_mod.replaceable(dest, "merged", force=True)  # what is there now, just before it steps aside
     return MergedResult(str(dest), dtype, size, shards, sorted(files), check, round(time.monotonic() - started, 2))
+
+
+#: What PEFT needs of an adapter folder: the config and the safetensors weights (never a pickle).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _copy_checked(adapter_dir: Path, private: Path, roots: Roots | None) -> None:
+    """Copy the adapter's files into ``private`` from descriptors checked to be regular files (inside ``roots``)."""
+    for name in ADAPTER_FILES:
+        try:
+            if roots is not None:
+                fd, _ = roots.open_file(adapter_dir / name, what=f"adapter file {name}")
+            else:
+                fd = open_regular(adapter_dir / name, what=f"adapter file {name}")
+        except PathError as exc:
+            raise ExportError(str(exc)) from None
+        try:
+            with open(private / name, "wb") as out:
+                while chunk := os.read(fd, 1 << 20):
+                    out.write(chunk)
+        finally:
+            os.close(fd)
 
 
 def _check(folder: Path, tokenizer: Any, inputs: list[list[int]], reference: list[Any], dtype: str, where: str,

@@ -278,7 +278,7 @@ def check_values(fd: int, weights: Weights, found: Findings, stats: dict[str, An
                                        f"(e.g. {zero[0]!r}); they change nothing", f)
     # DoRA: each output's magnitude is the norm of a weight row; a zero one zeroes that output.
     dead = sorted(m.name for m in weights.modules.values() if m.magnitude is not None
-                  and (v := values.get(m.magnitude.name)) is not None and v.finite and not v.nonzero)
+                  and (mag := values.get(m.magnitude.name)) is not None and mag.finite and not mag.nonzero)
     if dead:
         found.add("dora_magnitude_zero", "error", f"{len(dead)} module(s) have an all-zero lora_magnitude_vector "
                                                   f"(e.g. {dead[0]!r}): DoRA would zero their output", f)

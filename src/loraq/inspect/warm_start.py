@@ -1,10 +1,14 @@
 """Whether an adapter can start a job's LoRA (``init_from``): its rank, targets, variant and base, without torch.
 
 Checked at submit. The adapter's config and safetensors header are read with the
-inspector's bounded readers; its LoRA modules are compared with the job's
-settings, and, where the base is a local folder, the shape of every module with
-the base's own weights (read from their safetensors headers), so an adapter made
-for another model is refused before any GPU time is spent.
+inspector's bounded readers, each from a descriptor checked to be the regular file
+inside the roots (:meth:`loraq.sandbox.Roots.open_file`): an ``adapter_config.json``
+symlinked to a file outside them is refused unread, so no error can quote it. Every
+value of the weights is read once: a NaN or Inf is refused, naming the file and the
+tensor. Its LoRA modules are compared with the job's settings, and, where the base is
+a local folder, the shape of every module with the base's own weights (read from their
+safetensors headers, inside the roots too), so an adapter made for another model is
+refused before any GPU time is spent.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import PathError
+from ..sandbox import Roots, read_fd
 from . import safetensors as st
 from .lora_config import parse_config
 from .structure import CONFIG_NAME, WEIGHTS_NAME, Findings, sort_tensors
@@ -28,8 +34,19 @@ class WantedLora:
     use_dora: bool = False
 
 
-def _header(path: Path) -> st.Header | None:
-    fd, info = st.open_regular(path)
+#: The largest adapter_config.json or weight index read.
+MAX_JSON_BYTES = 1 << 20
+
+
+def _open(path: Path, roots: Roots | None) -> tuple[int, os.stat_result]:
+    """A checked descriptor: inside ``roots`` where given (else PathError); a regular file, not a symlink, always."""
+    if roots is None:
+        return st.open_regular(path)
+    return roots.open_file(path, what=path.name)
+
+
+def _header(path: Path, roots: Roots | None) -> st.Header | None:
+    fd, info = _open(path, roots)
     try:
         header, defects = st.read_header(fd, info.st_size)
     finally:
@@ -37,25 +54,52 @@ def _header(path: Path) -> st.Header | None:
     return None if defects else header
 
 
-def base_shapes(base_folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """``tensor name -> shape`` of a local base model's safetensors weights; ``None`` if there are none to read."""
+def _small(path: Path, roots: Roots | None) -> bytes:
+    fd, _ = _open(path, roots)
+    try:
+        return read_fd(fd, MAX_JSON_BYTES)
+    finally:
+        os.close(fd)
+
+
+def base_shapes(base_folder: Path, roots: Roots | None = None) -> dict[str, tuple[int, ...]] | None:
+    """``tensor name -> shape`` of a local base model's safetensors weights; ``None`` if there are none to read.
+
+    With ``roots``, each file is read only if it is the regular file inside them that it names.
+    """
     index = base_folder / "model.safetensors.index.json"
     try:
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(json.loads(_small(index, roots))["weight_map"].values()))
         elif (base_folder / "model.safetensors").is_file():
             shards = ["model.safetensors"]
         else:
             return None
         shapes: dict[str, tuple[int, ...]] = {}
         for shard in shards:
-            header = _header(base_folder / shard)
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                return None  # a weight_map entry that is not a file of this folder
+            header = _header(base_folder / shard, roots)
             if header is None:
                 return None
             shapes.update({t.name: tuple(t.shape) for t in header.tensors})
         return shapes
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, PathError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _non_finite(weights: Path, header: st.Header, roots: Roots | None) -> str | None:
+    """The first tensor of ``weights`` holding a NaN or an Inf, or ``None``; every value is read once."""
+    fd, _ = _open(weights, roots)
+    try:
+        values, defects = st.scan_values(fd, header)
+    finally:
+        os.close(fd)
+    if defects:
+        return defects[0].message
+    bad = [name for name, v in values.items() if not v.finite]
+    return (f"{WEIGHTS_NAME}: tensor {bad[0]!r} holds NaN or Inf ({len(bad)} tensor(s) do): a diverged adapter "
+            "cannot start a job") if bad else None
 
 
 def _linear_modules(shapes: dict[str, tuple[int, ...]]) -> set[str]:
@@ -65,14 +109,19 @@ def _linear_modules(shapes: dict[str, tuple[int, ...]]) -> set[str]:
             and name.split(".")[-2] not in ("lm_head", "embed_out", "output")}
 
 
-def check(folder: Path, wanted: WantedLora, base_folder: Path | None) -> list[str]:
-    """What stops ``folder`` from starting a LoRA of ``wanted`` on ``base_folder``: one line each (empty: it fits)."""
+def check(folder: Path, wanted: WantedLora, base_folder: Path | None, roots: Roots | None = None) -> list[str]:
+    """What stops ``folder`` from starting a LoRA of ``wanted`` on ``base_folder``: one line each (empty: it fits).
+
+    ``roots``: where every file read must be (the adapter's and the base's), on a checked descriptor.
+    """
     config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config.is_file() or not weights.is_file():
         return [f"{folder} is not an adapter folder (it needs {CONFIG_NAME} and {WEIGHTS_NAME})"]
     try:
-        raw = config.read_bytes()[: 1 << 20]
-        header = _header(weights)
+        raw = _small(config, roots)
+        header = _header(weights, roots)
+    except PathError as exc:
+        return [str(exc)]  # names the file and where it leads, never what it holds
     except OSError as exc:
         return [f"{folder}: cannot read the adapter: {exc.strerror or exc}"]
     cfg, problems = parse_config(raw)
@@ -81,7 +130,16 @@ def check(folder: Path, wanted: WantedLora, base_folder: Path | None) -> list[st
     found = Findings()
     modules = sort_tensors(header, cfg, found).modules
     if found.has_errors() or not modules:
-        return [f"{folder}: not a loadable LoRA adapter ({(found.result() or ['no LoRA tensors'])[0]})"]
+        why = [f.message for f in found.result()] or ["no LoRA tensors"]
+        return [f"{folder}: not a loadable LoRA adapter ({why[0]})"]
+    try:
+        non_finite = _non_finite(weights, header, roots)
+    except PathError as exc:
+        return [str(exc)]
+    except OSError as exc:
+        return [f"{folder}: cannot read the adapter: {exc.strerror or exc}"]
+    if non_finite:
+        return [f"{folder}: {non_finite}"]
     out = []
     ranks = sorted({m.a.shape[0] for m in modules.values() if m.a is not None and m.a.shape})
     if ranks != [wanted.r] or cfg.r != wanted.r:
@@ -90,7 +148,7 @@ def check(folder: Path, wanted: WantedLora, base_folder: Path | None) -> list[st
     if cfg.use_dora != wanted.use_dora:
         out.append(f"the adapter {'is' if cfg.use_dora else 'is not'} a DoRA adapter; the job's lora.use_dora is "
                    f"{wanted.use_dora}")
-    shapes = base_shapes(base_folder) if base_folder is not None else None
+    shapes = base_shapes(base_folder, roots) if base_folder is not None else None
     names = set(modules)
     if isinstance(wanted.targets, list):
         have = {name.rsplit(".", 1)[-1] for name in names}
