@@ -32,6 +32,12 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in r
                               *(f"LPT{i}" for i in range(10))})
 #: SQLite stores integers in 64 bits; a priority is far smaller in practice.
 MAX_PRIORITY = 1_000_000_000
+#: The most optimizer steps (``max_steps``, ``save_steps``, ``logging_steps``, ``eval_steps``) a job may name:
+#: far past any LoRA run (a million steps at batch 1 is days of GPU time), and far inside SQLite's 64 bits,
+#: so a number the store, the trainer and halving's arithmetic hold (README: "Every number and its range").
+MAX_STEPS = 10_000_000
+#: The largest ``lora.alpha``: PEFT scales a LoRA by alpha / r (alpha / sqrt(r) with rsLoRA); real values are 1-1024.
+MAX_ALPHA = 65_536.0
 DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 
@@ -48,7 +54,7 @@ def _finite(value: float) -> float:
 
 class LoraSpec(_Strict):
     r: int = Field(8, gt=0, le=4096)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, le=MAX_ALPHA)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     # ---- LoRA variants (issue 12), passed to PEFT's LoraConfig as they are
@@ -96,17 +102,17 @@ Auto = Literal["auto"]
 
 class TrainingSpec(_Strict):
     epochs: Annotated[float, Field(gt=0, le=1000)] | Auto = 3.0
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = 2.0e-4
     batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = 8
     grad_accum: int = Field(1, ge=1, le=4096)
     max_seq_len: int = Field(512, ge=8, le=1_048_576)
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(50, ge=1, le=MAX_STEPS)
+    logging_steps: int = Field(5, ge=1, le=MAX_STEPS)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: on when the largest micro-batch's activations would take over half the device's free memory
@@ -137,7 +143,7 @@ class EarlyStoppingSpec(_Strict):
     """Stop when the eval loss has not improved by more than ``min_delta`` for ``patience`` evaluations (issue 12)."""
 
     patience: int = Field(3, ge=1, le=1000)
-    min_delta: float = Field(0.0, ge=0.0)
+    min_delta: float = Field(0.0, ge=0.0, le=1000.0)
     metric: Literal["eval_loss"] = "eval_loss"  # the gate metric; lower is better
 
     @field_validator("min_delta")
@@ -153,7 +159,7 @@ METRICS = ("exact_match",)
 class ValidationSpec(_Strict):
     split: float = Field(0.05, ge=0.0, lt=1.0)
     dataset: str | None = None
-    min_eval_loss_drop: float = 0.0
+    min_eval_loss_drop: float = Field(0.0, ge=-1000.0, le=1000.0)  # an eval loss drop, in nats
     early_stopping: EarlyStoppingSpec | None = None
     # ---- quality you can see (issue 10): greedy answers on the eval rows' prompts, base and adapter
     metrics: list[Literal["exact_match"]] = Field(default_factory=list)
@@ -271,9 +277,9 @@ SERVING_ALIASES = {"ollama": "llamacpp", "llama.cpp": "llamacpp"}
 
 
 class QueueSettings(_Strict):
-    pause_after_failures: int | None = Field(None, ge=1)
+    pause_after_failures: int | None = Field(None, ge=1, le=1_000_000)
     # jobs failing for good in a row with the same internal error (a bug) pause the queue; 0: never
-    pause_after_internal_errors: int = Field(3, ge=0)
+    pause_after_internal_errors: int = Field(3, ge=0, le=1_000_000)
     retry_backoff_s: float = Field(10.0, ge=0.0, le=86_400)
     #: Engines every adapter must be servable by (vllm, lorax, llamacpp; ollama = llamacpp):
     #: checked on each job's settings at submit and on the trained adapter before publishing.
@@ -624,6 +630,8 @@ AUTO_FIELDS = ("training.epochs", "training.batch_size", "training.learning_rate
 #: ``gaussian``, ``orthogonal``, and the two that start from the base's principal directions and
 #: rewrite its weights (``pissa``, ``pissa_niter_<n>``, ``olora``; published converted to a plain
 #: LoRA that loads on the unchanged base).
+#: The most subspace iterations ``pissa_niter_<n>`` may ask of PEFT's randomized SVD (PEFT suggests 4-16).
+MAX_PISSA_NITER = 1000
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
 _REFUSED_INITS = {
     "eva": "needs a data-driven EvaConfig and a pass over the data before training",
@@ -636,8 +644,14 @@ _REFUSED_INITS = {
 
 def lora_init_problem(value: str) -> str | None:
     """Why ``value`` is not an ``init`` loraq accepts (``None`` if it is)."""
-    if value in LORA_INITS or (value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit()):
+    if value in LORA_INITS:
         return None
+    if value.startswith("pissa_niter_"):
+        niter = value[len("pissa_niter_"):]
+        # ASCII digits only ('١٢'.isdigit() is true too), and a count PEFT's randomized SVD finishes
+        if niter.isascii() and niter.isdigit() and 1 <= int(niter) <= MAX_PISSA_NITER:
+            return None
+        return f"pissa_niter_<n> takes n from 1 to {MAX_PISSA_NITER} subspace iterations (got {excerpt(value, 40)})"
     if value.lower() in _REFUSED_INITS:
         return f"{value!r} is not offered: it {_REFUSED_INITS[value.lower()]}"
     return f"must be one of {', '.join(LORA_INITS)} (got {value!r})"
