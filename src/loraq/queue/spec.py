@@ -509,6 +509,7 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     queue_dir = qpath.parent
     jobs: list[ResolvedJob] = []
     names: dict[str, tuple[str, int]] = {}
+    validated: dict[str, str] = {}  # a sweep job's settings once validated -> the first job that has them
     for index, raw in enumerate(raw_jobs):
         label = f"job #{index + 1}"
         if not isinstance(raw, dict):
@@ -531,6 +532,10 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
             problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{first}{same})"))
             continue
         names[folded] = (spec.name, index + 1)
+        if spec.name in sweeps and (twin := _sweep_twin(spec, sweeps, validated, where)) is not None:
+            if twin not in problems:
+                problems.append(twin)
+            continue
         if spec.trust_remote_code and not allow_remote_code:
             problems.append(Problem(f"{where}: {label}: trust_remote_code", "runs the model's own Python code, which "
                                     "a queue file alone cannot allow: submit with --allow-remote-code, or set "
@@ -545,6 +550,36 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     jobs = [job.model_copy(update={"sweep": sweeps[job.name]}) if job.name in sweeps else job for job in jobs]
     jobs = [_first_round(job, plans[job.name]) if job.name in plans else job for job in jobs]
     return Queue(path=str(qpath), settings=settings, jobs=jobs)
+
+
+def _sweep_twin(spec: JobSpec, sweeps: dict[str, dict[str, Any]], validated: dict[str, str],
+                where: str) -> Problem | None:
+    """A problem when this job of a sweep is, once validated, the same job as an earlier one of it.
+
+    ``[4, 4.0, "4"]`` are three values as written and one once validated: three identical
+    jobs would train the same adapter thrice and rank it against itself. The values that
+    differ only as written are named, with the fields that hold them.
+    """
+    key = json.dumps([spec.group, spec.model_dump(mode="json", exclude={"name"})], sort_keys=True)
+    first = validated.setdefault(key, spec.name)
+    if first == spec.name:
+        return None
+    mine, theirs = sweeps[spec.name], sweeps[first]
+
+    def shown(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    fields = [k for k in mine if shown(mine[k]) != shown(theirs.get(k))] or sorted(mine)
+
+    def value(settings: dict[str, Any], key: str) -> str:
+        return excerpt(settings[key], 40) if key in settings else "(unset)"
+
+    if len(fields) == 1:
+        said = f"{value(theirs, fields[0])} and {value(mine, fields[0])} are the same value"
+    else:
+        said = ", ".join(f"{k} {value(theirs, k)} and {value(mine, k)}" for k in fields) + " are the same settings"
+    return Problem(f"{where}: job {spec.group!r}: sweep.{', sweep.'.join(fields)}",
+                   f"{said} once validated: two jobs of the sweep would be one job (list each value once)")
 
 
 def _first_round(job: ResolvedJob, plan: dict[str, Any]) -> ResolvedJob:
