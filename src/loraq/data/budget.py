@@ -125,7 +125,7 @@ def within(render: Callable[[], T], *, seconds: float = SECONDS, size: int = 0) 
             _WATCHDOG.arm(ident, _STATE.deadline)
             return render()
         finally:
-            _STATE.deadline = None
+            _STATE.deadline, _STATE.limit = None, CHARS
             _WATCHDOG.disarm(ident)
     except _Timeout:
         raise TemplateBudgetError(f"the chat template ran past its {seconds:g} s budget rendering one conversation "
@@ -204,7 +204,7 @@ def binop(operator: str, left: Any, right: Any) -> None:
     if operator == "*":
         if ints:
             if left.bit_length() + right.bit_length() > INT_BITS:
-                raise TemplateBudgetError(f"the chat template would build a number past {INT_BITS:,} bits")
+                raise TemplateBudgetError(f"the chat template would build a number past its budget of {INT_BITS:,} bits")
             return
         seq, times = (left, right) if isinstance(right, int) else (right, left)
         if isinstance(times, int) and times > 0 and isinstance(seq, str | bytes | list | tuple):
@@ -213,7 +213,7 @@ def binop(operator: str, left: Any, right: Any) -> None:
                 raise _too_big("a repetition", size)
     elif operator == "**" and ints and abs(left) > 1 and right > 0:
         if right * left.bit_length() > INT_BITS:
-            raise TemplateBudgetError(f"the chat template would build a number past {INT_BITS:,} bits")
+            raise TemplateBudgetError(f"the chat template would build a number past its budget of {INT_BITS:,} bits")
     elif operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
         size = weight(left) + weight(right)
         if size > limit():
