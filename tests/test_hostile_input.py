@@ -274,7 +274,8 @@ def test_inspect_data_stops_a_runaway_template_in_the_adapter_folder(workdir: Pa
     out = loraq(workdir / ".loraq", "--allow-root", str(workdir), "inspect", str(folder), "--base",
                 str(workdir / "models" / "tiny"), "--data", str(workdir / "data" / "support.jsonl"))
     assert out.returncode == 2, (out.stdout, out.stderr)
-    (line,) = lines_of(out.stderr)
+    # (a dependency's notice on import may precede it: issue 20, section 1, routes those to the log)
+    (line,) = [line for line in lines_of(out.stderr) if line.startswith("loraq")]
     assert line == "loraq: the adapter's chat_template.jinja ran past its 5 s budget rendering one conversation " \
                    "(a loop that does not end?)"
 
@@ -290,6 +291,7 @@ def test_a_template_that_runs_away_only_in_the_trainer_fails_the_job_there_namin
   - name: runaway
     dataset: ./data/support.jsonl
     chat_template: ./t.jinja
+    training: {max_seq_len: 512}
     max_retries: 0
   - name: fine
     dataset: {path: ./data/sql.jsonl, format: prompt_completion}
