@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import re
 import threading
 import time
@@ -65,13 +66,23 @@ def _interrupt(ident: int, exc: type[BaseException] | None) -> None:
 
 
 class _Watchdog:
-    """One daemon thread a process: raises :class:`_Timeout` into a thread still rendering past its deadline."""
+    """One daemon thread a process: raises :class:`_Timeout` into a thread still rendering past its deadline.
+
+    Arming and disarming are a dictionary write under a lock, once a conversation: the thread polls
+    every :data:`POLL_S` while renderings come (no wake-up a conversation), and sleeps when none has
+    come for :data:`IDLE_S`.
+    """
+
+    POLL_S = 0.2
+    IDLE_S = 10.0
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._deadlines: dict[int, float] = {}
         self._fired: set[int] = set()
         self._thread: threading.Thread | None = None
+        self._idle = True
+        self._busy_at = 0.0
 
     def arm(self, ident: int, deadline: float) -> None:
         with self._cond:
@@ -80,7 +91,8 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="loraq-template-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
 
     def disarm(self, ident: int) -> None:
         with self._cond:
@@ -98,11 +110,22 @@ class _Watchdog:
                         del self._deadlines[ident]
                         self._fired.add(ident)
                         _interrupt(ident, _Timeout)
-                nearest = min(self._deadlines.values(), default=None)
-                self._cond.wait(None if nearest is None else nearest - now + 0.01)
+                if self._deadlines:
+                    self._busy_at = now
+                self._idle = not self._deadlines and now - self._busy_at > self.IDLE_S
+                self._cond.wait(None if self._idle else self.POLL_S)
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _after_fork() -> None:
+    # A forked child has no watchdog thread, and its lock may have been held by the parent's at the fork.
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def within(render: Callable[[], T], *, seconds: float = SECONDS, size: int = 0) -> T:
@@ -178,6 +201,10 @@ def weight(value: Any, cap: int | None = None) -> int:
 
 def check(value: T, what: str = "a value") -> T:
     """``value`` if it is within the size budget, else :class:`TemplateBudgetError`."""
+    if type(value) is str or isinstance(value, str):  # the hot path: Markup is a str too
+        if len(value) > _STATE.limit:
+            raise _too_big(what, len(value))
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         if value.bit_length() > INT_BITS:
             raise TemplateBudgetError(f"the chat template would build a number of {value.bit_length():,} bits, "
@@ -198,8 +225,12 @@ def _format_widths(text: str) -> None:
 
 
 def binop(operator: str, left: Any, right: Any) -> None:
-    """Before ``left <operator> right``: refuse what would build past the budget."""
-    tick()
+    """Before ``left <operator> right``: refuse what would build past the budget (the size of ``*``, ``**`` and
+    ``+`` is known before; ``%`` is checked after too). The hot path: ``+`` of two strings."""
+    if operator == "+" and type(left) is str and type(right) is str:
+        if len(left) + len(right) > _STATE.limit:
+            raise _too_big("a concatenation", len(left) + len(right))
+        return
     ints = isinstance(left, int) and isinstance(right, int)
     if operator == "*":
         if ints:
@@ -235,8 +266,9 @@ def _strings(args: tuple[Any, ...]) -> list[str]:
 
 
 def before_call(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Before a call, a method or a filter: refuse numbers past the budget and the known growers' results."""
-    tick()
+    """Before a call, a method or a filter: refuse numbers past the budget and the known growers' results.
+
+    (Time is the watchdog's: no hook needs to read the clock.)"""
     _numbers(args, kwargs)
     name = getattr(function, "__name__", "")
     # a method of a string, or one the sandbox wrapped (its str.format keeps the method as __wrapped__)

@@ -210,7 +210,8 @@ def environment() -> Any:
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             budget.binop(operator, left, right)
-            return budget.check(super().call_binop(context, operator, left, right), f"the result of {operator}")
+            result = self.binop_table[operator](left, right)
+            return budget.check(result, "the result of %") if operator == "%" else result
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's names
             budget.before_call(__obj, args, kwargs)
@@ -218,7 +219,6 @@ def environment() -> Any:
 
         @staticmethod
         def budget_check(value: Any) -> Any:
-            budget.tick()
             return budget.check(value, "a concatenation (~)")
 
     env = Budgeted(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
@@ -278,7 +278,7 @@ def render_chat(template: str, conversations: list[list[dict[str, Any]]], *, add
                 message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
             messages.append(message)
         out.append(budget.within(functools.partial(_render_one, compiled, messages, add_generation_prompt, variables),
-                                 size=budget.weight(messages, budget.CHARS)))
+                                 size=sum(len(v) for m in messages for v in m.values() if isinstance(v, str))))
     return out
 
 
