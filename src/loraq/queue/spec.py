@@ -665,9 +665,9 @@ AUTO_FIELDS = ("training.epochs", "training.batch_size", "training.learning_rate
 #: ``gaussian``, ``orthogonal``, and the two that start from the base's principal directions and
 #: rewrite its weights (``pissa``, ``pissa_niter_<n>``, ``olora``; published converted to a plain
 #: LoRA that loads on the unchanged base).
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
 #: The most subspace iterations ``pissa_niter_<n>`` may ask of PEFT's randomized SVD (PEFT suggests 4-16).
 MAX_PISSA_NITER = 1000
-LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
 _REFUSED_INITS = {
     "eva": "needs a data-driven EvaConfig and a pass over the data before training",
     "corda": "needs a CordaConfig and a pass over the data before training",
