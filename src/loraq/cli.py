@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -279,8 +280,10 @@ def run(
     devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to use, e.g. 0,1; or cpu,cpu. Default: every GPU, else the CPU."),
     executor: str = typer.Option("local", "--executor", help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster: auto or ADDRESS (with --executor ray)."),
-    lease: float = typer.Option(60.0, "--lease", help="Seconds a job's lease lasts without a heartbeat."),
-    stall: float = typer.Option(600.0, "--stall-timeout", help="Kill and retry a trainer silent this long (seconds)."),
+    lease: float = typer.Option(60.0, "--lease", min=1.0, max=86_400.0,
+                                help="Seconds a job's lease lasts without a heartbeat (1-86400)."),
+    stall: float = typer.Option(600.0, "--stall-timeout", min=1.0, max=604_800.0,
+                                help="Kill and retry a trainer silent this long (seconds, 1-604800)."),
     wait: bool = typer.Option(False, "--wait", help="Keep waiting for new jobs instead of returning when the queue is empty."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> int:
@@ -415,7 +418,7 @@ def logs(
     ctx: typer.Context,
     job: str = typer.Argument(..., help="Job name or id."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing while the job runs."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="An earlier attempt's log."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", min=1, max=1_000_000, help="An earlier attempt's log."),
 ) -> int:
     """The training log of the job's newest attempt."""
     # The log holds what libraries printed, which can quote a dataset: control characters
@@ -477,7 +480,8 @@ def inspect(
     folder: Path = typer.Argument(..., help="An adapter folder."),
     base: Optional[str] = typer.Option(None, "--base", help="Check against this base model (folder or hub id)."),
     data: Optional[Path] = typer.Option(None, "--data", help="With --base: eval loss base vs adapter on this dataset."),
-    min_drop: float = typer.Option(0.0, "--min-eval-loss-drop", help="Quality gate with --data."),
+    min_drop: float = typer.Option(0.0, "--min-eval-loss-drop", min=-1000.0, max=1000.0,
+                                   help="Quality gate with --data (-1000 to 1000)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
     """Inspect one adapter folder. Exit 0 pass, 1 fail, 2 cannot inspect."""
@@ -506,6 +510,27 @@ def _print_serving(verdicts: dict[str, Any]) -> None:
             _say(f"  {'':<{width}}  note: {note}")
 
 
+#: ``--shard-size``: a whole number and a unit, as ``save_pretrained(max_shard_size=...)`` reads it (huggingface_hub).
+SHARD_SIZE = re.compile(r"([0-9]{1,13}) ?([KMGT]B)", re.IGNORECASE)
+SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+#: The range a shard may take (bytes): 100KB (a tensor larger than a shard gets a file of its own) to 1TB.
+SHARD_BYTES = (100 * 10**3, 10**12)
+
+
+def _shard_size(value: str | None) -> str | None:
+    """``--shard-size`` checked before any work: a usage error (exit 2) unless it is a size within SHARD_BYTES."""
+    if value is None:
+        return None
+    found = SHARD_SIZE.fullmatch(value.strip())
+    if found is None:
+        raise typer.BadParameter(f"{printable(value)[:40]!r} is not a size: a whole number and a unit (KB, MB, GB, "
+                                 "TB), e.g. 5GB or 500MB")
+    number, unit = int(found[1]), found[2].upper()
+    if not SHARD_BYTES[0] <= number * SHARD_UNITS[unit] <= SHARD_BYTES[1]:
+        raise typer.BadParameter(f"{number}{unit} is outside 100KB-1TB")
+    return f"{number}{unit}"
+
+
 @app.command()
 def export(
     ctx: typer.Context,
@@ -515,8 +540,9 @@ def export(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="merged: bf16 | fp16 | fp32 (default fp32)."),
     data: Optional[Path] = typer.Option(None, "--data",
                                         help="merged: eval rows for the check (default: the adapter's dataset)."),
-    shard_size: Optional[str] = typer.Option(None, "--shard-size",
-                                             help="merged: largest safetensors shard (default 5GB)."),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size", callback=lambda v: _shard_size(v),
+                                             help="merged: largest safetensors shard, 100KB-1TB "
+                                                  "(KB, MB, GB, TB; default 5GB)."),
     force: bool = typer.Option(False, "--force", help="Replace DIR or FILE if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> int:
@@ -570,7 +596,7 @@ def report(
 def serve(
     ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless --allow-remote)."),
-    port: int = typer.Option(8765, "--port", help="Port to listen on (0: any free port)."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port to listen on (0-65535; 0: any free port)."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host (prints a warning)."),
 ) -> int:
     """The live web dashboard over the home. Prints the link (with its token) to open; Ctrl-C stops it."""

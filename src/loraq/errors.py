@@ -63,6 +63,11 @@ class TemplateError(LoraqError, ValueError):
     """The tokenizer's chat template cannot be used to find the assistant turns."""
 
 
+class TemplateBudgetError(TemplateError):
+    """A chat template ran past its budget (time, or the size of what it builds) while rendering: the template is
+    at fault, not a row, so rendering stops at the first."""
+
+
 class PathError(LoraqError):
     """A path lies outside the roots loraq may read from or write to."""
 

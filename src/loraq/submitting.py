@@ -129,6 +129,10 @@ def _set(doc: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: Keys a clone's ``--set`` cannot give: they make a job one of a sweep (queue/sweep.py), which a copy never is.
+CLONE_FIXED = ("group", "sweep", "sweep_strategy")
+
+
 def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str) -> dict[str, Any]:
     """A queue document of one job: the stored job as submitted, renamed, with ``key=value`` overrides.
 
@@ -163,6 +167,12 @@ def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str
             continue
         if key == "name":
             problems.append(Problem(f"{label}: --set name", "the copy's name is the NEW argument"))
+            continue
+        if key.split(".")[0] in CLONE_FIXED:
+            # A sweep's ranking (and a halving sweep's rounds) compare the jobs it was submitted with;
+            # a copy set into one would be ranked against configurations it was never part of.
+            problems.append(Problem(f"{label}: --set {key}", "a clone is one job of its own, in no sweep: it cannot "
+                                    "join a sweep's group or start one (submit a queue file with the sweep instead)"))
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None

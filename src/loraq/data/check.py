@@ -40,7 +40,7 @@ from typing import Any
 
 from .. import data, fsutil
 from ..data import Dataset, ProblemList, RowProblem
-from ..errors import DataError, Problem
+from ..errors import DataError, Problem, TemplateBudgetError
 from ..escape import printable
 from ..queue import auto
 from ..queue.spec import Queue, ResolvedJob, TrainingSpec
@@ -417,8 +417,17 @@ class _Run:
 
     def profile(self, dataset: Dataset, tokenizer: Any, chat_template: str | None = None) -> FileProfile:
         template = chat_template if dataset.format == "chat" else None
-        return self.memo(("profile", dataset.path, dataset.format, id(tokenizer), template),  # type: ignore[no-any-return]
-                         lambda: self.cache.profile(dataset, tokenizer, self.cache_dir, template, self.deferred))
+        # A template that ran past its budget (data/budget.py) once runs past it again: it is not rendered
+        # again for another file or job of this submit (each try costs the whole time budget).
+        runaway = self._memo.get(("runaway", template, id(tokenizer)))
+        if runaway is not None:
+            raise runaway
+        try:
+            return self.memo(("profile", dataset.path, dataset.format, id(tokenizer), template),  # type: ignore[no-any-return]
+                             lambda: self.cache.profile(dataset, tokenizer, self.cache_dir, template, self.deferred))
+        except TemplateBudgetError as exc:
+            self._memo[("runaway", template, id(tokenizer))] = exc
+            raise
 
     def once(self, key: tuple[Any, ...], job: str, problems: list[Problem], shared: str) -> list[Problem]:
         """``problems`` the first time; for a later job, one line pointing at the job they were listed for."""
@@ -519,6 +528,11 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     try:
         profile = run.profile(train, tokenizer, template)
         eval_profile = run.profile(eval_set, tokenizer, template) if eval_set else None
+    except TemplateBudgetError as exc:  # the template ran away (data/budget.py): named, in one line
+        named = (f"chat_template {spec.chat_template!r}" if spec.chat_template is not None
+                 else f"base model {job.base_model!r}: its chat template")
+        runaway = _problem("chat_template", "template_budget", str(exc).replace("the chat template", named, 1))
+        return None, problems + run.once(("budget", named, template, base_key), job.name, [runaway], "chat template")
     except data.TemplateError as exc:  # no template at all: the job's chat_template is what fixes it
         no_template = _problem("chat_template", "template_error", f"base model {job.base_model!r}: {exc}")
         return None, problems + run.once(base_key, job.name, [no_template], "base model")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import TemplateError
+from ..errors import TemplateBudgetError, TemplateError
 
 IGNORE_INDEX = -100
 #: The field whose text carries the loss, per flat format.
@@ -109,8 +109,13 @@ class ChatTemplate:
             self._kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
 
     def _public(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
-        out = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt,
-                                                 chat_template=self.template)
+        from . import budget
+
+        # transformers' own Jinja environment: the time budget holds (data/budget.py); what a template builds was
+        # checked when loraq's environment rendered the same conversations first (render: the sample)
+        out = budget.within(lambda: self.tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=generation_prompt, chat_template=self.template),
+            seconds=budget.SECONDS + budget.SECONDS_EACH * len(conversations))
         return [str(text) for text in out]
 
     def _fast(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str]:
@@ -122,11 +127,15 @@ class ChatTemplate:
     def render(self, conversations: list[list[dict[str, Any]]], generation_prompt: bool) -> list[str | TemplateError]:
         if not conversations:
             return []
-        if self._direct is not None and not self._checked and len(conversations) > self.SAMPLE:
+        if self._direct is not None and not self._checked:
+            # loraq's environment first, within the whole budget (data/budget.py): a template that runs away
+            # stops there, before transformers renders with it
             self._checked = True
             sample = conversations[: self.SAMPLE]
             try:
                 same = self._fast(sample, generation_prompt) == self._public(sample, generation_prompt)
+            except TemplateBudgetError:
+                raise
             except Exception:
                 same = False
             if not same:
@@ -135,6 +144,8 @@ class ChatTemplate:
             if self._direct is not None and self._checked:
                 return list(self._fast(conversations, generation_prompt))
             return list(self._public(conversations, generation_prompt))
+        except TemplateBudgetError:
+            raise  # the template is at fault, not a conversation: rendering stops at the first
         except Exception:
             # some conversation the template rejects (e.g. roles that do not alternate): find which
             return [self._one(c, generation_prompt) for c in conversations]
@@ -142,6 +153,8 @@ class ChatTemplate:
     def _one(self, conversation: list[dict[str, Any]], generation_prompt: bool) -> str | TemplateError:
         try:
             return self._public([conversation], generation_prompt)[0]
+        except TemplateBudgetError:
+            raise
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return TemplateError(f"the chat template rejects this conversation: {first_line[:200]}")

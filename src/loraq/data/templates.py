@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PathError, Problem, TemplateError
+from ..errors import PathError, Problem, TemplateBudgetError, TemplateError
 from ..queue.spec import Queue
 from ..sandbox import Roots
+from . import budget
 
 #: The name of the template file in a published adapter folder (as transformers saves a tokenizer's).
 TEMPLATE_FILE = "chat_template.jinja"
@@ -146,6 +147,7 @@ def environment() -> Any:
     import json
 
     import jinja2
+    import jinja2.compiler
     import jinja2.ext
     import jinja2.utils
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -185,6 +187,7 @@ def environment() -> Any:
 
         def __setitem__(self, name: str, value: Any) -> None:
             TemplateNamespace._check(name)
+            budget.check(value, f"namespace value {name!r}")
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
         @staticmethod
@@ -193,9 +196,34 @@ def environment() -> Any:
                 raise jinja2.exceptions.SecurityError(
                     f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    class Generator(jinja2.compiler.CodeGenerator):
+        def visit_Concat(self, node: Any, frame: Any) -> None:  # ``a ~ b``: its size checked (data/budget.py)
+            self.write("environment.budget_check(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class Budgeted(ImmutableSandboxedEnvironment):
+        """The sandbox, with the rendering budget (data/budget.py) checked at every call, filter and operator."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+        code_generator_class = Generator
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            budget.binop(operator, left, right)
+            result = self.binop_table[operator](left, right)
+            return budget.check(result, "the result of %") if operator == "%" else result
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's names
+            budget.before_call(__obj, args, kwargs)
+            return budget.check(super().call(__context, __obj, *args, **kwargs), "the result of a call")
+
+        @staticmethod
+        def budget_check(value: Any) -> Any:
+            return budget.check(value, "a concatenation (~)")
+
+    env = Budgeted(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: budget.budgeted_filter(function) for name, function in env.filters.items()}
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
                        namespace=TemplateNamespace)
     return env
@@ -249,9 +277,25 @@ def render_chat(template: str, conversations: list[list[dict[str, Any]]], *, add
             if reasoning is not None:
                 message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
             messages.append(message)
-        out.append(compiled.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables))
+        out.append(budget.within(functools.partial(_render_one, compiled, messages, add_generation_prompt, variables),
+                                 size=sum(len(v) for m in messages for v in m.values() if isinstance(v, str))))
     return out
+
+
+def _render_one(compiled: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                variables: dict[str, Any]) -> str:
+    """One conversation's text, its size checked as it is written (data/budget.py)."""
+    parts: list[str] = []
+    written = 0
+    for part in compiled.generate(messages=messages, tools=None, documents=None,
+                                  add_generation_prompt=add_generation_prompt, **variables):
+        budget.tick()
+        written += len(part)
+        if written > budget.limit():
+            raise TemplateBudgetError(f"the chat template writes over {budget.limit():,} characters for one "
+                                      "conversation, past its budget")
+        parts.append(part)
+    return "".join(parts)
 
 
 def folder_template(folder: Path) -> str | dict[str, str] | None:

@@ -82,15 +82,20 @@ def parse_devices(devices: str | None) -> list[str]:
     out = []
     for item in devices.split(","):
         item = item.strip()
-        if item == "cpu" or item.isdigit():
+        if item == "cpu" or _gpu_index(item):
             out.append(item)
-        elif item.startswith("cuda:") and item[5:].isdigit():
+        elif item.startswith("cuda:") and _gpu_index(item[5:]):
             out.append(item[5:])
         else:
             raise UsageError(f"--devices: {item!r} is not a GPU index or 'cpu' (e.g. --devices 0,1 or cpu,cpu)")
     if not out:
         raise UsageError("--devices: no device given")
     return out
+
+
+def _gpu_index(text: str) -> bool:
+    """ASCII digits of a plausible GPU index ('١'.isdigit() is true too, and CUDA counts far below 10,000)."""
+    return text.isascii() and text.isdigit() and len(text) <= 4
 
 
 def detect_gpus() -> list[str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, InspectionError, PathError
+from ..errors import DataError, InspectionError, PathError, TemplateBudgetError
 from ..escape import printable
 from ..sandbox import Roots, check_model_folder, hf_cache_dir, is_hub_id, model_folder
 from .lora_config import LoraSettings
@@ -329,6 +329,10 @@ def _eval_set(path: Path, tokenizer: Any, max_seq_len: int, roots: Roots | None 
             encoded = data.encode(row, dataset.format, tokenizer, max_seq_len, chat_template)
             if encoded.trainable:
                 items.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    except TemplateBudgetError as exc:  # the template ran away (data/budget.py): named, not the data
+        named = ("the adapter's chat_template.jinja" if chat_template is not None
+                 else "the base model's chat template")
+        raise InspectionError(str(exc).replace("the chat template", named, 1)) from None
     except (DataError, data.TemplateError) as exc:
         raise InspectionError(f"eval dataset {path}: {exc}") from None
     if not items:

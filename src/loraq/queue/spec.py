@@ -32,6 +32,12 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in r
                               *(f"LPT{i}" for i in range(10))})
 #: SQLite stores integers in 64 bits; a priority is far smaller in practice.
 MAX_PRIORITY = 1_000_000_000
+#: The most optimizer steps (``max_steps``, ``save_steps``, ``logging_steps``, ``eval_steps``) a job may name:
+#: far past any LoRA run (a million steps at batch 1 is days of GPU time), and far inside SQLite's 64 bits,
+#: so a number the store, the trainer and halving's arithmetic hold (README: "Every number and its range").
+MAX_STEPS = 10_000_000
+#: The largest ``lora.alpha``: PEFT scales a LoRA by alpha / r (alpha / sqrt(r) with rsLoRA); real values are 1-1024.
+MAX_ALPHA = 65_536.0
 DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 
@@ -48,7 +54,7 @@ def _finite(value: float) -> float:
 
 class LoraSpec(_Strict):
     r: int = Field(8, gt=0, le=4096)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, le=MAX_ALPHA)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     # ---- LoRA variants (issue 12), passed to PEFT's LoraConfig as they are
@@ -96,17 +102,17 @@ Auto = Literal["auto"]
 
 class TrainingSpec(_Strict):
     epochs: Annotated[float, Field(gt=0, le=1000)] | Auto = 3.0
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = 2.0e-4
     batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = 8
     grad_accum: int = Field(1, ge=1, le=4096)
     max_seq_len: int = Field(512, ge=8, le=1_048_576)
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(50, ge=1, le=MAX_STEPS)
+    logging_steps: int = Field(5, ge=1, le=MAX_STEPS)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: on when the largest micro-batch's activations would take over half the device's free memory
@@ -137,7 +143,7 @@ class EarlyStoppingSpec(_Strict):
     """Stop when the eval loss has not improved by more than ``min_delta`` for ``patience`` evaluations (issue 12)."""
 
     patience: int = Field(3, ge=1, le=1000)
-    min_delta: float = Field(0.0, ge=0.0)
+    min_delta: float = Field(0.0, ge=0.0, le=1000.0)
     metric: Literal["eval_loss"] = "eval_loss"  # the gate metric; lower is better
 
     @field_validator("min_delta")
@@ -153,7 +159,7 @@ METRICS = ("exact_match",)
 class ValidationSpec(_Strict):
     split: float = Field(0.05, ge=0.0, lt=1.0)
     dataset: str | None = None
-    min_eval_loss_drop: float = 0.0
+    min_eval_loss_drop: float = Field(0.0, ge=-1000.0, le=1000.0)  # an eval loss drop, in nats
     early_stopping: EarlyStoppingSpec | None = None
     # ---- quality you can see (issue 10): greedy answers on the eval rows' prompts, base and adapter
     metrics: list[Literal["exact_match"]] = Field(default_factory=list)
@@ -271,9 +277,9 @@ SERVING_ALIASES = {"ollama": "llamacpp", "llama.cpp": "llamacpp"}
 
 
 class QueueSettings(_Strict):
-    pause_after_failures: int | None = Field(None, ge=1)
+    pause_after_failures: int | None = Field(None, ge=1, le=1_000_000)
     # jobs failing for good in a row with the same internal error (a bug) pause the queue; 0: never
-    pause_after_internal_errors: int = Field(3, ge=0)
+    pause_after_internal_errors: int = Field(3, ge=0, le=1_000_000)
     retry_backoff_s: float = Field(10.0, ge=0.0, le=86_400)
     #: Engines every adapter must be servable by (vllm, lorax, llamacpp; ollama = llamacpp):
     #: checked on each job's settings at submit and on the trained adapter before publishing.
@@ -503,6 +509,7 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     queue_dir = qpath.parent
     jobs: list[ResolvedJob] = []
     names: dict[str, tuple[str, int]] = {}
+    validated: dict[str, str] = {}  # a sweep job's settings once validated -> the first job that has them
     for index, raw in enumerate(raw_jobs):
         label = f"job #{index + 1}"
         if not isinstance(raw, dict):
@@ -525,6 +532,10 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
             problems.append(Problem(f"{where}: {label}: name", f"duplicate name (also job #{first}{same})"))
             continue
         names[folded] = (spec.name, index + 1)
+        if spec.name in sweeps and (twin := _sweep_twin(spec, sweeps, validated, where)) is not None:
+            if twin not in problems:
+                problems.append(twin)
+            continue
         if spec.trust_remote_code and not allow_remote_code:
             problems.append(Problem(f"{where}: {label}: trust_remote_code", "runs the model's own Python code, which "
                                     "a queue file alone cannot allow: submit with --allow-remote-code, or set "
@@ -539,6 +550,36 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     jobs = [job.model_copy(update={"sweep": sweeps[job.name]}) if job.name in sweeps else job for job in jobs]
     jobs = [_first_round(job, plans[job.name]) if job.name in plans else job for job in jobs]
     return Queue(path=str(qpath), settings=settings, jobs=jobs)
+
+
+def _sweep_twin(spec: JobSpec, sweeps: dict[str, dict[str, Any]], validated: dict[str, str],
+                where: str) -> Problem | None:
+    """A problem when this job of a sweep is, once validated, the same job as an earlier one of it.
+
+    ``[4, 4.0, "4"]`` are three values as written and one once validated: three identical
+    jobs would train the same adapter thrice and rank it against itself. The values that
+    differ only as written are named, with the fields that hold them.
+    """
+    key = json.dumps([spec.group, spec.model_dump(mode="json", exclude={"name"})], sort_keys=True)
+    first = validated.setdefault(key, spec.name)
+    if first == spec.name:
+        return None
+    mine, theirs = sweeps[spec.name], sweeps[first]
+
+    def shown(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    fields = [k for k in mine if shown(mine[k]) != shown(theirs.get(k))] or sorted(mine)
+
+    def value(settings: dict[str, Any], key: str) -> str:
+        return excerpt(settings[key], 40) if key in settings else "(unset)"
+
+    if len(fields) == 1:
+        said = f"{value(theirs, fields[0])} and {value(mine, fields[0])} are the same value"
+    else:
+        said = ", ".join(f"{k} {value(theirs, k)} and {value(mine, k)}" for k in fields) + " are the same settings"
+    return Problem(f"{where}: job {spec.group!r}: sweep.{', sweep.'.join(fields)}",
+                   f"{said} once validated: two jobs of the sweep would be one job (list each value once)")
 
 
 def _first_round(job: ResolvedJob, plan: dict[str, Any]) -> ResolvedJob:
@@ -625,6 +666,8 @@ AUTO_FIELDS = ("training.epochs", "training.batch_size", "training.learning_rate
 #: rewrite its weights (``pissa``, ``pissa_niter_<n>``, ``olora``; published converted to a plain
 #: LoRA that loads on the unchanged base).
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<n>", "olora")
+#: The most subspace iterations ``pissa_niter_<n>`` may ask of PEFT's randomized SVD (PEFT suggests 4-16).
+MAX_PISSA_NITER = 1000
 _REFUSED_INITS = {
     "eva": "needs a data-driven EvaConfig and a pass over the data before training",
     "corda": "needs a CordaConfig and a pass over the data before training",
@@ -636,8 +679,14 @@ _REFUSED_INITS = {
 
 def lora_init_problem(value: str) -> str | None:
     """Why ``value`` is not an ``init`` loraq accepts (``None`` if it is)."""
-    if value in LORA_INITS or (value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit()):
+    if value in LORA_INITS:
         return None
+    if value.startswith("pissa_niter_"):
+        niter = value[len("pissa_niter_"):]
+        # ASCII digits only ('١٢'.isdigit() is true too), and a count PEFT's randomized SVD finishes
+        if niter.isascii() and niter.isdigit() and 1 <= int(niter) <= MAX_PISSA_NITER:
+            return None
+        return f"pissa_niter_<n> takes n from 1 to {MAX_PISSA_NITER} subspace iterations (got {excerpt(value, 40)})"
     if value.lower() in _REFUSED_INITS:
         return f"{value!r} is not offered: it {_REFUSED_INITS[value.lower()]}"
     return f"must be one of {', '.join(LORA_INITS)} (got {value!r})"

@@ -333,16 +333,20 @@ class Store:
 
     def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
         # '#3' is always job id 3; a bare '3' is the id too (names made only of digits are refused).
-        if isinstance(ref, str) and ref.startswith("#") and ref[1:].isdigit():
-            ref = int(ref[1:])
+        # An id is ASCII digits ('١٢'.isdigit() is true too) within SQLite's 64 bits; past them, no job has it.
+        asked = ref
+        if isinstance(ref, str) and ref.startswith("#") and ref[1:].isascii() and ref[1:].isdigit():
+            ref = int(ref[1:]) if len(ref) <= 20 else -1
         if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
-            row = conn.execute("SELECT id FROM jobs WHERE id = ?", (int(ref),)).fetchone()
+            job_id = int(ref) if isinstance(ref, int) or len(ref) <= 19 else -1
+            row = (conn.execute("SELECT id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                   if 0 <= job_id < 2**63 else None)
             if row is None and isinstance(ref, str):
                 row = conn.execute("SELECT id FROM jobs WHERE name = ?", (ref,)).fetchone()
         else:
             row = conn.execute("SELECT id FROM jobs WHERE name = ?", (ref,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no job named {ref!r} (see 'loraq status')")
+            raise NotFoundError(f"no job named {asked!r} (see 'loraq status')")
         return int(row["id"])
 
     def _state(self, conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:

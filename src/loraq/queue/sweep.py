@@ -35,6 +35,9 @@ from . import halving
 
 #: The most jobs one sweep may expand into: a typo of a list should not enqueue a million jobs.
 MAX_JOBS = 1000
+#: The most jobs one submit may enqueue, every sweep's product counted before any sweep expands: 200 sweeps
+#: aliased in a 12 KB file (YAML anchors) would otherwise be 200,000 jobs and gigabytes of work.
+MAX_SUBMIT_JOBS = 1000
 #: Keys a sweep cannot set: they name the job and its group, which the sweep decides.
 FIXED = ("name", "group", "sweep", "sweep_strategy")
 TOGETHER = "_"
@@ -188,6 +191,9 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
     out: list[Any] = []
     settings_of: dict[str, dict[str, Any]] = {}
     plans: dict[str, dict[str, Any]] = {}
+    # First every sweep's axes and the size of their product, and the submit's total: nothing expands past the cap.
+    sized: list[tuple[Any, str, str | None, list[list[dict[str, Any]]] | None, int]] = []
+    total = 0
     for index, raw in enumerate(raw_jobs):
         name = raw.get("name") if isinstance(raw, dict) else None
         label = f"{where}: job {name!r}" if isinstance(name, str) else f"{where}: job #{index + 1}"
@@ -195,7 +201,8 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
             problems.append(Problem(f"{label}: sweep_strategy", "applies to a sweep: add sweep:, or remove it"))
             continue
         if not isinstance(raw, dict) or "sweep" not in raw:
-            out.append(raw)
+            sized.append((raw, label, None, None, 1))
+            total += 1
             continue
         if not isinstance(name, str):
             problems.append(Problem(f"{label}: name", "a sweep needs a name: its jobs are named after it"))
@@ -211,6 +218,18 @@ def expand_jobs(raw_jobs: list[Any], defaults: dict[str, Any], where: str, probl
             count *= len(axis)
         if count > MAX_JOBS:
             problems.append(Problem(f"{label}: sweep", f"expands into {count:,} jobs; at most {MAX_JOBS:,} a sweep"))
+            continue
+        sized.append((raw, label, name, axes, count))
+        total += count
+    if total > MAX_SUBMIT_JOBS:
+        sweeps = sum(1 for _, _, name, _, _ in sized if name is not None)
+        problems.append(Problem(f"{where}: jobs", f"the queue file's {len(sized):,} job(s) ({sweeps:,} of them sweeps) "
+                                                  f"expand into {total:,} jobs; at most {MAX_SUBMIT_JOBS:,} a submit "
+                                                  "(split the file, or sweep over fewer values)"))
+        return [], {}, {}
+    for raw, label, name, axes, count in sized:
+        if name is None or axes is None:
+            out.append(raw)
             continue
         plan = _strategy(raw, defaults, count, axes, label, problems)
         if plan is False:

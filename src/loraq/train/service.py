@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, data, fsutil
-from ..errors import DataError, FailureKind, TrainingError, classify, describe, raised_at
+from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, classify, describe, raised_at
 from ..model.base import (
     BaseCache,
     BaseKey,
@@ -188,6 +188,10 @@ def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepar
         try:  # one batched render and tokenise for all rows (the tokenizer's Rust batch path)
             encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len,
                                        job.chat_template_text)
+        except TemplateBudgetError as exc:  # the template ran away (data/budget.py): it, not the data, is named
+            named = (f"chat_template {spec.chat_template!r}" if spec.chat_template is not None
+                     else f"base model {job.base_model}: its chat template")
+            raise TrainingError(str(exc).replace("the chat template", named, 1), kind=FailureKind.SPEC) from exc
         except data.TemplateError as exc:
             raise TrainingError(f"{dataset.path}: {exc}", kind=FailureKind.DATA) from exc
         items = [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded if enc.trainable]
