@@ -65,6 +65,7 @@
         }
       }
     }
+    unseen += data.unseen || 0;  // jobs of this page's filter that it does not list: the server counts them
     swapSections(data.sections);
     const notice = document.getElementById("notice");
     if (notice && unseen) {
