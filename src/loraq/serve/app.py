@@ -43,6 +43,8 @@ from .feed import Change, Feed
 from .render import LOG_TAIL, STATIC, JobView, Renderer
 
 PAGE_SIZE = 100
+#: Jobs on a page of the report (each with its curves and findings).
+REPORT_PAGE = 50
 #: The largest id, ``seq`` or byte offset a request may name: SQLite's integers (and a file offset).
 MAX_NUMBER = 2**63 - 1
 #: The most bytes of an action's form (a token and a return address), refused past this (413).
@@ -162,17 +164,28 @@ def create_app(settings: Settings) -> Dashboard:
     def report_page(request: Request) -> Response:
         if not home.db_path.exists():
             return message("no report yet", "No jobs in this home yet.", 200)
+        number = _page_number(request)
+        if number is None:
+            return message("no such page", "?page= takes a page number (1, 2, ...).", 400, "/report")
         try:
             with api.open_reader(home) as store, store.snapshot():
-                built = report.build(store, home)
+                # A page of jobs at a time: the work (and the page) do not grow with the queue.
+                total = store.listing_count()
+                ids = [row["id"] for row in store.listing(offset=(number - 1) * REPORT_PAGE, limit=REPORT_PAGE)]
+                built = report.build(store, home, [store.job(job_id) for job_id in ids])
         except LoraqError as exc:
             return message("cannot read the queue", str(exc), 503)
+        pages = max(1, -(-total // REPORT_PAGE))
         saved = sorted(p.name for p in home.reports_dir.glob("*") if SAVED_REPORT.match(p.name) and p.is_file()) \
             if home.reports_dir.is_dir() else []
         from markupsafe import Markup
 
         # The report's HTML escapes markup; bidi and control characters in it are escaped here, as on every page.
-        return page("report.html", body=Markup(printable_lines(report.body_html(built))), saved=saved)
+        return page("report.html", body=Markup(printable_lines(report.body_html(built))), saved=saved,
+                    first=(number - 1) * REPORT_PAGE + 1 if ids else 0, last=(number - 1) * REPORT_PAGE + len(ids),
+                    total=total, paged=pages > 1,
+                    prev_url=f"/report?page={number - 1}" if number > 1 else None,
+                    next_url=f"/report?page={number + 1}" if number < pages else None)
 
     def report_css(request: Request) -> Response:
         return Response(report.REPORT_CSS, media_type="text/css")
