@@ -7,7 +7,9 @@ closed, and so is one idle past ``KEEP_ALIVE_S`` between requests. At the limit,
 a new connection closes the connection idle the longest (one that has sent no
 request, or is between requests) rather than being refused: idle connections
 cannot keep the owner out. Only when every open connection is busy (a page's
-stream, a request being answered) is the new one refused. Refusals, and a
+stream, a request being answered) is the new one refused. The listen backlog (which
+is also how many connections asyncio accepts at once) is kept near the limit, so a
+burst of connections cannot take every file descriptor before the idle are closed. Refusals, and a
 failed ``accept`` (out of file descriptors), are logged as one line at a time
 (:class:`Refusals`), never a traceback each.
 """
@@ -98,6 +100,12 @@ class Refusals:
         if self._last is not None and now - self._last < self.every_s:
             return
         self._last = now
+        self.flush()
+
+    def flush(self) -> None:
+        """Tell what is counted and not told yet (the server is stopping)."""
+        if not self._counts:
+            return
         told = "; ".join(f"{what} ×{n}" for what, n in self._counts.items())
         self._counts.clear()
         log.warning("loraq serve: %s (at most %d connections open; see --max-connections)", told, self.limit)
@@ -160,7 +168,7 @@ def serve(home: Home, host: str = "127.0.0.1", port: int = 8765, *, allow_remote
     refusals = Refusals(limit)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
                             server_header=False, http=guarded_protocol(limit, refusals),
-                            timeout_keep_alive=KEEP_ALIVE_S)
+                            timeout_keep_alive=KEEP_ALIVE_S, backlog=min(128, max(16, limit)))
     if ready is not None:
         ready(listening)
 
@@ -173,6 +181,7 @@ def serve(home: Home, host: str = "127.0.0.1", port: int = 8765, *, allow_remote
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             app.feed.end_streams()  # open pages' streams end now, not after the graceful timeout
             await super().shutdown(sockets)
+            refusals.flush()
 
     Server(config).run(sockets=[sock])
 
