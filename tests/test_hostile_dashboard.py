@@ -296,6 +296,19 @@ def test_slow_headers_cannot_hold_connections_from_a_page_that_streams(home: Hom
     assert "Traceback" not in err and len(err.splitlines()) <= 5, err[-3000:]
 
 
+def test_a_connection_that_never_finishes_its_headers_is_closed_by_the_server(server: Served) -> None:
+    """Below the limit too: a connection that sends nothing, or half a request, is closed (the header
+    timeout), not held open for as long as the other side likes."""
+    silent, half = _idle_connections(server.port, 1) + _idle_connections(server.port, 1, b"GET / HTTP/1.1\r\n")
+    try:
+        for sock in (silent, half):
+            sock.settimeout(120)
+            assert sock.recv(1024) == b""  # the server closed it
+    finally:
+        silent.close()
+        half.close()
+
+
 # ---------------------------------------------------------------- numbers past their range
 
 
