@@ -377,6 +377,8 @@ def create_app(settings: Settings) -> Dashboard:
             await app(scope, receive, send)
             return
         request = Request(scope, receive)
+        if request.method != "POST" and security.has_body(scope):
+            send = security.closing(send)  # a body nobody reads: the connection ends with the answer
         if not security.host_allowed(request.headers.get("host"), settings.host):
             await PlainTextResponse("unknown host", status_code=403)(scope, receive, send)
             return

@@ -198,6 +198,27 @@ def body_too_large(scope: MutableMapping[str, Any], limit: int) -> bool:
     return length is not None and length > limit
 
 
+def has_body(scope: MutableMapping[str, Any]) -> bool:
+    """Whether a request comes with a body (a length above zero, or chunked)."""
+    for key, value in scope.get("headers", []):
+        name = key.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def closing(send: ASGISend) -> ASGISend:
+    """``send`` with ``connection: close`` on the response: for an answer that leaves the body unread."""
+
+    async def with_close(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = dict(message, headers=[*headers, (b"connection", b"close")])
+        await send(message)
+
+    return with_close
+
+
 def too_large_text(limit: int) -> ASGIApp:
     """The default refusal: 413 in one line of text, and the connection closed (the rest is never read)."""
     from starlette.responses import PlainTextResponse
