@@ -651,3 +651,48 @@ def test_other_invisible_controls_and_the_log_stream_are_escaped_too(tmp_path: P
                 if kind == "log" and data["text"]:
                     assert data["text"] == "step 1 \\u202eabc\\u2067\n"
                     break
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    import os
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
+    path = os.environ.get("LORAQ_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.skip(f"no chromium at {path}: apt-get install chromium, or point LORAQ_CHROMIUM at one")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=args)
+        yield browser, sync_api.expect
+        browser.close()
+
+
+def test_a_filtered_page_in_a_browser_follows_its_own_jobs_and_shows_bidi_escaped(
+        chromium: Any, home: Home, tmp_path: Path) -> None:
+    """The page's script takes the rows its stream chose for it: a new pending job appears on the pending
+    page, a job cancelled elsewhere updates in place, and a name with U+202E reads as typed, escaped."""
+    browser, expect = chromium
+    served = serve(home, tmp_path)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{served.port}/?status=pending&token={served.token}")
+        expect(page.locator("#live")).to_have_class("live on")
+        with Store.open(home.db_path) as store:
+            new = enqueue(store, f"late-{BIDI}txt.exe")
+            store.cancel("second")
+        expect(page.locator(f'tr[data-id="{new}"] td.name')).to_have_text("late-\\u202etxt.exe")
+        expect(page.locator('tr[data-id="2"] .status')).to_have_text("cancelled")
+        assert page.locator("#notice").is_hidden()
+        cookies = context.cookies()
+        assert [c["name"] for c in cookies] == [f"loraq-token-{served.port}"] and cookies[0]["value"] != served.token
+    finally:
+        context.close()
+        assert stop(served.proc) == 0
+    assert "Traceback" not in served.stderr()

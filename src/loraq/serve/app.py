@@ -199,8 +199,8 @@ def create_app(settings: Settings) -> Dashboard:
             fd = security.open_inside(home.reports_dir, home.reports_dir / name)
         except OSError:
             return PlainTextResponse("no such report", status_code=404)
-        headers = {"content-security-policy": security.CSP_SAVED_REPORT,
-                   "content-length": str(os.fstat(fd).st_size)}
+        # Streamed from the checked descriptor (no Content-Length: a file cut short meanwhile ends the answer early).
+        headers = {"content-security-policy": security.CSP_SAVED_REPORT}
         return StreamingResponse(_file_chunks(fd, os.fstat(fd).st_size), media_type=kind, headers=headers)
 
     # ---------------------------------------------------------------- streams
