@@ -450,7 +450,7 @@ def test_a_big_log_and_a_big_saved_report_are_streamed_not_read_whole(home: Home
         assert server.rss() - before < 48 * MB, (path, server.rss() - before)
 
 
-def test_a_streamed_log_is_escaped_as_loraq_logs_prints_it(home: Home, server: Served) -> None:
+def test_a_streamed_log_and_saved_report_are_escaped_as_loraq_logs_prints_it(home: Home, server: Served) -> None:
     """The variant: a bidi override and an escape sequence in a log, and a UTF-8 character cut by the chunk
     boundary: the override shows as \\u202e, the cut character arrives whole."""
     with Store.open(home.db_path) as store:
@@ -463,6 +463,12 @@ def test_a_streamed_log_is_escaped_as_loraq_logs_prints_it(home: Home, server: S
     text = body.decode("utf-8")
     assert status == 200 and "aé\n" in text and "\ufffd" not in text
     assert BIDI not in text and "\x1b" not in text and "\\u202egpj.exe \\x1b]0;owned\\x07 done" in text
+    # A saved report the same way (its JSON is ASCII, and stays byte for byte what was saved).
+    (home.reports_dir / "report.html").write_text(f"<p>{BIDI}gpj.exe</p>\n", encoding="utf-8")
+    (home.reports_dir / "report.json").write_text(json.dumps({"name": f"{BIDI}x\x1b"}) + "\n", encoding="utf-8")
+    assert request(server, "GET", "/reports/report.html", {"cookie": server.cookie})[2] == b"<p>\\u202egpj.exe</p>\n"
+    saved = request(server, "GET", "/reports/report.json", {"cookie": server.cookie})[2]
+    assert saved == (home.reports_dir / "report.json").read_bytes() and json.loads(saved)["name"] == f"{BIDI}x\x1b"
 
 
 # ---------------------------------------------------------------- the report is paged

@@ -159,7 +159,7 @@ def create_app(settings: Settings) -> Dashboard:
         except OSError:  # outside the home, not a regular file, or gone
             return PlainTextResponse("no such log", status_code=404)
         # Streamed, a chunk at a time (a log can be gigabytes), escaped as `loraq logs` prints it.
-        return StreamingResponse(_log_chunks(fd), media_type="text/plain; charset=utf-8")
+        return StreamingResponse(_text_chunks(fd), media_type="text/plain; charset=utf-8")
 
     def report_page(request: Request) -> Response:
         if not home.db_path.exists():
@@ -199,9 +199,9 @@ def create_app(settings: Settings) -> Dashboard:
             fd = security.open_inside(home.reports_dir, home.reports_dir / name)
         except OSError:
             return PlainTextResponse("no such report", status_code=404)
-        # Streamed from the checked descriptor (no Content-Length: a file cut short meanwhile ends the answer early).
+        # Streamed from the checked descriptor, escaped as the pages are (a report's JSON is ASCII: unchanged).
         headers = {"content-security-policy": security.CSP_SAVED_REPORT}
-        return StreamingResponse(_file_chunks(fd, os.fstat(fd).st_size), media_type=kind, headers=headers)
+        return StreamingResponse(_text_chunks(fd), media_type=kind, headers=headers)
 
     # ---------------------------------------------------------------- streams
 
@@ -530,20 +530,9 @@ def _queue_view(home: Home, status: str | None, group: str | None, number: int) 
                      PAGE_SIZE - len(q.jobs) if number >= pages else 0)
 
 
-def _file_chunks(fd: int, size: int) -> Iterator[bytes]:
-    """``size`` bytes of an open file, a chunk at a time (run in a worker thread by Starlette); closes it."""
-    with os.fdopen(fd, "rb") as fh:
-        left = size
-        while left > 0:
-            data = fh.read(min(CHUNK, left))
-            if not data:
-                return
-            left -= len(data)
-            yield data
-
-
-def _log_chunks(fd: int) -> Iterator[bytes]:
-    """A whole log, a chunk at a time, as text with control and bidi characters escaped (as ``loraq logs``)."""
+def _text_chunks(fd: int) -> Iterator[bytes]:
+    """A whole file (a log, a saved report), a chunk at a time, as UTF-8 text with control and bidi
+    characters escaped (as ``loraq logs`` prints them). Run in a worker thread by Starlette; closes ``fd``."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     with os.fdopen(fd, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size  # what it holds now: a growing log is followed on the job's page
