@@ -59,7 +59,7 @@ MAY_IMPORT: dict[str, set[str]] = {
             "submitting", "views"},
     "loraq": {"api", "errors", "workspace"},
     # the runnable layers: they parse and print (or serve) what the api returns
-    "serve": {"api", "errors", "queue", "report", "workspace"},
+    "serve": {"api", "errors", "escape", "queue", "report", "workspace"},  # escape: pages show text as the CLI prints it
     "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve"},
 }
 

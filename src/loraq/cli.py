@@ -598,6 +598,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless --allow-remote)."),
     port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port to listen on (0-65535; 0: any free port)."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a non-loopback --host (prints a warning)."),
+    max_connections: int = typer.Option(64, "--max-connections", min=1, max=100_000,
+                                        help="Open connections at most (idle ones are closed first)."),
+    max_body_bytes: int = typer.Option(1024 * 1024, "--max-body-bytes", min=0, max=2**40,
+                                       help="Largest request body; a larger one gets 413 before it is read."),
 ) -> int:
     """The live web dashboard over the home. Prints the link (with its token) to open; Ctrl-C stops it."""
     from .errors import UsageError
@@ -617,7 +621,8 @@ def serve(
         _say("  (the token in the link is needed for every page and action; Ctrl-C to stop)", flush=True)
 
     try:
-        dashboard.serve(home, host, port, allow_remote=allow_remote, ready=ready)
+        dashboard.serve(home, host, port, allow_remote=allow_remote, ready=ready, max_connections=max_connections,
+                        max_body_bytes=max_body_bytes)
     except KeyboardInterrupt:
         pass
     return 0

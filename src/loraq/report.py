@@ -17,6 +17,7 @@ from typing import Any
 from . import fsutil
 from .escape import md_cell, printable
 from .queue import controls
+from .queue.records import Job
 from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
@@ -25,9 +26,10 @@ FORMATS = ("json", "md", "html")
 REPORT_VERSION = 1
 
 
-def build(store: Store, home: Home) -> dict[str, Any]:
+def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[str, Any]:
+    """The report of every job, or of ``jobs_of`` only (a page of them: the dashboard's report page)."""
     jobs = []
-    for job in store.jobs():
+    for job in store.jobs() if jobs_of is None else jobs_of:
         attempts = store.attempts(job.id)
         curves = curves_of(store.metrics(job.id))
         inspection = publish.job_inspection(home, job)

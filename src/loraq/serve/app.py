@@ -15,11 +15,12 @@ created here. Actions call the same api functions as the CLI.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import api, report
 from ..errors import LoraqError, NotFoundError
+from ..escape import printable, printable_lines
 from ..queue.records import STATES
 from ..workspace import Home
 from . import security
@@ -41,6 +43,14 @@ from .feed import Change, Feed
 from .render import LOG_TAIL, STATIC, JobView, Renderer
 
 PAGE_SIZE = 100
+#: Jobs on a page of the report (each with its curves and findings).
+REPORT_PAGE = 50
+#: The largest id, ``seq`` or byte offset a request may name: SQLite's integers (and a file offset).
+MAX_NUMBER = 2**63 - 1
+#: The most bytes of an action's form (a token and a return address), refused past this (413).
+ACTION_BODY_BYTES = 16 * 1024
+#: Bytes read from a file at a time when one is streamed (a log, a saved report).
+CHUNK = 64 * 1024
 #: Seconds between two looks at a followed log; between keep-alive comments on a quiet stream.
 LOG_POLL_S = 1.0
 KEEPALIVE_S = 15.0
@@ -57,7 +67,9 @@ class Settings:
     token: str
     host: str = "127.0.0.1"  # the address bound: on loopback, other Host names are refused
     poll_s: float = 0.5
-    cookie: str = "loraq-token"
+    cookie: str = "loraq-token"  # ``loraq serve`` names it for its port: loraq-token-<port>
+    max_body_bytes: int = security.MAX_BODY_BYTES  # a request body past this: 413, before it is read
+    body_rules: tuple[security.BodyRule, ...] = ()  # other limits (and refusals) under path prefixes
 
 
 class Dashboard:
@@ -92,7 +104,9 @@ def create_app(settings: Settings) -> Dashboard:
         group = request.query_params.get("group")
         if status is not None and status not in STATES:
             return message("no such status", f"{status!r} is not one of {', '.join(STATES)}", 404, "/")
-        number = max(1, _int(request.query_params.get("page"), 1))
+        number = _page_number(request)
+        if number is None:
+            return message("no such page", "?page= takes a page number (1, 2, ...).", 400, "/")
         try:
             q = api.queue_page(home, status=status, group=group, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE)
         except LoraqError as exc:  # damaged, or being created: say so, and the page can be reloaded
@@ -104,14 +118,20 @@ def create_app(settings: Settings) -> Dashboard:
             return "/?" + urlencode(query)
 
         newest = max((job.id for job in q.jobs), default=0)
+        # The page's stream names what the page shows, so that it is sent only that.
+        shown = {k: v for k, v in (("since", str(q.seq)), ("status", status), ("group", group), ("page", str(number)))
+                 if v is not None}
         return page("queue.html", page=q, status=status, group=group, exists=home.db_path.exists(),
                     first=q.offset + 1 if q.jobs else 0, last=q.offset + len(q.jobs),
                     prev_url=link(number - 1) if number > 1 else None,
                     next_url=link(number + 1) if number < pages else None,
-                    newest=newest, room=PAGE_SIZE - len(q.jobs) if number >= pages else 0)
+                    newest=newest, room=PAGE_SIZE - len(q.jobs) if number >= pages else 0,
+                    stream_url="/stream?" + urlencode(shown))
 
     def job_page(request: Request) -> Response:
         job_id = request.path_params["job_id"]
+        if job_id > MAX_NUMBER:
+            return message("no such job", f"no job {job_id}", 404, "/")
         try:
             shown = api.show(home, str(job_id))
         except NotFoundError as exc:
@@ -125,31 +145,47 @@ def create_app(settings: Settings) -> Dashboard:
 
     def job_log(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        attempt = request.query_params.get("attempt")
+        attempt_text = request.query_params.get("attempt")
+        attempt = _number(attempt_text) if attempt_text is not None else None
+        if job_id > MAX_NUMBER:
+            return PlainTextResponse("no such job", status_code=404)
+        if attempt_text is not None and attempt is None:
+            return PlainTextResponse("?attempt= takes an attempt number", status_code=400)
         try:
-            path = api.log_path(home, str(job_id), _int(attempt, 0) if attempt is not None else None)
+            path = api.log_path(home, str(job_id), attempt)
             fd = security.open_inside(home.root, path)
         except LoraqError as exc:
-            return PlainTextResponse(str(exc), status_code=404 if isinstance(exc, NotFoundError) else 503)
+            return PlainTextResponse(printable(exc), status_code=404 if isinstance(exc, NotFoundError) else 503)
         except OSError:  # outside the home, not a regular file, or gone
             return PlainTextResponse("no such log", status_code=404)
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-        return PlainTextResponse(data.decode("utf-8", errors="replace"))
+        # Streamed, a chunk at a time (a log can be gigabytes), escaped as `loraq logs` prints it.
+        return StreamingResponse(_text_chunks(fd), media_type="text/plain; charset=utf-8")
 
     def report_page(request: Request) -> Response:
         if not home.db_path.exists():
             return message("no report yet", "No jobs in this home yet.", 200)
+        number = _page_number(request)
+        if number is None:
+            return message("no such page", "?page= takes a page number (1, 2, ...).", 400, "/report")
         try:
             with api.open_reader(home) as store, store.snapshot():
-                built = report.build(store, home)
+                # A page of jobs at a time: the work (and the page) do not grow with the queue.
+                total = store.listing_count()
+                ids = [row["id"] for row in store.listing(offset=(number - 1) * REPORT_PAGE, limit=REPORT_PAGE)]
+                built = report.build(store, home, [store.job(job_id) for job_id in ids])
         except LoraqError as exc:
             return message("cannot read the queue", str(exc), 503)
+        pages = max(1, -(-total // REPORT_PAGE))
         saved = sorted(p.name for p in home.reports_dir.glob("*") if SAVED_REPORT.match(p.name) and p.is_file()) \
             if home.reports_dir.is_dir() else []
         from markupsafe import Markup
 
-        return page("report.html", body=Markup(report.body_html(built)), saved=saved)
+        # The report's HTML escapes markup; bidi and control characters in it are escaped here, as on every page.
+        return page("report.html", body=Markup(printable_lines(report.body_html(built))), saved=saved,
+                    first=(number - 1) * REPORT_PAGE + 1 if ids else 0, last=(number - 1) * REPORT_PAGE + len(ids),
+                    total=total, paged=pages > 1,
+                    prev_url=f"/report?page={number - 1}" if number > 1 else None,
+                    next_url=f"/report?page={number + 1}" if number < pages else None)
 
     def report_css(request: Request) -> Response:
         return Response(report.REPORT_CSS, media_type="text/css")
@@ -163,15 +199,24 @@ def create_app(settings: Settings) -> Dashboard:
             fd = security.open_inside(home.reports_dir, home.reports_dir / name)
         except OSError:
             return PlainTextResponse("no such report", status_code=404)
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
+        # Streamed from the checked descriptor, escaped as the pages are (a report's JSON is ASCII: unchanged).
         headers = {"content-security-policy": security.CSP_SAVED_REPORT}
-        return Response(data, media_type=kind, headers=headers)
+        return StreamingResponse(_text_chunks(fd), media_type=kind, headers=headers)
 
     # ---------------------------------------------------------------- streams
 
     async def queue_stream(request: Request) -> Response:
-        since = _int(request.headers.get("last-event-id") or request.query_params.get("since"), 0)
+        since = _number(request.headers.get("last-event-id") or request.query_params.get("since") or "0")
+        status = request.query_params.get("status") or None
+        group = request.query_params.get("group")
+        number = _page_number(request)
+        if since is None or number is None or (status is not None and status not in STATES):
+            return PlainTextResponse("since, status and page name what the page shows: numbers, a status",
+                                     status_code=400)
+        try:
+            view = await run_in_threadpool(_queue_view, home, status, group, number)
+        except LoraqError:
+            return PlainTextResponse("cannot read the queue now", status_code=503)
         subscription = feed.subscribe()
 
         async def events() -> AsyncIterator[str]:
@@ -187,7 +232,9 @@ def create_app(settings: Settings) -> Dashboard:
                 if behind:
                     seq, counts, groups, queue = feed.totals()
                     payload = renderer.queue_update(max(seq, max(r["seq"] for r in behind)), behind, counts, groups, queue)
-                    yield _event("queue", payload, payload["seq"])
+                    shown = view.select(payload)
+                    if shown is not None:
+                        yield _event("queue", shown, payload["seq"])
                 while True:
                     change = await _next(subscription)
                     if change is _QUIET:
@@ -196,7 +243,9 @@ def create_app(settings: Settings) -> Dashboard:
                     if change is None:  # the feed stopped, or this page fell behind: it reconnects
                         return
                     assert isinstance(change, Change)
-                    yield _event("queue", change.payload, change.seq)
+                    shown = view.select(change.payload)
+                    if shown is not None:
+                        yield _event("queue", shown, change.seq)
             finally:
                 feed.unsubscribe(subscription)
 
@@ -206,8 +255,13 @@ def create_app(settings: Settings) -> Dashboard:
         job_id = request.path_params["job_id"]
         last_id = request.headers.get("last-event-id", "")
         seq_text, _, log_text = last_id.partition(".") if last_id else ("", "", "")
-        since = _int(seq_text or request.query_params.get("since"), 0)
-        log_offset = _int(log_text or request.query_params.get("log"), 0)
+        since_or_none = _number(seq_text or request.query_params.get("since") or "0")
+        offset_or_none = _number(log_text or request.query_params.get("log") or "0")
+        if job_id > MAX_NUMBER:
+            return PlainTextResponse("no such job", status_code=404)
+        if since_or_none is None or offset_or_none is None:
+            return PlainTextResponse("since and log are numbers (what the page shows)", status_code=400)
+        since, log_offset = since_or_none, offset_or_none
         subscription = feed.subscribe()
 
         async def events() -> AsyncIterator[str]:
@@ -253,6 +307,7 @@ def create_app(settings: Settings) -> Dashboard:
     # ---------------------------------------------------------------- actions
 
     async def act(request: Request) -> Response:
+        # The gate has seen the cookie or the header before this reads the body (at most ACTION_BODY_BYTES).
         form = await _form(request)
         given = form.get("token") or request.headers.get("x-loraq-token")
         if not security.same_token(given if isinstance(given, str) else None, settings.token):
@@ -261,6 +316,8 @@ def create_app(settings: Settings) -> Dashboard:
             return message("refused", "This action came from another site's page.", 403)
         verb = request.path_params["verb"]
         job_id = request.path_params.get("job_id")
+        if job_id is not None and job_id > MAX_NUMBER:
+            return message("no such job", f"no job {job_id}", 404, "/")
         next_field = form.get("next")
         back = security.local_path(next_field if isinstance(next_field, str) else None,
                                    f"/jobs/{job_id}" if job_id is not None else "/")
@@ -301,6 +358,16 @@ def create_app(settings: Settings) -> Dashboard:
         ],
         lifespan=_lifespan(feed),
     )
+    # Bodies are refused past their limit before they are read: an action's form is small.
+    bodies = security.BodyLimit(app, settings.max_body_bytes, rules=(
+        security.BodyRule("/jobs/", min(ACTION_BODY_BYTES, settings.max_body_bytes)),
+        security.BodyRule("/queue/", min(ACTION_BODY_BYTES, settings.max_body_bytes)), *settings.body_rules))
+    cookie_secret = security.cookie_value(settings.token, settings.cookie)
+
+    def has_token(request: Request) -> bool:
+        """The cookie this dashboard set, or the token itself in the header a script sends."""
+        return (security.same_token(request.cookies.get(settings.cookie), cookie_secret)
+                or security.same_token(request.headers.get("x-loraq-token"), settings.token))
 
     verbs = {("jobs", "cancel"), ("jobs", "retry"), ("queue", "pause"), ("queue", "resume")}
 
@@ -310,34 +377,47 @@ def create_app(settings: Settings) -> Dashboard:
             await app(scope, receive, send)
             return
         request = Request(scope, receive)
+        if request.method != "POST" and security.has_body(scope):
+            send = security.closing(send)  # a body nobody reads: the connection ends with the answer
         if not security.host_allowed(request.headers.get("host"), settings.host):
             await PlainTextResponse("unknown host", status_code=403)(scope, receive, send)
             return
         path = request.url.path
         parts = path.strip("/").split("/")
-        if request.method == "POST" and not ((parts[0], parts[-1]) in verbs and len(parts) in (2, 3)):
-            await PlainTextResponse("no such action", status_code=404)(scope, receive, send)
+        if request.method == "POST":
+            if not ((parts[0], parts[-1]) in verbs and len(parts) in (2, 3)):
+                await PlainTextResponse("no such action", status_code=404,
+                                        headers={"connection": "close"})(scope, receive, send)
+                return
+            if not has_token(request):  # refused before a byte of the body is read
+                await HTMLResponse(renderer.page(
+                    "message.html", title="refused", back=None,
+                    message="This action needs the dashboard's token (from the link loraq serve printed)."),
+                    status_code=403, headers={"connection": "close"})(scope, receive, send)
+                return
+            await bodies(scope, receive, send)
             return
         if path.startswith("/static/") or path == "/report.css":
-            await app(scope, receive, send)
+            await bodies(scope, receive, send)
             return
         given = request.query_params.get("token")
         if given is not None and request.method == "GET" and security.same_token(given, settings.token):
-            # The link's token becomes a cookie, and leaves the address bar (and the history).
+            # The link's token becomes a cookie, and leaves the address bar (and the history); the
+            # address it returns to is this dashboard's, whatever the path looks like (//evil.example/).
             query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = path + ("?" + urlencode(query) if query else "")
+            target = security.local_path(path + ("?" + urlencode(query) if query else ""), "/")
             response = RedirectResponse(target, status_code=303)
-            response.set_cookie(settings.cookie, settings.token, httponly=True, samesite="strict",
+            response.set_cookie(settings.cookie, cookie_secret, httponly=True, samesite="strict",
                                 secure=request.url.scheme == "https")
             await response(scope, receive, send)
             return
-        if not security.same_token(request.cookies.get(settings.cookie), settings.token) and request.method != "POST":
+        if not has_token(request):
             await HTMLResponse(renderer.page(
                 "message.html", title="the dashboard needs its token",
                 message="Open the link that 'loraq serve' printed when it started (it ends in ?token=…).",
                 back=None), status_code=403)(scope, receive, send)
             return
-        await app(scope, receive, send)
+        await bodies(scope, receive, send)
 
     return Dashboard(security.SecurityHeaders(gate), feed)
 
@@ -380,17 +460,90 @@ async def _form(request: Request) -> dict[str, str]:
 
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return {}
-    body = await request.body()
-    if len(body) > 16 * 1024:
-        return {}
+    body = await request.body()  # at most ACTION_BODY_BYTES: BodyLimit refuses more, unread
     return {k: v[0] for k, v in parse_qs(body.decode("utf-8", errors="replace")).items()}
 
 
-def _int(text: str | None, default: int) -> int:
-    try:
-        return max(0, int(text)) if text is not None else default
-    except ValueError:
-        return default
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def _number(text: str) -> int | None:
+    """A count, id or offset a request names: ASCII digits within SQLite's integers, else ``None``."""
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_NUMBER else None
+
+
+def _page_number(request: Request) -> int | None:
+    """``?page=`` (1 when absent, 0 read as 1); ``None`` if it is no page number a queue could have."""
+    number = _number(request.query_params.get("page") or "1")
+    if number is None or number > MAX_NUMBER // PAGE_SIZE:
+        return None
+    return max(1, number)
+
+
+@dataclass
+class QueueView:
+    """What one open queue page shows, so that its stream sends it that and no more.
+
+    Rows of jobs on the page (and new jobs the last page has room for) are sent
+    whole; jobs of the page's filter that it does not list are only counted (the
+    page offers a reload); other jobs' changes reach it as the totals above the table.
+    """
+
+    status: str | None
+    group: str | None
+    shown: set[int]
+    newest: int
+    room: int
+    sections: dict[str, str] | None = None  # the totals last sent
+
+    def belongs(self, row: dict[str, Any]) -> bool:
+        return (self.status is None or row["status"] == self.status) and (self.group is None
+                                                                          or row["group"] == self.group)
+
+    def select(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The part of a queue update (``Renderer.queue_update``) this page shows; ``None`` if nothing."""
+        rows, unseen = [], 0
+        for row in payload["rows"]:
+            if row["id"] in self.shown:
+                rows.append(row)
+            elif self.belongs(row):
+                if row["id"] > self.newest and self.room > 0:  # a new job, and the last page has room
+                    rows.append(row)
+                    self.shown.add(row["id"])
+                    self.newest, self.room = row["id"], self.room - 1
+                else:
+                    unseen += 1
+        sections = payload["sections"]
+        if not rows and not unseen and sections == self.sections:
+            return None
+        self.sections = sections
+        return {"seq": payload["seq"], "rows": rows, "unseen": unseen, "sections": sections}
+
+
+def _queue_view(home: Home, status: str | None, group: str | None, number: int) -> QueueView:
+    q = api.queue_page(home, status=status, group=group, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+    pages = max(1, -(-q.total // PAGE_SIZE))
+    return QueueView(status, group, {job.id for job in q.jobs}, max((job.id for job in q.jobs), default=0),
+                     PAGE_SIZE - len(q.jobs) if number >= pages else 0)
+
+
+def _text_chunks(fd: int) -> Iterator[bytes]:
+    """A whole file (a log, a saved report), a chunk at a time, as UTF-8 text with control and bidi
+    characters escaped (as ``loraq logs`` prints them). Run in a worker thread by Starlette; closes ``fd``."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size  # what it holds now: a growing log is followed on the job's page
+        left = size
+        while left > 0:
+            data = fh.read(min(CHUNK, left))
+            if not data:
+                break
+            left -= len(data)
+            yield printable_lines(decoder.decode(data)).encode("utf-8")
+        yield printable_lines(decoder.decode(b"", final=True)).encode("utf-8")
 
 
 def _changed_since(home: Home, since: int) -> list[dict[str, Any]] | None:
@@ -425,7 +578,7 @@ def _log_from(home: Home, path: Path, offset: int) -> tuple[str, int]:
     # Up to the last full line: a line cut in two (or a UTF-8 character) arrives whole next time.
     cut = data.rfind(b"\n") + 1
     data = data[:cut]
-    return data.decode("utf-8", errors="replace"), start + len(data)
+    return printable_lines(data.decode("utf-8", errors="replace")), start + len(data)
 
 
 def _log_tail(home: Home, log_path: str | None) -> tuple[str, int, int]:
@@ -443,4 +596,4 @@ def _log_tail(home: Home, log_path: str | None) -> tuple[str, int, int]:
         data = fh.read(size - start)
     cut = data.rfind(b"\n") + 1
     data = data[:cut]
-    return data.decode("utf-8", errors="replace"), start + len(data), start
+    return printable_lines(data.decode("utf-8", errors="replace")), start + len(data), start

@@ -1,7 +1,10 @@
 """Pages and the fragments that live updates swap in, from one set of Jinja templates.
 
 Autoescaping is on for every template: a job name, a path, an error, a log line or
-a generation is text, whatever characters it holds. The only markup that is not
+a generation is text, whatever characters it holds. Every such text also goes
+through :func:`loraq.escape.printable_lines` first, as the command line's does: a
+bidirectional override or another control character shows as ``\u202e``, never
+reorders what a person reads. The only markup that is not
 escaped is the loss-curve SVG, which :func:`loraq.report.loss_svg` builds from
 numbers (its one text, the metric name, escaped there).
 
@@ -21,6 +24,7 @@ from markupsafe import Markup
 
 from .. import report
 from ..api import JobRow, ShowResult
+from ..escape import printable_lines
 from ..queue.records import STATES, QueueState
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -51,9 +55,17 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _visible(value: Any) -> Any:
+    """Text for a page: control and bidi characters escaped (markup we built, such as a macro's, is left)."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return printable_lines(value)
+    return value
+
+
 def environment() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(default=True,
-                      default_for_string=True), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                      default_for_string=True), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                      finalize=_visible)
     env.globals.update(num=_num, when=_when, duration=_duration, STATES=STATES)
     return env
 

@@ -40,12 +40,8 @@
   const table = document.getElementById("jobs");
   let unseen = 0;
 
-  function belongsHere(row) {
-    if (table.dataset.status && row.status !== table.dataset.status) return false;
-    if (table.dataset.grouped && row.group !== table.dataset.group) return false;
-    return true;
-  }
-
+  // The server sends this page only the rows it shows, and new jobs it has room for (it knows the
+  // page's filter and number from the stream's address); jobs of the filter it does not list come as a count.
   function onQueueChange(data) {
     const tbody = table.tBodies[0];
     for (const row of data.rows) {
@@ -53,18 +49,11 @@
       if (old) {
         if (Number(old.dataset.seq) >= row.seq) continue;  // an older copy of what is shown
         old.replaceWith(fragment(row.html));
-      } else if (belongsHere(row)) {
-        const newest = Number(table.dataset.newest || 0);
-        const room = Number(table.dataset.room || 0);
-        if (row.id > newest && room > 0) {  // a new job, and this page (the last) has room for it
-          tbody.appendChild(fragment(row.html));
-          table.dataset.newest = String(row.id);
-          table.dataset.room = String(room - 1);
-        } else {
-          unseen += 1;
-        }
+      } else {
+        tbody.appendChild(fragment(row.html));
       }
     }
+    unseen += data.unseen || 0;  // jobs of this page's filter that it does not list: the server counts them
     swapSections(data.sections);
     const notice = document.getElementById("notice");
     if (notice && unseen) {
