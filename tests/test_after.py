@@ -106,6 +106,18 @@ def test_retrying_the_dependency_makes_the_jobs_that_failed_because_of_it_wait_a
     assert (store.job("c").status, store.job("d").status) == (PENDING, FAILED)
 
 
+def test_the_adapter_a_waiting_job_starts_from_is_recorded_only_under_its_lease(store: Store) -> None:
+    store.enqueue([new("a"), new("b", after="a")])
+    a = claim_named(store, "a")
+    store.complete(a.job.id, a.epoch, result={})
+    b = claim_named(store, "b")
+    assert store.bind_warm_start(b.job.id, b.epoch - 1, path="/x", sha256="0" * 64, after="a") is None
+    bound = store.bind_warm_start(b.job.id, b.epoch, path="/home/adapters/a", sha256="1" * 64, after="a")
+    assert bound is not None and bound == store.job("b")
+    assert (bound.spec["init_from_path"], bound.spec["init_from_sha256"]) == ("/home/adapters/a", "1" * 64)
+    assert store.events("b")[-1].reason == "after: a completed; starts from its adapter /home/adapters/a"
+
+
 def test_a_job_stranded_by_an_older_loraq_does_not_keep_run_waiting_and_is_failed_on_start(store: Store) -> None:
     store.enqueue([new("a"), new("b")])
     a = claim_named(store, "a")
@@ -150,6 +162,24 @@ def test_an_older_home_gains_the_dependencies_table_and_keeps_its_jobs(tmp_path:
         s.enqueue([new("new", after="old")])
         assert [d.name for d in s.dependencies_of("new")] == ["old"]
         assert claim_named(s, "old")
+
+
+def test_a_job_without_after_hashes_as_before_after_existed(tmp_path: Path) -> None:
+    """A sweep submitted again is recognised by its hash: a new field left unset must not change it."""
+    import hashlib
+
+    from loraq import submitting
+    from loraq.queue.spec import JobSpec, ResolvedJob
+
+    job = ResolvedJob(spec=JobSpec.model_validate({"name": "a", "base_model": "org/model", "dataset": "d.jsonl"}),
+                      queue_file="q.yaml", base_model="org/model", dataset_path="/d.jsonl")
+    doc = job.model_dump(mode="json")
+    doc.pop("queue_file")
+    doc.pop("halving")
+    doc["spec"].pop("after")
+    assert submitting.submitted_sha256(job) == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    waiting = job.model_copy(update={"spec": job.spec.model_copy(update={"after": "b"})})
+    assert submitting.submitted_sha256(waiting) != submitting.submitted_sha256(job)
 
 
 # ---------------------------------------------------------------- through the command line, on the tiny model

@@ -158,6 +158,8 @@ def submitted_sha256(job: ResolvedJob) -> str:
     doc.pop("queue_file", None)
     if doc.get("halving") is None:  # a job submitted before halving existed hashes as it did then
         doc.pop("halving", None)
+    if (doc.get("spec") or {}).get("after") is None:  # ...and one submitted before after existed (issue 23)
+        doc["spec"].pop("after", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,11 +18,14 @@ What the waiting job starts from (the dependency's published adapter, as
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ..errors import TransitionError
 
 #: Failure kind of a job failed because of its dependency (``FailureKind.DEPENDENCY``).
 KIND = "dependency"
+#: The states of a dependency that fail the jobs waiting on it.
+ENDED_BADLY = ("failed", "cancelled")
 
 #: An SQL condition on ``jobs``: every job this one waits on has completed.
 READY = ("NOT EXISTS (SELECT 1 FROM dependencies d JOIN jobs a ON a.id = d.after_id "
@@ -47,11 +50,35 @@ class Dependency:
     id: int
     name: str
     status: str
+    error_kind: str | None = None  # what it failed with (first_failure only)
+    error: str | None = None
 
 
-def insert(conn: sqlite3.Connection, edges: Iterable[tuple[int, int]]) -> None:
-    """Record ``(job_id, after_id)`` edges."""
-    conn.executemany("INSERT OR IGNORE INTO dependencies (job_id, after_id) VALUES (?, ?)", list(edges))
+def record(conn: sqlite3.Connection, jobs: list[tuple[str, str | None]], ids: list[int]) -> None:
+    """Record each enqueued job's ``after`` (``(name, after)``, ids in the same order) as an edge.
+
+    The dependency is a job of the same enqueue or one already stored. Submit checked
+    all this; it is checked again inside the enqueue's transaction, so a dependency
+    that failed in between is refused too (:class:`TransitionError`: nothing is added).
+    """
+    batch = {name: job_id for (name, _), job_id in zip(jobs, ids)}
+    if (loop := cycle(dict(jobs))) is not None:
+        raise TransitionError(f"job {loop[0]!r}: after: a cycle ({' -> '.join(loop)}): no job of it could ever start")
+    edges = []
+    for (name, after), job_id in zip(jobs, ids):
+        if after is None:
+            continue
+        after_id = batch.get(after)
+        if after_id is None:
+            row = conn.execute("SELECT id, status FROM jobs WHERE name = ?", (after,)).fetchone()
+            if row is None:
+                raise TransitionError(f"job {name!r}: after: no job named {after!r} in this queue or home")
+            if row["status"] in ENDED_BADLY:
+                raise TransitionError(f"job {name!r}: after: {after} is {row['status']}; "
+                                      f"'loraq retry {after}' first, or drop after")
+            after_id = int(row["id"])
+        edges.append((job_id, after_id))
+    conn.executemany("INSERT OR IGNORE INTO dependencies (job_id, after_id) VALUES (?, ?)", edges)
 
 
 def of(conn: sqlite3.Connection, job_id: int) -> list[Dependency]:
@@ -59,6 +86,21 @@ def of(conn: sqlite3.Connection, job_id: int) -> list[Dependency]:
     rows = conn.execute("SELECT a.id, a.name, a.status FROM dependencies d JOIN jobs a ON a.id = d.after_id "
                         "WHERE d.job_id = ? ORDER BY a.id", (job_id,)).fetchall()
     return [Dependency(int(r["id"]), str(r["name"]), str(r["status"])) for r in rows]
+
+
+def first_failure(conn: sqlite3.Connection, job_id: int) -> Dependency:
+    """The job whose failure (or cancelling) failed ``job_id`` through a chain of ``after`` (itself, if it
+    failed on its own), with the error it failed with."""
+    sql = "SELECT id, name, status, error_kind, error FROM jobs WHERE id = ?"
+    row = conn.execute(sql, (job_id,)).fetchone()
+    seen = {job_id}
+    while row["error_kind"] == KIND:
+        ended = [d for d in of(conn, int(row["id"])) if d.status in ENDED_BADLY]
+        if not ended or ended[0].id in seen:
+            break
+        seen.add(ended[0].id)
+        row = conn.execute(sql, (ended[0].id,)).fetchone()
+    return Dependency(int(row["id"]), str(row["name"]), str(row["status"]), row["error_kind"], row["error"])
 
 
 def waiting_on(conn: sqlite3.Connection, job_id: int, status: str) -> list[int]:

@@ -340,9 +340,9 @@ class Store:
         if not waiting:
             return
         name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
-        root = self._first_failure(conn, job_id)
-        cause = f"{root['error_kind']}: {root['error']}" if root["error"] else None
-        why = dependencies.failed_why(name, root["name"], root["status"], cause[:200] if cause else None)
+        root = dependencies.first_failure(conn, job_id)
+        cause = f"{root.error_kind}: {root.error}" if root.error else None
+        why = dependencies.failed_why(name, root.name, root.status, cause[:200] if cause else None)
         for waiter in waiting:
             self._transition(conn, waiter, FAILED, reason=f"{dependencies.KIND}: {why}", expect=(PENDING,),
                              sets={"finished_at": self.clock(), "error_kind": dependencies.KIND, "error": why})
@@ -403,36 +403,11 @@ class Store:
                 job_id = int(cursor.lastrowid or 0)
                 ids.append(job_id)
                 self._event(conn, job_id, None, PENDING, "submitted")
-            self._add_dependencies(conn, jobs, ids)
+            dependencies.record(conn, [(job.name, job.after) for job in jobs], ids)
             for key, value in (settings or {}).items():
                 if value is not None:
                     self._set_state(conn, key, json.dumps(value))
         return ids
-
-    def _add_dependencies(self, conn: sqlite3.Connection, jobs: list[NewJob], ids: list[int]) -> None:
-        """Record each job's ``after`` (a job of this enqueue, or one already stored) as an edge.
-
-        Submit checked all this; here it is checked again inside the transaction, so a
-        dependency that failed in between is refused too (the enqueue adds nothing).
-        """
-        batch = {job.name: job_id for job, job_id in zip(jobs, ids)}
-        if (loop := dependencies.cycle({job.name: job.after for job in jobs})) is not None:
-            raise TransitionError(f"job {loop[0]!r}: after: a cycle ({' -> '.join(loop)}): no job of it could ever start")
-        edges = []
-        for job, job_id in zip(jobs, ids):
-            if job.after is None:
-                continue
-            after_id = batch.get(job.after)
-            if after_id is None:
-                row = conn.execute("SELECT id, status FROM jobs WHERE name = ?", (job.after,)).fetchone()
-                if row is None:
-                    raise TransitionError(f"job {job.name!r}: after: no job named {job.after!r} in this queue or home")
-                if row["status"] in (FAILED, CANCELLED):
-                    raise TransitionError(f"job {job.name!r}: after: {job.after} is {row['status']}; "
-                                          f"'loraq retry {job.after}' first, or drop after")
-                after_id = int(row["id"])
-            edges.append((job_id, after_id))
-        dependencies.insert(conn, edges)
 
     # ---------------------------------------------------------------- worker side
 
@@ -939,10 +914,10 @@ class Store:
             job_id = self._job_id(conn, ref)
             for dep in dependencies.of(conn, job_id):
                 if dep.status in (FAILED, CANCELLED):
-                    root = self._first_failure(conn, dep.id)
-                    chain = "" if root["id"] == dep.id else f" because {root['name']} is {root['status']}"
+                    root = dependencies.first_failure(conn, dep.id)
+                    chain = "" if root.id == dep.id else f" because {root.name} is {root.status}"
                     raise TransitionError(f"it waits on {dep.name} (after), which is {dep.status}{chain}: 'loraq retry "
-                                          f"{root['name']}' instead, and this job waits again")
+                                          f"{root.name}' instead, and this job waits again")
             self._transition(
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
@@ -950,20 +925,6 @@ class Store:
             self._retry_outside_halving(conn, job_id)
             self._rewait(conn, job_id)
         return self.job(job_id)
-
-    def _first_failure(self, conn: sqlite3.Connection, job_id: int) -> sqlite3.Row:
-        """The job whose failure (or cancelling) failed ``job_id`` through a chain of ``after``: itself, if it
-        failed on its own."""
-        row = conn.execute("SELECT id, name, status, error_kind, error FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        seen = {job_id}
-        while row["error_kind"] == dependencies.KIND:
-            ended = [d for d in dependencies.of(conn, int(row["id"])) if d.status in (FAILED, CANCELLED)]
-            if not ended or ended[0].id in seen:
-                break
-            seen.add(ended[0].id)
-            row = conn.execute("SELECT id, name, status, error_kind, error FROM jobs WHERE id = ?",
-                               (ended[0].id,)).fetchone()
-        return row
 
     def _rewait(self, conn: sqlite3.Connection, job_id: int) -> None:
         """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
@@ -1157,9 +1118,10 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return None
-            stored = self._stored(conn, job_id)
+            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
             stored.update(init_from_path=path, init_from_sha256=sha256)
-            self._put_stored(conn, job_id, stored)
+            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
             self._event(conn, job_id, RUNNING, RUNNING, f"after: {after} completed; starts from its adapter {path}")
             return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
