@@ -303,6 +303,9 @@ jobs:
     assert status_rows(home)["tuned"]["waiting_on"] is None
     shown_json = json.loads(loraq(home, "show", "tuned", "--json").stdout)
     assert shown_json["job"]["after"] == "sft-1" and shown_json["job"]["waiting_on"] is None
+    report = {j["name"]: j for j in json.loads(loraq(home, "report", "--format", "json").stdout)["jobs"]}
+    assert report["tuned"]["after"] == "sft-1" and report["sft-1"]["after"] is None
+    assert f"warm start: after sft-1 ({(adapters / 'sft-1').resolve()})" in report["tuned"]["controls"]
 
     # A job of a later queue may wait on one already in the home (completed: checked on its adapter).
     refused = loraq(home, "submit", str(write_queue(workdir, DEFAULTS + """
