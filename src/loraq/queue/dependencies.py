@@ -125,10 +125,8 @@ def cycle(edges: dict[str, str | None]) -> list[str] | None:
 
 def failed_why(name: str, first: str, status: str, error: str | None) -> str:
     """Why a job waiting on ``name`` fails now that ``first`` (``name`` itself, or the job that ``name``
-    waited on in turn) is ``status``: one line a person can act on."""
-    cause = f" ({error})" if error else ""
+    waited on in turn) is ``status``: one line a person can act on, the cause last."""
+    cause = f": {error}" if error else ""
     if first == name:
-        return (f"after: {name} {status}{cause}; this job starts from its adapter, so it cannot run. "
-                f"'loraq retry {name}' runs it again, and this job waits on it again")
-    return (f"after: {name} failed because {first}, which it waits on, {status}{cause}; this job starts from "
-            f"{name}'s adapter, so it cannot run. 'loraq retry {first}' runs them again, and this job waits again")
+        return f"after: {name} {status}; 'loraq retry {name}' makes this job wait on it again{cause}"
+    return f"after: {name} failed because {first} {status}; 'loraq retry {first}' makes this job wait again{cause}"
