@@ -181,6 +181,24 @@ def test_a_job_without_after_hashes_as_before_after_existed(tmp_path: Path) -> N
     assert submitting.submitted_sha256(waiting) != submitting.submitted_sha256(job)
 
 
+def test_the_dashboard_lists_what_a_job_waits_on(tmp_path: Path) -> None:
+    pytest.importorskip("starlette", reason="loraq serve needs the serve extra")
+    from starlette.testclient import TestClient
+
+    from loraq.serve import Settings, create_app
+    from loraq.workspace import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    with Store.open(home.db_path) as s:
+        s.enqueue([new("sft-1"), new("dpo", after="sft-1")])
+    app = create_app(Settings(home=home, token="t" * 20, poll_s=0.05))  # type: ignore[arg-type]
+    with TestClient(app, base_url="http://127.0.0.1:8765", follow_redirects=False) as client:
+        assert client.get(f"/?token={'t' * 20}").status_code == 303
+        page = client.get("/").text
+    assert "waiting on sft-1 (pending)" in page
+
+
 # ---------------------------------------------------------------- through the command line, on the tiny model
 
 DEFAULTS = """\
