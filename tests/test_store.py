@@ -81,6 +81,7 @@ def test_the_table_is_the_documented_lifecycle() -> None:
     assert TRANSITIONS == {
         (PENDING, RUNNING), (RUNNING, COMPLETED), (RUNNING, FAILED), (RUNNING, PENDING),
         (PENDING, CANCELLED), (RUNNING, CANCELLED), (FAILED, PENDING), (CANCELLED, PENDING),
+        (PENDING, FAILED),  # the job it waits on (after:) failed or was cancelled
     }
 
 

@@ -122,7 +122,14 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
         limits = ReadLimits.of(home.config().limits)
     except DataError as exc:
         raise SpecError([Problem(str(home.config_path), p.message) for p in exc.problems]) from None
-    queue, problems = submitting.resolve_warm_starts(queue, home, roots, label)
+    # Dependencies (after) on the queue as validated: every job is in it, whatever a later check finds.
+    if store_exists(home):
+        with open_reader(home) as store:
+            problems = submitting.check_dependencies(queue, home, store.job_named, label)
+    else:
+        problems = submitting.check_dependencies(queue, home, lambda name: None, label)
+    queue, found_warm = submitting.resolve_warm_starts(queue, home, roots, label)
+    problems += found_warm
     queue, found_templates = templates.resolve_queue_templates(queue, roots, label)
     problems += found_templates
     # Profiles for the token cache are written only once the submit is accepted (and never by a dry run).
@@ -168,6 +175,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
             max_retries=job.spec.max_retries,
             dataset_sha256=reports[job.name].sha256 if job.name in reports else None,
             queue_file=str(path.absolute()),
+            after=job.spec.after,
         )
         for job in queue.jobs if job.name not in already
     ]

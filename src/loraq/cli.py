@@ -338,6 +338,8 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             note = job.verdict or ""
             if job.error_kind == "halving" and job.error:  # the round it is in, or why it was pruned
                 note = job.error[:120]
+            elif job.waiting_on:
+                note = f"waiting on {job.waiting_on} ({job.after_status})"
             elif job.status in ("failed", "pending") and job.error:
                 note = f"{job.error_kind}: {job.error}"[:100]
             rows.append([("  " if group is not None else "") + job.name, job.status, f"{job.attempts}/{job.max_attempts}",
@@ -375,6 +377,9 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         _say(f"  why:        {j.error_kind}: {j.error}")
     if adapter := (j.result or {}).get("adapter"):
         _say(f"  adapter:    {adapter}")
+    for dep in result.dependencies:
+        waiting = ": waiting on it" if j.status == "pending" and dep.status != "completed" else ""
+        _say(f"  after:      {dep.name} ({dep.status}){waiting}; starts from its adapter")
     for line in api.control_lines(j):
         _say(f"  {line}")
     _say("attempts:")

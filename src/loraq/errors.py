@@ -150,6 +150,7 @@ class FailureKind(str, enum.Enum):
     INSPECTION = "inspection"  # the trained adapter failed inspection
     CONFLICT = "conflict"  # adapters/<name> holds another job's adapter
     MEMORY = "memory"  # out of memory even at micro-batch 1 with gradient checkpointing (the OOM back-off is spent)
+    DEPENDENCY = "dependency"  # the job it waits on (``after:``) failed or was cancelled, or left no usable adapter
     # Faults of the machine: retried as a matter of course.
     DIED = "died"  # the trainer process (or Ray actor) died
     OOM = "oom"

@@ -70,6 +70,7 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "group": (job.spec.get("spec") or {}).get("group"),
             "sweep": job.spec.get("sweep"),
             "halving": job.spec.get("halving"),
+            "after": (job.spec.get("spec") or {}).get("after"),  # the job it waited on (after:), if any
             "auto": job.spec.get("auto"),
             "oom_adjustments": job.spec.get("oom_adjustments") or [],
             "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),

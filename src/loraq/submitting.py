@@ -3,6 +3,9 @@
 - **warm starts**: a job's ``init_from`` (a published adapter's name, or an
   adapter folder) resolved to a folder inside the roots, and checked against the
   job's rank, targets, variant and base (:mod:`loraq.inspect.warm_start`);
+- **dependencies**: a job's ``after`` (a job of the queue, or one in the home) found,
+  free of cycles, and able to start this job as a warm start would (the same checks,
+  on its adapter where it is published, else on its settings);
 - **auto settings**: the values :mod:`loraq.data.check` resolved from the data put
   into the job, with the rule that gave each (:mod:`loraq.queue.auto`);
 - **sweeps**: the identity of a job as submitted, so the same sweep submitted again
@@ -15,17 +18,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import fsutil
 from .errors import PathError, Problem, SpecError
 from .inspect import warm_start
+from .queue import dependencies
 from .queue.spec import NAME_PATTERN, Queue, ResolvedJob, TrainingSpec
 from .sandbox import Roots
 from .workspace import Home
+
+if TYPE_CHECKING:
+    from .queue.store import Job
 
 
 def _adapter_folder(ref: str, job: ResolvedJob, queue: Queue, home: Home, roots: Roots) -> tuple[Path | None, str | None]:
@@ -67,6 +75,67 @@ def resolve_warm_starts(queue: Queue, home: Home, roots: Roots, label: str) -> t
     return queue.model_copy(update={"jobs": jobs}), problems
 
 
+def _settings_mismatch(name: str, lora: dict[str, Any], base_model: Any, job: ResolvedJob) -> list[str]:
+    """What stops a job trained with ``lora`` on ``base_model`` (not trained yet) from starting ``job``."""
+    out = []
+    wanted = warm_start.WantedLora.of(job.spec.lora.model_dump(mode="json"))
+    if lora.get("r") != wanted.r:
+        out.append(f"{name} trains a LoRA of rank {lora.get('r')}; this job's lora.r is {wanted.r}: a job started "
+                   f"from another's adapter keeps its rank, so set lora.r: {lora.get('r')}")
+    if lora.get("target_modules") != wanted.targets:
+        out.append(f"{name} trains LoRA on {lora.get('target_modules')}; this job's lora.target_modules is "
+                   f"{wanted.targets}: a job started from another's adapter keeps the targets")
+    if bool(lora.get("use_dora")) != wanted.use_dora:
+        out.append(f"{name} {'is' if lora.get('use_dora') else 'is not'} a DoRA job; this job's lora.use_dora is "
+                   f"{wanted.use_dora}")
+    if base_model != job.base_model:
+        out.append(f"{name} trains on {base_model}; this job's base_model is {job.base_model}: an adapter starts "
+                   "only a job on its own base")
+    return out
+
+
+def check_dependencies(queue: Queue, home: Home, stored: Callable[[str], Job | None], label: str) -> list[Problem]:
+    """Each ``after``: a job of this queue or of the home (``stored`` looks one up by name), in no cycle, not
+    failed or cancelled, and able to start this job; a problem per job that cannot wait on it."""
+    problems: list[Problem] = []
+    in_queue = {job.name: job for job in queue.jobs}
+    for job in queue.jobs:
+        after = job.spec.after
+        if after is None:
+            continue
+        where = f"{label}: job {job.name!r}: after"
+        if after == job.name:
+            problems.append(Problem(where, f"a job cannot wait on itself (after: {after})"))
+            continue
+        if job.spec.init_from is not None:
+            problems.append(Problem(where, f"starts the job from {after}'s adapter; init_from names another start: "
+                                           "drop one of the two"))
+            continue
+        if job.spec.lora.init != "default":
+            problems.append(Problem(where, f"starts from {after}'s trained weights; lora.init {job.spec.lora.init!r} "
+                                           "would initialise them afresh: drop one of the two"))
+            continue
+        if (dependency := in_queue.get(after)) is not None:
+            lines = _settings_mismatch(after, dependency.spec.lora.model_dump(mode="json"), dependency.base_model, job)
+        elif (existing := stored(after)) is not None and existing.name == after:
+            if existing.status in ("failed", "cancelled"):
+                lines = [f"{after} is {existing.status} in {home.root}: 'loraq retry {after}' first, or drop after"]
+            elif existing.status == "completed":
+                _, found = warm_start.published(home, after, job.spec.lora.model_dump(mode="json"), job.base_model)
+                lines = [f"{after}: {line}" for line in found]
+            else:
+                lines = _settings_mismatch(after, (existing.spec.get("spec") or {}).get("lora") or {},
+                                           existing.spec.get("base_model"), job)
+        else:
+            lines = [f"no job named {after!r} in this queue or in {home.root}"]
+        problems += [Problem(where, line) for line in lines]
+    edges = {job.name: job.spec.after for job in queue.jobs if job.spec.after != job.name}
+    if (loop := dependencies.cycle(edges)) is not None:
+        problems.append(Problem(f"{label}: job {loop[0]!r}: after",
+                                f"a cycle ({' -> '.join(loop)}): no job of it could ever start"))
+    return problems
+
+
 def with_auto(queue: Queue, reports: dict[str, Any]) -> Queue:
     """Every ``auto`` of every job replaced by the value the data analysis resolved it to."""
     jobs = []
@@ -89,6 +158,8 @@ def submitted_sha256(job: ResolvedJob) -> str:
     doc.pop("queue_file", None)
     if doc.get("halving") is None:  # a job submitted before halving existed hashes as it did then
         doc.pop("halving", None)
+    if (doc.get("spec") or {}).get("after") is None:  # ...and one submitted before after existed (issue 23)
+        doc["spec"].pop("after", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -156,7 +227,7 @@ def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str
     job["dataset"] = dict(job.get("dataset") or {}) | {"path": stored.get("dataset_path")}
     if stored.get("eval_dataset_path"):
         job.setdefault("validation", {})["dataset"] = stored["eval_dataset_path"]
-    if stored.get("init_from_path"):
+    if stored.get("init_from_path") and not job.get("after"):  # with after, the dependency's adapter, bound at claim
         job["init_from"] = stored["init_from_path"]
     problems = []
     for item in sets:

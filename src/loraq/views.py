@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import NotFoundError
+from .queue.dependencies import Dependency
 from .queue.store import Attempt, Event, Job, QueueState, Store
 from .supervisor import publish
 from .workspace import Home
@@ -56,9 +57,18 @@ class JobRow:
     seq: int = 0  # the store's change sequence when this row was read (live readers order updates by it)
     exact_match: float | None = None  # validation.metrics: [exact_match], the adapter's and the base's
     base_exact_match: float | None = None
+    after: str | None = None  # the job this one waits on (``after:``), and its status now
+    after_status: str | None = None
+
+    @property
+    def waiting_on(self) -> str | None:
+        """The job this pending job waits for (``after:``) while that one has not completed."""
+        if self.status == "pending" and self.after is not None and self.after_status not in (None, "completed"):
+            return self.after
+        return None
 
     @classmethod
-    def of(cls, job: Job) -> JobRow:
+    def of(cls, job: Job, dependency: Dependency | None = None) -> JobRow:
         return cls(
             id=job.id, name=job.name, status=job.status, attempts=job.attempts, max_attempts=job.max_retries + 1,
             priority=job.priority, step=job.progress_step, total_steps=job.progress_total,
@@ -67,6 +77,8 @@ class JobRow:
             adapter=(job.result or {}).get("adapter"), group=(job.spec.get("spec") or {}).get("group"),
             seq=job.seq, exact_match=_metric(job.result, "exact_match"),
             base_exact_match=_metric(job.result, "base_exact_match"),
+            after=dependency.name if dependency else (job.spec.get("spec") or {}).get("after"),
+            after_status=dependency.status if dependency else None,
         )
 
     @classmethod
@@ -79,6 +91,7 @@ class JobRow:
             base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
             error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
             exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
+            after=row.get("after_name"), after_status=row.get("after_status"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +102,7 @@ class JobRow:
             "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
             "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
             "group": self.group, "exact_match": self.exact_match, "base_exact_match": self.base_exact_match,
+            "after": self.after, "waiting_on": self.waiting_on,
         }
 
 
@@ -151,12 +165,17 @@ class ShowResult:
     metrics: list[dict[str, Any]]
     inspection: dict[str, Any] | None
     log_path: str | None
+    dependencies: list[Dependency] = field(default_factory=list)  # the jobs it waits on (after:), status now
+
+    @property
+    def row(self) -> JobRow:
+        return JobRow.of(self.job, self.dependencies[0] if self.dependencies else None)
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         return {
-            "job": JobRow.of(self.job).to_json() | {"spec": self.job.spec, "result": self.job.result,
+            "job": self.row.to_json() | {"spec": self.job.spec, "result": self.job.result,
                                                     "created_at": self.job.created_at, "started_at": self.job.started_at,
                                                     "finished_at": self.job.finished_at, "dataset_sha256": self.job.dataset_sha256},
             "attempts": [asdict(a) for a in self.attempts],
@@ -194,7 +213,8 @@ def show(home: Home, ref: str) -> ShowResult:
         attempts = store.attempts(job.id)
         inspection = publish.job_inspection(home, job)
         log = newest_log(home, job.id, attempts)
-        return ShowResult(job, attempts, store.events(job.id), store.metrics(job.id), inspection, str(log) if log else None)
+        return ShowResult(job, attempts, store.events(job.id), store.metrics(job.id), inspection, str(log) if log else None,
+                          store.dependencies_of(job.id))
 
 
 def newest_log(home: Home, job_id: int, attempts: list[Attempt]) -> Path | None:

@@ -17,9 +17,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import PathError
 from ..sandbox import Roots, read_fd
+from ..workspace import Home
 from . import safetensors as st
 from .lora_config import parse_config
 from .structure import CONFIG_NAME, WEIGHTS_NAME, Findings, sort_tensors
@@ -32,6 +34,12 @@ class WantedLora:
     r: int
     targets: str | list[str]  # "all-linear" or module names
     use_dora: bool = False
+
+    @classmethod
+    def of(cls, lora: dict[str, Any]) -> WantedLora:
+        """From a job's ``lora`` settings as JSON (the stored spec's)."""
+        return cls(r=lora.get("r", 8), targets=lora.get("target_modules", "all-linear"),
+                   use_dora=bool(lora.get("use_dora")))
 
 
 #: The largest adapter_config.json or weight index read.
@@ -172,3 +180,16 @@ def check(folder: Path, wanted: WantedLora, base_folder: Path | None, roots: Roo
                            f"{list(shape)}: it was trained on another model")
                 break
     return out
+
+
+def published(home: Home, name: str, lora: dict[str, Any], base_model: str) -> tuple[Path, list[str]]:
+    """The published adapter of the completed job ``name`` (a job's ``after``), and what stops it from starting
+    a job with ``lora`` settings (as JSON) on ``base_model``: :func:`check`'s lines (empty: it fits).
+
+    Submit checks a dependency that has completed already; the worker again when it claims the waiting job.
+    """
+    folder = home.adapter_dir(name)
+    if not folder.is_dir():
+        return folder, [f"{name} completed, but its adapter is not in {home.adapters_dir} (moved or deleted)"]
+    base = Path(base_model)
+    return folder.resolve(), check(folder.resolve(), WantedLora.of(lora), base if base.is_dir() else None)

@@ -27,7 +27,8 @@ def control_lines(stored: dict[str, Any], result: dict[str, Any] | None) -> list
         if plan.get("why") and plan.get("state") in (halving.PRUNED, halving.RETRIED):
             out.append(f"halving:    {plan['why']}")
     if stored.get("init_from_path"):
-        out.append(f"warm start: {spec.get('init_from')} ({stored['init_from_path']})")
+        started = spec.get("init_from") or f"after {spec.get('after')}"
+        out.append(f"warm start: {started} ({stored['init_from_path']})")
     out += [f"auto:       {line}" for line in auto.lines(stored.get("auto"))]
     out += [f"oom:        {adjustment_line(a)}" for a in stored.get("oom_adjustments") or []]
     stopping = ((result or {}).get("extras") or {}).get("stopping")

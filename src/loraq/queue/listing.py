@@ -13,6 +13,7 @@ import json
 import sqlite3
 from typing import Any
 
+from .dependencies import LISTING_COLUMNS
 from .records import STATES
 
 #: The jobs' columns a listing row has, besides those extracted from the JSON ones.
@@ -31,7 +32,7 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
             f"SELECT {COLUMNS}, json_extract(result, '$.adapter') AS adapter, "
             f"json_extract(result, '$.metrics.exact_match') AS exact_match, "
             f"json_extract(result, '$.metrics.base_exact_match') AS base_exact_match, "
-            f"json_extract(spec, '$.spec.group') AS grp FROM jobs {where} ORDER BY {order}{page}",
+            f"json_extract(spec, '$.spec.group') AS grp, {LISTING_COLUMNS} FROM jobs {where} ORDER BY {order}{page}",
             [*params, *([group] if group is not None else [])]).fetchall()
         return [dict(r) for r in found]
     except sqlite3.OperationalError as exc:  # an SQLite built without JSON functions: the same, in Python
@@ -39,7 +40,7 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
             raise
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     out = []
-    for r in conn.execute(f"SELECT {COLUMNS}, result, spec FROM jobs {where} ORDER BY {order}", params):
+    for r in conn.execute(f"SELECT {COLUMNS}, {LISTING_COLUMNS}, result, spec FROM jobs {where} ORDER BY {order}", params):
         row = {k: r[k] for k in r.keys() if k not in ("result", "spec")}  # noqa: SIM118 (a Row iterates values)
         result = json.loads(r["result"]) if r["result"] else {}
         metrics = result["metrics"] if isinstance(result.get("metrics"), dict) else {}

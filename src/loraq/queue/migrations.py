@@ -111,6 +111,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     INSERT OR IGNORE INTO queue_state (key, value) VALUES ('home_id', lower(hex(randomblob(16))));
     """,
+    # 5: dependencies (``after: <job>``): a job is claimed only once every job it waits on
+    # has completed (queue/dependencies.py). A row per edge, so a listing or a claim finds a
+    # job's dependencies by its id, and a finished job its dependents by theirs.
+    """
+    CREATE TABLE dependencies (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        after_id INTEGER NOT NULL REFERENCES jobs (id),
+        PRIMARY KEY (job_id, after_id)
+    );
+    CREATE INDEX dependencies_after ON dependencies (after_id);
+    """,
 )
 
 

@@ -24,6 +24,7 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
         (RUNNING, FAILED),  # permanent error, inspection failed, or no attempts left
         (RUNNING, PENDING),  # retryable error, lease expired, graceful stop
         (PENDING, CANCELLED),
+        (PENDING, FAILED),  # the job it waits on (after:) failed or was cancelled: it never ran
         (RUNNING, CANCELLED),
         (FAILED, PENDING),  # retry
         (CANCELLED, PENDING),  # retry
@@ -64,6 +65,7 @@ class NewJob:
     max_retries: int = 2
     dataset_sha256: str | None = None
     queue_file: str | None = None
+    after: str | None = None  # the name of the job this one waits on (``after:``): in the same enqueue, or stored
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ class JobSpec(_Strict):
     group: str | None = None  # the sweep this job was expanded from (queue/sweep.py)
     quantization: Literal["4bit", "8bit"] | None = None  # QLoRA: the base loaded through bitsandbytes
     init_from: str | None = None  # warm start: a published adapter's name, or an adapter folder
+    # a dependency: wait until this job (of the queue, or already in the home) has completed, then start from its adapter
+    after: str | None = None
     # ---- a chat template for a base without one (issue 10): a built-in name (chatml) or a .jinja file
     chat_template: str | None = None
 
@@ -226,6 +228,13 @@ class JobSpec(_Strict):
     def _init_from(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must name a published adapter or an adapter folder")
+        return value
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.fullmatch(value):
+            raise ValueError("must name a job (of this queue, or already in the home)")
         return value
 
     @model_validator(mode="after")

@@ -41,7 +41,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile, halving
+from . import dbfile, dependencies, halving
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -329,7 +329,23 @@ class Store:
         if conn.execute(f"UPDATE jobs SET {clause} WHERE {where}", params).rowcount != 1:
             raise TransitionError(f"job {job_id} changed while moving it to {to_state}")
         self._event(conn, job_id, current, to_state, reason, actor)
+        if to_state in (FAILED, CANCELLED):
+            self._fail_waiting(conn, job_id)
         return current
+
+    def _fail_waiting(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """The jobs waiting on ``job_id`` (``after``), which just failed or was cancelled, fail too, saying why;
+        and so, through :meth:`_transition`, do the jobs waiting on them."""
+        waiting = dependencies.waiting_on(conn, job_id, PENDING)
+        if not waiting:
+            return
+        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
+        root = dependencies.first_failure(conn, job_id)
+        cause = f"{root.error_kind}: {root.error}" if root.error else None
+        why = dependencies.failed_why(name, root.name, root.status, cause[:200] if cause else None)
+        for waiter in waiting:
+            self._transition(conn, waiter, FAILED, reason=f"{dependencies.KIND}: {why}", expect=(PENDING,),
+                             sets={"finished_at": self.clock(), "error_kind": dependencies.KIND, "error": why})
 
     def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
         # '#3' is always job id 3; a bare '3' is the id too (names made only of digits are refused).
@@ -391,6 +407,7 @@ class Store:
                 job_id = int(cursor.lastrowid or 0)
                 ids.append(job_id)
                 self._event(conn, job_id, None, PENDING, "submitted")
+            dependencies.record(conn, [(job.name, job.after) for job in jobs], ids)
             for key, value in (settings or {}).items():
                 if value is not None:
                     self._set_state(conn, key, json.dumps(value))
@@ -403,7 +420,8 @@ class Store:
         """Take the best pending job and lease it to ``worker``; ``None`` if none is ready.
 
         Highest priority first; within one priority, a job on ``prefer_base`` (the
-        base model a trainer has resident) before others, then oldest first.
+        base model a trainer has resident) before others, then oldest first. A job
+        waiting on another (``after``) is ready once that one has completed.
         """
         now = self.clock()
         with self.transaction() as conn:
@@ -412,7 +430,8 @@ class Store:
             # Three index walks (jobs_claim), not one ORDER BY over an expression, which
             # sorted every pending job on every claim: 20 ms a claim at 10,000 pending.
             top = conn.execute(
-                "SELECT priority FROM jobs WHERE status = 'pending' AND not_before <= ? ORDER BY priority DESC LIMIT 1",
+                "SELECT priority FROM jobs WHERE status = 'pending' AND not_before <= ? "
+                f"AND {dependencies.READY} ORDER BY priority DESC LIMIT 1",
                 (now,),
             ).fetchone()
             if top is None:
@@ -420,13 +439,14 @@ class Store:
             row = None
             if prefer_base is not None:
                 row = conn.execute(
-                    """SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND base_key = ? AND not_before <= ?
-                       ORDER BY id LIMIT 1""",
+                    f"""SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND base_key = ? AND not_before <= ?
+                       AND {dependencies.READY} ORDER BY id LIMIT 1""",
                     (top["priority"], prefer_base, now),
                 ).fetchone()
             if row is None:
                 row = conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND not_before <= ? ORDER BY id LIMIT 1",
+                    "SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND not_before <= ? "
+                    f"AND {dependencies.READY} ORDER BY id LIMIT 1",
                     (top["priority"], now),
                 ).fetchone()
             job_id = int(row["id"])
@@ -896,12 +916,31 @@ class Store:
         """Put a failed or cancelled job back to pending with a fresh set of attempts."""
         with self.transaction() as conn:
             job_id = self._job_id(conn, ref)
+            for dep in dependencies.of(conn, job_id):
+                if dep.status in (FAILED, CANCELLED):
+                    root = dependencies.first_failure(conn, dep.id)
+                    chain = "" if root.id == dep.id else f" because {root.name} is {root.status}"
+                    raise TransitionError(f"it waits on {dep.name} (after), which is {dep.status}{chain}: 'loraq retry "
+                                          f"{root.name}' instead, and this job waits again")
             self._transition(
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
             )
             self._retry_outside_halving(conn, job_id)
+            self._rewait(conn, job_id)
         return self.job(job_id)
+
+    def _rewait(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
+        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
+        for waiter in dependencies.waiting_on(conn, job_id, FAILED):
+            kind = conn.execute("SELECT error_kind FROM jobs WHERE id = ?", (waiter,)).fetchone()["error_kind"]
+            if kind != dependencies.KIND:
+                continue  # it failed on its own: only the operator retries it
+            self._transition(conn, waiter, PENDING, reason=f"its dependency {name} was retried: waiting on it again",
+                             expect=(FAILED,), sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None,
+                                                     "error_kind": None, "verdict": None})
+            self._rewait(conn, waiter)
 
     @_guarded
     def pause(self, reason: str = "paused by the operator") -> None:
@@ -1033,9 +1072,62 @@ class Store:
 
     @_guarded
     def has_runnable(self) -> bool:
-        """Whether any job is pending or running (the queue is not finished)."""
-        row = self.conn.execute("SELECT 1 FROM jobs WHERE status IN ('pending', 'running') LIMIT 1").fetchone()
+        """Whether any job is pending or running (the queue is not finished).
+
+        A pending job waiting on a job that failed or was cancelled can never start
+        (:meth:`fail_stranded` fails it): it does not count.
+        """
+        row = self.conn.execute("SELECT 1 FROM jobs WHERE status = 'running' OR (status = 'pending' AND NOT "
+                                f"{dependencies.STRANDED}) LIMIT 1").fetchone()
         return row is not None
+
+    # ---------------------------------------------------------------- dependencies (after:)
+
+    @_guarded
+    def dependencies_of(self, ref: int | str) -> list[dependencies.Dependency]:
+        """The jobs ``ref`` waits on (``after``), with their status now."""
+        return dependencies.of(self.conn, self._job_id(self.conn, ref))
+
+    @_guarded
+    def dependents(self, ref: int | str) -> list[Job]:
+        """The jobs that wait on ``ref`` (their ``after`` names it), in any status, oldest first."""
+        job_id = self._job_id(self.conn, ref)
+        rows = self.conn.execute("SELECT j.* FROM dependencies d JOIN jobs j ON j.id = d.job_id WHERE d.after_id = ? "
+                                 "ORDER BY j.id", (job_id,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    @_guarded
+    def fail_stranded(self) -> list[int]:
+        """Fail pending jobs whose dependency failed or was cancelled (a worker does on start).
+
+        Failing a dependency fails its waiting jobs in the same transaction, so there
+        are none of these unless an older loraq left them; they would wait forever.
+        """
+        with self.transaction() as conn:
+            rows = conn.execute(f"SELECT id FROM jobs WHERE status = 'pending' AND {dependencies.STRANDED} ORDER BY id")
+            stranded = [int(r["id"]) for r in rows.fetchall()]
+            for dep_id in {d.id for job_id in stranded for d in dependencies.of(conn, job_id)
+                           if d.status in (FAILED, CANCELLED)}:
+                self._fail_waiting(conn, dep_id)
+        return stranded
+
+    @_guarded
+    def bind_warm_start(self, job_id: int, epoch: int, *, path: str, sha256: str, after: str) -> Job | None:
+        """Record that the running job starts from ``path`` (the adapter of ``after``, the job it waited on).
+
+        Stored as ``init_from`` is at submit (``init_from_path``, ``init_from_sha256``), so the
+        trainer, the manifest and ``show`` read it the same way; a retry keeps it. Only while
+        ``epoch`` owns the running job: the job as stored now, or ``None`` if it does not.
+        """
+        with self.transaction() as conn:
+            if not self._owns(conn, job_id, epoch):
+                return None
+            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
+            stored.update(init_from_path=path, init_from_sha256=sha256)
+            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            self._event(conn, job_id, RUNNING, RUNNING, f"after: {after} completed; starts from its adapter {path}")
+            return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 def _round_key(stored: dict[str, Any], round_no: int) -> str:
     """The queue_state key that records a halving round's decision (it is made once): per sweep, by its id."""

@@ -61,7 +61,7 @@ from ..protocol import (
 from ..queue import halving
 from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
 from ..supervisor import publish
-from ..workspace import Home
+from ..workspace import ADAPTER_WEIGHTS, Home
 
 #: Told what the worker does: ``(what, details)``. For ``started`` and ``progress`` the
 #: details hold the trainer's typed event (``"event"``); for ``completed``, its
@@ -299,6 +299,11 @@ class Worker:
             self.observer("recovered", {"name": job.name, "job_id": job.id})
             self.summary.completed.append(job.name)
             return
+        if (job.spec.get("spec") or {}).get("after") and not job.spec.get("init_from_path"):
+            bound = self._start_after(claim)
+            if bound is None:
+                return
+            claim, job = bound, bound.job
         job_dir = self.home.job_dir(job.id)
         attempt_dir = self.home.attempt_dir(job.id, claim.attempt)
         try:
@@ -333,6 +338,33 @@ class Worker:
         self.executor.submit(slot, request)
         self.observer("claimed", {"name": job.name, "job_id": job.id, "attempt": claim.attempt, "slot": slot.name,
                                   "resume_step": resume.step if resume else None})
+
+    def _start_after(self, claim: Claim) -> Claim | None:
+        """A job that waited on another (``after``) starts from its published adapter, checked as an
+        ``init_from`` is at submit and recorded in the store as one; ``None`` if it cannot start."""
+        from ..inspect import warm_start  # torch-free: the adapter's config and safetensors header
+
+        job = claim.job
+        after = str(job.spec["spec"]["after"])
+        folder, lines = warm_start.published(self.home, after, job.spec["spec"].get("lora") or {},
+                                             str(job.spec.get("base_model")))
+        if lines:
+            self._fail(claim, kind=FailureKind.DEPENDENCY, reason=f"after: {after}: {lines[0]}")
+            return None
+        try:
+            sha256 = fsutil.sha256_file(folder / ADAPTER_WEIGHTS)
+            bound = self.store.bind_warm_start(job.id, claim.epoch, path=str(folder), sha256=sha256, after=after)
+        except StoreFaultError as exc:
+            self._on_fault(exc)
+            self._requeue_fault(claim, FailureKind.IO, f"cannot record the job's start: {exc}")
+            return None
+        except OSError as exc:
+            self._fail(claim, kind=FailureKind.IO, reason=f"after: {after}: cannot read its adapter: {exc}")
+            return None
+        if bound is None:
+            self.observer("lost", {"name": job.name, "why": "the job was taken over or cancelled"})
+            return None
+        return dataclasses.replace(claim, job=bound)
 
     # -------------------------------------------------------------- events
 
@@ -439,8 +471,18 @@ class Worker:
                 self.summary.failed.append(claim.job.name)
             self.observer("failed", {"name": claim.job.name, "kind": kind.value, "reason": reason,
                                      "final": new == FAILED})
+            if new == FAILED:
+                self._report_dependents(claim.job.id)
 
         self._write(f"fail {claim.job.name}", record)
+
+    def _report_dependents(self, job_id: int) -> None:
+        """Say which jobs waiting on ``job_id`` (``after``) its failure failed, and theirs in turn."""
+        for job in self.store.dependents(job_id):
+            if job.status == FAILED and job.error_kind == FailureKind.DEPENDENCY.value:
+                self.summary.failed.append(job.name)
+                self.observer("failed", {"name": job.name, "kind": job.error_kind, "reason": job.error, "final": True})
+                self._report_dependents(job.id)
 
     def _lost(self, run: Running) -> None:
         """This worker no longer owns the job: stop its trainer, keep nothing it makes."""
@@ -632,6 +674,7 @@ class Worker:
             self.observer("reclaimed", {"job_id": job_id})
         self.store.expire_leases()
         self.store.decide_rounds()  # a halving round whose last job ended in an older loraq's hands
+        self.store.fail_stranded()  # jobs waiting on a failed job (after) that an older loraq left pending
         fsutil.remove_stale_tmp(self.home.adapters_dir)
         # Only folders of attempts the store has ended: an attempt that is live (another
         # worker claimed it, perhaps a moment ago) keeps its own. One query, and only
