@@ -159,6 +159,15 @@ class ValidationSpec(_Strict):
     metrics: list[Literal["exact_match"]] = Field(default_factory=list)
     min_exact_match: float | None = Field(None, ge=0.0, le=1.0)  # a gate: the adapter's exact match at least this
     samples: int = Field(3, ge=0, le=50)  # eval prompts whose base and adapter answers are shown side by side
+    # gates on measured metrics, {metric: minimum}: the adapter's value at least this (inspect/verdict.py)
+    min: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("min")
+    @classmethod
+    def _minimums(cls, value: dict[str, float]) -> dict[str, float]:
+        for minimum in value.values():
+            _finite(minimum)
+        return value
 
     @field_validator("metrics")
     @classmethod
@@ -178,6 +187,10 @@ class ValidationSpec(_Strict):
             raise ValueError("needs split > 0 or a dataset: the eval loss gates publishing")
         if self.min_exact_match is not None and "exact_match" not in self.metrics:
             raise ValueError("min_exact_match gates on the exact_match metric: add metrics: [exact_match]")
+        for name in self.min:
+            if name not in self.metrics:
+                raise ValueError(f"min.{name} gates on a metric this job does not measure: add {name} to "
+                                 f"validation.metrics (one of: {', '.join(METRICS)})")
         return self
 
 
