@@ -222,6 +222,14 @@ class ValidationSpec(_Strict):
         return value
 
     @property
+    def gate_metric(self) -> str | None:
+        """The metric that gates besides the eval loss, which ranks a sweep: the first of ``min``
+        (``min_exact_match``: exact_match)."""
+        if self.min:
+            return next(iter(self.min))
+        return "exact_match" if self.min_exact_match is not None else None
+
+    @property
     def measured(self) -> list[str]:
         """Every metric this job measures on the eval prompts: ``metrics``, and ``judge`` with a judge."""
         return self.metrics + ([JUDGE_METRIC] if self.judge is not None else [])

@@ -574,9 +574,13 @@ class Worker:
         claim = run.claim
         with contextlib.suppress(OSError):
             fsutil.remove_tree(Path(trained.staging))
+        from ..queue.spec import ValidationSpec
+
+        gate = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {}).gate_metric
         if not self.store.end_round(claim.job.id, claim.epoch, steps=trained.steps,
                                     eval_loss=_finite_or_none(trained.eval_loss),
-                                    train_loss=_finite_or_none(trained.train_loss)):
+                                    train_loss=_finite_or_none(trained.train_loss),
+                                    metric=gate, score=_finite_or_none(trained.metrics.get(gate)) if gate else None):
             self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled"})
             return
         self.observer("round_ended", {"name": claim.job.name, "round": claim.job.spec["halving"]["round"],

@@ -134,8 +134,9 @@ class TensorBoardTracker(Tracker):
             raise ValueError(f"tracking.tensorboard_dir {relative!r} leads outside the home")
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        # A resumed attempt writes on from its checkpoint's step: what an earlier attempt wrote after it is purged.
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=ctx.resume_step if run_id else None)
+        # A resumed attempt writes on after its checkpoint's step: what an earlier attempt wrote after it is purged.
+        purge = ctx.resume_step + 1 if run_id and ctx.resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
         if not run_id:
             self.writer.add_text("loraq/tags", json.dumps(ctx.tags, sort_keys=True), 0)
             self.writer.add_text("loraq/params", json.dumps(ctx.params, sort_keys=True, default=str), 0)
