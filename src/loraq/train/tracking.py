@@ -164,10 +164,13 @@ class WandbTracker(Tracker):
         self.run_id = ""
 
     def open(self, ctx: Context, run_id: str | None) -> str | None:
+        import secrets
+
         import wandb
 
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or secrets.token_hex(4)  # W&B's own ids are 8 characters of [a-z0-9] too
         folder = os.environ.get("WANDB_DIR") or str(ctx.job_dir)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=self.settings.experiment, entity=self.settings.wandb_entity, name=ctx.job,
                               id=self.run_id, resume="allow", dir=folder, config=ctx.params,
                               tags=[t for t in (ctx.group,) if t], group=ctx.group, reinit="finish_previous",
