@@ -271,3 +271,34 @@ def test_a_judge_nobody_listens_for_is_unmeasured() -> None:
     result = judge.judge(judge.JudgeSettings(endpoint=f"http://127.0.0.1:{port}/v1", model="m", rubric="r",
                                              timeout_s=1), ["q"], ["r"], ["a"])
     assert result.score is None and result.errors
+
+
+# ---------------------------------------------------------------- ranking by the gate metric
+
+
+def test_a_halving_round_ranks_by_the_grader_that_gates_the_sweep() -> None:
+    from loraq.queue import halving
+
+    members = [halving.Member("a", True, 1.0, score=0.2), halving.Member("b", True, 2.0, score=0.9),
+               halving.Member("c", True, 1.5, score=None), halving.Member("d", False, None)]
+    by_loss = halving.decide(1, 2, members)
+    assert [v.name for v in by_loss] == ["a", "c", "b", "d"]
+    by_rouge = halving.decide(1, 2, members, metric="rouge_l")
+    assert [v.name for v in by_rouge] == ["b", "a", "c", "d"] and [v.kept for v in by_rouge] == [True, True, False,
+                                                                                                 False]
+    assert "rouge_l 0.9000 ranked 1 of 4" in by_rouge[0].reason and "no rouge_l" in by_rouge[2].reason
+
+
+def test_the_report_ranks_a_sweep_by_the_metric_that_gated_it() -> None:
+    from loraq.report import gate_metric, sweeps_of
+
+    def job(i: int, loss: float, rouge: float | None, status: str = "completed") -> dict[str, Any]:
+        return {"id": i, "name": f"s-{i}", "group": "s", "status": status, "eval_loss": loss, "base_eval_loss": 3.0,
+                "gate_metric": gate_metric({"min": {"rouge_l": 0.1}}),
+                "metrics": {} if rouge is None else {"rouge_l": rouge, "base_rouge_l": 0.1}, "sweep": {"lr": i}}
+
+    (sweep,) = sweeps_of([job(1, 1.0, 0.3), job(2, 2.0, 0.8), job(3, 0.5, None), job(4, 0.9, 0.95, "failed")]).values()
+    assert sweep["metric"] == "rouge_l" and sweep["higher_is_better"] and sweep["best"] == "s-2"
+    assert [e["name"] for e in sweep["ranking"]] == ["s-2", "s-1", "s-4", "s-3"]
+    assert sweep["ranking"][0]["value"] == 0.8 and sweep["ranking"][0]["base_value"] == 0.1
+    assert gate_metric({"min_exact_match": 0.5}) == "exact_match" and gate_metric({}) is None

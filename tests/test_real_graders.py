@@ -27,7 +27,7 @@ _DONE = [("fixed", "the login bug"), ("added", "a dark mode"), ("removed", "the 
          ("sped up", "the export job"), ("cleaned up", "the settings menu"), ("tested", "the mobile app"),
          ("rewrote", "the welcome email")]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
-GATE = 0.5
+GATE = 0.8  # measured: the base 0.495, the adapter 1.000
 
 
 def rows(rng: random.Random, n: int) -> list[dict[str, str]]:

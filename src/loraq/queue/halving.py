@@ -119,8 +119,8 @@ def decide(round_no: int, rounds: int, members: list[Member], metric: str | None
     for rank, m in enumerate(ranked, 1):
         kept = rank <= keep and m.waiting
         finite = value(m) is not None
-        shown = f"{metric} {m.score:.4f}" if metric else f"eval loss {m.eval_loss:.4f}"
-        loss = shown if m.waiting and finite else (
+        measured = m.score if metric else m.eval_loss
+        loss = f"{metric or 'eval loss'} {measured:.4f}" if m.waiting and finite and measured is not None else (
             f"no {metric or 'eval loss'}" if m.waiting else "failed or cancelled, counted as worst")
         what = f"goes on to round {round_no + 1}" if kept else f"pruned (the better {keep} go{'es' if keep == 1 else ''} on)"
         out.append(Verdict(m.name, rank, len(ranked), kept,
