@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from . import serving as serving_verdicts
-from .structure import Finding, Inspection
+from .structure import Finding, Inspection, Severity
 
 #: Metrics whose measurement may be missing without failing a gate on them: a model judge that did not
 #: answer (a server down, a timeout) never fails the job, it leaves a warning.
@@ -140,7 +140,7 @@ def metric_gate(name: str, value: float | None, minimum: float, base: float | No
     gate, except a model judge's (:data:`OPTIONAL_METRICS`): a judge that did not answer warns.
     """
     if value is None or not math.isfinite(value):
-        severity = "warning" if name in OPTIONAL_METRICS else "error"
+        severity: Severity = "warning" if name in OPTIONAL_METRICS else "error"
         return Finding("metric_gate", severity, f"no {name} was measured (got {value}) but validation.min.{name} "
                                                 f"asks for {minimum:.3f}"
                        + ("; the judge did not answer, so the gate was not applied" if severity == "warning" else ""))
