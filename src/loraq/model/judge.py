@@ -21,7 +21,7 @@ is sent as one chat completion request, ``POST {endpoint}/chat/completions``:
 with ``temperature: 0`` and ``max_tokens: 8``. The first number in the reply, clamped to 0-10
 and divided by 10, is the row's score; the metric ``judge`` is the mean over the rows (0 to 1,
 higher better), ``base_judge`` the base's. Requests run ``concurrency`` at a time, each with a
-``timeout_s`` limit (and every request of a job within ten times that). A reply that fails,
+``timeout_s`` limit (and the whole pass within ten times that). A reply that fails,
 times out or holds no number leaves the metric unmeasured: a judge never fails the training,
 and a gate on ``judge`` that was not measured warns instead of failing (inspect/verdict.py).
 The key, when the endpoint needs one, is read from the environment variable ``api_key_env``
@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +119,6 @@ def judge(settings: JudgeSettings, prompts: Sequence[str], references: Sequence[
     bodies = [{"model": settings.model, "messages": messages(settings.rubric, p, r, a), "temperature": 0,
                "max_tokens": 8} for p, r, a in rows]
     errors: list[str] = []
-    scores: list[float] = []
 
     def one(body: dict[str, Any]) -> float | None:
         try:
@@ -128,10 +127,15 @@ def judge(settings: JudgeSettings, prompts: Sequence[str], references: Sequence[
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
             return None
 
-    with ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="loraq-judge") as pool:
-        for score in pool.map(one, bodies):
-            if score is not None:
-                scores.append(score)
+    pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="loraq-judge")
+    futures = [pool.submit(one, body) for body in bodies]
+    # The whole pass within its deadline (a server that trickles its reply byte by byte included): what has
+    # not answered by then is abandoned, and the metric is unmeasured.
+    done, late = wait(futures, timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if late:
+        errors.append(f"{len(late)} answer(s) not scored within {settings.timeout_s * 10:g} s")
+    scores = [score for f in futures if f in done and (score := f.result()) is not None]
     if errors or len(scores) != len(rows):
         return Verdicts(None, len(rows), errors[:5] or ["not every answer was scored"])
     return Verdicts(sum(scores) / len(scores), len(rows))
