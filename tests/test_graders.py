@@ -302,3 +302,24 @@ def test_the_report_ranks_a_sweep_by_the_metric_that_gated_it() -> None:
     assert [e["name"] for e in sweep["ranking"]] == ["s-2", "s-1", "s-4", "s-3"]
     assert sweep["ranking"][0]["value"] == 0.8 and sweep["ranking"][0]["base_value"] == 0.1
     assert gate_metric({"min_exact_match": 0.5}) == "exact_match" and gate_metric({}) is None
+
+
+def test_the_store_decides_a_round_by_the_score_the_worker_reports(tmp_path: Any) -> None:
+    """What the worker passes at a round's end (the sweep's gate metric and the adapter's value) decides it."""
+    from loraq.queue import halving
+    from loraq.queue.store import NewJob, Store, WorkerId
+
+    with Store.open(tmp_path / "loraq.db") as store:
+        plan = halving.plan(2, 4)
+        store.enqueue([NewJob(name=n, spec={"spec": {"name": n, "group": "g", "training": {"max_steps": 2}},
+                                            "halving": plan}, base_key="b", max_retries=0) for n in ("a", "b")])
+        worker = WorkerId("h", 1, "t")
+        claims = {c.job.name: c for c in (store.claim(worker, lease_s=60) for _ in range(2)) if c is not None}
+        # 'a' has the lower eval loss, 'b' the higher ROUGE-L: the sweep gates on rouge_l, so 'b' goes on
+        assert store.end_round(claims["a"].job.id, claims["a"].epoch, steps=2, eval_loss=1.0, metric="rouge_l",
+                               score=0.2)
+        assert store.end_round(claims["b"].job.id, claims["b"].epoch, steps=2, eval_loss=2.0, metric="rouge_l",
+                               score=0.7)
+        after = {job.name: job for job in store.jobs()}
+        assert after["b"].status == "pending" and after["b"].spec["halving"]["round"] == 2
+        assert after["a"].status == "cancelled" and "rouge_l 0.2000 ranked 2 of 2" in after["a"].error
