@@ -92,10 +92,14 @@ class MlflowTracker(Tracker):
         self.uri = self.settings.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (ctx.home / "mlruns").as_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "loraq.attempt", str(ctx.attempt))
-            self.run_id = run_id
-            return run_id
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+            except Exception:  # noqa: BLE001 - deleted, or another server: a new run, below
+                run_id = None
+            else:
+                self.client.set_tag(run_id, "loraq.attempt", str(ctx.attempt))
+                self.run_id = run_id
+                return run_id
         found = self.client.get_experiment_by_name(self.settings.experiment)
         experiment = found.experiment_id if found else self.client.create_experiment(self.settings.experiment)
         run = self.client.create_run(experiment, tags=ctx.tags, run_name=ctx.job)
