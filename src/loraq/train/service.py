@@ -436,41 +436,30 @@ class TrainerService:
         self.tracking = tracking.open_runs(spec, job_dir=job_dir, home=job_dir.parent.parent, attempt=request.attempt,
                                            sweep=request.job.sweep, log=log,
                                            resume_step=checkpoints.step_of(resume) if resume else None)
-        finished = False
+        self.tracking.log({"base_eval_loss": base_eval}, 0)
+        outcome: Stopped | TrainResult | _OutOfMemory | None = None
         try:
-            self.tracking.log({"base_eval_loss": base_eval}, 0)
-            outcome = self._train_on(request, spec, key, prepared, batches, steps, base_eval, reused, load_s, resume,
-                                     emit, log, timings)
-            finished = isinstance(outcome, TrainResult)
-            return outcome
+            batching = controls.Batching.of(spec, batches.gradient_checkpointing)
+            retry = False
+            while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
+                outcome = self._attempt(request, spec, key, prepared, batches, steps, base_eval, reused, load_s,
+                                        batching, resume, retry, emit, log, timings)
+                if not isinstance(outcome, _OutOfMemory):
+                    return outcome
+                after = controls.after_oom(batching)
+                if after is None:
+                    raise controls.exhausted(outcome.error, outcome.asked, batching, self.device)
+                newest = controls.newest_own_checkpoint(request.checkpoints_dir)
+                resume = str(newest) if newest is not None else request.resume_from
+                event = OomAdjusted(step=outcome.step, before=batching.to_json(), after=after.to_json(),
+                                    error=outcome.error, asked=outcome.asked,
+                                    resume_step=checkpoints.step_of(resume) if resume else None)
+                log(f"out of memory at step {outcome.step} ({outcome.error}); going on with {after} from "
+                    f"{resume or 'step 0'}")
+                emit(event)
+                batching, retry = after, True
         finally:
-            self.tracking.close(finished)
-
-    def _train_on(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared,
-                  batches: layout.Layout, steps: int, base_eval: float, reused: bool, load_s: float,
-                  resume: str | None, emit: Emit, log: Callable[[str], None],
-                  timings: dict[str, float]) -> Stopped | TrainResult:
-        """Train, going on with smaller micro-batches after an out-of-memory error (the OOM back-off)."""
-        batching = controls.Batching.of(spec, batches.gradient_checkpointing)
-        retry = False
-        while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
-            outcome = self._attempt(request, spec, key, prepared, batches, steps, base_eval, reused, load_s,
-                                    batching, resume, retry, emit, log, timings)
-
-            if not isinstance(outcome, _OutOfMemory):
-                return outcome
-            after = controls.after_oom(batching)
-            if after is None:
-                raise controls.exhausted(outcome.error, outcome.asked, batching, self.device)
-            newest = controls.newest_own_checkpoint(request.checkpoints_dir)
-            resume = str(newest) if newest is not None else request.resume_from
-            event = OomAdjusted(step=outcome.step, before=batching.to_json(), after=after.to_json(),
-                                error=outcome.error, asked=outcome.asked,
-                                resume_step=checkpoints.step_of(resume) if resume else None)
-            log(f"out of memory at step {outcome.step} ({outcome.error}); going on with {after} from "
-                f"{resume or 'step 0'}")
-            emit(event)
-            batching, retry = after, True
+            self.tracking.close(isinstance(outcome, TrainResult))
 
     def _attempt(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared, batches: layout.Layout,
                  steps: int, base_eval: float, reused: bool, load_s: float, batching: controls.Batching,
