@@ -231,3 +231,31 @@ jobs:
     assert [s for s, _ in scalars["loss"]] == list(range(1, 31))  # steps after the resumed checkpoint: once
     offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(runs["wandb"]) for p in offline)
+
+
+def test_a_run_is_named_for_the_job_and_tagged_with_its_group_sweep_settings_and_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trackers' own APIs, driven as the trainer drives them (no model needed): the run's identity."""
+    from loraq.queue.spec import JobSpec
+    from loraq.train import tracking
+
+    for key, value in tracker_env(tmp_path).items():
+        if key.startswith(("MLFLOW", "WANDB")):
+            monkeypatch.setenv(key, value)
+    spec = JobSpec.model_validate({"name": "lr-1a2b", "base_model": "org/m", "dataset": "d.jsonl", "group": "lr",
+                                   "tracking": {"report_to": ["mlflow", "wandb"]}})
+    lines: list[str] = []
+    for attempt in (1, 2):
+        runs = tracking.open_runs(spec, job_dir=tmp_path / "jobs" / "1", home=tmp_path, attempt=attempt,
+                                  sweep={"training.learning_rate": 0.001}, resume_step=None, log=lines.append)
+        runs.log({"loss": 1.0 / attempt}, attempt)
+        runs.close(attempt == 2)
+        assert runs.warnings == [], runs.warnings
+    (run,) = mlflow_runs(tmp_path)
+    assert run.info.run_name == "lr-1a2b" and run.info.status == "FINISHED"
+    assert run.data.tags["loraq.group"] == "lr" and run.data.tags["loraq.attempt"] == "2"
+    assert run.data.tags["loraq.sweep.training.learning_rate"] == "0.001"
+    assert any("continued" in line for line in lines)
+    offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    # one offline run folder per attempt (one, if both began within the same second), all of the one run id
+    assert offline and len({p.name.rsplit("-", 1)[1] for p in offline}) == 1

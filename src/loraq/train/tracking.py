@@ -177,7 +177,8 @@ class WandbTracker(Tracker):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=self.settings.experiment, entity=self.settings.wandb_entity, name=ctx.job,
                               id=self.run_id, resume="allow", dir=folder, config=ctx.params,
-                              tags=[t for t in (ctx.group,) if t], group=ctx.group, reinit="finish_previous",
+                              tags=[t[:64] for t in (ctx.group, *(f"{k}={v}" for k, v in ctx.sweep.items())) if t],
+                              group=ctx.group, reinit="finish_previous",
                               settings=wandb.Settings(console="off", silent=True))
         self.run.summary["loraq.attempt"] = ctx.attempt
         for key, value in ctx.tags.items():
