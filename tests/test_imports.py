@@ -74,8 +74,10 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
-              "loraq.queue.listing", "loraq.views", "loraq.notices"]
-HEAVY = ["torch", "transformers", "peft"]
+              "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
+              "loraq.model.judge"]
+#: torch's stack, and the graders' and trackers' libraries (imported where a grader or a tracker runs, in the trainer)
+HEAVY = ["torch", "transformers", "peft", "mlflow", "wandb", "tensorboard", "sacrebleu", "rouge_score", "rapidfuzz"]
 
 
 def modules_after(code: str) -> set[str]:

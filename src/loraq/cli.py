@@ -373,6 +373,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         rows_used = (result_doc.get("extras") or {}).get("exact_match_rows")
         _say(f"  exact match: base {_num(metrics.get('base_exact_match'))} -> adapter {_num(metrics['exact_match'])}"
              + (f" (greedy answers to {rows_used} eval prompts)" if rows_used else ""))
+    for name in [k for k in metrics if not k.startswith("base_") and k != "exact_match"]:  # graders, the judge
+        _say(f"  {name}: base {_num(metrics.get(f'base_{name}'))} -> adapter {_num(metrics[name])}")
     if j.error:
         _say(f"  why:        {j.error_kind}: {j.error}")
     if adapter := (j.result or {}).get("adapter"):

@@ -86,6 +86,7 @@ class JobInput:
     eval_dataset_bytes: int | None = None
     submit_tokenizer: str | None = None  # what counted the tokens at submit: "tokenizers" (torch-free) | "transformers"
     est_steps: int | None = None  # the steps submit estimated (the trainer's own plan gives the steps it runs)
+    sweep: dict[str, Any] | None = None  # the settings this job of a sweep was given: the trackers' tags
 
     @classmethod
     def of_stored(cls, stored: Mapping[str, Any]) -> JobInput:

@@ -68,6 +68,7 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "serving": (inspection or {}).get("serving") or {},
             "curves": curves,
             "group": (job.spec.get("spec") or {}).get("group"),
+            "gate_metric": gate_metric((job.spec.get("spec") or {}).get("validation") or {}),
             "sweep": job.spec.get("sweep"),
             "halving": job.spec.get("halving"),
             "after": (job.spec.get("spec") or {}).get("after"),  # the job it waited on (after:), if any
@@ -105,10 +106,13 @@ def _samples(result: dict[str, Any] | None) -> list[dict[str, str]]:
 
 
 def exact_match_line(metrics: dict[str, Any]) -> str | None:
-    """``exact match 0.000 → 0.938`` (base → adapter), or ``None`` when the job did not measure it."""
-    if "exact_match" not in metrics:
+    """``exact match 0.000 → 0.938; rouge_l 0.412 → 0.733`` (base → adapter, each metric the job measured),
+    or ``None`` when it measured none."""
+    names = [k for k in metrics if not k.startswith("base_") and k != "rss_mb"]
+    if not names:
         return None
-    return f"exact match {_num(metrics.get('base_exact_match'), 3)} → {_num(metrics.get('exact_match'), 3)}"
+    return "; ".join(f"{'exact match' if k == 'exact_match' else k} {_num(metrics.get(f'base_{k}'), 3)} → "
+                     f"{_num(metrics.get(k), 3)}" for k in names)
 
 
 def _md_cell(text: str, limit: int = 200, *, tail: bool = False) -> str:
@@ -119,8 +123,24 @@ def _md_cell(text: str, limit: int = 200, *, tail: bool = False) -> str:
     return "`" + flat.replace("`", "'").replace("|", "\\|") + "`" if flat else ""
 
 
+def gate_metric(validation: dict[str, Any]) -> str | None:
+    """The metric that gates a job besides the eval loss: the first of ``validation.min`` (or ``min_exact_match``)."""
+    minimums = validation.get("min") or {}
+    if minimums:
+        return str(next(iter(minimums)))
+    return "exact_match" if validation.get("min_exact_match") is not None else None
+
+
+def _value(job: dict[str, Any], metric: str, base: bool = False) -> float | None:
+    if metric == "eval_loss":
+        return job["base_eval_loss" if base else "eval_loss"]
+    value = (job.get("metrics") or {}).get(f"base_{metric}" if base else metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each sweep's jobs ranked by the gate metric (the eval loss, lower first; jobs without one last), the best marked.
+    """Each sweep's jobs ranked by the metric that gated it, the best marked: a grader of ``validation.min``
+    (higher first), else the eval loss (lower first); jobs without one last.
 
     Only a job that passed (completed) can be the best: a lower eval loss on an adapter
     that failed inspection is not a result.
@@ -128,17 +148,27 @@ def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for job in jobs:
         if job.get("group"):
-            out.setdefault(job["group"], {"metric": "eval_loss", "ranking": []})["ranking"].append(job)
+            out.setdefault(job["group"], {"metric": job.get("gate_metric") or "eval_loss", "ranking": []}
+                           )["ranking"].append(job)
     for group in out.values():
-        # A halving sweep: the rounds a job reached first (an eval loss of an earlier round is of fewer steps).
-        ranked = sorted(group["ranking"], key=lambda j: (-((j.get("halving") or {}).get("round") or 0),
-                                                         j["eval_loss"] is None, j["status"] != "completed",
-                                                         j["eval_loss"] if j["eval_loss"] is not None else 0.0, j["id"]))
-        best = next((j for j in ranked if j["status"] == "completed" and j["eval_loss"] is not None), None)
+        metric = group["metric"]
+        sign = 1.0 if metric == "eval_loss" else -1.0  # graders: higher is better
+        group["higher_is_better"] = sign < 0
+
+        def key(j: dict[str, Any], metric: str = metric, sign: float = sign) -> tuple[Any, ...]:
+            value = _value(j, metric)
+            # A halving sweep: the rounds a job reached first (an eval loss of an earlier round is of fewer steps).
+            return (-((j.get("halving") or {}).get("round") or 0), value is None, j["status"] != "completed",
+                    sign * value if value is not None else 0.0, j["id"])
+
+        ranked = sorted(group["ranking"], key=key)
+        best = next((j for j in ranked if j["status"] == "completed" and _value(j, metric) is not None), None)
         group["best"] = best["name"] if best else None
         group["ranking"] = [{"name": j["name"], "status": j["status"], "eval_loss": j["eval_loss"],
                              "base_eval_loss": j["base_eval_loss"], "settings": j.get("sweep") or {},
                              "best": best is not None and j["name"] == best["name"]}
+                            | ({"value": _value(j, metric), "base_value": _value(j, metric, base=True)}
+                               if metric != "eval_loss" else {})
                             | ({"round": j["halving"].get("round"), "pruned": j["halving"].get("why")
                                 if j["halving"].get("state") == "pruned" else None} if j.get("halving") else {})
                             for j in ranked]
@@ -229,12 +259,18 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {_bytes(job['adapter_bytes'])} | {_num(job['duration_s'], 1)} s | {serving_cell(job['serving'])} |"
         )
     for name, group in report.get("sweeps", {}).items():
-        lines += ["", f"## sweep {name}", "", f"Ranked by {group['metric']} (lower is better).", "",
-                  "| rank | job | settings | status | eval loss base → adapter | |", "| --- | --- | --- | --- | --- | --- |"]
+        better = "higher" if group.get("higher_is_better") else "lower"
+        graded = "value" in (group["ranking"][0] if group["ranking"] else {})
+        lines += ["", f"## sweep {name}", "", f"Ranked by {group['metric']} ({better} is better).", "",
+                  "| rank | job | settings | status | eval loss base → adapter | "
+                  + (f"{group['metric']} base → adapter | " if graded else "") + "|",
+                  "| --- | --- | --- | --- | --- | --- |" + (" --- |" if graded else "")]
         for rank, entry in enumerate(group["ranking"], 1):
             settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items())
             lines.append(f"| {rank} | {entry['name']} | {settings} | {_status_cell(entry)} | {_num(entry['base_eval_loss'])}"
-                         f" → {_num(entry['eval_loss'])} | {'**best**' if entry['best'] else ''} |")
+                         f" → {_num(entry['eval_loss'])} | "
+                         + (f"{_num(entry['base_value'], 3)} → {_num(entry['value'], 3)} | " if graded else "")
+                         + f"{'**best**' if entry['best'] else ''} |")
     for job in report["jobs"]:
         problems = [a for a in job["attempts"] if a["reason"]]
         findings = [f for f in job["findings"] if f.get("severity") in ("error", "warning")]
@@ -364,7 +400,8 @@ def body_html(report: dict[str, Any]) -> str:
         )
     counts = " · ".join(f"{report['counts'][k]} {k}" for k in ("completed", "failed", "running", "pending", "cancelled"))
     sweeps = "".join(
-        f"<h2>sweep {e(name)}</h2><p>ranked by {e(group['metric'])} (lower is better)</p><table><thead><tr><th>rank</th>"
+        f"<h2>sweep {e(name)}</h2><p>ranked by {e(group['metric'])} "
+        f"({'higher' if group.get('higher_is_better') else 'lower'} is better)</p><table><thead><tr><th>rank</th>"
         "<th>job</th><th>settings</th><th>status</th><th>eval loss base → adapter</th><th></th></tr></thead><tbody>"
         + "".join(f"<tr><td>{rank}</td><td>{e(entry['name'])}</td><td>"
                   f"{e(', '.join(f'{k}={v}' for k, v in entry['settings'].items()))}</td><td>{e(_status_cell(entry))}</td>"

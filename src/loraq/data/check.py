@@ -501,8 +501,9 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         problems += run.once(("rows", job.eval_dataset_path, eval_format), job.name, found.problems(), "file")
     if train is None:
         return None, problems
-    if "exact_match" in spec.validation.metrics and train.format == "text":
-        problems.append(Problem("validation.metrics", "exact_match compares a generated answer with each row's; a "
+    if spec.validation.measured and train.format == "text":
+        where = "validation.metrics" if spec.validation.metrics else "validation.judge"
+        problems.append(Problem(where, f"{spec.validation.measured[0]} compares a generated answer with each row's; a "
                                 "text dataset has no prompt and answer (use chat, prompt_completion or alpaca)"))
 
     split: tuple[Any, ...] = ("file", job.eval_dataset_path)

@@ -26,7 +26,8 @@ from ..errors import DataError, InspectionError, PathError, TemplateBudgetError
 from ..escape import printable
 from ..sandbox import Roots, check_model_folder, hf_cache_dir, is_hub_id, model_folder
 from .lora_config import LoraSettings
-from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets, quality_gate
+from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets
+from .verdict import quality_gate
 
 #: Rows of an eval dataset the inspector scores (the first ones): enough to judge, quick on a CPU.
 MAX_EVAL_ROWS = 256

@@ -47,6 +47,8 @@ class Inspection:
     findings: list[Finding]
     stats: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)  # engine -> serving.Verdict (not part of passing)
+    #: What the gates judged (eval losses, metrics base -> adapter, the minimums): set by :func:`.verdict.verdict`.
+    quality: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -63,7 +65,7 @@ class Inspection:
                          for f in self.findings],
             "stats": _finite_json(self.stats),
             "serving": {engine: verdict.to_json() for engine, verdict in self.serving.items()},
-        }
+        } | ({"quality": self.quality} if self.quality is not None else {})
 
 
 def _finite_json(value: Any) -> Any:
@@ -285,40 +287,3 @@ def check_values(fd: int, weights: Weights, found: Findings, stats: dict[str, An
     top = [values[m.b.name].max_abs for m in complete if m.b is not None and m.b.name in values]
     if top:
         stats["lora_b_max_abs"] = max(top)
-
-
-def quality_gate(base_eval_loss: float | None, eval_loss: float | None, min_drop: float) -> Finding | None:
-    """The queue's quality gate: the adapter's eval loss must be at most ``base_eval_loss - min_drop``.
-
-    With ``min_drop`` 0 the adapter must simply not be worse than the base.
-    Returns ``None`` when it passes, or when a loss is missing (nothing to judge);
-    a non-finite loss is an error.
-    """
-    if base_eval_loss is None or eval_loss is None:
-        return None
-    if not all(math.isfinite(x) for x in (base_eval_loss, eval_loss, min_drop)):
-        return Finding("quality_gate", "error", f"eval loss {eval_loss} vs base {base_eval_loss} (min drop "
-                                                f"{min_drop}) is not finite; the adapter or the eval data is broken")
-    if eval_loss <= base_eval_loss - min_drop:
-        return None
-    drop = base_eval_loss - eval_loss
-    verdict = f"a drop of only {drop:.4f}" if drop > 0 else "no better"
-    return Finding("quality_gate", "error",
-                   f"eval loss {eval_loss:.4f} vs the base's {base_eval_loss:.4f} is {verdict}; the gate asks for a "
-                   f"drop of at least {min_drop:.4f} (train longer, raise the learning rate, or lower "
-                   "validation.min_eval_loss_drop)")
-
-
-def exact_match_gate(exact_match: float | None, minimum: float | None, base: float | None = None) -> Finding | None:
-    """``validation.min_exact_match``: the adapter's exact match on the eval prompts must reach ``minimum``."""
-    if minimum is None:
-        return None
-    if exact_match is None or not math.isfinite(exact_match):
-        return Finding("exact_match_gate", "error", f"no exact match was measured (got {exact_match}) but "
-                                                    f"validation.min_exact_match asks for {minimum:.3f}")
-    if exact_match >= minimum:
-        return None
-    versus = f" (the base's: {base:.3f})" if base is not None else ""
-    return Finding("exact_match_gate", "error",
-                   f"exact match {exact_match:.3f}{versus} on the eval prompts is below validation.min_exact_match "
-                   f"{minimum:.3f} (train longer, raise the learning rate, or lower the gate)")

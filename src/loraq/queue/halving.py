@@ -85,6 +85,7 @@ class Member:
     name: str
     waiting: bool  # it ended the round with an eval loss and waits; otherwise it failed or was cancelled
     eval_loss: float | None
+    score: float | None = None  # the sweep's gate metric (a grader, higher is better), when it gates on one
 
 
 @dataclass(frozen=True)
@@ -96,25 +97,31 @@ class Verdict:
     reason: str
 
 
-def decide(round_no: int, rounds: int, members: list[Member]) -> list[Verdict]:
+def decide(round_no: int, rounds: int, members: list[Member], metric: str | None = None) -> list[Verdict]:
     """Rank a round's members and keep the better half (``ceil(n / 2)``), best first.
 
-    Lower eval loss first; a job with no finite eval loss, one that failed or was
-    cancelled ranks after every job that has one; ties go by name, so a decision made
-    again gives the same answer. Only waiting jobs can be kept.
+    Lower eval loss first, or with ``metric`` (a grader the sweep gates on) the higher
+    ``score``; a job with no finite value, one that failed or was cancelled ranks after
+    every job that has one; ties go by name, so a decision made again gives the same
+    answer. Only waiting jobs can be kept.
     """
+    def value(m: Member) -> float | None:
+        v = m.score if metric else m.eval_loss
+        return None if v is None or not math.isfinite(v) else (-v if metric else v)
+
     def key(m: Member) -> tuple[bool, bool, float, str]:
-        usable = m.waiting and m.eval_loss is not None and math.isfinite(m.eval_loss)
-        return (not usable, not m.waiting, m.eval_loss if usable and m.eval_loss is not None else math.inf, m.name)
+        usable = m.waiting and value(m) is not None
+        return (not usable, not m.waiting, value(m) if usable else math.inf, m.name)  # type: ignore[return-value]
 
     ranked = sorted(members, key=key)
     keep = math.ceil(len(ranked) / 2)
     out = []
     for rank, m in enumerate(ranked, 1):
         kept = rank <= keep and m.waiting
-        finite = m.eval_loss is not None and math.isfinite(m.eval_loss)
-        loss = f"eval loss {m.eval_loss:.4f}" if m.waiting and finite else (
-            "no eval loss" if m.waiting else "failed or cancelled, counted as worst")
+        finite = value(m) is not None
+        measured = m.score if metric else m.eval_loss
+        loss = f"{metric or 'eval loss'} {measured:.4f}" if m.waiting and finite and measured is not None else (
+            f"no {metric or 'eval loss'}" if m.waiting else "failed or cancelled, counted as worst")
         what = f"goes on to round {round_no + 1}" if kept else f"pruned (the better {keep} go{'es' if keep == 1 else ''} on)"
         out.append(Verdict(m.name, rank, len(ranked), kept,
                            f"halving: round {round_no} of {rounds}, {loss} ranked {rank} of {len(ranked)}: {what}"))

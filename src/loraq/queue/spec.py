@@ -144,7 +144,9 @@ class EarlyStoppingSpec(_Strict):
 
     patience: int = Field(3, ge=1, le=1000)
     min_delta: float = Field(0.0, ge=0.0, le=1000.0)
-    metric: Literal["eval_loss"] = "eval_loss"  # the gate metric; lower is better
+    # what is watched: the eval loss (lower is better), or a grader of validation.metrics (higher is better),
+    # measured on the eval prompts' greedy answers at each evaluation
+    metric: str = "eval_loss"
 
     @field_validator("min_delta")
     @classmethod
@@ -152,8 +154,32 @@ class EarlyStoppingSpec(_Strict):
         return _finite(value)
 
 
-#: Metrics a job can ask for besides the eval loss (``validation.metrics``).
-METRICS = ("exact_match",)
+#: Metrics a job can ask for besides the eval loss (``validation.metrics``): the graders of
+#: loraq.model.graders, each 0 to 1, higher better. ``judge`` is measured when ``validation.judge`` is set.
+METRICS = ("exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu", "chrf", "fuzzy_match", "json_valid", "json_match",
+           "contains", "regex")
+JUDGE_METRIC = "judge"
+#: Longest pattern accepted for ``validation.contains`` / ``validation.regex``.
+MAX_PATTERN_CHARS = 1000
+
+
+class JudgeSpec(_Strict):
+    """A model judge (``validation.judge``): an OpenAI-compatible chat endpoint scores the answers (model/judge.py)."""
+
+    endpoint: str = Field(min_length=1, max_length=2000)  # the API's base URL, e.g. http://127.0.0.1:8000/v1
+    model: str = Field(min_length=1, max_length=200)
+    rubric: str = Field(min_length=1, max_length=4000)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")  # the key's env variable
+    timeout_s: float = Field(30.0, gt=0, le=600)  # one request
+    concurrency: int = Field(4, ge=1, le=32)  # requests in flight
+    max_rows: int = Field(64, ge=1, le=1024)  # eval prompts judged (the first ones)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http(s) URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+        return value.rstrip("/")
 
 
 class ValidationSpec(_Strict):
@@ -162,16 +188,57 @@ class ValidationSpec(_Strict):
     min_eval_loss_drop: float = Field(0.0, ge=-1000.0, le=1000.0)  # an eval loss drop, in nats
     early_stopping: EarlyStoppingSpec | None = None
     # ---- quality you can see (issue 10): greedy answers on the eval rows' prompts, base and adapter
-    metrics: list[Literal["exact_match"]] = Field(default_factory=list)
+    metrics: list[str] = Field(default_factory=list)
     min_exact_match: float | None = Field(None, ge=0.0, le=1.0)  # a gate: the adapter's exact match at least this
     samples: int = Field(3, ge=0, le=50)  # eval prompts whose base and adapter answers are shown side by side
+    # gates on measured metrics, {metric: minimum}: the adapter's value at least this (inspect/verdict.py)
+    min: dict[str, float] = Field(default_factory=dict)
+    contains: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)  # for the contains grader
+    regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)  # for the regex grader
+    judge: JudgeSpec | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            import regex
+
+            try:
+                regex.compile(value, flags=regex.V0)
+            except (regex.error, RecursionError, OverflowError) as exc:
+                raise ValueError(f"is not a valid regex ({exc})") from None
+        return value
+
+    @field_validator("min")
+    @classmethod
+    def _minimums(cls, value: dict[str, float]) -> dict[str, float]:
+        for minimum in value.values():
+            _finite(minimum)
+        return value
 
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("lists a metric twice")
+        for name in value:
+            if name not in METRICS:
+                raise ValueError(f"{name!r} is not a metric loraq measures (one of: {', '.join(METRICS)}; "
+                                 f"{JUDGE_METRIC} comes with validation.judge)")
         return value
+
+    @property
+    def gate_metric(self) -> str | None:
+        """The metric that gates besides the eval loss, which ranks a sweep: the first of ``min``
+        (``min_exact_match``: exact_match)."""
+        if self.min:
+            return next(iter(self.min))
+        return "exact_match" if self.min_exact_match is not None else None
+
+    @property
+    def measured(self) -> list[str]:
+        """Every metric this job measures on the eval prompts: ``metrics``, and ``judge`` with a judge."""
+        return self.metrics + ([JUDGE_METRIC] if self.judge is not None else [])
 
     @field_validator("split", "min_eval_loss_drop")
     @classmethod
@@ -184,7 +251,62 @@ class ValidationSpec(_Strict):
             raise ValueError("needs split > 0 or a dataset: the eval loss gates publishing")
         if self.min_exact_match is not None and "exact_match" not in self.metrics:
             raise ValueError("min_exact_match gates on the exact_match metric: add metrics: [exact_match]")
+        for name in self.min:
+            if name not in self.measured:
+                raise ValueError(f"min.{name} gates on a metric this job does not measure: add {name} to "
+                                 f"validation.metrics (one of: {', '.join(METRICS)}; {JUDGE_METRIC}: set validation.judge)")
+        for name in ("contains", "regex"):
+            if name in self.metrics and getattr(self, name) is None:
+                raise ValueError(f"the {name} metric needs a pattern: set validation.{name}")
+        stopping = self.early_stopping
+        if stopping is not None and stopping.metric != "eval_loss" and stopping.metric not in self.metrics:
+            raise ValueError(f"early_stopping.metric {stopping.metric!r} must be eval_loss or a metric of "
+                             f"validation.metrics (add it there)")
         return self
+
+
+#: Experiment trackers ``tracking.report_to`` may name (train/tracking.py); one not installed is a warning.
+TRACKERS = ("mlflow", "tensorboard", "trackio", "wandb")
+
+
+class TrackingSpec(_Strict):
+    """``tracking``: the experiment trackers each job's run is reported to (at queue or job level)."""
+
+    report_to: list[Literal["mlflow", "tensorboard", "trackio", "wandb"]] = Field(default_factory=list)
+    experiment: str = Field("loraq", min_length=1, max_length=200)  # the MLflow experiment, the W&B / trackio project
+    # a tracking server (http, https, databricks); default: the environment's MLFLOW_TRACKING_URI. A local store
+    # (file:, sqlite:) only comes from the environment, the operator's: a queue file writes only inside the home.
+    mlflow_uri: str | None = Field(None, max_length=2000)
+    tensorboard_dir: str | None = Field(None, max_length=1000)  # inside the home; default tensorboard/<job>
+    wandb_entity: str | None = Field(None, max_length=200)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a tracker twice")
+        return value
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _server(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"(https?://|databricks)", value):
+            raise ValueError("must be a tracking server (http://, https://, databricks); a local store is named by "
+                             "the operator's MLFLOW_TRACKING_URI")
+        return value
+
+    @field_validator("tensorboard_dir")
+    @classmethod
+    def _inside_home(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or Path(value).is_absolute() or ".." in Path(value).parts
+                                  or value.startswith("~")):
+            raise ValueError("must be a folder relative to the home, without '..' (loraq writes only inside the home)")
+        return value
 
 
 class JobSpec(_Strict):
@@ -208,6 +330,8 @@ class JobSpec(_Strict):
     after: str | None = None
     # ---- a chat template for a base without one (issue 10): a built-in name (chatml) or a .jinja file
     chat_template: str | None = None
+    # ---- experiment trackers (issue 24): a job's run in MLflow, TensorBoard, trackio, W&B
+    tracking: TrackingSpec | None = None
 
     @field_validator("chat_template")
     @classmethod
@@ -488,7 +612,7 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     if not isinstance(doc, dict):
         raise SpecError([Problem(where, "expected a mapping with 'jobs' (and optional 'defaults')")])
     problems: list[Problem] = []
-    known = {"defaults", "jobs", *QueueSettings.model_fields}
+    known = {"defaults", "jobs", "tracking", *QueueSettings.model_fields}
     for key in doc:
         if key not in known:
             problems.append(Problem(f"{where}: {_key(key)}", f"unknown key (expected one of: {', '.join(sorted(known))})"))
@@ -498,6 +622,10 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
         defaults = {}
     if "name" in defaults:
         problems.append(Problem(f"{where}: defaults.name", "a name is per job, not a default"))
+    if isinstance(doc.get("tracking"), dict):  # queue-level tracking: under every job, as a default would be
+        defaults = deep_merge({"tracking": doc["tracking"]}, defaults)
+    elif "tracking" in doc:
+        problems.append(Problem(f"{where}: tracking", "must be a mapping, e.g. {report_to: [mlflow]}"))
     settings_doc = {k: v for k, v in doc.items() if k in QueueSettings.model_fields}
     try:
         settings = QueueSettings.model_validate(settings_doc)

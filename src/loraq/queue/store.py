@@ -571,7 +571,7 @@ class Store:
 
     @_guarded
     def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
-                  train_loss: float | None = None) -> bool:
+                  train_loss: float | None = None, metric: str | None = None, score: float | None = None) -> bool:
         """A job of a halving sweep trained to its round's ``max_steps``: it waits, unpublished, for the rest of
         its round, and the round is decided in this same transaction once every job of it has ended.
 
@@ -594,6 +594,8 @@ class Store:
                 self._put_stored(conn, job_id, stored)
                 return True
             plan.update(state=halving.WAITING, eval_loss=loss)
+            if metric is not None:  # the sweep gates on a grader: the round ranks by it (higher is better)
+                plan.update(metric=metric, score=score if score is not None and math.isfinite(score) else None)
             shown = f"{loss:.4f}" if loss is not None else "unknown"
             why = (f"halving: round {k} of {rounds} done at step {steps}, eval loss {shown}; "
                    "waiting for the rest of the round")
@@ -639,8 +641,9 @@ class Store:
             waiting = r["status"] == PENDING and their.get("state") == halving.WAITING
             if r["status"] == RUNNING or (r["status"] == PENDING and not waiting):
                 return False  # the round is still going on
-            members.append(halving.Member(r["name"], waiting, their.get("eval_loss") if waiting else None))
-        verdicts = halving.decide(k, rounds, members)
+            members.append(halving.Member(r["name"], waiting, their.get("eval_loss") if waiting else None,
+                                          their.get("score") if waiting else None))
+        verdicts = halving.decide(k, rounds, members, metric=plan.get("metric"))
         by_name = {r["name"]: r for r in rows}
         for verdict in verdicts:
             row = by_name[verdict.name]

@@ -149,6 +149,9 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         *([f"| exact match | base {fmt(manifest['metrics'].get('base_exact_match'))} → adapter "
            f"{fmt(manifest['metrics'].get('exact_match'))} (greedy answers to the eval prompts) |"]
           if "exact_match" in (manifest.get("metrics") or {}) else []),
+        *[f"| {name} | base {fmt((manifest.get('metrics') or {}).get(f'base_{name}'))} → adapter {fmt(value)} |"
+          for name, value in (manifest.get("metrics") or {}).items()
+          if not name.startswith("base_") and name != "exact_match"],
         f"| inspection | {'pass' if inspection.get('passed') else 'fail'} ({len(inspection.get('findings', []))} finding(s)) |",
         *([f"| chat template | `{manifest['chat_template']['name']}`, in `{CHAT_TEMPLATE}` beside the adapter: render "
            "prompts with it |"] if manifest.get("chat_template") else []),

@@ -18,7 +18,6 @@ the watchdog, lease sweeps) read ``clock``, a parameter, so tests move time by h
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -556,10 +555,10 @@ class Worker:
 
     def _finish(self, run: Running, trained: TrainResult) -> None:
         from .. import inspect as inspector  # numpy only; loaded when the first adapter is done
+        from ..queue.spec import ValidationSpec  # pydantic: not needed before the first adapter is done
 
         claim = run.claim
         staging = Path(trained.staging)
-        spec = claim.job.spec["spec"]
         if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
             # This worker was frozen past its lease (or the job was cancelled) while its trainer
             # finished: another worker owns the job now and may already have removed this staging.
@@ -577,34 +576,13 @@ class Worker:
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
             self._fail(claim, kind=FailureKind.IO, reason=f"cannot inspect the trained adapter in {staging}: {exc}")
             return
-        findings = list(report.findings)
-        # The queue's serving gate, again on the adapter itself: submit judged only the settings.
-        for verdict, why in inspector.serving.gate(report.serving, claim.job.spec.get("serving") or []):
-            word = "will not serve it" if verdict.servable is False else "cannot be judged"
-            findings.append(inspector.Finding("serving", "error", f"{verdict.label} {word}: {why.message}"))
-        gate = inspector.quality_gate(trained.base_eval_loss, trained.eval_loss,
-                                      spec.get("validation", {}).get("min_eval_loss_drop", 0.0))
-        if gate is not None:
-            findings.append(gate)
-        validation = spec.get("validation", {})
-        matched = trained.metrics.get("exact_match")
-        if (em_gate := inspector.exact_match_gate(matched, validation.get("min_exact_match"),
-                                                  trained.metrics.get("base_exact_match"))) is not None:
-            findings.append(em_gate)
-        inspection = report.to_json() | {
-            "passed": not any(f.severity == "error" for f in findings),
-            "findings": [dataclasses.asdict(f) for f in findings],
-            "quality": {"base_eval_loss": _finite_or_none(trained.base_eval_loss),
-                        "eval_loss": _finite_or_none(trained.eval_loss),
-                        "min_eval_loss_drop": validation.get("min_eval_loss_drop", 0.0)}
-            | ({"exact_match": _finite_or_none(matched),
-                "base_exact_match": _finite_or_none(trained.metrics.get("base_exact_match")),
-                "min_exact_match": validation.get("min_exact_match")} if matched is not None else {}),
-        }
+        validation = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {})
+        verdict = inspector.verdict(report, trained, validation, claim.job.spec.get("serving") or [])
+        inspection = verdict.to_json()
         # What the store records as the job's result: the trainer's, as JSON, and the inspection.
         result: dict[str, Any] = to_wire(trained) | {"inspection": inspection}
-        if not inspection["passed"]:
-            errors = [f for f in findings if f.severity == "error"]
+        if not verdict.passed:
+            errors = verdict.errors()
             reason = "adapter failed inspection: " + "; ".join(f"[{f.code}] {f.message}" for f in errors)
             with contextlib.suppress(OSError):
                 fsutil.atomic_write_json(run.attempt_dir / publish.INSPECTION, inspection)
@@ -638,9 +616,13 @@ class Worker:
         claim = run.claim
         with contextlib.suppress(OSError):
             fsutil.remove_tree(Path(trained.staging))
+        from ..queue.spec import ValidationSpec
+
+        gate = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {}).gate_metric
         if not self.store.end_round(claim.job.id, claim.epoch, steps=trained.steps,
                                     eval_loss=_finite_or_none(trained.eval_loss),
-                                    train_loss=_finite_or_none(trained.train_loss)):
+                                    train_loss=_finite_or_none(trained.train_loss),
+                                    metric=gate, score=_finite_or_none(trained.metrics.get(gate)) if gate else None):
             self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled"})
             return
         self.observer("round_ended", {"name": claim.job.name, "round": claim.job.spec["halving"]["round"],

@@ -127,22 +127,32 @@ def load_lora_state(model: Any, state: dict[str, Any]) -> None:
 @dataclass
 class Best:
     step: int
-    eval_loss: float
+    value: float  # of the metric watched: the eval loss, or a grader's score
     evaluations: int  # how many evaluations it was chosen from
+    eval_loss: float | None = None  # the eval loss at that step (the value itself when the eval loss is watched)
+
+
+#: Measures a grader on the model as it is now (the eval prompts' greedy answers); ``nan``: not measured.
+Measure = Callable[[], float]
 
 
 class EarlyStopping:
-    """Watches the eval loss; stops after ``patience`` evaluations without an improvement of more than ``min_delta``.
+    """Watches a metric; stops after ``patience`` evaluations without an improvement of more than ``min_delta``.
 
-    The patience count is recomputed from ``state.log_history`` (which a resumed
-    Trainer restores), so it survives a resume. The best weights (the lowest eval
-    loss seen) are kept in memory and written into every checkpoint.
+    The metric is the eval loss (lower is better), or a grader of ``validation.metrics``
+    (higher is better), measured by ``measure`` at each evaluation on the eval prompts'
+    greedy answers and written into that evaluation's ``log_history`` entry as
+    ``eval_<metric>``. The patience count is recomputed from ``state.log_history`` (which a
+    resumed Trainer restores), so it survives a resume. The best weights are kept in memory
+    and written into every checkpoint.
     """
 
-    def __init__(self, settings: EarlyStoppingSpec, model: Any, resume_from: str | None, log: Callable[[str], None]):
+    def __init__(self, settings: EarlyStoppingSpec, model: Any, resume_from: str | None, log: Callable[[str], None],
+                 measure: Measure | None = None):
         self.settings = settings
         self.model = model
         self.log = log
+        self.measure = measure
         self.best: Best | None = None
         self.weights: dict[str, Any] | None = None
         self.stopped: tuple[int, str] | None = None  # (step, why) when it stopped training
@@ -155,7 +165,10 @@ class EarlyStopping:
         from safetensors.torch import load_file
 
         meta = json.loads((folder / BEST_META).read_text(encoding="utf-8"))
-        self.best = Best(int(meta["step"]), float(meta["eval_loss"]), int(meta.get("evaluations", 1)))
+        value = float(meta.get("value", meta.get("eval_loss")))
+        loss = meta.get("eval_loss")
+        self.best = Best(int(meta["step"]), value, int(meta.get("evaluations", 1)),
+                         float(loss) if isinstance(loss, (int, float)) else None)
         self.weights = load_file(str(folder / BEST_WEIGHTS))
 
     def callback(self) -> Any:
@@ -166,7 +179,15 @@ class EarlyStopping:
         class EarlyStoppingCallback(TrainerCallback):  # type: ignore[misc]
             def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                             **kw: Any) -> None:
-                keeper.evaluated(state, control, (metrics or {}).get(f"eval_{keeper.metric}"))
+                loss = (metrics or {}).get("eval_loss")
+                value = (metrics or {}).get(f"eval_{keeper.metric}")
+                if keeper.metric != "loss" and keeper.measure is not None:
+                    value = keeper.measure()
+                    entry = state.log_history[-1] if state.log_history else None
+                    if entry is not None and entry.get("step") == state.global_step and "eval_loss" in entry:
+                        entry[f"eval_{keeper.metric}"] = value  # kept in trainer_state.json: a resume counts it
+                    keeper.log(f"step {state.global_step} eval_{keeper.metric}={value:.4g}")
+                keeper.evaluated(state, control, value, loss)
 
             def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 keeper.save_into(Path(args.output_dir) / checkpoints.checkpoint_name(state.global_step))
@@ -177,25 +198,35 @@ class EarlyStopping:
     def metric(self) -> str:
         return self.settings.metric.removeprefix("eval_")
 
-    def evaluated(self, state: Any, control: Any, value: float | None) -> None:
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "loss"
+
+    def _badness(self, value: float) -> float:
+        """Lower is better, whatever the metric."""
+        return -value if self.higher_is_better else value
+
+    def evaluated(self, state: Any, control: Any, value: float | None, loss: float | None = None) -> None:
         if value is None or not math.isfinite(value):
             return
         step = state.global_step
-        evaluations = [e for e in state.log_history if f"eval_{self.metric}" in e]
-        if self.best is None or value < self.best.eval_loss:
-            self.best = Best(step, float(value), len(evaluations))
+        key = f"eval_{self.metric}"
+        evaluations = [e for e in state.log_history if key in e]
+        if self.best is None or self._badness(value) < self._badness(self.best.value):
+            eval_loss = float(loss) if loss is not None else (value if not self.higher_is_better else None)
+            self.best = Best(step, float(value), len(evaluations), eval_loss)
             self.weights = lora_state(self.model)
         elif self.best is not None:
             self.best.evaluations = len(evaluations)
         best, since, best_step = None, 0, step
         for entry in evaluations:
-            loss = float(entry[f"eval_{self.metric}"])
-            if best is None or loss < best - self.settings.min_delta:
-                best, since, best_step = loss, 0, int(entry.get("step", step))
+            badness = self._badness(float(entry[key]))
+            if best is None or badness < best - self.settings.min_delta:
+                best, since, best_step = badness, 0, int(entry.get("step", step))
             else:
                 since += 1
         if since >= self.settings.patience and not control.should_training_stop:
-            why = (f"early stopping: no eval_{self.metric} improvement greater than {self.settings.min_delta:g} in "
+            why = (f"early stopping: no {key} improvement greater than {self.settings.min_delta:g} in "
                    f"{since} evaluation(s) since step {best_step} (patience {self.settings.patience})")
             self.stopped = (step, why)
             self.log(why)
@@ -220,10 +251,16 @@ class EarlyStopping:
                     "stopped_at": stopped_at, "stopped_because": why}
         if self.best.step != final_step:
             load_lora_state(self.model, self.weights)
-        return {"published_step": self.best.step,
-                "published_because": (f"the lowest eval_{self.metric} ({self.best.eval_loss:.4f}) of "
-                                      f"{self.best.evaluations} evaluation(s)"),
-                "best_eval_loss": self.best.eval_loss, "stopped_at": stopped_at, "stopped_because": why}
+        word = "highest" if self.higher_is_better else "lowest"
+        out = {"published_step": self.best.step,
+               "published_because": (f"the {word} eval_{self.metric} ({self.best.value:.4f}) of "
+                                     f"{self.best.evaluations} evaluation(s)"),
+               "stopped_at": stopped_at, "stopped_because": why}
+        if self.higher_is_better:
+            out["best_" + self.metric] = self.best.value
+        if self.best.eval_loss is not None:
+            out["best_eval_loss"] = self.best.eval_loss
+        return out
 
 
 def evaluated_at(state: Any, step: int) -> bool:

@@ -54,6 +54,7 @@ from typing import Any
 
 from .. import checkpoints, data, fsutil
 from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, classify, describe, raised_at
+from ..model import graders, judge
 from ..model.base import (
     BaseCache,
     BaseKey,
@@ -84,7 +85,7 @@ from ..protocol import (
 )
 from ..queue.spec import JobSpec
 from ..sandbox import Roots
-from . import controls, layout
+from . import controls, layout, tracking
 
 Emit = Callable[[Event], None]
 
@@ -214,7 +215,7 @@ def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepar
 def _eval_prompts(spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any,
                   chat_template: str | None) -> list[data.Prompt]:
     """The eval rows whose prompts base and adapter answer: all (up to a cap) for exact_match, else the samples."""
-    wanted = EXACT_MATCH_MAX_ROWS if "exact_match" in spec.validation.metrics else spec.validation.samples
+    wanted = EXACT_MATCH_MAX_ROWS if spec.validation.measured else spec.validation.samples
     if fmt == "text" or not wanted:
         return []
     return [p for p in data.prompts_of(rows[:wanted], fmt, tokenizer, chat_template) if isinstance(p, data.Prompt)]
@@ -224,15 +225,36 @@ def _answers(model: Any, tokenizer: Any, spec: JobSpec, prompts: list[data.Promp
     return generate_answers(model, tokenizer, prompts, max_seq_len=spec.training.max_seq_len)
 
 
-def _quality(spec: JobSpec, prompts: list[data.Prompt], base: list[str], adapter: list[str]) -> tuple[
-        dict[str, float], dict[str, Any]]:
-    """``TrainResult.metrics`` (``exact_match``, ``base_exact_match``) and the ``samples`` extra."""
+def _quality(spec: JobSpec, prompts: list[data.Prompt], base: list[str], adapter: list[str],
+             log: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """``TrainResult.metrics`` (``<metric>`` and ``base_<metric>`` for each of ``validation.metrics``, and
+    ``judge``) and the extras (``samples``, the rows answered, what the judge said)."""
     metrics: dict[str, float] = {}
-    if "exact_match" in spec.validation.metrics and prompts:
-        metrics = {"exact_match": exact_match(adapter, prompts), "base_exact_match": exact_match(base, prompts)}
-    shown = samples(prompts, base, adapter, spec.validation.samples)
-    return metrics, ({"samples": shown} if shown else {}) | (
-        {"exact_match_rows": len(prompts)} if metrics else {})
+    extras: dict[str, Any] = {}
+    validation = spec.validation
+    if validation.metrics and prompts:
+        if "exact_match" in validation.metrics:
+            metrics = {"exact_match": exact_match(adapter, prompts), "base_exact_match": exact_match(base, prompts)}
+        graded = [m for m in validation.metrics if m != "exact_match"]
+        checks = graders.Checks(contains=validation.contains, regex=validation.regex)
+        references = [p.reference for p in prompts]
+        ours, theirs = (graders.grade_all(graded, answers, references, checks) for answers in (adapter, base))
+        metrics |= ours | {f"base_{name}": value for name, value in theirs.items()}
+        extras["exact_match_rows"] = len(prompts)  # the eval prompts every metric was measured on
+        if unmeasured := [m for m in graded if m not in ours]:
+            extras["unmeasured"] = unmeasured
+    if validation.judge is not None and prompts:
+        settings = judge.JudgeSettings(**validation.judge.model_dump())
+        texts, references = [p.text for p in prompts], [p.reference for p in prompts]
+        ours_j, theirs_j = (judge.judge(settings, texts, references, answers) for answers in (adapter, base))
+        if ours_j.score is not None and theirs_j.score is not None:
+            metrics |= {"judge": ours_j.score, "base_judge": theirs_j.score}
+        extras["judge"] = {"model": settings.model, "rows": ours_j.rows,
+                           "errors": (ours_j.errors + theirs_j.errors)[:5]}
+        if log is not None and (ours_j.errors or theirs_j.errors):
+            log(f"judge {settings.endpoint}: not measured ({(ours_j.errors + theirs_j.errors)[0]})")
+    shown = samples(prompts, base, adapter, validation.samples)
+    return metrics, extras | ({"samples": shown} if shown else {})
 
 
 # ---------------------------------------------------------------- training
@@ -255,8 +277,9 @@ class Flags:
 
 
 def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: list[str],
-               evaluated: dict[int, float]) -> list[Any]:
-    """loraq's callbacks; ``evaluated`` collects each evaluation's eval loss by step (this attempt's only)."""
+               evaluated: dict[int, float], track: tracking.Tracking) -> list[Any]:
+    """loraq's callbacks; ``evaluated`` collects each evaluation's eval loss by step (this attempt's only);
+    ``track`` passes the loss curve on to the job's experiment trackers."""
     from transformers import TrainerCallback
 
     class LoraqCallback(TrainerCallback):  # type: ignore[misc]
@@ -272,6 +295,7 @@ def _callbacks(emit: Emit, flags: Flags, log: Callable[[str], None], problems: l
             if not metrics:
                 return
             emit(Progress(step=state.global_step, max_steps=state.max_steps, metrics=metrics))
+            track.log(metrics, state.global_step)
             log(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
             loss = metrics.get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -314,9 +338,11 @@ class TrainerService:
     device: str = "cpu"
     cache: BaseCache = field(init=False)
     flags: Flags = field(default_factory=Flags)
+    tracking: tracking.Tracking = field(init=False)  # the running job's experiment trackers
 
     def __post_init__(self) -> None:
         self.cache = BaseCache(device=self.device)
+        self.tracking = tracking.Tracking(lambda line: None)
         quiet_libraries()
 
     def run_job(self, request: TrainRequest, emit: Emit, *, clear_flags: bool = True) -> Final:
@@ -410,26 +436,34 @@ class TrainerService:
                      n_train=prepared.n_train, n_eval=prepared.n_eval))
         log(f"{prepared.n_train} train / {prepared.n_eval} eval rows, {steps} steps, base eval loss {base_eval:.4f}")
 
-        batching = controls.Batching.of(spec, batches.gradient_checkpointing)
-        retry = False
-        while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
-            outcome = self._attempt(request, spec, key, prepared, batches, steps, base_eval, reused, load_s,
-                                    batching, resume, retry, emit, log, timings)
-
-            if not isinstance(outcome, _OutOfMemory):
-                return outcome
-            after = controls.after_oom(batching)
-            if after is None:
-                raise controls.exhausted(outcome.error, outcome.asked, batching, self.device)
-            newest = controls.newest_own_checkpoint(request.checkpoints_dir)
-            resume = str(newest) if newest is not None else request.resume_from
-            event = OomAdjusted(step=outcome.step, before=batching.to_json(), after=after.to_json(),
-                                error=outcome.error, asked=outcome.asked,
-                                resume_step=checkpoints.step_of(resume) if resume else None)
-            log(f"out of memory at step {outcome.step} ({outcome.error}); going on with {after} from "
-                f"{resume or 'step 0'}")
-            emit(event)
-            batching, retry = after, True
+        job_dir = Path(request.log_path).parent.parent  # jobs/<id>: the runs continue across its attempts
+        self.tracking = tracking.open_runs(spec, job_dir=job_dir, home=job_dir.parent.parent, attempt=request.attempt,
+                                           sweep=request.job.sweep, log=log,
+                                           resume_step=checkpoints.step_of(resume) if resume else None)
+        self.tracking.log({"base_eval_loss": base_eval}, 0)
+        outcome: Stopped | TrainResult | _OutOfMemory | None = None
+        try:
+            batching = controls.Batching.of(spec, batches.gradient_checkpointing)
+            retry = False
+            while True:  # once, unless the OOM back-off makes it go on with smaller micro-batches
+                outcome = self._attempt(request, spec, key, prepared, batches, steps, base_eval, reused, load_s,
+                                        batching, resume, retry, emit, log, timings)
+                if not isinstance(outcome, _OutOfMemory):
+                    return outcome
+                after = controls.after_oom(batching)
+                if after is None:
+                    raise controls.exhausted(outcome.error, outcome.asked, batching, self.device)
+                newest = controls.newest_own_checkpoint(request.checkpoints_dir)
+                resume = str(newest) if newest is not None else request.resume_from
+                event = OomAdjusted(step=outcome.step, before=batching.to_json(), after=after.to_json(),
+                                    error=outcome.error, asked=outcome.asked,
+                                    resume_step=checkpoints.step_of(resume) if resume else None)
+                log(f"out of memory at step {outcome.step} ({outcome.error}); going on with {after} from "
+                    f"{resume or 'step 0'}")
+                emit(event)
+                batching, retry = after, True
+        finally:
+            self.tracking.close(isinstance(outcome, TrainResult))
 
     def _attempt(self, request: TrainRequest, spec: JobSpec, key: BaseKey, prepared: Prepared, batches: layout.Layout,
                  steps: int, base_eval: float, reused: bool, load_s: float, batching: controls.Batching,
@@ -489,7 +523,9 @@ class TrainerService:
                 dataloader_pin_memory=False,
             )
             early = spec.validation.early_stopping
-            keeper = controls.EarlyStopping(early, model, resume, log) if early is not None else None
+            keeper = (controls.EarlyStopping(early, model, resume, log, _stopping_measure(spec, model, resident.tokenizer,
+                                                                                            prepared.prompts))
+                      if early is not None else None)
             if resume is not None:  # loraq's batch settings win over the ones the checkpoint was saved with
                 resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
             extra = [keeper.callback()] if keeper is not None else []
@@ -498,7 +534,7 @@ class TrainerService:
             trainer = layout.trainer_class(Trainer)(
                 model=model, args=args, train_dataset=batches.train(prepared, batching, spec.training.seed),
                 eval_dataset=batches.eval, data_collator=batches.collator,
-                callbacks=extra + _callbacks(emit, self.flags, log, problems, evaluated),
+                callbacks=extra + _callbacks(emit, self.flags, log, problems, evaluated, self.tracking),
             )
             trainer.add_callback(controls.BatchGuard(trainer, batching, per_device=1).callback())
             t_train = time.perf_counter()
@@ -572,11 +608,15 @@ class TrainerService:
         t0 = time.perf_counter()
         assert self.cache.resident is not None  # the base this job trained on
         answers = _answers(model, self.cache.resident.tokenizer, spec, prepared.prompts)
-        metrics, shown = _quality(spec, prepared.prompts, prepared.base_answers, answers)
+        metrics, shown = _quality(spec, prepared.prompts, prepared.base_answers, answers, log)
         extras |= shown
         timings["generate_s"] = time.perf_counter() - t0
-        if metrics:
-            log(f"exact match: base {metrics['base_exact_match']:.3f} -> adapter {metrics['exact_match']:.3f} "
+        self.tracking.log({"eval_loss": eval_loss, "base_eval_loss": base_eval, **metrics}, step)
+        if self.tracking.trackers or self.tracking.warnings:
+            extras["tracking"] = self.tracking.summary()
+        for name in [m for m in metrics if not m.startswith("base_")]:
+            label = "exact match" if name == "exact_match" else name
+            log(f"{label}: base {metrics.get(f'base_{name}', float('nan')):.3f} -> adapter {metrics[name]:.3f} "
                 f"on {len(prepared.prompts)} eval prompts")
         return TrainResult(
             staging=str(staging),
@@ -613,7 +653,31 @@ def _published_eval_loss(stopping: dict[str, Any] | None, evaluated: dict[int, f
     """The eval loss of the weights published, if an evaluation already measured them; else ``None``."""
     if stopping is not None and "best_eval_loss" in stopping:  # the best step's weights were put back in
         return float(stopping["best_eval_loss"])
+    if stopping is not None:
+        return evaluated.get(int(stopping.get("published_step", step)))
     return evaluated.get(step)
+
+
+#: Eval prompts answered at each evaluation when early stopping watches a grader (the first ones).
+STOPPING_ROWS = 64
+
+
+def _stopping_measure(spec: JobSpec, model: Any, tokenizer: Any,
+                      prompts: list[data.Prompt]) -> controls.Measure | None:
+    """What early stopping measures at each evaluation when it watches a grader, not the eval loss."""
+    early = spec.validation.early_stopping
+    if early is None or early.metric == "eval_loss" or not prompts:
+        return None
+    chosen = prompts[:STOPPING_ROWS]
+    checks = graders.Checks(contains=spec.validation.contains, regex=spec.validation.regex)
+
+    def measure() -> float:
+        answers = _answers(model, tokenizer, spec, chosen)
+        if early.metric == "exact_match":
+            return exact_match(answers, chosen)
+        return graders.grade(early.metric, answers, [p.reference for p in chosen], checks)
+
+    return measure
 
 
 def _torch_threads() -> int:
