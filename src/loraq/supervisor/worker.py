@@ -18,6 +18,7 @@ the watchdog, lease sweeps) read ``clock``, a parameter, so tests move time by h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
