@@ -6,6 +6,7 @@
     GET  /jobs/<id>/stream       its live updates, the log following
     GET  /jobs/<id>/log          the whole training log (?attempt=N), as text
     GET  /report                 the queue report;  /reports/<file>: those ``loraq report`` saved
+    /v1/...                      the OpenAI-style fine-tuning API (bearer keys): :mod:`loraq.service`
     POST /jobs/<id>/cancel|retry, /queue/pause|resume      actions (token, same origin)
 
 Reads go through read-only connections (SQLite ``mode=ro``); the database is never
@@ -35,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 from .. import api, report
 from ..errors import LoraqError, NotFoundError
 from ..queue.records import STATES
+from ..service.app import create_service
 from ..workspace import Home
 from . import security
 from .feed import Change, Feed
@@ -303,6 +305,7 @@ def create_app(settings: Settings) -> Dashboard:
     )
 
     verbs = {("jobs", "cancel"), ("jobs", "retry"), ("queue", "pause"), ("queue", "resume")}
+    v1 = create_service(home, settings.token)
 
     async def gate(scope: Any, receive: Any, send: Any) -> None:
         """Host check, token check, and the POST-only verbs, before any route runs."""
@@ -314,6 +317,9 @@ def create_app(settings: Settings) -> Dashboard:
             await PlainTextResponse("unknown host", status_code=403)(scope, receive, send)
             return
         path = request.url.path
+        if path == "/v1" or path.startswith("/v1/"):  # its own keys (or the token as a bearer), its own errors
+            await v1(scope, receive, send)
+            return
         parts = path.strip("/").split("/")
         if request.method == "POST" and not ((parts[0], parts[-1]) in verbs and len(parts) in (2, 3)):
             await PlainTextResponse("no such action", status_code=404)(scope, receive, send)
