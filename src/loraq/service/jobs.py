@@ -348,26 +348,34 @@ def events(home: Home, api_job: ApiJob) -> list[dict[str, Any]]:
 
 
 def checkpoints_json(home: Home, api_job: ApiJob) -> list[dict[str, Any]]:
-    """The job's complete checkpoints, newest first, each with its step's metrics."""
+    """The job's checkpoints, newest first, each with its step's metrics.
+
+    While a job trains (or is paused) these are its complete checkpoint folders; a
+    succeeded job's are removed by the worker once it is published, and its published
+    adapter is its final checkpoint, as OpenAI lists the final step's.
+    """
     with api.open_reader(home) as store:
         rows = store.metrics(api_job.job_id)
-    by_step: dict[tuple[int, int], dict[str, float]] = {}
-    for row in rows:
-        by_step.setdefault((row["attempt"], row["step"]), {})[row["name"]] = row["value"]
-    out = []
-    for ckpt in sorted(checkpoints.complete_checkpoints(home.job_dir(api_job.job_id)),
-                       key=lambda c: (c.step, c.attempt), reverse=True):
-        metrics = by_step.get((ckpt.attempt, ckpt.step), {})
+        job = store.job(api_job.job_id)
+    by_step: dict[int, dict[str, float]] = {}
+    for row in rows:  # a later attempt's value for a step replaces an earlier one's
+        by_step.setdefault(row["step"], {})[row["name"]] = row["value"]
+    found: dict[int, float] = {}
+    for ckpt in checkpoints.complete_checkpoints(home.job_dir(api_job.job_id)):
         try:
-            created = int(Path(ckpt.path).stat().st_mtime)
+            found[ckpt.step] = Path(ckpt.path).stat().st_mtime
         except OSError:
-            created = int(api_job.created_at)
-        out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{api_job.job_id}-{ckpt.attempt}-{ckpt.step}",
-                    "created_at": created, "fine_tuning_job_id": api_job.id, "step_number": ckpt.step,
-                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:ckpt-step-{ckpt.step}",
-                    "metrics": {"step": float(ckpt.step), "train_loss": metrics.get("loss"),
-                                "valid_loss": metrics.get("eval_loss"),
-                                "full_valid_loss": metrics.get("eval_loss")}})
+            continue
+    if is_published(home, job) and job.progress_step:
+        found.setdefault(job.progress_step, job.finished_at or api_job.created_at)
+    out = []
+    for step in sorted(found, reverse=True):
+        metrics = by_step.get(step, {})
+        out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{api_job.job_id}-{step}",
+                    "created_at": int(found[step]), "fine_tuning_job_id": api_job.id, "step_number": step,
+                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:ckpt-step-{step}",
+                    "metrics": {"step": float(step), "train_loss": metrics.get("loss"),
+                                "valid_loss": metrics.get("eval_loss"), "full_valid_loss": metrics.get("eval_loss")}})
     return out
 
 
