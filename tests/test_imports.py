@@ -57,9 +57,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
             "submitting", "views"},
     "loraq": {"api", "errors", "workspace"},
+    # service: the OpenAI-style /v1 API over the api (jobs through api.submit_document), its keys and files;
+    # data: an upload is checked by the reader submit uses; checkpoints: a job's checkpoint folders.
+    # Its generation thread imports torch/transformers/peft themselves, never loraq's torch side.
+    "service": {"api", "errors", "escape", "queue", "workspace", "data", "checkpoints"},
     # the runnable layers: they parse and print (or serve) what the api returns
-    "serve": {"api", "errors", "queue", "report", "workspace"},
-    "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve"},
+    "serve": {"api", "errors", "queue", "report", "workspace", "service"},
+    "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve", "service"},
 }
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
@@ -72,7 +76,8 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
-              "loraq.queue.listing", "loraq.views", "loraq.notices"]
+              "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.service", "loraq.service.app",
+              "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate"]
 HEAVY = ["torch", "transformers", "peft"]
 
 

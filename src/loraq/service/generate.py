@@ -160,7 +160,7 @@ class Generator:
         stops = [s for s in request.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         produced: list[int] = []
-        state = {"sent": 0, "text": "", "stopped": False}
+        state: dict[str, Any] = {"sent": 0, "text": "", "stopped": False}
 
         def text_now() -> str:
             return str(tokenizer.decode(produced, skip_special_tokens=True))

@@ -342,8 +342,8 @@ def events(home: Home, api_job: ApiJob) -> list[dict[str, Any]]:
                     "created_at": int(ts), "level": "info", "message": f"Step {step}: {losses}".rstrip(": "),
                     "type": "metrics", "data": data, "_order": (ts, 1, attempt * 10**9 + step)})
     out.sort(key=lambda e: e.pop("_order"), reverse=True)
-    for event in out:
-        event.pop("_ts", None)
+    for item in out:
+        item.pop("_ts", None)
     return out
 
 

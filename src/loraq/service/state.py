@@ -241,7 +241,8 @@ class ApiState:
 
     @_locked
     def files(self, key_id: int, *, after: str | None, limit: int, purpose: str | None) -> tuple[list[StoredFile], bool]:
-        where, args = ["deleted = 0"], []
+        where: list[str] = ["deleted = 0"]
+        args: list[Any] = []
         if key_id != OPERATOR:
             where.append("key_id = ?")
             args.append(key_id)
@@ -291,7 +292,8 @@ class ApiState:
     def jobs(self, key_id: int, *, after: str | None, limit: int,
              metadata: dict[str, str] | None = None, null_metadata: bool = False) -> tuple[list[ApiJob], bool]:
         """A page of this key's jobs, newest first, after the job ``after``; and whether more follow."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if key_id != OPERATOR:
             where.append("key_id = ?")
             args.append(key_id)
