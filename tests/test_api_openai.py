@@ -375,3 +375,55 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
     assert_openai_error(complete({**chat, "n": 3}), 400, param="n")
     assert_openai_error(complete({**chat, "tools": []}), 400, param="tools")
     assert_openai_error(service.raw("POST", "/completions", json={"model": "tiny", "prompt": 5}), 400, param="prompt")
+
+
+# ---------------------------------------------------------------- the real tier
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_a_job_through_the_api_beats_its_base_on_held_out_prompts(real_model: Any,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The queue-file path's number-words task (tests/realdata.py), as a user of the OpenAI API would run it."""
+    from transformers import AutoTokenizer
+
+    import realdata
+    from loraq.workspace import Home
+
+    fmt, lr, batch = realdata.REAL_JOBS["digits"]
+    task = realdata.make(fmt, n_train=64, n_eval=16)
+    root = tmp_path_factory.mktemp("api-real")
+    train, held_out = task.write(root / "data")
+    home = root / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text(f"models:\n  smol: {real_model.folder}\n", encoding="utf-8")
+    key = loraq(home, "keys", "create", "real").stdout.strip()
+    server, link = start_cli_server(Home(home), loraq=LORAQ)
+    worker = subprocess.Popen([LORAQ, "--home", str(home), "run", "--wait", "--devices", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=link.partition("/?token=")[0] + "/v1", api_key=key, max_retries=0, timeout=600)
+        training, validation = upload(client, train), upload(client, held_out)
+        job = client.fine_tuning.jobs.create(
+            model="smol", training_file=training.id, validation_file=validation.id, suffix="digits", seed=42,
+            method={"type": "supervised", "supervised": {"hyperparameters": {
+                "batch_size": batch, "learning_rate_multiplier": lr / 2.0e-4, "n_epochs": "auto"}}},
+            extra_body={"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
+                        "max_steps": 4, "training": {"max_seq_len": 64, "logging_steps": 1, "save_steps": 4}})
+        done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"), limit_s=1500)
+        assert done.status == "succeeded", done.error
+        tokenizer = AutoTokenizer.from_pretrained(real_model.folder)
+        budget = 3 + max(len(tokenizer(realdata.answer(r, fmt), add_special_tokens=False).input_ids) for r in task.eval)
+
+        def score(model: str) -> float:
+            right = 0
+            for row in task.eval:
+                got = client.completions.create(model=model, prompt=row["prompt"], max_tokens=budget, temperature=0)
+                right += got.choices[0].text.strip() == realdata.answer(row, fmt)
+            return right / len(task.eval)
+
+        base, tuned = score("smol"), score(done.fine_tuned_model)
+        assert tuned >= base + 0.25, (base, tuned)
+    finally:
+        stop(worker)
+        stop(server)

@@ -1,0 +1,269 @@
+"""The OpenAI-compatible API (issue 22): its overhead per job, its job listing at 10,000 jobs, its generation speed.
+
+    .venv/bin/python benchmarks/bench_api.py [--steps 40] [--repeat 3] [--jobs 10000] [--tokens 96]
+
+- **Overhead per job**: the same job (the demo's tiny model, the support dataset,
+  LoRA r=8, batch 8, ``--steps`` steps) run end to end (a) from a queue file, ``loraq
+  submit`` then ``loraq run``, and (b) through the API with the official ``openai``
+  client against a ``loraq serve`` process and a ``loraq run --wait`` worker: upload,
+  create, poll ``retrieve`` every 0.2 s until ``succeeded``. Wall time of each,
+  alternating, ``--repeat`` times; the API path's share over the queue file's.
+  Goal: within 5%.
+- **GET /v1/fine_tuning/jobs at ``--jobs`` jobs**, server side: the /v1 app answering
+  in-process (Starlette's TestClient: auth, the page's query in api.db, each job read
+  from the queue's store, JSON), for the first page, a page deep in the list (``after``),
+  and a metadata filter. Goal: under 50 ms.
+- **Chat-completions tokens per second** against a plain ``generate()`` loop on the same
+  adapter: ``--tokens`` greedy tokens, through ``client.chat.completions.create`` (the
+  whole HTTP round trip, streamed and not) and through ``PeftModel.generate`` in this
+  process on the same prompt. Goal: at least 0.9x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _bench import LORAQ, load, machine, median, quiet_env, quiet_hf, run, table
+
+from loraq import demo
+from loraq.queue.store import NewJob, Store
+from loraq.service.state import ApiState
+from loraq.workspace import Home
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def training(steps: int) -> dict[str, Any]:
+    return {"max_steps": steps, "batch_size": 8, "learning_rate": 2.0e-4, "max_seq_len": 128, "save_steps": 20,
+            "logging_steps": 5, "seed": 3}
+
+
+def queue_file_job(work: Path, model: Path, data: Path, steps: int, n: int) -> float:
+    home = work / f"queue-home-{n}"
+    queue = work / f"queue-{n}.yaml"
+    queue.write_text(json.dumps({"jobs": [{"name": f"support-{n}", "base_model": str(model), "dataset": str(data),
+                                           "lora": LORA, "training": training(steps)}]}), encoding="utf-8")
+    t0 = time.perf_counter()
+    run([LORAQ, "--home", str(home), "submit", str(queue)], env=quiet_env())
+    run([LORAQ, "--home", str(home), "run", "--devices", "cpu"], env=quiet_env())
+    return time.perf_counter() - t0
+
+
+class Server:
+    """``loraq serve`` and ``loraq run --wait`` on one home, for the API's side."""
+
+    def __init__(self, home: Path, model: Path) -> None:
+        home.mkdir(parents=True)
+        (home / "config.yaml").write_text(f"models:\n  tiny: {model}\n", encoding="utf-8")
+        self.home = home
+        self.key = run([LORAQ, "--home", str(home), "keys", "create", "bench"], env=quiet_env()).stdout.strip()
+        self.serve = subprocess.Popen([LORAQ, "--home", str(home), "serve", "--port", "0"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True, env=quiet_env())
+        assert self.serve.stdout is not None
+        for line in self.serve.stdout:
+            found = re.search(r"open (http://\S+)/\?token=", line)
+            if found:
+                self.base_url = found.group(1) + "/v1"
+                break
+        self.worker = subprocess.Popen([LORAQ, "--home", str(home), "run", "--wait", "--devices", "cpu"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=quiet_env())
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, timeout=600)
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.serve):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def api_job(server: Server, data: Path, steps: int) -> tuple[float, str]:
+    client = server.client()
+    t0 = time.perf_counter()
+    with open(data, "rb") as fh:
+        uploaded = client.files.create(file=fh, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=uploaded.id, seed=3,
+        hyperparameters={"batch_size": 8, "learning_rate_multiplier": 1.0},
+        extra_body={"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                    "target_modules": LORA["target_modules"], "max_steps": steps,
+                    "training": {"max_seq_len": 128, "save_steps": 20, "logging_steps": 5}})
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if job.status != "succeeded":
+        raise SystemExit(f"the API job ended {job.status}: {job.error}")
+    return time.perf_counter() - t0, job.fine_tuned_model
+
+
+# ---------------------------------------------------------------- listing at 10,000 jobs
+
+
+def fill(home: Home, n: int) -> None:
+    home.ensure()
+    with Store.open(home.db_path) as store:
+        ids = store.enqueue([NewJob(name=f"ftjob-{i:024x}", base_key="b", spec={
+            "name": f"ftjob-{i:024x}", "base_model": "/m", "dataset_path": f"/d/{i}.jsonl",
+            "spec": {"lora": {"r": 8}, "training": {"epochs": 3.0, "batch_size": 8, "learning_rate": 2e-4}}})
+            for i in range(n)])
+    state = ApiState.of_home(home.root)
+    now = time.time()
+    with state.transaction() as conn:
+        conn.execute("INSERT INTO keys (name, hash, created_at) VALUES ('bench', 'h', ?)", (now,))
+        conn.executemany(
+            "INSERT INTO jobs (id, job_id, key_id, model, suffix, metadata, training_file, seed, request, created_at) "
+            "VALUES (?, ?, 1, 'tiny', NULL, ?, 'file-x', 3, '{\"method\": \"supervised\"}', ?)",
+            [(f"ftjob-{i:024x}", job_id, json.dumps({"team": f"t{i % 50}"}), now) for i, job_id in enumerate(ids)])
+    state.close()
+
+
+def listing(n: int, repeat: int) -> list[tuple[str, float]]:
+    from starlette.testclient import TestClient
+
+    from loraq.service.app import create_service
+
+    work = Path(tempfile.mkdtemp(prefix="bench-api-list-"))
+    try:
+        home = Home(work / "home")
+        fill(home, n)
+        client = TestClient(create_service(home, "operator-token"))
+        headers = {"authorization": "Bearer operator-token"}
+        deep = f"ftjob-{n // 2:024x}"
+        cases = [("first page (20)", "/v1/fine_tuning/jobs"),
+                 ("first page (100)", "/v1/fine_tuning/jobs?limit=100"),
+                 (f"after the {n // 2:,}th", f"/v1/fine_tuning/jobs?after={deep}"),
+                 ("metadata[team]=t7", "/v1/fine_tuning/jobs?metadata[team]=t7")]
+        out = []
+        for label, url in cases:
+            def once(url: str = url) -> None:
+                response = client.get(url, headers=headers)
+                assert response.status_code == 200 and response.json()["data"], response.text
+
+            once()
+            samples = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                once()
+                samples.append(time.perf_counter() - t0)
+            out.append((label, median(samples)))
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tokens per second
+
+
+def plain_generate(model_dir: Path, adapter: Path, tokens: int, repeat: int) -> tuple[float, int]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(adapter)).eval()
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    samples, produced = [], 0
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        samples.append(time.perf_counter() - t0)
+        produced = int(out.shape[1] - ids.shape[1])
+    return median(samples[1:]), produced
+
+
+PROMPT = [{"role": "user", "content": "Hello, I need help with a refund for my last order."}]
+
+
+def api_generate(server: Server, model: str, tokens: int, repeat: int, stream: bool) -> tuple[float, int]:
+    client = server.client()
+    samples, produced = [], 0
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        if stream:
+            usage = None
+            for chunk in client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+            assert usage is not None
+            produced = usage.completion_tokens
+        else:
+            produced = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens,
+                                                      temperature=0).usage.completion_tokens
+        samples.append(time.perf_counter() - t0)
+    return median(samples[1:]), produced
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args()
+    quiet_hf()
+    print(f"bench_api: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    try:
+        model = demo.build_model(work / "tiny", pretrain_steps=20)
+        name, make = demo.DATASETS["support"]
+        data = demo.write_jsonl(work / name, make(120, random.Random(1)))
+
+        server = Server(work / "api-home", model)
+        try:
+            rows, queue_s, api_s = [], [], []
+            fine_tuned = ""
+            for n in range(args.repeat):
+                queue_s.append(queue_file_job(work, model, data, args.steps, n))
+                took, fine_tuned = api_job(server, data, args.steps)
+                api_s.append(took)
+                rows.append([n + 1, f"{queue_s[-1]:.2f}", f"{api_s[-1]:.2f}", f"{api_s[-1] / queue_s[-1]:.3f}"])
+            print(f"\n1. the same job ({args.steps} steps), end to end, wall seconds ({load()})")
+            print(table(["run", "queue file: submit + run", "API: upload + create + poll", "API / queue file"], rows))
+            print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
+                  f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
+
+            plain_s, plain_n = plain_generate(model, server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1],
+                                              args.tokens, args.repeat)
+            whole_s, whole_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=False)
+            stream_s, stream_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=True)
+            print(f"\n3. greedy generation on the same adapter, median of {args.repeat} ({load()})")
+            plain_rate = plain_n / plain_s
+            print(table(["path", "tokens", "seconds", "tokens/s", "vs plain generate()"], [
+                ["plain PeftModel.generate() in-process", plain_n, f"{plain_s:.3f}", f"{plain_rate:.1f}", "1.00"],
+                ["chat.completions (HTTP, whole answer)", whole_n, f"{whole_s:.3f}", f"{whole_n / whole_s:.1f}",
+                 f"{whole_n / whole_s / plain_rate:.2f}"],
+                ["chat.completions (HTTP, stream=True)", stream_n, f"{stream_s:.3f}", f"{stream_n / stream_s:.1f}",
+                 f"{stream_n / stream_s / plain_rate:.2f}"]]))
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n2. GET /v1/fine_tuning/jobs at {args.jobs:,} jobs, server side (in-process), median of 15 ({load()})")
+    print(table(["request", "ms"], [[label, f"{seconds * 1000:.1f}"] for label, seconds in listing(args.jobs, 15)]))
+    print("goal: < 50 ms")
+
+
+if __name__ == "__main__":
+    main()
