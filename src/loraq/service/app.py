@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class Service:
         self.home = home
         self.operator_token = operator_token
         self._state: ApiState | None = None
+        self._state_lock = threading.Lock()
         self.limits = self._limits()
         self.generator = Generator(self.limits["generation_queue"])
         self.router = Starlette(routes=[
@@ -124,9 +126,11 @@ class Service:
 
     @property
     def state(self) -> ApiState:
-        if self._state is None:
-            self._state = ApiState.of_home(self.home.root)
-        return self._state
+        """``<home>/api.db``, made on the first request that needs it (never by starting the server)."""
+        with self._state_lock:
+            if self._state is None:
+                self._state = ApiState.of_home(self.home.root)
+            return self._state
 
     # ------------------------------------------------------------ the edge
 
