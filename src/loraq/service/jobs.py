@@ -92,12 +92,19 @@ def _hyperparameters(given: Any, param: str, method: str) -> dict[str, Any]:
     return training
 
 
-def _method(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The method's type and the training settings its hyperparameters give."""
+def preference_methods() -> bool:
+    """Whether this loraq's job spec has preference tuning (``method: {type: dpo, beta: ...}``)."""
+    from ..queue.spec import JobSpec
+
+    return "method" in JobSpec.model_fields
+
+
+def _method(body: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The method's type, the training settings its hyperparameters give, and the job's ``method`` (DPO)."""
     method = body.get("method")
     top = _hyperparameters(body.get("hyperparameters"), "hyperparameters", "supervised")
     if method is None:
-        return "supervised", top
+        return "supervised", top, None
     if not isinstance(method, dict):
         raise bad_request("method must be an object", "method", "invalid_type")
     kind = method.get("type")
@@ -108,18 +115,25 @@ def _method(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if key not in ("type", kind):
             raise bad_request(f"method.{excerpt(key)}: unknown key for method.type {kind!r}", f"method.{key}",
                               "unknown_parameter")
-    if kind == "dpo":
+    if kind == "dpo" and not preference_methods():
         raise bad_request("method.type 'dpo' is not offered by this server yet: loraq's queue has no preference "
                           "method in this version; use 'supervised'", "method.type", "unsupported_method")
     inner = method.get(kind) or {}
     if not isinstance(inner, dict) or set(inner) - {"hyperparameters"}:
         raise bad_request(f"method.{kind} must be an object with only 'hyperparameters'", f"method.{kind}",
                           "invalid_value")
-    nested = _hyperparameters(inner.get("hyperparameters"), f"method.{kind}.hyperparameters", kind)
+    given = inner.get("hyperparameters")
+    nested = _hyperparameters(given, f"method.{kind}.hyperparameters", kind)
     if top and nested:
         raise bad_request("give the hyperparameters in method or at the top level, not both", "hyperparameters",
                           "invalid_value")
-    return kind, nested or top
+    if kind != "dpo":
+        return kind, nested or top, None
+    beta = given.get("beta", "auto") if isinstance(given, dict) else "auto"
+    if beta != "auto" and (isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta)):
+        raise bad_request("method.dpo.hyperparameters.beta must be 'auto' or a number", "method.dpo.hyperparameters.beta",
+                          "invalid_value")
+    return kind, nested or top, {"type": "dpo", **({"beta": float(beta)} if beta != "auto" else {})}
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
@@ -204,8 +218,10 @@ def create(home: Home, state: ApiState, key_id: int, body: Any) -> ApiJob:
     integrations = body.get("integrations")
     if integrations not in (None, []):
         raise bad_request("integrations are not offered by this server", "integrations", "unsupported")
-    method, training = _method(body)
+    method, training, method_doc = _method(body)
     job = _extras(body)
+    if method_doc is not None:
+        job["method"] = method_doc
     try:
         train_file = state.file(training_id, key_id)
     except NotFoundError:
