@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/bench_api.py [--steps 40] [--repeat 3] [--jobs 10000] [--tokens 96]
 
 - **Overhead per job**: the same job (the demo's tiny model, the support dataset,
-  LoRA r=8, batch 8, ``--steps`` steps) run end to end (a) from a queue file, ``loraq
-  submit`` then ``loraq run``, and (b) through the API with the official ``openai``
-  client against a ``loraq serve`` process and a ``loraq run --wait`` worker: upload,
-  create, poll ``retrieve`` every 0.2 s until ``succeeded``. Wall time of each,
-  alternating, ``--repeat`` times; the API path's share over the queue file's.
-  Goal: within 5%.
+  LoRA r=8, batch 8, ``--steps`` steps) run end to end on one home with a ``loraq serve``
+  process and one ``loraq run --wait`` worker (its trainer warm for both): (a) from a
+  queue file, ``loraq submit``, then the store read every 0.2 s until the job is
+  completed; (b) through the API with the official ``openai`` client: upload, create,
+  ``retrieve`` every 0.2 s until ``succeeded``. Wall time of each, alternating,
+  ``--repeat`` times; the API path's over the queue file's. Goal: within 5%.
 - **GET /v1/fine_tuning/jobs at ``--jobs`` jobs**, server side: the /v1 app answering
   in-process (Starlette's TestClient: auth, the page's query in api.db, each job read
   from the queue's store, JSON), for the first page, a page deep in the list (``after``),
@@ -16,7 +16,9 @@
 - **Chat-completions tokens per second** against a plain ``generate()`` loop on the same
   adapter: ``--tokens`` greedy tokens, through ``client.chat.completions.create`` (the
   whole HTTP round trip, streamed and not) and through ``PeftModel.generate`` in this
-  process on the same prompt. Goal: at least 0.9x.
+  process on the same prompt. The tiny model would end its answer after a few tokens:
+  its ``generation_config.json`` names a token it never produces as the end, so both
+  paths generate exactly ``--tokens`` (the table shows the counts). Goal: at least 0.9x.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from _bench import LORAQ, load, machine, median, quiet_env, quiet_hf, run, table
 
-from loraq import demo
+from loraq import api, demo
 from loraq.queue.store import NewJob, Store
 from loraq.service.state import ApiState
 from loraq.workspace import Home
@@ -48,14 +50,23 @@ def training(steps: int) -> dict[str, Any]:
             "logging_steps": 5, "seed": 3}
 
 
-def queue_file_job(work: Path, model: Path, data: Path, steps: int, n: int) -> float:
-    home = work / f"queue-home-{n}"
-    queue = work / f"queue-{n}.yaml"
-    queue.write_text(json.dumps({"jobs": [{"name": f"support-{n}", "base_model": str(model), "dataset": str(data),
+def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) -> float:
+    """``loraq submit`` of a one-job queue file into the server's home; its warm worker trains it."""
+    queue = server.home.parent / f"queue-{n}.yaml"
+    name = f"support-{n}"
+    queue.write_text(json.dumps({"jobs": [{"name": name, "base_model": str(model), "dataset": str(data),
                                            "lora": LORA, "training": training(steps)}]}), encoding="utf-8")
+    home = Home(server.home)
     t0 = time.perf_counter()
-    run([LORAQ, "--home", str(home), "submit", str(queue)], env=quiet_env())
-    run([LORAQ, "--home", str(home), "run", "--devices", "cpu"], env=quiet_env())
+    run([LORAQ, "--home", str(server.home), "--allow-root", str(model.parent), "submit", str(queue)], env=quiet_env())
+    while True:
+        with api.open_reader(home) as store:
+            status = store.job(name).status
+        if status in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if status != "completed":
+        raise SystemExit(f"the queue-file job ended {status}")
     return time.perf_counter() - t0
 
 
@@ -192,6 +203,13 @@ def plain_generate(model_dir: Path, adapter: Path, tokens: int, repeat: int) -> 
     return median(samples[1:]), produced
 
 
+def never_eos(model: Path) -> None:
+    """Generation ends only at ``max_tokens``: the end-of-sequence is a token the model never produces."""
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": config["vocab_size"] - 1,
+                                                              "pad_token_id": 0}), encoding="utf-8")
+
+
 PROMPT = [{"role": "user", "content": "Hello, I need help with a refund for my last order."}]
 
 
@@ -233,16 +251,18 @@ def main() -> None:
         try:
             rows, queue_s, api_s = [], [], []
             fine_tuned = ""
+            api_job(server, data, 2)  # the worker's trainer starts and loads the base: neither path pays it
             for n in range(args.repeat):
-                queue_s.append(queue_file_job(work, model, data, args.steps, n))
+                queue_s.append(queue_file_job(server, model, data, args.steps, n))
                 took, fine_tuned = api_job(server, data, args.steps)
                 api_s.append(took)
                 rows.append([n + 1, f"{queue_s[-1]:.2f}", f"{api_s[-1]:.2f}", f"{api_s[-1] / queue_s[-1]:.3f}"])
-            print(f"\n1. the same job ({args.steps} steps), end to end, wall seconds ({load()})")
-            print(table(["run", "queue file: submit + run", "API: upload + create + poll", "API / queue file"], rows))
+            print(f"\n1. the same job ({args.steps} steps), end to end on a warm worker, wall seconds ({load()})")
+            print(table(["run", "queue file: submit + poll", "API: upload + create + poll", "API / queue file"], rows))
             print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
                   f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
 
+            never_eos(model)
             plain_s, plain_n = plain_generate(model, server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1],
                                               args.tokens, args.repeat)
             whole_s, whole_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=False)
