@@ -615,8 +615,9 @@ def keys_create(ctx: typer.Context, name: str = typer.Argument(..., help="A name
     """Make a key; it is printed once, alone on stdout (KEY=$(loraq keys create ci)), and stored only as a hash."""
     with _key_state(ctx) as state:
         key = state.create_key(name)
-    sys.stdout.write(key + "\n")
-    sys.stdout.flush()
+    out = notices.out()
+    out.write(key + "\n")
+    out.flush()
     _err(f"loraq keys: created {name!r}; it is shown only this once (send it as 'Authorization: Bearer <key>')")
     return 0
 
