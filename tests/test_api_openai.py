@@ -306,13 +306,22 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
     good = {"model": "tiny", "training_file": training.id}
 
     def create(body: Any, **kwargs: Any) -> httpx.Response:
-        return service.raw("POST", "/fine_tuning/jobs", content=body if isinstance(body, bytes) else json.dumps(body),
+        raw = body if isinstance(body, bytes) or not isinstance(body, dict | list) else None
+        return service.raw("POST", "/fine_tuning/jobs", content=raw if raw is not None else json.dumps(body),
                            headers={"content-type": "application/json"}, **kwargs)
 
     assert_openai_error(create(b"{not json"), 400)
     assert_openai_error(create(b""), 400)
     assert_openai_error(create(b"[1, 2]"), 400)
-    assert_openai_error(create(b"[" * 100_000 + b"]" * 100_000), 413)  # over max_body_bytes
+    assert_openai_error(create(b"[" * 100_000 + b"]" * 100_000), 413)  # over max_body_bytes, refused unread
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives, refused once over the limit
+        yield b'{"model": "tiny", "suffix": "'
+        for _ in range(40):
+            yield b"x" * 4096
+        yield b'"}'
+
+    assert_openai_error(create(chunked()), 413)
     assert_openai_error(create(b'"' + b"x" * 50_000 + b'"'), 400)
     assert_openai_error(create({**good, "model": 7}), 400, param="model")
     assert_openai_error(create({**good, "seed": "seven"}), 400, param="seed")
@@ -340,6 +349,9 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
     assert_openai_error(create({**good, "init_from": "/etc"}), 400, param="init_from")
     assert_openai_error(service.raw("GET", "/files/..%2F..%2Fapi.db/content"), 404)
     assert_openai_error(service.raw("GET", "/models/..%2F..%2Fetc"), 404)
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("/etc/passwd")
     # another tenant's ids answer as if they did not exist
     assert_openai_error(service.raw("POST", "/fine_tuning/jobs", key="bob", json=good), 404, param="training_file")
     assert_openai_error(service.raw("GET", f"/files/{training.id}", key="bob"), 404)

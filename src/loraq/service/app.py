@@ -105,7 +105,7 @@ class Service:
     async def _too_large(self, request: Request, exc: Exception) -> Response:
         upload = request.url.path == "/v1/files"
         return _error(too_large(self.limits["max_upload_bytes" if upload else "max_body_bytes"],
-                                "upload" if upload else "request body"))
+                                "upload" if upload else "request body"), close=True)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return _error(not_found(excerpt(str(exc), 300)))
@@ -145,9 +145,9 @@ class Service:
             if not length.isdigit():
                 await _error(bad_request("Content-Length is not a number", None, "invalid_request"))(scope, receive, send)
                 return
-            if int(length) > limit:
-                await _error(too_large(limit, "upload" if path == "/v1/files" else "request body"))(
-                    scope, receive, send)
+            if int(length) > limit:  # answered unread: the connection closes after the answer
+                await _error(too_large(limit, "upload" if path == "/v1/files" else "request body"),
+                             close=True)(scope, receive, send)
                 return
         seen = 0
 
@@ -601,8 +601,8 @@ def _json(doc: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(doc, status_code=status)
 
 
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status)
+def _error(exc: ApiError, *, close: bool = False) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers={"connection": "close"} if close else None)
 
 
 def create_service(home: Home, operator_token: str) -> Service:
