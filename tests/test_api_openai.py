@@ -229,6 +229,29 @@ def test_pause_and_resume_then_cancel(service: Service) -> None:
         service.client("bob").fine_tuning.jobs.cancel(job.id)
 
 
+@pytest.mark.slow
+def test_a_running_job_paused_resumes_from_its_checkpoint(service: Service) -> None:
+    client = service.client("alice")
+    training = upload(client, service.data["support"])
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=training.id, extra_body={
+        **FAST, "max_steps": 120, "training": {"save_steps": 5, "logging_steps": 1, "max_seq_len": 64}})
+    deadline = time.monotonic() + 400  # only stops a hung test
+    while time.monotonic() < deadline:
+        steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=5) if e.type == "metrics"]
+        if max(steps, default=0) >= 12:
+            break
+        time.sleep(0.3)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused", paused.status
+    saved = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+    assert saved and min(saved) >= 5 and all(step % 5 == 0 for step in saved)
+    assert client.fine_tuning.jobs.resume(job.id).status in ("queued", "running")
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert any(f"resumes from checkpoint step {max(saved)}" in m for m in messages), messages[:10]
+
+
 def test_pagination_and_metadata_filters(service: Service) -> None:
     client = service.client("bob")
     training = upload(client, service.data["stories"])
