@@ -50,7 +50,15 @@ def training(steps: int) -> dict[str, Any]:
             "logging_steps": 5, "seed": 3}
 
 
-def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) -> float:
+def phases(server: Server, name: str) -> tuple[float, float]:
+    """``(claimed -> finished, seconds)`` of a finished job, from the store: the worker's share."""
+    with api.open_reader(Home(server.home)) as store:
+        job = store.job(name)
+    assert job.started_at is not None and job.finished_at is not None
+    return job.finished_at - job.started_at, job.started_at - job.created_at
+
+
+def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) -> tuple[float, float, str]:
     """``loraq submit`` of a one-job queue file into the server's home; its warm worker trains it."""
     queue = server.home.parent / f"queue-{n}.yaml"
     name = f"support-{n}"
@@ -59,6 +67,7 @@ def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) 
     home = Home(server.home)
     t0 = time.perf_counter()
     run([LORAQ, "--home", str(server.home), "--allow-root", str(model.parent), "submit", str(queue)], env=quiet_env())
+    enqueued = time.perf_counter() - t0
     while True:
         with api.open_reader(home) as store:
             status = store.job(name).status
@@ -67,7 +76,7 @@ def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) 
         time.sleep(0.2)
     if status != "completed":
         raise SystemExit(f"the queue-file job ended {status}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, enqueued, name
 
 
 class Server:
@@ -103,7 +112,7 @@ class Server:
                 proc.kill()
 
 
-def api_job(server: Server, data: Path, steps: int) -> tuple[float, str]:
+def api_job(server: Server, data: Path, steps: int) -> tuple[float, float, str]:
     client = server.client()
     t0 = time.perf_counter()
     with open(data, "rb") as fh:
@@ -114,6 +123,7 @@ def api_job(server: Server, data: Path, steps: int) -> tuple[float, str]:
         extra_body={"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                     "target_modules": LORA["target_modules"], "max_steps": steps,
                     "training": {"max_seq_len": 128, "save_steps": 20, "logging_steps": 5}})
+    enqueued = time.perf_counter() - t0
     while True:
         job = client.fine_tuning.jobs.retrieve(job.id)
         if job.status in ("succeeded", "failed", "cancelled"):
@@ -121,7 +131,7 @@ def api_job(server: Server, data: Path, steps: int) -> tuple[float, str]:
         time.sleep(0.2)
     if job.status != "succeeded":
         raise SystemExit(f"the API job ended {job.status}: {job.error}")
-    return time.perf_counter() - t0, job.fine_tuned_model
+    return time.perf_counter() - t0, enqueued, job.fine_tuned_model
 
 
 # ---------------------------------------------------------------- listing at 10,000 jobs
@@ -252,13 +262,21 @@ def main() -> None:
             rows, queue_s, api_s = [], [], []
             fine_tuned = ""
             api_job(server, data, 2)  # the worker's trainer starts and loads the base: neither path pays it
+            parts: list[list[str]] = []
             for n in range(args.repeat):
-                queue_s.append(queue_file_job(server, model, data, args.steps, n))
-                took, fine_tuned = api_job(server, data, args.steps)
+                took, enqueued, name = queue_file_job(server, model, data, args.steps, n)
+                queue_s.append(took)
+                parts.append([f"{n + 1} queue file", f"{took:.2f}", f"{enqueued:.2f}",
+                              *(f"{v:.2f}" for v in phases(server, name))])
+                took, enqueued, fine_tuned = api_job(server, data, args.steps)
                 api_s.append(took)
+                parts.append([f"{n + 1} API", f"{took:.2f}", f"{enqueued:.2f}",
+                              *(f"{v:.2f}" for v in phases(server, fine_tuned.rsplit(":", 1)[-1]))])
                 rows.append([n + 1, f"{queue_s[-1]:.2f}", f"{api_s[-1]:.2f}", f"{api_s[-1] / queue_s[-1]:.3f}"])
             print(f"\n1. the same job ({args.steps} steps), end to end on a warm worker, wall seconds ({load()})")
             print(table(["run", "queue file: submit + poll", "API: upload + create + poll", "API / queue file"], rows))
+            print(table(["run, path", "end to end", "until enqueued (submit | upload + create)",
+                         "claimed -> finished (the worker)", "enqueued -> claimed"], parts))
             print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
                   f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
 

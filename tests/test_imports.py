@@ -77,7 +77,8 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
               "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.service", "loraq.service.app",
-              "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate"]
+              "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate",
+              "loraq.service.completions"]
 HEAVY = ["torch", "transformers", "peft"]
 
 
