@@ -15,8 +15,8 @@
   and a metadata filter. Goal: under 50 ms.
 - **Chat-completions tokens per second** against a plain ``generate()`` loop on the same
   adapter: ``--tokens`` greedy tokens, through ``client.chat.completions.create`` (the
-  whole HTTP round trip, streamed and not) and through ``PeftModel.generate`` in this
-  process on the same prompt. The tiny model would end its answer after a few tokens:
+  whole HTTP round trip, streamed and not) and through ``PeftModel.generate`` in a
+  process of its own (started as the server is) on the same prompt. The tiny model would end its answer after a few tokens:
   its ``generation_config.json`` names a token it never produces as the end, so both
   paths generate exactly ``--tokens`` (the table shows the counts). Goal: at least 0.9x.
 """
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _bench import LORAQ, load, machine, median, quiet_env, quiet_hf, run, table
+from _bench import BENCH_DIR, LORAQ, PYTHON, load, machine, median, quiet_env, quiet_hf, run, table
 
 from loraq import api, demo
 from loraq.queue.store import NewJob, Store
@@ -192,7 +192,7 @@ def listing(n: int, repeat: int) -> list[tuple[str, float]]:
 # ---------------------------------------------------------------- tokens per second
 
 
-def plain_generate(model_dir: Path, adapter: Path, tokens: int, repeat: int) -> tuple[float, int]:
+def plain_generate(model_dir: str, adapter: str, tokens: int, repeat: int) -> tuple[float, int]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -281,8 +281,12 @@ def main() -> None:
                   f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
 
             never_eos(model)
-            plain_s, plain_n = plain_generate(model, server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1],
-                                              args.tokens, args.repeat)
+            # in a process of its own, started as the server was: neither side shares its cores with the other
+            adapter = server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1]
+            code = (f"import json, bench_api; print(json.dumps(bench_api.plain_generate("
+                    f"{str(model)!r}, {str(adapter)!r}, {args.tokens}, {args.repeat})))")
+            plain_s, plain_n = json.loads(run([PYTHON, "-c", code], env=quiet_env(), cwd=BENCH_DIR).stdout
+                                          .strip().splitlines()[-1])
             whole_s, whole_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=False)
             stream_s, stream_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=True)
             print(f"\n3. greedy generation on the same adapter, median of {args.repeat} ({load()})")

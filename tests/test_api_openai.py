@@ -121,7 +121,7 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
                                          hyperparameters={"n_epochs": "auto", "batch_size": "auto",
                                                           "learning_rate_multiplier": "auto"},
                                          metadata={"team": "support"}, extra_body=FAST)
-    assert job.status == "queued" and job.model == "tiny" and job.fine_tuned_model is None
+    assert job.status in ("queued", "running") and job.model == "tiny" and job.fine_tuned_model is None
     assert job.metadata == {"team": "support"}
     # "auto" was resolved at submit, by loraq's rules, and says what it became
     assert isinstance(job.hyperparameters.batch_size, int) and isinstance(job.hyperparameters.n_epochs, int)
@@ -141,7 +141,7 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
     assert steps and all(isinstance(step["step"], int) for step in steps)
     assert any("valid_loss" in event.data for event in events if event.type == "metrics")
     assert events[0].created_at >= events[-1].created_at  # newest first, as OpenAI lists them
-    assert "succeeded" in events[0].message
+    assert "succeeded" in [e for e in events if e.type == "message"][0].message
     first_page = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert len(first_page.data) == 2 and first_page.has_more
 

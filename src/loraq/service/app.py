@@ -382,7 +382,7 @@ class Service:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
-        job = GenRequest(base=base, adapter=adapter, adapter_name=adapter_name, emit=emit, **options)
+        job = GenRequest(base=base, adapter=adapter, adapter_name=adapter_name, emit=emit, stream=stream, **options)
         try:
             self.generator.submit(job)
         except Busy:
@@ -430,6 +430,19 @@ class Service:
                     yield chunk({"role": "assistant", "content": ""}, None)
                 while True:
                     item = await pieces.get()
+                    if isinstance(item, Exception):
+                        error = completions.error_of(item)
+                        yield f"data: {json.dumps(error.to_json())}\n\n"
+                        return
+                    # pieces that arrived while this chunk was being sent go out together: a busy
+                    # server sends fewer, larger chunks rather than falling behind the generation
+                    while isinstance(item, str) and not pieces.empty():
+                        following = pieces.get_nowait()
+                        if not isinstance(following, str):
+                            yield chunk({"content": item} if chat else item, None)
+                            item = following
+                            break
+                        item += following
                     if isinstance(item, Exception):
                         error = completions.error_of(item)
                         yield f"data: {json.dumps(error.to_json())}\n\n"

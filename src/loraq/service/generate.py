@@ -38,6 +38,7 @@ class Request:
     stop: list[str]
     seed: int | None
     emit: Callable[[Any], None]  # called from the generation thread: a text piece, a Finished, or an Exception
+    stream: bool = True  # False: only the Finished is emitted (no wake-up of the server's loop per token)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -184,7 +185,8 @@ class Generator:
                 if text.endswith("\ufffd"):
                     ready = min(ready, len(text) - 1)
                 if ready > state["sent"]:
-                    request.emit(text[state["sent"]:ready])
+                    if request.stream:
+                        request.emit(text[state["sent"]:ready])
                     state["sent"] = ready
 
             def end(self) -> None:
@@ -208,7 +210,7 @@ class Generator:
             self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
                                  stopping_criteria=StoppingCriteriaList([Stops()]), **kwargs)
         text, hit = cut_at_stop(text_now())
-        if len(text) > state["sent"]:
+        if len(text) > state["sent"] and request.stream:
             request.emit(text[state["sent"]:])
         eos = tokenizer.eos_token_id
         ended = hit or (produced and eos is not None and produced[-1] == eos) or len(produced) < request.max_tokens
