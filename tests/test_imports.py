@@ -60,7 +60,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # service: the OpenAI-style /v1 API over the api (jobs through api.submit_document), its keys and files;
     # data: an upload is checked by the reader submit uses; checkpoints: a job's checkpoint folders.
     # Its generation thread imports torch/transformers/peft themselves, never loraq's torch side.
-    "service": {"api", "errors", "escape", "queue", "workspace", "data", "checkpoints"},
+    "service": {"api", "errors", "escape", "fsutil", "queue", "workspace", "data", "checkpoints"},
     # the runnable layers: they parse and print (or serve) what the api returns
     "serve": {"api", "errors", "queue", "report", "workspace", "service"},
     "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve", "service"},

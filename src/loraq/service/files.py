@@ -19,6 +19,7 @@ from ..data import ReadLimits, check_dataset
 from ..data.rows import SUFFIXES, RowProblem
 from ..errors import DataError
 from ..escape import excerpt
+from ..fsutil import fsync_dir
 from ..workspace import Home
 from .errors import ApiError, bad_request, too_large
 from .state import ApiState, StoredFile
@@ -76,6 +77,7 @@ def save_upload(home: Home, state: ApiState, *, key_id: int, filename: str, purp
         sha = digest.hexdigest()
         target = folder / f"{sha}.{kind}"
         os.replace(temp, target)  # the same content is the same file: replacing it changes nothing
+        fsync_dir(folder)
         return state.add_file(key_id=key_id, sha256=sha, filename=label[:255], size=size, purpose=purpose,
                               fmt=dataset.format, kind=kind, rows=len(dataset))
     finally:
