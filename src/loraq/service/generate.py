@@ -11,7 +11,6 @@ least recently used dropped past :data:`MAX_ADAPTERS`.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from collections import OrderedDict
@@ -161,10 +160,17 @@ class Generator:
         stops = [s for s in request.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         produced: list[int] = []
-        state: dict[str, Any] = {"sent": 0, "text": "", "stopped": False}
+        state: dict[str, Any] = {"sent": 0, "stopped": False, "done": "", "offset": 0}
 
         def text_now() -> str:
-            return str(tokenizer.decode(produced, skip_special_tokens=True))
+            """The answer so far: the settled text plus the tokens decoded since (never the whole answer again)."""
+            tail = str(tokenizer.decode(produced[state["offset"]:], skip_special_tokens=True))
+            # settle up to a line's end: what follows a newline decodes the same later, whatever comes next
+            if tail.endswith("\n") and "\ufffd" not in tail:
+                state["done"] += tail
+                state["offset"] = len(produced)
+                return str(state["done"])
+            return str(state["done"]) + tail
 
         def cut_at_stop(text: str) -> tuple[str, bool]:
             found = [text.find(s) for s in stops if s in text]
@@ -179,7 +185,7 @@ class Generator:
                     return
                 produced.extend(int(t) for t in value.reshape(-1).tolist())
                 text, hit = cut_at_stop(text_now())
-                state["text"], state["stopped"] = text, hit
+                state["stopped"] = hit
                 # hold back what may be the start of a stop sequence, and a character still being decoded
                 ready = len(text) if hit else max(state["sent"], len(text) - hold)
                 if text.endswith("\ufffd"):
@@ -206,25 +212,19 @@ class Generator:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if request.seed is not None:
             torch.manual_seed(request.seed)
+        # a whole answer without stop sequences needs nothing per token: it is decoded once, at the end
+        watch = request.stream or bool(stops)
         with context, torch.inference_mode():
-            self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
-                                 stopping_criteria=StoppingCriteriaList([Stops()]), **kwargs)
+            out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       streamer=Streamer() if watch else None,
+                                       stopping_criteria=StoppingCriteriaList([Stops()]), **kwargs)
+        if not watch:
+            produced = [int(t) for t in out[0, prompt_len:].tolist()]
+            state["offset"] = 0
         text, hit = cut_at_stop(text_now())
         if len(text) > state["sent"] and request.stream:
             request.emit(text[state["sent"]:])
         eos = tokenizer.eos_token_id
-        ended = hit or (produced and eos is not None and produced[-1] == eos) or len(produced) < request.max_tokens
+        ended = hit or bool(produced and eos is not None and produced[-1] == eos) or len(produced) < request.max_tokens
         return Finished(text, "stop" if ended else "length", prompt_len, len(produced))
 
-
-async def run(generator: Generator, make: Callable[[Callable[[Any], None]], Request]) -> tuple[Request, asyncio.Queue[Any]]:
-    """Queue a request whose pieces arrive on an asyncio queue of this loop (text, then a Finished or an error)."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[Any] = asyncio.Queue()
-
-    def emit(item: Any) -> None:
-        loop.call_soon_threadsafe(pieces.put_nowait, item)
-
-    request = make(emit)
-    generator.submit(request)
-    return request, pieces
