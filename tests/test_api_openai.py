@@ -357,7 +357,8 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
     assert_openai_error(create({**good, "method": {"type": "reinforcement"}}), 400, param="method.type")
     dpo = assert_openai_error(create({**good, "method": {"type": "dpo"}}), 400, param="method.type")
     assert "dpo" in dpo["message"]
-    assert_openai_error(create({**good, "lora_r": "big"}), 400, param="lora.r")
+    assert_openai_error(create({**good, "lora_r": "big"}), 400, param="lora_r")
+    assert_openai_error(create({**good, "lora": {"r": -1}}), 400, param="lora.r")
     assert_openai_error(create({**good, "lora": {"rank": 8}}), 400, param="lora.rank")
     assert_openai_error(create({**good, "wandb": True}), 400, param="wandb")
     # unknown models, and paths wherever a request could put one

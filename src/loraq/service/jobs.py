@@ -246,7 +246,11 @@ def create(home: Home, state: ApiState, key_id: int, body: Any) -> ApiJob:
         result = api.submit_document({"jobs": [job]}, home=home, label="request", queue_path=home.root / "api.yaml",
                                      allow_roots=[base] if local else [])
     except (SpecError, DataError) as exc:
-        raise _refused(exc) from None
+        # a setting given by its flat name (lora_r) is named so in the refusal
+        flat = {".".join(dotted): key for key, dotted in FLAT_EXTRAS.items() if key in body}
+        refusal = _refused(exc)
+        refusal.param = flat.get(refusal.param or "", refusal.param)
+        raise refusal from None
     spec_seed = seed if seed is not None else int((job["training"] or {}).get("seed", 42))
     return state.add_job(api_id=api_id, job_id=result.job_ids[0], key_id=key_id, model=model, suffix=suffix,
                          metadata=metadata, training_file=training_id, validation_file=validation_id, seed=spec_seed,
