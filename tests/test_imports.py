@@ -58,9 +58,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
             "submitting", "views"},
     "loraq": {"api", "errors", "workspace"},
+    # service: the OpenAI-style /v1 API over the api (jobs through api.submit_document), its keys and files;
+    # data: an upload is checked by the reader submit uses; checkpoints: a job's checkpoint folders.
+    # Its generation thread imports torch/transformers/peft themselves, never loraq's torch side.
+    "service": {"api", "errors", "escape", "fsutil", "queue", "workspace", "data", "checkpoints"},
     # the runnable layers: they parse and print (or serve) what the api returns
-    "serve": {"api", "errors", "escape", "queue", "report", "workspace"},  # escape: pages show text as the CLI prints it
-    "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve"},
+    "serve": {"api", "errors", "escape", "queue", "report", "workspace", "service"},  # escape: pages show text as the CLI prints it
+    "cli": {"api", "errors", "escape", "notices", "protocol", "workspace", "serve", "service"},
 }
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
@@ -75,7 +79,9 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
               "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
-              "loraq.model.judge"]
+              "loraq.model.judge", "loraq.service", "loraq.service.app",
+              "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate",
+              "loraq.service.completions"]
 #: torch's stack, and the graders' and trackers' libraries (imported where a grader or a tracker runs, in the trainer)
 HEAVY = ["torch", "transformers", "peft", "mlflow", "wandb", "tensorboard", "sacrebleu", "rouge_score", "rapidfuzz"]
 

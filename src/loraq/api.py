@@ -108,6 +108,22 @@ def submit(queue_file: str | Path, *, home: Home, allow_roots: Iterable[str | Pa
     return _submit_queue(queue, str(queue_file), path, home=home, roots=roots, dry_run=dry_run)
 
 
+def submit_document(doc: dict[str, Any], *, home: Home, label: str, queue_path: Path,
+                    allow_roots: Iterable[str | Path] = ()) -> SubmitResult:
+    """Validate the jobs of a queue document built in memory (the /v1 API's) and enqueue them all, or none.
+
+    Checked exactly as a queue file's jobs are (schema, paths inside the roots, every
+    dataset row, the base model's tokenizer); ``queue_path`` is where relative paths
+    would start (the document's paths are absolute). The home's queue settings are
+    left as they are. Raises :class:`SpecError` or :class:`DataError` listing every problem.
+    """
+    from .queue import spec
+
+    roots = home.roots(queue_dir=queue_path.parent, extra=allow_roots)
+    queue = spec.queue_from_doc(doc, queue_path, roots, where=label, allow_remote_code=False)
+    return _submit_queue(queue, label, queue_path, home=home, roots=roots, dry_run=False, queue_settings=False)
+
+
 def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any, dry_run: bool,
                   queue_settings: bool = True) -> SubmitResult:
     """Check a validated queue's data (and warm starts) and enqueue all its jobs, or none."""

@@ -635,6 +635,54 @@ def serve(
     return 0
 
 
+keys_app = typer.Typer(name="keys", help="API keys for the /v1 fine-tuning API of 'loraq serve'.", no_args_is_help=True,
+                       add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.add_typer(keys_app)
+
+
+def _key_state(ctx: typer.Context) -> Any:
+    from .service.state import ApiState
+
+    home = _ctx(ctx).home
+    home.ensure()
+    return ApiState.of_home(home.root)
+
+
+@keys_app.command("create")
+def keys_create(ctx: typer.Context, name: str = typer.Argument(..., help="A name for the key (who or what uses it).")) -> int:
+    """Make a key; it is printed once, alone on stdout (KEY=$(loraq keys create ci)), and stored only as a hash."""
+    with _key_state(ctx) as state:
+        key = state.create_key(name)
+    out = notices.out()
+    out.write(key + "\n")
+    out.flush()
+    _err(f"loraq keys: created {name!r}; it is shown only this once (send it as 'Authorization: Bearer <key>')")
+    return 0
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> int:
+    """The keys: name, when made, whether revoked (never the keys themselves)."""
+    with _key_state(ctx) as state:
+        keys = state.keys()
+    if as_json:
+        _print_json({"keys": [k.to_json() for k in keys]})
+        return 0
+    _table("API keys", ["name", "created", "revoked"],
+           [[k.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created_at)),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(k.revoked_at)) if k.revoked_at else "-"] for k in keys])
+    return 0
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, name: str = typer.Argument(..., help="The key's name.")) -> int:
+    """Revoke a key: requests with it are refused from now on (its jobs and files stay)."""
+    with _key_state(ctx) as state:
+        state.revoke_key(name)
+    _say(f"revoked {name}")
+    return 0
+
+
 @app.command()
 def demo(
     directory: Path = typer.Argument(Path("loraq-demo"), help="Where to write the demo (default ./loraq-demo)."),

@@ -1,7 +1,7 @@
 """The home: where loraq keeps its state, checkpoints, adapters and reports.
 
     loraq.db                      the state
-    config.yaml                   operator settings (allow_roots, allow_remote_code, limits)
+    config.yaml                   operator settings (allow_roots, allow_remote_code, limits, models, api)
     jobs/<id>/attempt-<n>/        checkpoints/, train.log, staging/
     adapters/<name>/              published adapters
     reports/                      queue reports
@@ -114,8 +114,24 @@ class Home:
         if not isinstance(limits, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                    and v > 0 for k, v in limits.items()):
             raise SpecError([Problem(f"{where}: limits", "expected a mapping of limit names to positive integers")])
+        models = data.get("models") or {}
+        if not isinstance(models, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                   for k, v in models.items()):
+            raise SpecError([Problem(f"{where}: models", "expected a mapping of model names to folders or hub ids")])
+        api_limits = data.get("api") or {}
+        if not isinstance(api_limits, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for k, v in api_limits.items()) or set(api_limits) - set(API_DEFAULTS):
+            raise SpecError([Problem(f"{where}: api", "expected a mapping of "
+                                                      f"{', '.join(API_DEFAULTS)} to positive integers")])
         return HomeConfig(allow_roots=tuple(Path(r).expanduser() for r in roots), allow_remote_code=remote,
-                          limits=dict(limits))
+                          limits=dict(limits), models=dict(models), api={**API_DEFAULTS, **api_limits})
+
+    def model_folder(self, named: str) -> str:
+        """A ``models:`` entry of config.yaml as a folder (relative to the home) or, if it is not one, a hub id."""
+        if named.startswith(("/", ".", "~")):
+            return str((self.root / Path(named).expanduser()).absolute())
+        return named
 
     def allowed_roots(self) -> list[Path]:
         """Roots the operator allowed in ``config.yaml`` (``allow_roots: [DIR, ...]``)."""
@@ -128,7 +144,10 @@ class Home:
         return Roots.of(read, config=self.config_path)
 
 
-CONFIG_KEYS = frozenset({"allow_roots", "allow_remote_code", "limits"})
+CONFIG_KEYS = frozenset({"allow_roots", "allow_remote_code", "limits", "models", "api"})
+#: The /v1 API's limits (``api:`` in config.yaml): a request body, an upload, requests waiting to generate.
+API_DEFAULTS: dict[str, int] = {"max_body_bytes": 1 << 20, "max_upload_bytes": 512 << 20, "generation_queue": 16,
+                                "max_tokens": 4096}
 
 
 @dataclass(frozen=True)
@@ -136,3 +155,5 @@ class HomeConfig:
     allow_roots: tuple[Path, ...] = ()
     allow_remote_code: bool = False
     limits: dict[str, int] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)  # name -> folder or hub id: the bases /v1 offers
+    api: dict[str, int] = field(default_factory=lambda: dict(API_DEFAULTS))

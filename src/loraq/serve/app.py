@@ -6,6 +6,7 @@
     GET  /jobs/<id>/stream       its live updates, the log following
     GET  /jobs/<id>/log          the whole training log (?attempt=N), as text
     GET  /report                 the queue report;  /reports/<file>: those ``loraq report`` saved
+    /v1/...                      the OpenAI-style fine-tuning API (bearer keys): :mod:`loraq.service`
     POST /jobs/<id>/cancel|retry, /queue/pause|resume      actions (token, same origin)
 
 Reads go through read-only connections (SQLite ``mode=ro``); the database is never
@@ -37,6 +38,7 @@ from .. import api, report
 from ..errors import LoraqError, NotFoundError
 from ..escape import printable, printable_lines
 from ..queue.records import STATES
+from ..service.app import create_service
 from ..workspace import Home
 from . import security
 from .feed import Change, Feed
@@ -370,6 +372,7 @@ def create_app(settings: Settings) -> Dashboard:
                 or security.same_token(request.headers.get("x-loraq-token"), settings.token))
 
     verbs = {("jobs", "cancel"), ("jobs", "retry"), ("queue", "pause"), ("queue", "resume")}
+    v1 = create_service(home, settings.token)
 
     async def gate(scope: Any, receive: Any, send: Any) -> None:
         """Host check, token check, and the POST-only verbs, before any route runs."""
@@ -383,6 +386,9 @@ def create_app(settings: Settings) -> Dashboard:
             await PlainTextResponse("unknown host", status_code=403)(scope, receive, send)
             return
         path = request.url.path
+        if path == "/v1" or path.startswith("/v1/"):  # its own keys (or the token as a bearer), its own errors
+            await v1(scope, receive, send)
+            return
         parts = path.strip("/").split("/")
         if request.method == "POST":
             if not ((parts[0], parts[-1]) in verbs and len(parts) in (2, 3)):
