@@ -213,7 +213,8 @@ class ValidationSpec(_Strict):
     @classmethod
     def _minimums(cls, value: dict[str, float]) -> dict[str, float]:
         for minimum in value.values():
-            _finite(minimum)
+            if not 0.0 <= _finite(minimum) <= 1.0:
+                raise ValueError(f"a metric's minimum is 0 to 1 (every grader and the judge score 0 to 1), not {minimum}")
         return value
 
     @field_validator("metrics")
