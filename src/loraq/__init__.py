@@ -24,8 +24,9 @@ _EXPORTS = {
                      "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status", "submit",
                      "write_demo", "write_report"], ".api"),
     **dict.fromkeys(["CorruptStoreError", "DataError", "ExportError", "FailureKind", "InspectionError", "LeaseLost",
-                     "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError", "ProtocolError",
+                     "LoraqError", "NotFoundError", "NotInCache", "PathError", "Problem", "ProblemsError", "ProtocolError",
                      "PublishConflict", "RegexTimeout", "SpecError", "StoreError", "StoreFaultError", "TemplateError",
+                     "TemplateBudgetError", "ApiError", "BodyTooLarge", "GeneratorBusy", "NotInCache",
                      "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "YamlProblem"], ".errors"),
     "Home": ".workspace",
 }
@@ -57,14 +58,18 @@ if TYPE_CHECKING:
         write_report,
     )
     from .errors import (
+        ApiError,
+        BodyTooLarge,
         CorruptStoreError,
         DataError,
         ExportError,
         FailureKind,
+        GeneratorBusy,
         InspectionError,
         LeaseLost,
         LoraqError,
         NotFoundError,
+        NotInCache,
         PathError,
         Problem,
         ProblemsError,
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
         SpecError,
         StoreError,
         StoreFaultError,
+        TemplateBudgetError,
         TemplateError,
         TrainerStartError,
         TrainingError,
@@ -100,10 +106,11 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: F822 (resolved lazily by __getattr__)
-    "ChangeResult", "CorruptStoreError", "DataError", "ExportError", "ExportResult", "FailureKind", "Home",
-    "InspectionError", "JobRow", "LeaseLost", "LoraqError", "NotFoundError", "PathError", "Problem", "ProblemsError",
+    "ApiError", "BodyTooLarge", "ChangeResult", "CorruptStoreError", "DataError", "ExportError", "ExportResult",
+    "FailureKind", "GeneratorBusy", "Home",
+    "InspectionError", "JobRow", "LeaseLost", "LoraqError", "NotFoundError", "NotInCache", "PathError", "Problem", "ProblemsError",
     "ProtocolError", "PublishConflict", "RegexTimeout", "ReportResult", "RunOptions", "RunResult", "ShowResult",
-    "SpecError", "StatusResult", "StoreError", "StoreFaultError", "SubmitResult", "TemplateError",
+    "SpecError", "StatusResult", "StoreError", "StoreFaultError", "SubmitResult", "TemplateBudgetError", "TemplateError",
     "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "YamlProblem", "__version__", "cancel",
     "export", "follow_log", "inspect_adapter", "log_path", "pause", "resume", "retry", "run", "show", "status",
     "submit", "write_demo", "write_report",

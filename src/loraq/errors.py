@@ -192,6 +192,39 @@ class ProtocolError(LoraqError):
     """A message between the supervisor and a trainer that does not decode (a bug, or two versions of loraq)."""
 
 
+class NotInCache(PathError):
+    """A hub id that is not in the local Hugging Face cache (and was not to be downloaded)."""
+
+
+class BodyTooLarge(LoraqError):
+    """A request body grew past its limit while it was read (no Content-Length announced it, or a false one)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over {limit} bytes")
+        self.limit = limit
+
+
+class GeneratorBusy(LoraqError):
+    """The service's queue of waiting generation requests is full."""
+
+
+@dataclass
+class ApiError(LoraqError):
+    """A refusal of the /v1 API in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = "invalid_request_error"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
 # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
 _IO_MESSAGES = ("no space left on device", "file write failed", "storagefull", "input/output error",
                 "disk quota exceeded", "read-only file system")

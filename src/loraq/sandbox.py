@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PathError
+from .errors import NotInCache, PathError
 from .escape import printable
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
@@ -182,10 +182,6 @@ def model_folder(base: str, roots: Roots, *, revision: str | None = None, downlo
         raise PathError(f"base_model {printable(base)!r}: {printable(folder)} is not a folder")
     check_model_folder(folder, roots)
     return folder
-
-
-class NotInCache(PathError):
-    """A hub id that is not in the local Hugging Face cache (and was not to be downloaded)."""
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, *, download: bool) -> Path:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, PathError
+from ..errors import ExportError, NotInCache, PathError
 from ..escape import printable
-from ..sandbox import NotInCache, Roots, hf_cache_dir, is_hub_id, model_folder, read_fd
+from ..sandbox import Roots, hf_cache_dir, is_hub_id, model_folder, read_fd
 
 #: transformers' name for a tokenizer's chat template file; loraq publishes a job's own template under it.
 CHAT_TEMPLATE = "chat_template.jinja"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import UsageError
+from ..errors import BodyTooLarge, UsageError
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -173,14 +173,6 @@ class SecurityHeaders:
 #: The most bytes a request body may hold unless a path prefix says otherwise (``loraq serve
 #: --max-body-bytes``). The dashboard's own actions are forms of a few fields.
 MAX_BODY_BYTES = 1024 * 1024
-
-
-class BodyTooLarge(Exception):
-    """A body grew past its limit while it was read (no Content-Length announced it)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body over {limit} bytes")
-        self.limit = limit
 
 
 def declared_length(scope: MutableMapping[str, Any]) -> int | None:

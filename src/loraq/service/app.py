@@ -33,22 +33,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import api
-from ..errors import LoraqError, NotFoundError
+from ..errors import BodyTooLarge, GeneratorBusy, LoraqError, NotFoundError
 from ..escape import excerpt
 from ..workspace import API_DEFAULTS, Home
 from . import completions
 from . import files as files_mod
 from . import jobs as jobs_mod
 from .errors import ApiError, bad_request, not_found, too_large, unauthorized
-from .generate import Busy, Finished, Generator
+from .generate import Finished, Generator
 from .generate import Request as GenRequest
 from .state import OPERATOR, ApiState
 
 JOBS_PAGE, EVENTS_PAGE, CHECKPOINTS_PAGE, FILES_PAGE = 20, 20, 10, 10_000
-
-
-class TooLarge(Exception):
-    """A body that grew past the limit while being read (no Content-Length, or a false one)."""
 
 
 @dataclass
@@ -80,7 +76,7 @@ class Service:
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-        ], exception_handlers={ApiError: self._api_error, HTTPException: self._http_error, TooLarge: self._too_large,
+        ], exception_handlers={ApiError: self._api_error, HTTPException: self._http_error, BodyTooLarge: self._too_large,
                                NotFoundError: self._not_found, LoraqError: self._unavailable, Exception: self._bug})
 
     # Every refusal in OpenAI's shape, whatever raised it.
@@ -152,7 +148,7 @@ class Service:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise TooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         try:
@@ -194,7 +190,7 @@ class Service:
             raise bad_request("an upload is multipart/form-data with 'file' and 'purpose'", "file", "invalid_request")
         try:
             form = await request.form(max_files=1, max_fields=8)
-        except TooLarge:
+        except BodyTooLarge:
             raise
         except Exception as exc:  # the multipart parser's refusals
             raise bad_request(f"cannot read the upload: {excerpt(str(exc), 200)}", "file", "invalid_request") from None
@@ -385,7 +381,7 @@ class Service:
         job = GenRequest(base=base, adapter=adapter, adapter_name=adapter_name, emit=emit, stream=stream, **options)
         try:
             self.generator.submit(job)
-        except Busy:
+        except GeneratorBusy:
             raise ApiError(429, "too many generation requests are waiting; try again shortly", None,
                            "rate_limit_exceeded", "requests") from None
         if not stream:

@@ -6,25 +6,11 @@ Every refusal of the /v1 API is one of these, as the official client parses it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from ..errors import ApiError
+
+__all__ = ["ApiError", "bad_request", "not_found", "too_large", "unauthorized"]
 
 INVALID = "invalid_request_error"
-
-
-@dataclass
-class ApiError(Exception):
-    status: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-    type: str = INVALID
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import GeneratorBusy
+
 MAX_ADAPTERS = 8
 _DONE = object()
 
@@ -49,10 +51,6 @@ class Finished:
     completion_tokens: int
 
 
-class Busy(Exception):
-    """The queue of waiting requests is full."""
-
-
 class Generator:
     def __init__(self, max_waiting: int = 16) -> None:
         self.requests: queue.Queue[Request | None] = queue.Queue(maxsize=max_waiting)
@@ -71,7 +69,7 @@ class Generator:
         try:
             self.requests.put_nowait(request)
         except queue.Full:
-            raise Busy() from None
+            raise GeneratorBusy() from None
 
     def stop(self) -> None:
         if self._thread is not None:
