@@ -26,7 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(["CorruptStoreError", "DataError", "ExportError", "FailureKind", "InspectionError", "LeaseLost",
                      "LoraqError", "NotFoundError", "NotInCache", "PathError", "Problem", "ProblemsError", "ProtocolError",
                      "PublishConflict", "RegexTimeout", "SpecError", "StoreError", "StoreFaultError", "TemplateError",
-                     "TemplateBudgetError", "ApiError", "BodyTooLarge", "GeneratorBusy", "NotInCache",
+                     "TemplateBudgetError", "ApiError", "BodyTooLarge", "GeneratorBusy",
                      "TrainerStartError", "TrainingError", "TransitionError", "UsageError", "YamlProblem"], ".errors"),
     "Home": ".workspace",
 }
