@@ -8,7 +8,7 @@ and says what is wrong in findings a person can act on:
 
 1. the folder: not empty; files regular and inside it; pickles refused, never opened;
 2. ``adapter_config.json``: a LoRA config with sane values;
-3. ``adapter_model.safetensors``: the header, read by loraq with bounds (``_safetensors``);
+3. ``adapter_model.safetensors``: the header, read by loraq with bounds (:mod:`.safetensors`);
 4. the LoRA structure: A and B per module, shapes and ranks against the config,
    modules against ``target_modules`` (matched the way PEFT matches them);
 5. the values, read once: finite, and ``lora_B`` not all zero;
@@ -19,7 +19,7 @@ and says what is wrong in findings a person can act on:
    decide passing; a queue's ``serving: [...]`` makes them a gate at publish.
 
 Steps 1-5 use numpy only (the supervisor never imports torch); 6-7 import torch
-lazily, in ``_inspect_base``.
+lazily, in :func:`.on_base.inspect_on_base`.
 
 Finding codes (severity):
 
