@@ -334,7 +334,7 @@ class Worker:
         now = self.clock()
         self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir, started=now,
                                        last_heartbeat=now, last_seen=now)
-        slot.hot_base = job.base_key
+        slot.take(job.id, job.base_key)
         self.executor.submit(slot, request)
         self.observer("claimed", {"name": job.name, "job_id": job.id, "attempt": claim.attempt, "slot": slot.name,
                                   "resume_step": resume.step if resume else None})
@@ -440,14 +440,11 @@ class Worker:
             self._lost(run)
 
     def _after_job(self, slot: Slot, event: Final) -> None:
-        slot.job_id = None
-        slot.jobs_done += 1
+        slot.job_ended(event.memory.rss_mb if event.memory is not None else None)
         if event.memory is None:
             return
         rss = event.memory.rss_mb
-        if slot.baseline_rss_mb is None:
-            slot.baseline_rss_mb = rss
-        elif rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
+        if slot.baseline_rss_mb is not None and rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
             self.observer("recycled", {"slot": slot.name, "rss_mb": rss, "baseline_mb": slot.baseline_rss_mb})
             self.executor.recycle(slot)
 
@@ -493,7 +490,7 @@ class Worker:
 
     def _trainer_died(self, slot: Slot, event: Exited) -> None:
         run = next((r for r in self.running.values() if r.slot is slot), None)
-        slot.job_id = None
+        slot.trainer_died(was_ready=event.was_ready)
         if run is not None:
             self._release(run)
             if self._signals >= 2 or run.stopping is StopReason.AT_ONCE:
@@ -506,13 +503,11 @@ class Worker:
                 pass  # cancelled or lease lost: the store already says what happened
             else:  # it died on its own, or while stopping gracefully
                 self._fail(run.claim, kind=FailureKind.DIED, reason=event.reason)
-        if not event.was_ready:
-            slot.failed_starts += 1
-            if slot.failed_starts >= MAX_FAILED_STARTS:
-                raise TrainerStartError(
-                    f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
-                    f"({event.reason}); see {event.log}"
-                )
+        if not event.was_ready and slot.failed_starts >= MAX_FAILED_STARTS:
+            raise TrainerStartError(
+                f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
+                f"({event.reason}); see {event.log}"
+            )
         if self._signals == 0:
             self.executor.start()  # replace the dead trainer
 
