@@ -381,15 +381,14 @@ def inspect_adapter(folder: str | Path, *, home: Home, allow_roots: Iterable[str
     :class:`~loraq.errors.InspectionError`.
     """
     from . import inspect as inspector
-    from .errors import InspectionError, PathError
+    from .errors import InspectionError
+    from .sandbox import path_errors_as
 
     named: list[str | Path] = [folder, *([data] if data else [])]
     if base is not None and (base.startswith((".", "/", "~")) or _path_exists(base)):
         named.append(base)
-    try:
+    with path_errors_as(InspectionError):
         roots = home.roots(extra=allow_roots).with_read(*named)
-    except PathError as exc:
-        raise InspectionError(str(exc)) from None
     return inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
                                      min_eval_loss_drop=min_eval_loss_drop)
 
@@ -592,14 +591,13 @@ def _export_base(folder: Path, base: str | None, manifest: dict[str, Any], roots
 
 def _export_data(data: str | Path | None, manifest: dict[str, Any], roots: Any) -> tuple[Path | None, str | None]:
     """Eval rows for the merged model's check: ``data``, else the adapter's own dataset when it can be read."""
-    from .errors import ExportError, PathError
+    from .errors import ExportError
+    from .sandbox import path_errors_as
 
     if data is not None:
         path = Path(data).expanduser()
-        try:
+        with path_errors_as(ExportError):
             roots.check_read(path, what="--data")
-        except PathError as exc:
-            raise ExportError(str(exc)) from None
         if not path.is_file():
             raise ExportError(f"--data {data}: no such file")
         return path, None

@@ -91,7 +91,7 @@ from typing import Any
 from ..data import templates
 from ..errors import InspectionError, PathError, RegexTimeout, TemplateError
 from ..escape import printable
-from ..sandbox import Roots, fd_path, is_pickle
+from ..sandbox import Roots, fd_path, is_pickle, path_errors_as
 from . import safetensors as st
 from . import serving
 from .lora_config import LoraSettings, parse_config, regex_budget
@@ -117,10 +117,8 @@ MAX_FILES = 10_000
 def _resolve(folder: str | Path, roots: Roots | None) -> Path:
     path = Path(folder).expanduser()
     if roots is not None:
-        try:
+        with path_errors_as(InspectionError):
             roots.check_read(path, what="adapter folder")
-        except PathError as exc:
-            raise InspectionError(str(exc)) from None
     try:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError, ValueError):
