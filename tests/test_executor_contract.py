@@ -1,10 +1,11 @@
 """One contract, every executor: what the worker relies on holds for local processes and Ray actors alike.
 
-Each test runs against both executors ("local": a trainer process per device;
-"ray": a Ray actor per device, on one Ray instance shared by this module). The
-worker, the store and the files on disk must not be able to tell them apart:
-a queue completes, a cancelled job stops, a trainer killed mid-job is retried and
-resumes from its checkpoint, and the results have the same shape.
+Each test runs against every executor ("scripted": stand-in trainers that do not
+train, tests/scripted_trainers.py, on the fast tier; "local": a trainer process per
+device, and "ray": a Ray actor per device on one Ray instance shared by this module,
+both on the slow tier). The worker, the store and the files on disk must not be able
+to tell them apart: a queue completes, a cancelled job stops, a trainer killed
+mid-job is retried and resumes from its checkpoint, and the results have the same shape.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from typing import Any
 
 import pytest
 
+import scripted_trainers
 from conftest import THREE_JOBS, TINY_DEFAULTS, write_queue
 from loraq import api, checkpoints
 from loraq.queue.store import WorkerId
 from loraq.supervisor.worker import RunSummary, Worker, WorkerConfig
 from loraq.workspace import Home
 
-pytestmark = pytest.mark.slow
+KINDS = ["scripted", pytest.param("local", marks=pytest.mark.slow),
+         pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.ray])]
 
-KINDS = ["local", pytest.param("ray", marks=pytest.mark.ray)]
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Any:
@@ -52,8 +54,10 @@ Observer = Callable[[str, dict[str, Any]], None]
 def run_queue(kind: str, home: Home, *, devices: str = "cpu", observer: Observer | None = None,
               on_executor: Callable[[Any], None] | None = None) -> RunSummary:
     """Work the queue with a worker on ``kind``'s executor (what `loraq run --executor KIND` does)."""
-    options = api.RunOptions(executor=kind, devices=devices)
-    executor = api.make_executor(home, options)
+    if kind == "scripted":
+        executor: Any = scripted_trainers.make(devices, home)
+    else:
+        executor = api.make_executor(home, api.RunOptions(executor=kind, devices=devices))
     if on_executor:
         on_executor(executor)
     config = WorkerConfig(heartbeat_s=0.5, poll_s=0.05)
@@ -122,6 +126,7 @@ def test_a_queue_completes(kind: str, finished: Callable[[str], Home]) -> None:
     assert not list(home.jobs_dir.glob("*/attempt-*/staging"))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_results_are_identical_in_shape(finished: Callable[[str], Home], request: pytest.FixtureRequest) -> None:
     pytest.importorskip("ray")
