@@ -55,8 +55,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "export": {"errors", "escape", "fsutil", "inspect", "data", "sandbox"},
     # submit's steps beyond the schema (warm starts, auto values, sweeps' identity, clones): torch-free
     "submitting": {"errors", "fsutil", "inspect", "queue", "sandbox", "workspace"},
+    # sandbox: a path named on the command line and refused becomes the command's error (path_errors_as)
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
-            "submitting", "views"},
+            "submitting", "views", "sandbox"},
     "loraq": {"api", "errors", "workspace"},
     # service: the OpenAI-style /v1 API over the api (jobs through api.submit_document), its keys and files;
     # data: an upload is checked by the reader submit uses; checkpoints: a job's checkpoint folders.
