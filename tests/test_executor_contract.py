@@ -251,3 +251,21 @@ jobs:
     assert [a.error_kind for a in attempts] == ["lost", None] and attempts[1].outcome == "completed"
     manifest = json.loads((home.adapter_dir("fenced") / "loraq-manifest.json").read_text())
     assert (manifest["attempt"], manifest["epoch"]) == (2, attempts[1].epoch)  # published by the new owner only
+
+
+# ---------------------------------------------------------------- the stand-in keeps the protocol
+
+
+def test_the_scripted_trainers_keep_the_executor_protocol() -> None:
+    """The fast tier's stand-in answers every call the worker makes, with the parameters the real executors take."""
+    import inspect
+
+    from loraq.executors.base import Executor
+    from loraq.executors.local import LocalExecutor
+
+    for name in ("start", "submit", "poll", "stop_job", "kill", "recycle", "shutdown"):
+        want = [(p.name, p.kind) for p in inspect.signature(getattr(Executor, name)).parameters.values()]
+        for executor in (scripted_trainers.ScriptedTrainers, LocalExecutor):
+            got = [(p.name, p.kind) for p in inspect.signature(getattr(executor, name)).parameters.values()]
+            assert got[: len(want)] == want, (executor.__name__, name)
+    assert isinstance(scripted_trainers.ScriptedTrainers([], log_dir=Path(".")).slots, list)
