@@ -22,17 +22,10 @@ The service takes a :class:`~loraq.protocol.TrainRequest` and reports through an
 loraq.train`` serves it over two pipes as JSON lines (:mod:`.pipe`, the local
 executor); a Ray actor wraps the same service (the Ray executor).
 
-Tests only: with ``LORAQ_TEST_BUG_TRIGGER`` set, a job whose dataset holds that
-text raises an exception loraq does not recognise while preparing its data, as a
-bug of ours would (:func:`_injected_bug`); the error-classification tests use it
-to drive a real trainer into an ``internal`` failure. With ``LORAQ_TEST_FAULT``
-set as well, such a job raises that fault instead, during training at the step it
-names (the real out-of-memory errors of CUDA and of the CPU allocator: see
-:class:`.controls.Fault`); the OOM back-off tests use it.
-
 The training controls (LoRA variants, warm starts, early stopping and the best
 checkpoint, the OOM back-off, QLoRA's quantised base) live in :mod:`.controls`;
-``_train`` calls them at the few places they act.
+``_train`` calls them at the few places they act. The tests' fault hooks (a bug
+injected into a job, an out-of-memory error at a chosen step) live in :mod:`.faults`.
 """
 
 from __future__ import annotations
@@ -40,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
 import os
 import sys
@@ -85,12 +77,9 @@ from ..protocol import (
 )
 from ..queue.spec import JobSpec
 from ..sandbox import Roots
-from . import controls, layout, tracking
+from . import controls, faults, layout, tracking
 
 Emit = Callable[[Event], None]
-
-#: Tests only (see the module docstring): the text that makes a job's data trigger a bug.
-BUG_TRIGGER_ENV = "LORAQ_TEST_BUG_TRIGGER"
 
 
 def versions() -> dict[str, str]:
@@ -110,7 +99,7 @@ class Prepared:
     n_eval: int
     truncated: int
     train_tokens: int
-    fault: controls.Fault | None = None  # tests only: see the module docstring
+    fault: faults.Fault | None = None  # tests only: see train/faults.py
     prompts: list[data.Prompt] = field(default_factory=list)  # eval prompts answered for exact_match and samples
     base_answers: list[str] = field(default_factory=list)  # the base's answers to them, before training
 
@@ -131,18 +120,6 @@ def read_roots(request: TrainRequest) -> Roots:
 def _expected(size: int | None, sha256: str | None) -> tuple[int | None, str] | None:
     """``(bytes, sha256)`` of a dataset as submitted: every row was checked then; a changed file was not."""
     return (size, sha256) if sha256 else None
-
-
-def _injected_bug(rows: list[dict[str, Any]]) -> controls.Fault | None:
-    """Tests only: raise what a bug would, for a job whose data holds ``$LORAQ_TEST_BUG_TRIGGER``;
-    with ``$LORAQ_TEST_FAULT``, return the fault that job meets in training instead."""
-    trigger = os.environ.get(BUG_TRIGGER_ENV)
-    if trigger and any(trigger in json.dumps(row) for row in rows):
-        fault = controls.Fault.from_env()
-        if fault is not None:
-            return fault
-        raise RuntimeError(f"injected bug: a row holds {trigger!r}")
-    return None
 
 
 def _same_encoding_as_submit(job: JobInput, spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any) -> None:
@@ -175,7 +152,7 @@ def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepar
     dataset = data.load_dataset(job.dataset_path, spec.dataset.format, roots=roots,
                                 expect=_expected(job.dataset_bytes, job.dataset_sha256))
     rows = dataset.rows
-    fault = _injected_bug(rows)
+    fault = faults.injected_bug(rows)
     if job.eval_dataset_path:
         eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format, roots=roots,
                                      expect=_expected(job.eval_dataset_bytes, job.eval_dataset_sha256))
@@ -530,7 +507,7 @@ class TrainerService:
                 resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
             extra = [keeper.callback()] if keeper is not None else []
             if prepared.fault is not None:
-                extra.append(controls.FaultCallback(prepared.fault, batching).callback())
+                extra.append(faults.FaultCallback(prepared.fault, batching).callback())
             trainer = layout.trainer_class(Trainer)(
                 model=model, args=args, train_dataset=batches.train(prepared, batching, spec.training.seed),
                 eval_dataset=batches.eval, data_collator=batches.collator,
