@@ -24,8 +24,10 @@ executor); a Ray actor wraps the same service (the Ray executor).
 
 The training controls (LoRA variants, warm starts, early stopping and the best
 checkpoint, the OOM back-off, QLoRA's quantised base) live in :mod:`.controls`;
-``_train`` calls them at the few places they act. The tests' fault hooks (a bug
-injected into a job, an out-of-memory error at a chosen step) live in :mod:`.faults`.
+``_train`` calls them at the few places they act. A job's data is made ready in
+:mod:`.prepare`, and the answers of base and adapter are scored in :mod:`.quality`.
+The tests' fault hooks (a bug injected into a job, an out-of-memory error at a
+chosen step) live in :mod:`.faults`.
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoints, data, fsutil
-from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, classify, describe, raised_at
-from ..model import graders, judge
+from .. import checkpoints, fsutil
+from ..errors import DataError, FailureKind, TrainingError, classify, describe, raised_at
 from ..model.base import (
     BaseCache,
     BaseKey,
@@ -56,8 +57,7 @@ from ..model.base import (
     reset_peak_memory,
     resolve_dtype,
 )
-from ..model.batching import ListDataset
-from ..model.evaluation import EXACT_MATCH_MAX_ROWS, evaluate_loss, exact_match, generate_answers, samples
+from ..model.evaluation import evaluate_loss
 from ..protocol import (
     Aborted,
     CheckpointSaved,
@@ -66,7 +66,6 @@ from ..protocol import (
     Failed,
     Final,
     Heartbeat,
-    JobInput,
     Memory,
     OomAdjusted,
     Progress,
@@ -76,8 +75,8 @@ from ..protocol import (
     TrainResult,
 )
 from ..queue.spec import JobSpec
-from ..sandbox import Roots
-from . import controls, faults, layout, tracking
+from . import controls, faults, layout, quality, tracking
+from .prepare import Prepared, prepare, read_roots
 
 Emit = Callable[[Event], None]
 
@@ -91,153 +90,10 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-@dataclass(frozen=True)
-class Prepared:
-    train: ListDataset
-    eval: ListDataset
-    n_train: int
-    n_eval: int
-    truncated: int
-    train_tokens: int
-    fault: faults.Fault | None = None  # tests only: see train/faults.py
-    prompts: list[data.Prompt] = field(default_factory=list)  # eval prompts answered for exact_match and samples
-    base_answers: list[str] = field(default_factory=list)  # the base's answers to them, before training
-
-
-def read_roots(request: TrainRequest) -> Roots:
-    """The roots the job's files were checked against at submit; the trainer opens each file inside them again.
-
-    A request made by an older worker carries none: the folders of its own files then.
-    """
-    job = request.job
-    roots = list(request.read_roots)
-    if not roots:
-        roots = [str(Path(p).parent) for p in (job.dataset_path, job.eval_dataset_path) if p]
-        roots += [job.base_model] if Path(job.base_model).is_absolute() else []
-    return Roots.of(roots)
-
-
-def _expected(size: int | None, sha256: str | None) -> tuple[int | None, str] | None:
-    """``(bytes, sha256)`` of a dataset as submitted: every row was checked then; a changed file was not."""
-    return (size, sha256) if sha256 else None
-
-
-def _same_encoding_as_submit(job: JobInput, spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any) -> None:
-    """Submit counted tokens torch-free (data/tokenizer.py); what trains is transformers' encoding. A sample of
-    the rows must encode the same both ways, or the submit-time checks and step estimates do not hold."""
-    if job.submit_tokenizer != "tokenizers":
-        return
-    from ..data import tokenizer as light
-
-    # the checked folder transformers loaded from (sandbox.model_folder), never the name looked up again
-    name = getattr(tokenizer, "name_or_path", "")
-    folder = Path(name) if name else None
-    if light.disabled() or folder is None or not (folder / "tokenizer.json").is_file():
-        return  # the base's tokenizer.json is gone from where submit read it: nothing to compare with
-    mismatch = light.check_against(tokenizer, light.cached(folder), rows, fmt, spec.training.max_seq_len,
-                                   job.chat_template_text)
-    if mismatch:
-        raise TrainingError(
-            f"base model {job.base_model}: the tokenizer encodes otherwise at submit (tokenizer.json through the "
-            f"tokenizers library, without transformers) than in training (transformers): {mismatch}. The token "
-            f"checks and step estimates of submit do not hold for this tokenizer: submit the job again with "
-            f"{light.SUBMIT_TOKENIZER_ENV}=transformers", kind=FailureKind.BASE_MODEL)
-
-
-def prepare(job: JobInput, tokenizer: Any, roots: Roots | None = None) -> Prepared:
-    spec = JobSpec.model_validate(job.spec)
-    # Opened on a descriptor checked to be the regular file inside the roots, and refused
-    # unread if its size or digest is not what was submitted: nothing of a file swapped in
-    # after submit (a symlink to a secret, /dev/zero, a FIFO) is read or quoted.
-    dataset = data.load_dataset(job.dataset_path, spec.dataset.format, roots=roots,
-                                expect=_expected(job.dataset_bytes, job.dataset_sha256))
-    rows = dataset.rows
-    fault = faults.injected_bug(rows)
-    if job.eval_dataset_path:
-        eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format, roots=roots,
-                                     expect=_expected(job.eval_dataset_bytes, job.eval_dataset_sha256))
-        train_rows, eval_rows = rows, eval_set.rows
-    else:
-        data.check_split(dataset.path, len(rows), spec.validation.split)
-        train_idx, eval_idx = data.split_indices(len(rows), spec.validation.split, spec.training.seed)
-        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
-
-    def encode_all(subset: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], int]:
-        try:  # one batched render and tokenise for all rows (the tokenizer's Rust batch path)
-            encoded = data.encode_many(subset, dataset.format, tokenizer, spec.training.max_seq_len,
-                                       job.chat_template_text)
-        except TemplateBudgetError as exc:  # the template ran away (data/budget.py): it, not the data, is named
-            named = (f"chat_template {spec.chat_template!r}" if spec.chat_template is not None
-                     else f"base model {job.base_model}: its chat template")
-            raise TrainingError(str(exc).replace("the chat template", named, 1), kind=FailureKind.SPEC) from exc
-        except data.TemplateError as exc:
-            raise TrainingError(f"{dataset.path}: {exc}", kind=FailureKind.DATA) from exc
-        items = [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded if enc.trainable]
-        return items, sum(enc.truncated for enc in encoded)
-
-    train_items, truncated = encode_all(train_rows)
-    eval_items, _ = encode_all(eval_rows)
-    _same_encoding_as_submit(job, spec, train_rows + eval_rows, dataset.format, tokenizer)
-    if not train_items or not eval_items:
-        raise TrainingError(f"{dataset.path}: no row keeps a trainable token after truncation to "
-                            f"max_seq_len {spec.training.max_seq_len}", kind=FailureKind.DATA)
-    return Prepared(
-        train=ListDataset(train_items), eval=ListDataset(eval_items), n_train=len(train_items),
-        n_eval=len(eval_items), truncated=truncated, fault=fault,
-        prompts=_eval_prompts(spec, eval_rows, dataset.format, tokenizer, job.chat_template_text),
-        train_tokens=sum(sum(1 for label in item["labels"] if label != data.IGNORE_INDEX) for item in train_items),
-    )
-
-
-def _eval_prompts(spec: JobSpec, rows: list[dict[str, Any]], fmt: str, tokenizer: Any,
-                  chat_template: str | None) -> list[data.Prompt]:
-    """The eval rows whose prompts base and adapter answer: all (up to a cap) for exact_match, else the samples."""
-    wanted = EXACT_MATCH_MAX_ROWS if spec.validation.measured else spec.validation.samples
-    if fmt == "text" or not wanted:
-        return []
-    return [p for p in data.prompts_of(rows[:wanted], fmt, tokenizer, chat_template) if isinstance(p, data.Prompt)]
-
-
-def _answers(model: Any, tokenizer: Any, spec: JobSpec, prompts: list[data.Prompt]) -> list[str]:
-    return generate_answers(model, tokenizer, prompts, max_seq_len=spec.training.max_seq_len)
-
-
-def _quality(spec: JobSpec, prompts: list[data.Prompt], base: list[str], adapter: list[str],
-             log: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """``TrainResult.metrics`` (``<metric>`` and ``base_<metric>`` for each of ``validation.metrics``, and
-    ``judge``) and the extras (``samples``, the rows answered, what the judge said)."""
-    metrics: dict[str, float] = {}
-    extras: dict[str, Any] = {}
-    validation = spec.validation
-    if validation.metrics and prompts:
-        if "exact_match" in validation.metrics:
-            metrics = {"exact_match": exact_match(adapter, prompts), "base_exact_match": exact_match(base, prompts)}
-        graded = [m for m in validation.metrics if m != "exact_match"]
-        checks = graders.Checks(contains=validation.contains, regex=validation.regex)
-        references = [p.reference for p in prompts]
-        ours, theirs = (graders.grade_all(graded, answers, references, checks) for answers in (adapter, base))
-        metrics |= ours | {f"base_{name}": value for name, value in theirs.items()}
-        extras["exact_match_rows"] = len(prompts)  # the eval prompts every metric was measured on
-        if unmeasured := [m for m in graded if m not in ours]:
-            extras["unmeasured"] = unmeasured
-    if validation.judge is not None and prompts:
-        settings = judge.JudgeSettings(**validation.judge.model_dump())
-        texts, references = [p.text for p in prompts], [p.reference for p in prompts]
-        ours_j, theirs_j = (judge.judge(settings, texts, references, answers) for answers in (adapter, base))
-        if ours_j.score is not None and theirs_j.score is not None:
-            metrics |= {"judge": ours_j.score, "base_judge": theirs_j.score}
-        extras["judge"] = {"model": settings.model, "rows": ours_j.rows,
-                           "errors": (ours_j.errors + theirs_j.errors)[:5]}
-        if log is not None and (ours_j.errors or theirs_j.errors):
-            log(f"judge {settings.endpoint}: not measured ({(ours_j.errors + theirs_j.errors)[0]})")
-    shown = samples(prompts, base, adapter, validation.samples)
-    return metrics, extras | ({"samples": shown} if shown else {})
-
-
 # ---------------------------------------------------------------- training
 
 
-class _Abort(Exception):  # noqa: N818 - control flow, not an error: it never leaves this module
+class _Abort(Exception):
     """Raised inside training when the job must end at once (cancel)."""
 
 
@@ -406,7 +262,7 @@ class TrainerService:
             )
         timings["base_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prepared.base_answers[:] = _answers(resident.model, resident.tokenizer, spec, prepared.prompts)
+        prepared.base_answers[:] = quality.answer(resident.model, resident.tokenizer, spec, prepared.prompts)
         timings["base_generate_s"] = time.perf_counter() - t0
         resume = request.resume_from
         emit(Started(max_steps=steps, base_reused=reused, base_eval_loss=base_eval, resume_from=resume,
@@ -500,7 +356,7 @@ class TrainerService:
                 dataloader_pin_memory=False,
             )
             early = spec.validation.early_stopping
-            keeper = (controls.EarlyStopping(early, model, resume, log, _stopping_measure(spec, model, resident.tokenizer,
+            keeper = (controls.EarlyStopping(early, model, resume, log, quality.stopping_measure(spec, model, resident.tokenizer,
                                                                                             prepared.prompts))
                       if early is not None else None)
             if resume is not None:  # loraq's batch settings win over the ones the checkpoint was saved with
@@ -584,8 +440,8 @@ class TrainerService:
         timings["save_eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         assert self.cache.resident is not None  # the base this job trained on
-        answers = _answers(model, self.cache.resident.tokenizer, spec, prepared.prompts)
-        metrics, shown = _quality(spec, prepared.prompts, prepared.base_answers, answers, log)
+        answers = quality.answer(model, self.cache.resident.tokenizer, spec, prepared.prompts)
+        metrics, shown = quality.quality(spec, prepared.prompts, prepared.base_answers, answers, log)
         extras |= shown
         timings["generate_s"] = time.perf_counter() - t0
         self.tracking.log({"eval_loss": eval_loss, "base_eval_loss": base_eval, **metrics}, step)
@@ -633,28 +489,6 @@ def _published_eval_loss(stopping: dict[str, Any] | None, evaluated: dict[int, f
     if stopping is not None:
         return evaluated.get(int(stopping.get("published_step", step)))
     return evaluated.get(step)
-
-
-#: Eval prompts answered at each evaluation when early stopping watches a grader (the first ones).
-STOPPING_ROWS = 64
-
-
-def _stopping_measure(spec: JobSpec, model: Any, tokenizer: Any,
-                      prompts: list[data.Prompt]) -> controls.Measure | None:
-    """What early stopping measures at each evaluation when it watches a grader, not the eval loss."""
-    early = spec.validation.early_stopping
-    if early is None or early.metric == "eval_loss" or not prompts:
-        return None
-    chosen = prompts[:STOPPING_ROWS]
-    checks = graders.Checks(contains=spec.validation.contains, regex=spec.validation.regex)
-
-    def measure() -> float:
-        answers = _answers(model, tokenizer, spec, chosen)
-        if early.metric == "exact_match":
-            return exact_match(answers, chosen)
-        return graders.grade(early.metric, answers, [p.reference for p in chosen], checks)
-
-    return measure
 
 
 def _torch_threads() -> int:
