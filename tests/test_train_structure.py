@@ -1,4 +1,4 @@
-"""The trainer's code keeps its shape: per-job state on an object, and docstrings that name what exists.
+"""The trainer's code keeps its shape: per-job state on an object, its modules layered, docstrings that name what exists.
 
 Read with ``ast``, nothing imported: a function of many parameters is state that wants an
 object (STYLE.md rule 13; issue 21: ``_attempt`` took 15 and ``_finish`` 20 before
@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+
+from test_imports import import_graph
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loraq"
 TRAIN = PACKAGE / "train"
@@ -112,3 +114,30 @@ def test_the_docstring_reader_finds_a_stale_name() -> None:
     assert resolves("~loraq.model.base.BaseCache", "loraq.train.service") and resolves(".controls.Batching", "x")
     assert not resolves("_injected_bug", "loraq.train.service") and not resolves(".nowhere", "loraq.train.service")
     assert not resolves("JobRun._gone", "loraq.train.job")
+
+
+#: Inside train/, who may import whom: the process (pipe, service) runs a job (job), which uses the parts;
+#: a part never reaches back up to the job or the process (tests/test_imports.py holds the packages).
+TRAIN_MAY_IMPORT: dict[str, set[str]] = {
+    "__main__": {"pipe"},
+    "pipe": {"service"},
+    "service": {"job"},
+    "job": {"controls", "faults", "layout", "prepare", "quality", "tracking"},
+    "prepare": {"faults"},  # the injected bug is found in the job's rows
+    "quality": {"controls"},  # early stopping's Measure
+    "faults": {"controls"},  # the injected out-of-memory error follows the Batching
+    "layout": {"memory"},
+    "controls": set(),
+    "memory": set(),
+    "tracking": set(),
+    "": set(),  # train/__init__.py
+}
+
+
+def test_the_trainer_modules_import_downwards_only() -> None:
+    graph = {m.removeprefix("loraq.train").lstrip("."): {t.removeprefix("loraq.train.") for t in targets
+                                                        if t.startswith("loraq.train.")}
+             for m, targets in import_graph().items() if m == "loraq.train" or m.startswith("loraq.train.")}
+    assert set(graph) == set(TRAIN_MAY_IMPORT), f"add to TRAIN_MAY_IMPORT: {sorted(set(graph) - set(TRAIN_MAY_IMPORT))}"
+    wrong = sorted(f"train.{m} imports train.{t}" for m, targets in graph.items() for t in targets - TRAIN_MAY_IMPORT[m])
+    assert not wrong, wrong
