@@ -64,7 +64,7 @@ def eval_loss_on_plain_base(base: Path, adapter: Path, job) -> float:
     from loraq.model.batching import Collator
     from loraq.model.evaluation import evaluate_loss
     from loraq.protocol import JobInput
-    from loraq.train.service import prepare
+    from loraq.train.prepare import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:

@@ -21,7 +21,7 @@ from loraq.model.batching import Collator
 from loraq.model.evaluation import evaluate_loss
 from loraq.protocol import JobInput
 from loraq.queue.store import Job, Store
-from loraq.train.service import prepare
+from loraq.train.prepare import prepare
 from loraq.workspace import Home
 
 pytestmark = pytest.mark.slow
