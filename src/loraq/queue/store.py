@@ -41,7 +41,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile, dependencies, halving
+from . import dbfile, dependencies, halving, rounds
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -49,6 +49,8 @@ from .records import (  # the records and states are importable from the store, 
     CANCELLED,
     COMPLETED,
     FAILED,
+    HALVING_KIND,
+    JOB_SELECT,
     OUTCOME_CANCELLED,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
@@ -56,9 +58,13 @@ from .records import (  # the records and states are importable from the store, 
     OUTCOME_ROUND,
     OUTCOME_STOPPED,
     PENDING,
+    PRUNED,
+    RETRIED,
     RUNNING,
     STATES,
+    TRAINING,
     TRANSITIONS,
+    WAITING,
     Attempt,
     Claim,
     Event,
@@ -69,6 +75,9 @@ from .records import (  # the records and states are importable from the store, 
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: An SQL condition on ``jobs``: a pending job may be claimed (its dependencies completed, its round not waiting).
+READY = f"{dependencies.READY} AND {rounds.NOT_WAITING}"
 
 #: How long a store waits on another process's lock. Read where it is used (opening a
 #: connection, wording a "busy" error), so lowering it here takes effect everywhere.
@@ -406,6 +415,9 @@ class Store:
                 )
                 job_id = int(cursor.lastrowid or 0)
                 ids.append(job_id)
+                plan = job.spec.get("halving")
+                if isinstance(plan, dict) and (sweep := plan.get("sweep") or (job.spec.get("spec") or {}).get("group")):
+                    rounds.enroll(conn, job_id, str(sweep))
                 self._event(conn, job_id, None, PENDING, "submitted")
             dependencies.record(conn, [(job.name, job.after) for job in jobs], ids)
             for key, value in (settings or {}).items():
@@ -431,7 +443,7 @@ class Store:
             # sorted every pending job on every claim: 20 ms a claim at 10,000 pending.
             top = conn.execute(
                 "SELECT priority FROM jobs WHERE status = 'pending' AND not_before <= ? "
-                f"AND {dependencies.READY} ORDER BY priority DESC LIMIT 1",
+                f"AND {READY} ORDER BY priority DESC LIMIT 1",
                 (now,),
             ).fetchone()
             if top is None:
@@ -440,13 +452,13 @@ class Store:
             if prefer_base is not None:
                 row = conn.execute(
                     f"""SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND base_key = ? AND not_before <= ?
-                       AND {dependencies.READY} ORDER BY id LIMIT 1""",
+                       AND {READY} ORDER BY id LIMIT 1""",
                     (top["priority"], prefer_base, now),
                 ).fetchone()
             if row is None:
                 row = conn.execute(
                     "SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND not_before <= ? "
-                    f"AND {dependencies.READY} ORDER BY id LIMIT 1",
+                    f"AND {READY} ORDER BY id LIMIT 1",
                     (top["priority"], now),
                 ).fetchone()
             job_id = int(row["id"])
@@ -458,7 +470,7 @@ class Store:
                       "started_at": _raw(f"COALESCE(started_at, {now!r})"), "error": None, "error_kind": None},
                 actor=str(worker),
             )
-            job = Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = self._read(conn, job_id)
             conn.execute(
                 "INSERT INTO attempts (job_id, n, epoch, worker, started_at) VALUES (?, ?, ?, ?, ?)",
                 (job_id, n, job.epoch, str(worker), now),
@@ -552,22 +564,32 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return False
-            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
-            stored.setdefault("spec", {}).setdefault("training", {}).update(after)
-            stored["oom_adjustments"] = [*(stored.get("oom_adjustments") or []), record]
-            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
-                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            def adjusted(stored: dict[str, Any]) -> None:
+                stored.setdefault("spec", {}).setdefault("training", {}).update(after)
+                stored["oom_adjustments"] = [*(stored.get("oom_adjustments") or []), record]
+
+            self._rewrite_spec(conn, job_id, adjusted)
             self._event(conn, job_id, RUNNING, RUNNING, f"oom_adjusted: {reason}")
         return True
 
-    # ---------------------------------------------------------------- successive halving (queue/halving.py)
+    # ---------------------------------------------------------------- successive halving (queue/halving.py, rounds.py)
 
-    def _stored(self, conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
-        return dict(json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"]))
+    def _read(self, conn: sqlite3.Connection, job_id: int) -> Job:
+        row = conn.execute(f"{JOB_SELECT} WHERE jobs.id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        return Job.from_row(row)
 
-    def _put_stored(self, conn: sqlite3.Connection, job_id: int, stored: dict[str, Any], **sets: Any) -> None:
-        clause, values = _assign({"spec": json.dumps(stored, sort_keys=True), "updated_at": self.clock(), **sets})
-        conn.execute(f"UPDATE jobs SET {clause} WHERE id = ?", [*values, job_id])
+    def _rewrite_spec(self, conn: sqlite3.Connection, job_id: int, change: Callable[[dict[str, Any]], None]) -> None:
+        """Change the stored job's JSON (the settings the trainer runs: a round's steps, an OOM back-off)."""
+        stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
+        change(stored)
+        conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                     (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+
+    def _set_max_steps(self, conn: sqlite3.Connection, job_id: int, steps: int) -> None:
+        self._rewrite_spec(conn, job_id, lambda s: s.setdefault("spec", {}).setdefault("training", {}).update(
+            max_steps=steps))
 
     @_guarded
     def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
@@ -580,116 +602,107 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return False
-            stored = self._stored(conn, job_id)
-            plan = stored["halving"]
-            k, rounds = int(plan["round"]), len(plan["steps"])
+            member = self._read(conn, job_id).halving
+            if member is None:
+                raise TransitionError(f"job {job_id} is in no halving round")
+            k, rounds_n = member.round, member.plan.rounds
             loss = eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None
-            if self._state(conn, _round_key(stored, k)) is not None:  # decided without it (it was retried late)
-                why = f"halving: round {k} of {rounds} was decided while this job was not in it; not kept"
-                plan.update(state=halving.PRUNED, why=why)
+            ended = {"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None}
+            if rounds.is_decided(conn, member.sweep, k):  # decided without it (it was retried late)
+                why = f"halving: round {k} of {rounds_n} was decided while this job was not in it; not kept"
+                rounds.move(conn, job_id, PRUNED, why=why)
                 self._transition(conn, job_id, CANCELLED, reason=why, epoch=epoch, expect=(RUNNING,),
-                                 sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
-                                       "finished_at": self.clock(), "error_kind": "halving", "error": why})
+                                 sets=ended | {"finished_at": self.clock(), "error_kind": HALVING_KIND, "error": why})
                 self._end_attempt(conn, job_id, epoch, OUTCOME_CANCELLED, reason=why, counted=False)
-                self._put_stored(conn, job_id, stored)
                 return True
-            plan.update(state=halving.WAITING, eval_loss=loss)
-            if metric is not None:  # the sweep gates on a grader: the round ranks by it (higher is better)
-                plan.update(metric=metric, score=score if score is not None and math.isfinite(score) else None)
+            graded = {"metric": metric, "score": score if score is not None and math.isfinite(score) else None}
+            rounds.move(conn, job_id, WAITING, eval_loss=loss, **(graded if metric is not None else {}))
             shown = f"{loss:.4f}" if loss is not None else "unknown"
-            why = (f"halving: round {k} of {rounds} done at step {steps}, eval loss {shown}; "
+            why = (f"halving: round {k} of {rounds_n} done at step {steps}, eval loss {shown}; "
                    "waiting for the rest of the round")
             self._transition(conn, job_id, PENDING, reason=why, epoch=epoch, expect=(RUNNING,),
-                             sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
-                                   "not_before": halving.HELD, "error_kind": "halving", "error": why,
-                                   "eval_loss": loss, "train_loss": train_loss})
+                             sets=ended | {"error_kind": HALVING_KIND, "error": why, "eval_loss": loss,
+                                           "train_loss": train_loss})
             self._end_attempt(conn, job_id, epoch, OUTCOME_ROUND, reason=why, counted=False)
-            self._put_stored(conn, job_id, stored)
-            self._decide_round_of(conn, stored)
+            self._decide_round(conn, member.sweep, k)
         return True
 
     @_guarded
     def decide_rounds(self) -> int:
         """Decide every halving round whose jobs have all ended (a worker does on start); the rounds decided."""
         with self.transaction() as conn:
-            rows = conn.execute("SELECT spec FROM jobs WHERE status = 'pending' AND not_before >= ?",
-                                (halving.HELD,)).fetchall()
-            return sum(self._decide_round_of(conn, json.loads(r["spec"])) for r in rows)
+            return sum(self._decide_round(conn, sweep, k) for sweep, k in rounds.waiting_rounds(conn))
 
-    def _decide_round_of(self, conn: sqlite3.Connection, stored: dict[str, Any]) -> bool:
-        """Decide the halving round ``stored`` (a job's stored spec) is in, if all its jobs have ended it.
+    def _decide_round_of(self, conn: sqlite3.Connection, job_id: int) -> bool:
+        """Decide the halving round job ``job_id`` (which just failed or was cancelled) is in, if it has ended."""
+        member = self._read(conn, job_id).halving
+        return member is not None and member.state != RETRIED and self._decide_round(conn, member.sweep, member.round)
 
-        Runs inside the caller's transaction: the decision, its events and the marker
-        that says it was made commit together, or not at all; the marker makes it once.
+    def _decide_round(self, conn: sqlite3.Connection, sweep: str, k: int) -> bool:
+        """Decide round ``k`` of ``sweep`` if all its jobs have ended it (:func:`.halving.settle`).
+
+        Runs inside the caller's transaction: the decision, its events and its record
+        (``halving_rounds``, which makes it once) commit together, or not at all.
         """
-        plan, group = stored.get("halving"), (stored.get("spec") or {}).get("group")
-        if not plan or group is None or plan.get("state") in (halving.RETRIED,):
+        if rounds.is_decided(conn, sweep, k):
             return False
-        k, rounds = int(plan["round"]), len(plan["steps"])
-        if k >= rounds or self._state(conn, _round_key(stored, k)) is not None:
+        jobs = [j for j in rounds.members(conn, sweep, k) if j.halving is not None and j.halving.state != RETRIED]
+        members = []
+        for job in jobs:
+            assert job.halving is not None
+            waiting = job.status == PENDING and job.halving.state == WAITING
+            members.append(halving.Member(job.name, waiting, job.halving.eval_loss if waiting else None,
+                                          job.halving.score if waiting else None,
+                                          ongoing=job.status == RUNNING or (job.status == PENDING and not waiting)))
+        if not jobs:
             return False
-        # the jobs of this sweep (its id; before ids, its group) in this round
-        member, value = ("$.halving.sweep", plan["sweep"]) if plan.get("sweep") else ("$.spec.group", group)
-        rows = conn.execute(
-            "SELECT id, name, status, not_before, spec FROM jobs WHERE json_extract(spec, ?) = ? "
-            "AND json_extract(spec, '$.halving.round') = ? ORDER BY id", (member, value, k)).fetchall()
-        members: list[halving.Member] = []
-        for r in rows:
-            their = json.loads(r["spec"]).get("halving") or {}
-            if their.get("state") == halving.RETRIED:
-                continue
-            waiting = r["status"] == PENDING and their.get("state") == halving.WAITING
-            if r["status"] == RUNNING or (r["status"] == PENDING and not waiting):
-                return False  # the round is still going on
-            members.append(halving.Member(r["name"], waiting, their.get("eval_loss") if waiting else None,
-                                          their.get("score") if waiting else None))
-        verdicts = halving.decide(k, rounds, members, metric=plan.get("metric"))
-        by_name = {r["name"]: r for r in rows}
+        plan = jobs[0].halving.plan if jobs[0].halving else None
+        metric = next((j.halving.metric for j in jobs if j.halving and j.halving.metric), None)
+        verdicts = halving.settle(k, plan.rounds if plan else 0, members, metric=metric)
+        if verdicts is None or plan is None:
+            return False
+        by_name = {j.name: j for j in jobs}
         for verdict in verdicts:
-            row = by_name[verdict.name]
-            their = json.loads(row["spec"])
-            plan_of = their["halving"]
-            plan_of["history"] = [*plan_of.get("history", []), {"round": k, "eval_loss": plan_of.get("eval_loss"),
-                                                                 "rank": verdict.rank, "of": verdict.of}]
-            job_id = int(row["id"])
+            job = by_name[verdict.name]
+            member = job.halving
+            assert member is not None
+            history = [*member.history, {"round": k, "eval_loss": member.eval_loss, "rank": verdict.rank,
+                                         "of": verdict.of}]
             if verdict.kept:
-                plan_of.update(round=k + 1, state=halving.TRAINING, why=verdict.reason)
-                their.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan_of["steps"][k]
-                self._put_stored(conn, job_id, their, not_before=0, error_kind="halving",
-                                 error=f"{verdict.reason} ({plan_of['steps'][k]} steps)")
-                self._event(conn, job_id, None, None, f"{verdict.reason} ({plan_of['steps'][k]} steps, resuming "
-                                                      "from its newest checkpoint)")
-            elif verdict.name in {m.name for m in members if m.waiting}:
-                plan_of.update(state=halving.PRUNED, why=verdict.reason)
-                self._put_stored(conn, job_id, their)
-                self._transition(conn, job_id, CANCELLED, reason=verdict.reason, expect=(PENDING,),
-                                 sets={"finished_at": self.clock(), "not_before": 0, "error_kind": "halving",
+                steps = plan.steps[k]
+                rounds.move(conn, job.id, TRAINING, round=k + 1, why=verdict.reason, history=history)
+                self._set_max_steps(conn, job.id, steps)
+                conn.execute("UPDATE jobs SET error_kind = ?, error = ? WHERE id = ?",
+                             (HALVING_KIND, f"{verdict.reason} ({steps} steps)", job.id))
+                self._event(conn, job.id, None, None, f"{verdict.reason} ({steps} steps, resuming from its newest "
+                                                      "checkpoint)")
+            elif job.status == PENDING and member.state == WAITING:
+                rounds.move(conn, job.id, PRUNED, why=verdict.reason, history=history)
+                self._transition(conn, job.id, CANCELLED, reason=verdict.reason, expect=(PENDING,),
+                                 sets={"finished_at": self.clock(), "error_kind": HALVING_KIND,
                                        "error": verdict.reason})
             else:  # failed or cancelled already: the ranking is recorded, its state stays
-                plan_of.update(why=verdict.reason)
-                self._put_stored(conn, job_id, their)
-        self._set_state(conn, _round_key(stored, k), json.dumps([dataclasses.asdict(v) for v in verdicts]))
-        self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {rounds} decided: "
+                rounds.note(conn, job.id, why=verdict.reason, history=history)
+        rounds.record(conn, sweep, k, [dataclasses.asdict(v) for v in verdicts])
+        group = jobs[0].spec.settings.group or sweep
+        self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {plan.rounds} decided: "
                     + ", ".join(f"{v.rank}. {v.name}{'' if v.kept else ' (pruned)'}" for v in verdicts))
         return True
 
     def _retry_outside_halving(self, conn: sqlite3.Connection, job_id: int) -> None:
         """A pruned job (or one whose round was decided without it) retried by the operator trains on
         to the full budget from its checkpoint, as a job of its own: no round waits for it."""
-        stored = self._stored(conn, job_id)
-        plan = stored.get("halving")
-        if not plan:
+        member = self._read(conn, job_id).halving
+        if member is None or member.state == RETRIED:
             return
-        decided = self._state(conn, _round_key(stored, int(plan["round"]))) is not None
-        if plan.get("state") == halving.PRUNED or (decided and plan["round"] < len(plan["steps"])):
-            plan.update(state=halving.RETRIED)
-            stored.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan["budget"]
-            self._put_stored(conn, job_id, stored)
+        decided = rounds.is_decided(conn, member.sweep, member.round)
+        if member.state == PRUNED or (decided and member.round < member.plan.rounds):
+            rounds.move(conn, job_id, RETRIED)
+            self._set_max_steps(conn, job_id, member.plan.budget)
             self._event(conn, job_id, None, None, f"halving: retried outside the sweep's rounds; trains to the "
-                                                  f"full budget of {plan['budget']} steps")
-        elif plan.get("state") == halving.WAITING:  # cancelled while it waited: it ends its round again
-            plan.update(state=halving.TRAINING)
-            self._put_stored(conn, job_id, stored)
+                                                  f"full budget of {member.plan.budget} steps")
+        elif member.state == WAITING:  # cancelled while it waited: it ends its round again
+            rounds.move(conn, job_id, TRAINING)
 
     def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -766,10 +779,7 @@ class Store:
         times in a row (3 by default) pause the queue: a bug does not burn the night.
         """
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no job with id {job_id}")
-            job = Job.from_row(row)
+            job = self._read(conn, job_id)
             if job.status != RUNNING or (epoch is not None and job.epoch != epoch):
                 raise LeaseLost(job_id, epoch, job.epoch)
             again = retryable and job.attempts_left > 0
@@ -805,7 +815,7 @@ class Store:
                 self._pause(conn, message)
             if new == FAILED:
                 self._count_internal_failure(conn, state, job.name, reason if kind == FailureKind.INTERNAL else None)
-                self._decide_round_of(conn, job.spec)  # a failed job ends its round too (counted as worst)
+                self._decide_round_of(conn, job_id)  # a failed job ends its round too (counted as worst)
         return new
 
     def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
@@ -911,7 +921,7 @@ class Store:
             )
             if previous == RUNNING:
                 self._end_attempt(conn, job_id, row["epoch"], OUTCOME_CANCELLED, reason="cancelled", counted=True)
-            self._decide_round_of(conn, self._stored(conn, job_id))
+            self._decide_round_of(conn, job_id)
         return self.job(job_id)
 
     @_guarded
@@ -985,20 +995,20 @@ class Store:
     @_guarded
     def job_named(self, name: str) -> Job | None:
         """The job whose name equals ``name`` ignoring case (names that would share an adapter folder)."""
-        row = self.conn.execute("SELECT * FROM jobs WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        row = self.conn.execute(f"{JOB_SELECT} WHERE jobs.name = ? COLLATE NOCASE", (name,)).fetchone()
         return Job.from_row(row) if row is not None else None
 
     @_guarded
     def job(self, ref: int | str) -> Job:
         job_id = self._job_id(self.conn, ref)
-        return Job.from_row(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return self._read(self.conn, job_id)
 
     @_guarded
     def jobs(self, status: str | None = None) -> list[Job]:
         if status:
-            rows = self.conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY id", (status,))
+            rows = self.conn.execute(f"{JOB_SELECT} WHERE jobs.status = ? ORDER BY jobs.id", (status,))
         else:
-            rows = self.conn.execute("SELECT * FROM jobs ORDER BY id")
+            rows = self.conn.execute(f"{JOB_SELECT} ORDER BY jobs.id")
         return [Job.from_row(r) for r in rows]
 
     @_guarded
@@ -1095,8 +1105,8 @@ class Store:
     def dependents(self, ref: int | str) -> list[Job]:
         """The jobs that wait on ``ref`` (their ``after`` names it), in any status, oldest first."""
         job_id = self._job_id(self.conn, ref)
-        rows = self.conn.execute("SELECT j.* FROM dependencies d JOIN jobs j ON j.id = d.job_id WHERE d.after_id = ? "
-                                 "ORDER BY j.id", (job_id,)).fetchall()
+        rows = self.conn.execute(f"{JOB_SELECT} JOIN dependencies d ON jobs.id = d.job_id WHERE d.after_id = ? "
+                                 "ORDER BY jobs.id", (job_id,)).fetchall()
         return [Job.from_row(r) for r in rows]
 
     @_guarded
@@ -1125,17 +1135,9 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return None
-            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
-            stored.update(init_from_path=path, init_from_sha256=sha256)
-            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
-                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            self._rewrite_spec(conn, job_id, lambda stored: stored.update(init_from_path=path, init_from_sha256=sha256))
             self._event(conn, job_id, RUNNING, RUNNING, f"after: {after} completed; starts from its adapter {path}")
-            return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-def _round_key(stored: dict[str, Any], round_no: int) -> str:
-    """The queue_state key that records a halving round's decision (it is made once): per sweep, by its id."""
-    plan = stored.get("halving") or {}
-    return f"halving:{plan.get('sweep') or (stored.get('spec') or {}).get('group')}:{round_no}"
+            return self._read(conn, job_id)
 
 
 class _raw(str):
