@@ -41,7 +41,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile, dependencies, halving, rounds
+from . import dbfile, dependencies, failures, halving, rounds
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -768,55 +768,40 @@ class Store:
     ) -> str:
         """End the running attempt as a failure; return the job's new status.
 
-        Retryable failures with attempts left go back to pending after a backoff
-        that doubles each attempt; otherwise the job fails for good. Every failed
-        attempt counts towards ``pause_after_failures``.
-
-        An ``internal`` error (an exception loraq does not recognise: a bug) is
-        retried once at most: a second one in the same run of attempts fails the job,
-        saying whether it was the same error (type and message) as the attempt before.
-        Jobs that fail for good with the same internal error ``pause_after_internal_errors``
-        times in a row (3 by default) pause the queue: a bug does not burn the night.
+        What becomes of the job, and whether the queue pauses, is the failure policy
+        (:func:`.failures.decide`); this applies it, in one transaction.
         """
         with self.transaction() as conn:
             job = self._read(conn, job_id)
             if job.status != RUNNING or (epoch is not None and job.epoch != epoch):
                 raise LeaseLost(job_id, epoch, job.epoch)
-            again = retryable and job.attempts_left > 0
             state = self.queue_state(conn)
-            if kind == FailureKind.INTERNAL:
-                earlier = self._earlier_internal(conn, job)
-                if earlier is not None:
-                    n, same = earlier
-                    again, retryable = False, False
-                    reason += (f"; the same error as attempt {n}" if same == reason
-                               else f"; attempt {n} also failed with an internal error") + ", so it is not retried again"
-            sets: dict[str, Any] = {"error_kind": kind, "error": reason, "lease_owner": None, "lease_expires": None}
+            earlier = self._earlier_internal(conn, job) if kind == FailureKind.INTERNAL else None
+            failure = failures.decide(job, kind=kind, reason=reason, retryable=retryable, state=state,
+                                      now=self.clock(), earlier_internal=earlier)
+            sets: dict[str, Any] = {"error_kind": kind, "error": failure.reason, "lease_owner": None,
+                                    "lease_expires": None}
             if verdict is not None:
                 sets["verdict"] = verdict
             if result is not None:
                 sets["result"] = json.dumps(result, sort_keys=True)
-            if again:
-                backoff = state.retry_backoff_s * (2 ** max(job.attempts - 1, 0))
-                sets["not_before"] = self.clock() + min(backoff, 3600.0)
-                why = f"{kind}: {reason} (retrying, {job.attempts_left} attempt(s) left)"
-                new = PENDING
+            if failure.not_before is not None:
+                sets["not_before"] = failure.not_before
             else:
                 sets["finished_at"] = self.clock()
-                why = f"{kind}: {reason}" + ("" if not retryable else " (no attempts left)")
-                new = FAILED
-            self._transition(conn, job_id, new, reason=why, epoch=epoch, expect=(RUNNING,), sets=sets, actor=actor)
-            self._end_attempt(conn, job.id, job.epoch, OUTCOME_RETRY if again else OUTCOME_FAILED,
-                              error_kind=kind, reason=reason, traceback=traceback, retryable=retryable)
-            failures = state.consecutive_failures + 1
-            self._set_state(conn, "consecutive_failures", str(failures))
-            if state.pause_after_failures and failures >= state.pause_after_failures and not state.paused:
-                message = f"{failures} attempts failed in a row (pause_after_failures: {state.pause_after_failures}); last: {job.name}: {reason}"
-                self._pause(conn, message)
-            if new == FAILED:
-                self._count_internal_failure(conn, state, job.name, reason if kind == FailureKind.INTERNAL else None)
+            self._transition(conn, job_id, failure.status, reason=failure.why, epoch=epoch, expect=(RUNNING,),
+                             sets=sets, actor=actor)
+            self._end_attempt(conn, job.id, job.epoch, OUTCOME_RETRY if failure.again else OUTCOME_FAILED,
+                              error_kind=kind, reason=failure.reason, traceback=traceback,
+                              retryable=failure.retryable)
+            self._set_state(conn, "consecutive_failures", str(failure.failures))
+            if failure.pause is not None:
+                self._pause(conn, failure.pause)
+            if failure.status == FAILED:
+                self._count_internal_failure(conn, state, job.name,
+                                             failure.reason if kind == FailureKind.INTERNAL else None)
                 self._decide_round_of(conn, job_id)  # a failed job ends its round too (counted as worst)
-        return new
+        return failure.status
 
     def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
         """``(n, reason)`` of the newest earlier attempt in the job's current run of attempts
@@ -829,17 +814,12 @@ class Store:
 
     def _count_internal_failure(self, conn: sqlite3.Connection, state: QueueState, name: str, error: str | None) -> None:
         """Count jobs failing for good in a row with the same internal ``error`` (``None``: any other outcome)."""
-        if error is None or error != self._state(conn, "internal_error"):
-            streak = 1 if error is not None else 0
-        else:
-            streak = int(self._state(conn, "internal_error_jobs", "0") or 0) + 1
+        streak = failures.internal_streak(error, self._state(conn, "internal_error"),
+                                          int(self._state(conn, "internal_error_jobs", "0") or 0))
         self._set_state(conn, "internal_error", error)
         self._set_state(conn, "internal_error_jobs", str(streak) if streak else None)
-        limit = state.pause_after_internal_errors
-        if limit and streak >= limit and not self._state(conn, "paused"):
-            self._pause(conn, f"{streak} jobs in a row failed with the same internal error, a bug in loraq or "
-                              f"in what it runs (pause_after_internal_errors: {limit}); last: {name}: {error}. "
-                              "Report it with 'loraq show', then 'loraq resume'")
+        if (why := failures.internal_pause(streak, state, name, error)) and not self._state(conn, "paused"):
+            self._pause(conn, why)
 
     def _pause(self, conn: sqlite3.Connection, message: str) -> None:
         self._set_state(conn, "paused", "1")
@@ -870,10 +850,7 @@ class Store:
             )
             self._end_attempt(conn, job_id, epoch, OUTCOME_RETRY, error_kind=kind, reason=reason, counted=False,
                               retryable=True)
-            message = f"the machine failed a job ({kind}: {reason}); fix it, then 'loraq resume'"
-            self._set_state(conn, "paused", "1")
-            self._set_state(conn, "pause_reason", message)
-            self._event(conn, None, None, None, f"queue paused: {message}")
+            self._pause(conn, failures.machine_fault_pause(kind, reason))
 
     @_guarded
     def note(self, job_id: int | None, reason: str) -> None:
