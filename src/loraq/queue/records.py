@@ -315,6 +315,10 @@ class Job:
         return cls(**data)
 
 
+class SqlExpr(str):
+    """An SQL expression the store assigns as-is (``epoch + 1``), not a value."""
+
+
 #: How the store reads jobs for :meth:`Job.from_row`: each with its halving member row (``h_*``), if any.
 JOB_SELECT = ("SELECT jobs.*, h.sweep AS h_sweep, h.round AS h_round, h.state AS h_state, h.eval_loss AS h_eval_loss, "
               "h.metric AS h_metric, h.score AS h_score, h.why AS h_why, h.history AS h_history "

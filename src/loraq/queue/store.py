@@ -18,7 +18,6 @@ is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -41,7 +40,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile, dependencies, failures, halving, rounds
+from . import dbfile, dependencies, failures, rounds
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -49,28 +48,23 @@ from .records import (  # the records and states are importable from the store, 
     CANCELLED,
     COMPLETED,
     FAILED,
-    HALVING_KIND,
     JOB_SELECT,
     OUTCOME_CANCELLED,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_RETRY,
-    OUTCOME_ROUND,
     OUTCOME_STOPPED,
     PENDING,
-    PRUNED,
-    RETRIED,
     RUNNING,
     STATES,
-    TRAINING,
     TRANSITIONS,
-    WAITING,
     Attempt,
     Claim,
     Event,
     Job,
     NewJob,
     QueueState,
+    SqlExpr,
     WorkerId,
 )
 
@@ -587,122 +581,27 @@ class Store:
         conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
                      (json.dumps(stored, sort_keys=True), self.clock(), job_id))
 
-    def _set_max_steps(self, conn: sqlite3.Connection, job_id: int, steps: int) -> None:
-        self._rewrite_spec(conn, job_id, lambda s: s.setdefault("spec", {}).setdefault("training", {}).update(
-            max_steps=steps))
-
     @_guarded
     def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
                   train_loss: float | None = None, metric: str | None = None, score: float | None = None) -> bool:
         """A job of a halving sweep trained to its round's ``max_steps``: it waits, unpublished, for the rest of
-        its round, and the round is decided in this same transaction once every job of it has ended.
+        its round, and the round is decided in this same transaction once every job of it has ended
+        (:func:`.rounds.end`).
 
         The attempt ends uncounted (a round is not a failure). ``False`` if ``epoch`` no longer owns the job.
         """
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return False
-            member = self._read(conn, job_id).halving
-            if member is None:
-                raise TransitionError(f"job {job_id} is in no halving round")
-            k, rounds_n = member.round, member.plan.rounds
-            loss = eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None
-            ended = {"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None}
-            if rounds.is_decided(conn, member.sweep, k):  # decided without it (it was retried late)
-                why = f"halving: round {k} of {rounds_n} was decided while this job was not in it; not kept"
-                rounds.move(conn, job_id, PRUNED, why=why)
-                self._transition(conn, job_id, CANCELLED, reason=why, epoch=epoch, expect=(RUNNING,),
-                                 sets=ended | {"finished_at": self.clock(), "error_kind": HALVING_KIND, "error": why})
-                self._end_attempt(conn, job_id, epoch, OUTCOME_CANCELLED, reason=why, counted=False)
-                return True
-            graded = {"metric": metric, "score": score if score is not None and math.isfinite(score) else None}
-            rounds.move(conn, job_id, WAITING, eval_loss=loss, **(graded if metric is not None else {}))
-            shown = f"{loss:.4f}" if loss is not None else "unknown"
-            why = (f"halving: round {k} of {rounds_n} done at step {steps}, eval loss {shown}; "
-                   "waiting for the rest of the round")
-            self._transition(conn, job_id, PENDING, reason=why, epoch=epoch, expect=(RUNNING,),
-                             sets=ended | {"error_kind": HALVING_KIND, "error": why, "eval_loss": loss,
-                                           "train_loss": train_loss})
-            self._end_attempt(conn, job_id, epoch, OUTCOME_ROUND, reason=why, counted=False)
-            self._decide_round(conn, member.sweep, k)
+            rounds.end(self, conn, job_id, epoch, steps=steps, eval_loss=eval_loss, train_loss=train_loss,
+                       metric=metric, score=score)
         return True
 
     @_guarded
     def decide_rounds(self) -> int:
         """Decide every halving round whose jobs have all ended (a worker does on start); the rounds decided."""
         with self.transaction() as conn:
-            return sum(self._decide_round(conn, sweep, k) for sweep, k in rounds.waiting_rounds(conn))
-
-    def _decide_round_of(self, conn: sqlite3.Connection, job_id: int) -> bool:
-        """Decide the halving round job ``job_id`` (which just failed or was cancelled) is in, if it has ended."""
-        member = self._read(conn, job_id).halving
-        return member is not None and member.state != RETRIED and self._decide_round(conn, member.sweep, member.round)
-
-    def _decide_round(self, conn: sqlite3.Connection, sweep: str, k: int) -> bool:
-        """Decide round ``k`` of ``sweep`` if all its jobs have ended it (:func:`.halving.settle`).
-
-        Runs inside the caller's transaction: the decision, its events and its record
-        (``halving_rounds``, which makes it once) commit together, or not at all.
-        """
-        if rounds.is_decided(conn, sweep, k):
-            return False
-        jobs = [j for j in rounds.members(conn, sweep, k) if j.halving is not None and j.halving.state != RETRIED]
-        members = []
-        for job in jobs:
-            assert job.halving is not None
-            waiting = job.status == PENDING and job.halving.state == WAITING
-            members.append(halving.Member(job.name, waiting, job.halving.eval_loss if waiting else None,
-                                          job.halving.score if waiting else None,
-                                          ongoing=job.status == RUNNING or (job.status == PENDING and not waiting)))
-        if not jobs:
-            return False
-        plan = jobs[0].halving.plan if jobs[0].halving else None
-        metric = next((j.halving.metric for j in jobs if j.halving and j.halving.metric), None)
-        verdicts = halving.settle(k, plan.rounds if plan else 0, members, metric=metric)
-        if verdicts is None or plan is None:
-            return False
-        by_name = {j.name: j for j in jobs}
-        for verdict in verdicts:
-            job = by_name[verdict.name]
-            member = job.halving
-            assert member is not None
-            history = [*member.history, {"round": k, "eval_loss": member.eval_loss, "rank": verdict.rank,
-                                         "of": verdict.of}]
-            if verdict.kept:
-                steps = plan.steps[k]
-                rounds.move(conn, job.id, TRAINING, round=k + 1, why=verdict.reason, history=history)
-                self._set_max_steps(conn, job.id, steps)
-                conn.execute("UPDATE jobs SET error_kind = ?, error = ? WHERE id = ?",
-                             (HALVING_KIND, f"{verdict.reason} ({steps} steps)", job.id))
-                self._event(conn, job.id, None, None, f"{verdict.reason} ({steps} steps, resuming from its newest "
-                                                      "checkpoint)")
-            elif job.status == PENDING and member.state == WAITING:
-                rounds.move(conn, job.id, PRUNED, why=verdict.reason, history=history)
-                self._transition(conn, job.id, CANCELLED, reason=verdict.reason, expect=(PENDING,),
-                                 sets={"finished_at": self.clock(), "error_kind": HALVING_KIND,
-                                       "error": verdict.reason})
-            else:  # failed or cancelled already: the ranking is recorded, its state stays
-                rounds.note(conn, job.id, why=verdict.reason, history=history)
-        rounds.record(conn, sweep, k, [dataclasses.asdict(v) for v in verdicts])
-        group = jobs[0].spec.settings.group or sweep
-        self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {plan.rounds} decided: "
-                    + ", ".join(f"{v.rank}. {v.name}{'' if v.kept else ' (pruned)'}" for v in verdicts))
-        return True
-
-    def _retry_outside_halving(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """A pruned job (or one whose round was decided without it) retried by the operator trains on
-        to the full budget from its checkpoint, as a job of its own: no round waits for it."""
-        member = self._read(conn, job_id).halving
-        if member is None or member.state == RETRIED:
-            return
-        decided = rounds.is_decided(conn, member.sweep, member.round)
-        if member.state == PRUNED or (decided and member.round < member.plan.rounds):
-            rounds.move(conn, job_id, RETRIED)
-            self._set_max_steps(conn, job_id, member.plan.budget)
-            self._event(conn, job_id, None, None, f"halving: retried outside the sweep's rounds; trains to the "
-                                                  f"full budget of {member.plan.budget} steps")
-        elif member.state == WAITING:  # cancelled while it waited: it ends its round again
-            rounds.move(conn, job_id, TRAINING)
+            return sum(rounds.decide(self, conn, sweep, k) for sweep, k in rounds.waiting_rounds(conn))
 
     def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -800,7 +699,7 @@ class Store:
             if failure.status == FAILED:
                 self._count_internal_failure(conn, state, job.name,
                                              failure.reason if kind == FailureKind.INTERNAL else None)
-                self._decide_round_of(conn, job_id)  # a failed job ends its round too (counted as worst)
+                rounds.decide_of(self, conn, job_id)  # a failed job ends its round too (counted as worst)
         return failure.status
 
     def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
@@ -898,7 +797,7 @@ class Store:
             )
             if previous == RUNNING:
                 self._end_attempt(conn, job_id, row["epoch"], OUTCOME_CANCELLED, reason="cancelled", counted=True)
-            self._decide_round_of(conn, job_id)
+            rounds.decide_of(self, conn, job_id)
         return self.job(job_id)
 
     @_guarded
@@ -916,7 +815,7 @@ class Store:
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
             )
-            self._retry_outside_halving(conn, job_id)
+            rounds.retry_outside(self, conn, job_id)
             self._rewait(conn, job_id)
         return self.job(job_id)
 
@@ -1117,14 +1016,13 @@ class Store:
             return self._read(conn, job_id)
 
 
-class _raw(str):
-    """An SQL expression to use as-is in an assignment (``epoch + 1``), not a value."""
+_raw = SqlExpr  # an SQL expression to use as-is in an assignment (``epoch + 1``), not a value
 
 
 def _assign(sets: dict[str, Any]) -> tuple[str, list[Any]]:
     parts, params = [], []
     for key, value in sets.items():
-        if isinstance(value, _raw):
+        if isinstance(value, SqlExpr):
             parts.append(f"{key} = {value}")
         else:
             parts.append(f"{key} = ?")
