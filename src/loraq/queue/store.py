@@ -333,22 +333,8 @@ class Store:
             raise TransitionError(f"job {job_id} changed while moving it to {to_state}")
         self._event(conn, job_id, current, to_state, reason, actor)
         if to_state in (FAILED, CANCELLED):
-            self._fail_waiting(conn, job_id)
+            dependencies.fail_waiting(self, conn, job_id)
         return current
-
-    def _fail_waiting(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """The jobs waiting on ``job_id`` (``after``), which just failed or was cancelled, fail too, saying why;
-        and so, through :meth:`_transition`, do the jobs waiting on them."""
-        waiting = dependencies.waiting_on(conn, job_id, PENDING)
-        if not waiting:
-            return
-        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
-        root = dependencies.first_failure(conn, job_id)
-        cause = f"{root.error_kind}: {root.error}" if root.error else None
-        why = dependencies.failed_why(name, root.name, root.status, cause[:200] if cause else None)
-        for waiter in waiting:
-            self._transition(conn, waiter, FAILED, reason=f"{dependencies.KIND}: {why}", expect=(PENDING,),
-                             sets={"finished_at": self.clock(), "error_kind": dependencies.KIND, "error": why})
 
     def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
         # '#3' is always job id 3; a bare '3' is the id too (names made only of digits are refused).
@@ -805,31 +791,14 @@ class Store:
         """Put a failed or cancelled job back to pending with a fresh set of attempts."""
         with self.transaction() as conn:
             job_id = self._job_id(conn, ref)
-            for dep in dependencies.of(conn, job_id):
-                if dep.status in (FAILED, CANCELLED):
-                    root = dependencies.first_failure(conn, dep.id)
-                    chain = "" if root.id == dep.id else f" because {root.name} is {root.status}"
-                    raise TransitionError(f"it waits on {dep.name} (after), which is {dep.status}{chain}: 'loraq retry "
-                                          f"{root.name}' instead, and this job waits again")
+            dependencies.check_retry(conn, job_id)
             self._transition(
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
             )
             rounds.retry_outside(self, conn, job_id)
-            self._rewait(conn, job_id)
+            dependencies.rewait(self, conn, job_id)
         return self.job(job_id)
-
-    def _rewait(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
-        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
-        for waiter in dependencies.waiting_on(conn, job_id, FAILED):
-            kind = conn.execute("SELECT error_kind FROM jobs WHERE id = ?", (waiter,)).fetchone()["error_kind"]
-            if kind != dependencies.KIND:
-                continue  # it failed on its own: only the operator retries it
-            self._transition(conn, waiter, PENDING, reason=f"its dependency {name} was retried: waiting on it again",
-                             expect=(FAILED,), sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None,
-                                                     "error_kind": None, "verdict": None})
-            self._rewait(conn, waiter)
 
     @_guarded
     def pause(self, reason: str = "paused by the operator") -> None:
@@ -996,8 +965,8 @@ class Store:
             rows = conn.execute(f"SELECT id FROM jobs WHERE status = 'pending' AND {dependencies.STRANDED} ORDER BY id")
             stranded = [int(r["id"]) for r in rows.fetchall()]
             for dep_id in {d.id for job_id in stranded for d in dependencies.of(conn, job_id)
-                           if d.status in (FAILED, CANCELLED)}:
-                self._fail_waiting(conn, dep_id)
+                           if d.status in dependencies.ENDED_BADLY}:
+                dependencies.fail_waiting(self, conn, dep_id)
         return stranded
 
     @_guarded
