@@ -176,3 +176,61 @@ def test_retried_out_of_the_rounds_trains_to_the_budget(tmp_path: Path) -> None:
         assert retried.spec.settings.training["max_steps"] == 4
         claim = store.claim(W, lease_s=60)
         assert claim is not None and claim.job.status == RUNNING and not claim.job.halving.is_round_end  # type: ignore[union-attr]
+
+
+KILLER = """
+import os, signal, sys
+from loraq.queue import rounds
+from loraq.queue.store import Store
+
+db, when = sys.argv[1], sys.argv[2]
+store = Store.open(db)
+b = store.job("b")
+if when == "inside":  # the decision is written, the transaction not yet committed
+    record = rounds.record
+
+    def record_then_die(*args, **kwargs):
+        record(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    rounds.record = record_then_die
+store.end_round(b.id, b.epoch, steps=2, eval_loss=2.0)
+os.kill(os.getpid(), signal.SIGKILL)  # after the commit: nothing closes the store
+"""
+
+
+@pytest.mark.parametrize("when", ["inside", "after"])
+def test_a_worker_killed_while_deciding_a_round_neither_loses_nor_repeats_the_decision(tmp_path: Path,
+                                                                                       when: str) -> None:
+    """kill -9 in the transaction that ends the last job's round: all of it or none of it is there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "loraq.db"
+    with Store.open(db) as store:
+        store.enqueue([NewJob(name=n, spec={"spec": {"name": n, "group": "g", "training": {"max_steps": 2}},
+                                            "halving": halving.plan(2, 4)}, base_key="b") for n in ("a", "b")])
+        claims = {c.job.name: c for c in (store.claim(W, lease_s=600) for _ in range(2)) if c is not None}
+        assert store.end_round(claims["a"].job.id, claims["a"].epoch, steps=2, eval_loss=1.0)
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(db), when], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    def decisions(store: Store) -> list[str]:
+        return [e.reason for e in store.events() if e.reason and e.reason.startswith("halving: sweep g round 1")]
+
+    with Store.open(db) as store:
+        b = store.job("b")
+        if when == "inside":  # none of it: b still runs its round, a still waits, nothing was decided
+            assert b.status == RUNNING and b.halving is not None and b.halving.state == TRAINING
+            assert store.job("a").halving.state == WAITING  # type: ignore[union-attr]
+            assert decisions(store) == [] and store.decide_rounds() == 0
+            assert store.end_round(b.id, b.epoch, steps=2, eval_loss=2.0)  # the worker's successor ends it again
+        assert decisions(store) == ["halving: sweep g round 1 of 2 decided: 1. a, 2. b (pruned)"]
+        assert store.decide_rounds() == 0  # made once
+        after = {j.name: j for j in store.jobs()}
+        assert after["a"].halving is not None and (after["a"].halving.round, after["a"].halving.state) == (2, TRAINING)
+        assert after["b"].status == CANCELLED and after["b"].halving is not None and after["b"].halving.is_pruned
+        assert store.conn.execute("SELECT COUNT(*) FROM halving_rounds").fetchone()[0] == 1

@@ -177,11 +177,16 @@ class ShowResult:
     def row(self) -> JobRow:
         return JobRow.of(self.job, self.dependencies[0] if self.dependencies else None)
 
+    def spec_json(self) -> dict[str, Any]:
+        """The job as stored, with a halving member's round and state in its plan, as ``show --json`` always had."""
+        halving = self.job.halving
+        return self.job.spec.doc | ({"halving": halving.as_json()} if halving is not None else {})
+
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         return {
-            "job": self.row.to_json() | {"spec": self.job.spec, "result": self.job.result,
+            "job": self.row.to_json() | {"spec": self.spec_json(), "result": self.job.result,
                                                     "created_at": self.job.created_at, "started_at": self.job.started_at,
                                                     "finished_at": self.job.finished_at, "dataset_sha256": self.job.dataset_sha256},
             "attempts": [asdict(a) for a in self.attempts],

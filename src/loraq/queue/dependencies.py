@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import TransitionError
-from .records import FAILED, PENDING
-
-if TYPE_CHECKING:
-    from .store import Store
+from .records import FAILED, PENDING, Moves
 
 #: Failure kind of a job failed because of its dependency (``FailureKind.DEPENDENCY``).
 KIND = "dependency"
@@ -141,7 +137,7 @@ def failed_why(name: str, first: str, status: str, error: str | None) -> str:
 # ---------------------------------------------------------------- the store's moves (inside its transactions)
 
 
-def fail_waiting(store: Store, conn: sqlite3.Connection, job_id: int) -> None:
+def fail_waiting(store: Moves, conn: sqlite3.Connection, job_id: int) -> None:
     """The jobs waiting on ``job_id`` (``after``), which just failed or was cancelled, fail too, saying why;
     and so, through the store's ``_transition``, do the jobs waiting on them."""
     waiting = waiting_on(conn, job_id, PENDING)
@@ -166,7 +162,7 @@ def check_retry(conn: sqlite3.Connection, job_id: int) -> None:
                                   f"{root.name}' instead, and this job waits again")
 
 
-def rewait(store: Store, conn: sqlite3.Connection, job_id: int) -> None:
+def rewait(store: Moves, conn: sqlite3.Connection, job_id: int) -> None:
     """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
     name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
     for waiter in waiting_on(conn, job_id, FAILED):

@@ -16,9 +16,9 @@ import os
 import socket
 import sqlite3
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
 STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
@@ -372,3 +372,27 @@ class QueueState:
     pause_after_failures: int | None
     retry_backoff_s: float
     pause_after_internal_errors: int = 3  # jobs failing in a row with the same internal error; 0: never
+
+
+class Moves(Protocol):
+    """The store's own helpers that dependencies.py and rounds.py call inside its transactions (the store
+    passes itself in): one place a job's status changes, its events, attempts and stored JSON."""
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    def _read(self, conn: sqlite3.Connection, job_id: int) -> Job: ...
+
+    def _transition(self, conn: sqlite3.Connection, job_id: int, to_state: str, *, reason: str,
+                    expect: Iterable[str] | None = None, epoch: int | None = None,
+                    sets: dict[str, Any] | None = None, actor: str | None = None) -> str: ...
+
+    def _event(self, conn: sqlite3.Connection, job_id: int | None, from_state: str | None, to_state: str | None,
+               reason: str, actor: str | None = None) -> None: ...
+
+    def _end_attempt(self, conn: sqlite3.Connection, job_id: int, epoch: int, outcome: str, *,
+                     error_kind: str | None = None, reason: str | None = None, traceback: str | None = None,
+                     counted: bool = True, retryable: bool | None = None) -> None: ...
+
+    def _rewrite_spec(self, conn: sqlite3.Connection, job_id: int,
+                      change: Callable[[dict[str, Any]], None]) -> None: ...

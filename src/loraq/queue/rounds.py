@@ -17,7 +17,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import TransitionError
 from . import halving
@@ -35,11 +35,9 @@ from .records import (
     TRAINING,
     WAITING,
     Job,
+    Moves,
     SqlExpr,
 )
-
-if TYPE_CHECKING:
-    from .store import Store
 
 #: An SQL condition on ``jobs``: the job does not wait for its halving round to be decided (the claim's).
 NOT_WAITING = f"NOT EXISTS (SELECT 1 FROM halving_members w WHERE w.job_id = jobs.id AND w.state = '{WAITING}')"
@@ -105,7 +103,7 @@ def _encoded(sets: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the store's moves (inside its transactions)
 
 
-def end(store: Store, conn: sqlite3.Connection, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
+def end(store: Moves, conn: sqlite3.Connection, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
         train_loss: float | None, metric: str | None, score: float | None) -> None:
     """The running job (owned by ``epoch``) trained to its round's steps: it waits for the rest of the round,
     unpublished, its attempt not counted, and the round is decided if it was the last to end it."""
@@ -133,13 +131,13 @@ def end(store: Store, conn: sqlite3.Connection, job_id: int, epoch: int, *, step
     decide(store, conn, member.sweep, k)
 
 
-def decide_of(store: Store, conn: sqlite3.Connection, job_id: int) -> bool:
+def decide_of(store: Moves, conn: sqlite3.Connection, job_id: int) -> bool:
     """Decide the round job ``job_id`` (which just failed or was cancelled) is in, if that ended it."""
     member = store._read(conn, job_id).halving
     return member is not None and member.state != RETRIED and decide(store, conn, member.sweep, member.round)
 
 
-def decide(store: Store, conn: sqlite3.Connection, sweep: str, k: int) -> bool:
+def decide(store: Moves, conn: sqlite3.Connection, sweep: str, k: int) -> bool:
     """Decide round ``k`` of ``sweep`` if all its jobs have ended it (:func:`.halving.settle`): the better
     half goes on to the next round's steps, the rest are cancelled, and the decision is recorded once."""
     if is_decided(conn, sweep, k):
@@ -188,7 +186,7 @@ def decide(store: Store, conn: sqlite3.Connection, sweep: str, k: int) -> bool:
     return True
 
 
-def retry_outside(store: Store, conn: sqlite3.Connection, job_id: int) -> None:
+def retry_outside(store: Moves, conn: sqlite3.Connection, job_id: int) -> None:
     """A pruned job (or one whose round was decided without it) retried by the operator trains on
     to the full budget from its checkpoint, as a job of its own: no round waits for it."""
     member = store._read(conn, job_id).halving
@@ -203,7 +201,7 @@ def retry_outside(store: Store, conn: sqlite3.Connection, job_id: int) -> None:
         move(conn, job_id, TRAINING)
 
 
-def _set_max_steps(store: Store, conn: sqlite3.Connection, job_id: int, steps: int) -> None:
+def _set_max_steps(store: Moves, conn: sqlite3.Connection, job_id: int, steps: int) -> None:
     """The steps the trainer runs (the stored settings it is sent): the next round's, or the full budget."""
     store._rewrite_spec(conn, job_id, lambda s: s.setdefault("spec", {}).setdefault("training", {}).update(
         max_steps=steps))
