@@ -12,7 +12,11 @@ never complete or overwrite a job that someone else now owns.
 Time is a parameter (``clock``), so lease, retry and backoff tests never sleep.
 
 The file itself (how it is opened, checked and created, and how its faults read)
-is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`.
+is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`. What a failed attempt
+becomes, and when the queue pauses, is the failure policy (:mod:`.failures`, pure);
+the moves of ``after:`` and of halving's rounds, which run inside the store's
+transactions, are :mod:`.dependencies` and :mod:`.rounds`. A job read back is
+decoded once into a typed record (:class:`.records.Job`, its :class:`.records.StoredJob`).
 """
 
 from __future__ import annotations
@@ -364,6 +368,20 @@ class Store:
         else:
             conn.execute("INSERT OR REPLACE INTO queue_state (key, value) VALUES (?, ?)", (key, value))
 
+    def _read(self, conn: sqlite3.Connection, job_id: int) -> Job:
+        """The job with ``job_id``, as handed out (its halving member row too: :data:`.records.JOB_SELECT`)."""
+        row = conn.execute(f"{JOB_SELECT} WHERE jobs.id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    def _rewrite_spec(self, conn: sqlite3.Connection, job_id: int, change: Callable[[dict[str, Any]], None]) -> None:
+        """Change the stored job's JSON (the settings the trainer runs: a round's steps, an OOM back-off)."""
+        stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
+        change(stored)
+        conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                     (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+
     # ---------------------------------------------------------------- submit
 
     @_guarded
@@ -553,19 +571,6 @@ class Store:
         return True
 
     # ---------------------------------------------------------------- successive halving (queue/halving.py, rounds.py)
-
-    def _read(self, conn: sqlite3.Connection, job_id: int) -> Job:
-        row = conn.execute(f"{JOB_SELECT} WHERE jobs.id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"no job with id {job_id}")
-        return Job.from_row(row)
-
-    def _rewrite_spec(self, conn: sqlite3.Connection, job_id: int, change: Callable[[dict[str, Any]], None]) -> None:
-        """Change the stored job's JSON (the settings the trainer runs: a round's steps, an OOM back-off)."""
-        stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
-        change(stored)
-        conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
-                     (json.dumps(stored, sort_keys=True), self.clock(), job_id))
 
     @_guarded
     def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
