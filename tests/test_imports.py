@@ -79,7 +79,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
-              "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
+              "loraq.queue.listing", "loraq.queue.rounds", "loraq.queue.failures", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
               "loraq.model.judge", "loraq.service", "loraq.service.app",
               "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate",
               "loraq.service.completions"]

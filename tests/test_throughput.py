@@ -111,7 +111,7 @@ def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], p
             continue
         # The published adapter on a fresh load of its base reproduces the eval loss the job recorded.
         tokenizer = AutoTokenizer.from_pretrained(base)
-        rows = prepare(JobInput.of_stored(job.spec), tokenizer).eval
+        rows = prepare(JobInput.of_stored(job.spec.doc), tokenizer).eval
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
         loss = evaluate_loss(model, rows, Collator(tokenizer.pad_token_id), 8)
         assert loss == pytest.approx(job.eval_loss, rel=1e-4)

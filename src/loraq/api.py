@@ -223,7 +223,7 @@ def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allo
         job = store.job(ref)
     label = f"clone of {job.name!r}"
     doc = submitting.clone_doc(job.spec, new_name, list(sets), label)
-    queue_path = Path(job.queue_file or job.spec.get("queue_file") or home.root / "queue.yaml")
+    queue_path = Path(job.queue_file or job.spec.queue_file or home.root / "queue.yaml")
     roots = home.roots(queue_dir=queue_path.parent, extra=allow_roots)
     # A copy is a new submit: remote code needs the operator again (a --set cannot turn it on).
     queue = spec.queue_from_doc(doc, queue_path, roots, where=label,
@@ -567,9 +567,8 @@ def _job_roots(home: Home, name: str, folder: Path, roots: Any) -> list[str]:
         return []  # a damaged state: the folder is read through the command's own roots only
     if job is None or (manifest.get("job_id") is not None and manifest.get("job_id") != job.id):
         return []  # the folder is not this job's adapter: nothing beyond the command's own roots
-    stored = job.spec.get("read_roots")
-    if isinstance(stored, list) and all(isinstance(r, str) for r in stored):
-        return stored
+    if job.spec.read_roots:
+        return list(job.spec.read_roots)
     return [str(Path(job.queue_file).parent)] if job.queue_file else []
 
 

@@ -336,8 +336,8 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         for job in members:
             progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
             note = job.verdict or ""
-            if job.error_kind == "halving" and job.error:  # the round it is in, or why it was pruned
-                note = job.error[:120]
+            if job.round_note:  # the round it is in, or why it was pruned
+                note = job.round_note[:120]
             elif job.waiting_on:
                 note = f"waiting on {job.waiting_on} ({job.after_status})"
             elif job.status in ("failed", "pending") and job.error:
@@ -364,8 +364,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         return 0
     j = result.job
     _say(f"{j.name} (id {j.id}): {j.status}, attempts {j.attempts}/{j.max_retries + 1}, priority {j.priority}")
-    _say(f"  base model: {j.spec.get('base_model')}")
-    _say(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
+    _say(f"  base model: {j.spec.base_model}")
+    _say(f"  dataset:    {j.spec.dataset_path} (sha256 {str(j.dataset_sha256)[:16]})")
     _say(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
     result_doc = j.result or {}
     metrics = result_doc.get("metrics") or {}

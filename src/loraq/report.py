@@ -17,7 +17,7 @@ from typing import Any
 from . import fsutil
 from .escape import md_cell, printable
 from .queue import controls
-from .queue.records import Job
+from .queue.records import PRUNED, Job
 from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
@@ -39,10 +39,10 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "id": job.id,
             "name": job.name,
             "status": job.status,
-            "base_model": job.spec.get("base_model"),
-            "dataset": job.spec.get("dataset_path"),
+            "base_model": job.spec.base_model,
+            "dataset": job.spec.dataset_path,
             "dataset_sha256": job.dataset_sha256,
-            "dataset_rows": job.spec.get("dataset_rows"),
+            "dataset_rows": job.spec.dataset_rows,
             "n_train": (job.result or {}).get("n_train"),
             "n_eval": (job.result or {}).get("n_eval"),
             "attempts": [
@@ -67,15 +67,15 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "findings": (inspection or {}).get("findings", []),
             "serving": (inspection or {}).get("serving") or {},
             "curves": curves,
-            "group": (job.spec.get("spec") or {}).get("group"),
-            "gate_metric": gate_metric((job.spec.get("spec") or {}).get("validation") or {}),
-            "sweep": job.spec.get("sweep"),
-            "halving": job.spec.get("halving"),
-            "after": (job.spec.get("spec") or {}).get("after"),  # the job it waited on (after:), if any
-            "auto": job.spec.get("auto"),
-            "oom_adjustments": job.spec.get("oom_adjustments") or [],
+            "group": job.spec.settings.group,
+            "gate_metric": gate_metric(job.spec.settings.validation),
+            "sweep": job.spec.sweep,
+            "halving": job.halving.as_json() if job.halving else None,
+            "after": job.spec.settings.after,  # the job it waited on (after:), if any
+            "auto": job.spec.auto,
+            "oom_adjustments": list(job.spec.oom_adjustments),
             "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),
-            "controls": controls.control_lines(job.spec, job.result),
+            "controls": controls.control_lines(job),
             # quality you can see: exact match base -> adapter, and a few answers side by side
             "metrics": _dict((job.result or {}).get("metrics")),
             "samples": _samples(job.result),
@@ -170,7 +170,7 @@ def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                             | ({"value": _value(j, metric), "base_value": _value(j, metric, base=True)}
                                if metric != "eval_loss" else {})
                             | ({"round": j["halving"].get("round"), "pruned": j["halving"].get("why")
-                                if j["halving"].get("state") == "pruned" else None} if j.get("halving") else {})
+                                if j["halving"].get("state") == PRUNED else None} if j.get("halving") else {})
                             for j in ranked]
     return out
 

@@ -25,7 +25,7 @@ from markupsafe import Markup
 from .. import report
 from ..api import JobRow, ShowResult
 from ..escape import printable_lines
-from ..queue.records import STATES, QueueState
+from ..queue.records import STATES, QueueState, StoredJob
 
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")
@@ -100,14 +100,14 @@ class JobView:
         )
 
 
-def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
-    inner = _mapping(spec.get("spec"))
-    lora, training = _mapping(inner.get("lora")), _mapping(inner.get("training"))
+def _spec_summary(stored: StoredJob) -> dict[str, Any]:
+    settings = stored.settings
+    lora, training = settings.lora, settings.training
     return {
-        "base model": spec.get("base_model"),
-        "dataset": spec.get("dataset_path"),
-        "dataset rows": spec.get("dataset_rows"),
-        "sweep": inner.get("group"),
+        "base model": stored.base_model,
+        "dataset": stored.dataset_path,
+        "dataset rows": stored.dataset_rows,
+        "sweep": settings.group,
         "LoRA": ", ".join(f"{k} {lora[k]}" for k in ("r", "alpha", "dropout", "target_modules") if k in lora) or None,
         "training": ", ".join(f"{k} {training[k]}" for k in ("max_steps", "epochs", "learning_rate", "batch_size",
                                                             "max_seq_len") if training.get(k) is not None) or None,

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import PathError, PublishConflict
+from ..queue.records import StoredJob
 from ..queue.store import Claim, Job, Store
 from ..sandbox import open_regular, read_fd
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
@@ -66,7 +67,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def spec_sha256(job: Job) -> str:
     """A digest of everything the job was submitted with (spec, paths, dataset identity)."""
-    return hashlib.sha256(json.dumps(job.spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(job.spec.doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id: str | None = None) -> dict[str, Any]:
@@ -86,12 +87,12 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
         "attempt": claim.attempt,
         "epoch": claim.epoch,
         "created_at": time.time(),
-        "base_model": job.spec["base_model"],
-        "revision": job.spec["spec"].get("revision"),
-        "dataset": {"path": job.spec["dataset_path"], "sha256": job.dataset_sha256,
-                    "format": result.get("dataset_format") or job.spec["spec"]["dataset"].get("format"),
+        "base_model": job.spec.base_model,
+        "revision": job.spec.settings.revision,
+        "dataset": {"path": job.spec.dataset_path, "sha256": job.dataset_sha256,
+                    "format": result.get("dataset_format") or job.spec.settings.dataset_format,
                     "n_train": result.get("n_train"), "n_eval": result.get("n_eval")},
-        "spec": job.spec["spec"],
+        "spec": job.spec.settings.doc,
         "versions": result.get("versions", {}),
         "train_loss": result.get("train_loss"),
         "eval_loss": result.get("eval_loss"),
@@ -101,29 +102,28 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
         "resumed_from": result.get("resumed_from"),
         "files": files,
         # the training controls (issue 12): what was resolved, adjusted and chosen
-        "auto": job.spec.get("auto"),
-        "sweep": {"group": job.spec["spec"].get("group"), "settings": job.spec.get("sweep")}
-        if job.spec.get("sweep") else None,
-        "init_from": {"path": job.spec.get("init_from_path"), "sha256": job.spec.get("init_from_sha256")}
-        if job.spec.get("init_from_path") else None,
-        "oom_adjustments": job.spec.get("oom_adjustments") or [],
+        "auto": job.spec.auto,
+        "sweep": {"group": job.spec.settings.group, "settings": job.spec.sweep} if job.spec.sweep else None,
+        "init_from": {"path": job.spec.init_from_path, "sha256": job.spec.init_from_sha256}
+        if job.spec.init_from_path else None,
+        "oom_adjustments": list(job.spec.oom_adjustments),
         "stopping": (result.get("extras") or {}).get("stopping"),
         # a job's own chat template, written beside the adapter: a server renders prompts as training did
         "chat_template": _template_entry(job.spec),
     }
 
 
-def _template_entry(stored: dict[str, Any]) -> dict[str, Any] | None:
-    text = stored.get("chat_template_text")
-    if not isinstance(text, str):
+def _template_entry(stored: StoredJob) -> dict[str, Any] | None:
+    text = stored.chat_template_text
+    if text is None:
         return None
-    return {"name": stored["spec"].get("chat_template"), "file": CHAT_TEMPLATE, "source": stored.get("chat_template_path"),
+    return {"name": stored.settings.chat_template, "file": CHAT_TEMPLATE, "source": stored.chat_template_path,
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
-    spec = manifest["spec"]
-    lora, training = spec.get("lora", {}), spec.get("training", {})
+    settings = manifest["spec"]
+    lora, training = settings.get("lora", {}), settings.get("training", {})
 
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -58,7 +58,7 @@ from ..protocol import (
     TrainResult,
     to_wire,
 )
-from ..queue import halving
+from ..queue.records import StoredJob
 from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
 from ..supervisor import publish
 from ..workspace import ADAPTER_WEIGHTS, Home
@@ -299,7 +299,7 @@ class Worker:
             self.observer("recovered", {"name": job.name, "job_id": job.id})
             self.summary.completed.append(job.name)
             return
-        if (job.spec.get("spec") or {}).get("after") and not job.spec.get("init_from_path"):
+        if job.spec.settings.after and not job.spec.init_from_path:
             bound = self._start_after(claim)
             if bound is None:
                 return
@@ -320,14 +320,14 @@ class Worker:
             job_id=job.id,
             attempt=claim.attempt,
             epoch=claim.epoch,
-            job=JobInput.of_stored(job.spec),
+            job=_job_input(job.spec),
             log_path=str(attempt_dir / "train.log"),
             checkpoints_dir=str(attempt_dir / "checkpoints"),
             staging_dir=str(attempt_dir / "staging"),
             resume_from=str(resume.path) if resume else None,
             # Where the trainer may read: the roots the job was checked against at submit (a job
             # submitted by an older loraq: the home's roots and its queue file's folder).
-            read_roots=list(job.spec.get("read_roots") or [
+            read_roots=list(job.spec.read_roots or [
                 str(root) for root in self.home.roots(
                     queue_dir=Path(job.queue_file).parent if job.queue_file else None).read]),
         )
@@ -345,9 +345,8 @@ class Worker:
         from ..inspect import warm_start  # torch-free: the adapter's config and safetensors header
 
         job = claim.job
-        after = str(job.spec["spec"]["after"])
-        folder, lines = warm_start.published(self.home, after, job.spec["spec"].get("lora") or {},
-                                             str(job.spec.get("base_model")))
+        after = str(job.spec.settings.after)
+        folder, lines = warm_start.published(self.home, after, job.spec.settings.lora, job.spec.base_model)
         if lines:
             self._fail(claim, kind=FailureKind.DEPENDENCY, reason=f"after: {after}: {lines[0]}")
             return None
@@ -562,18 +561,18 @@ class Worker:
             with contextlib.suppress(OSError):
                 fsutil.remove_tree(staging)
             return
-        if halving.is_round_end(claim.job.spec):
+        if claim.job.halving is not None and claim.job.halving.is_round_end:
             self._end_round(run, trained)
             return
         try:
             # The base's config.json (no weights) lets the inspector judge the serving engines.
-            base_config = inspector.serving.read_base_config(claim.job.spec.get("base_model"))
+            base_config = inspector.serving.read_base_config(claim.job.spec.base_model)
             report = inspector.inspect_adapter(staging, roots=self.home.roots(), base_config=base_config)
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
             self._fail(claim, kind=FailureKind.IO, reason=f"cannot inspect the trained adapter in {staging}: {exc}")
             return
-        validation = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {})
-        verdict = inspector.verdict(report, trained, validation, claim.job.spec.get("serving") or [])
+        validation = ValidationSpec.model_validate(claim.job.spec.settings.validation)
+        verdict = inspector.verdict(report, trained, validation, list(claim.job.spec.serving))
         inspection = verdict.to_json()
         # What the store records as the job's result: the trainer's, as JSON, and the inspection.
         result: dict[str, Any] = to_wire(trained) | {"inspection": inspection}
@@ -587,7 +586,7 @@ class Worker:
             return
         try:
             manifest = publish.build_manifest(claim, result, staging, home_id=self.store.home_id())
-            publish.stage_metadata(staging, manifest, inspection, claim.job.spec.get("chat_template_text"))
+            publish.stage_metadata(staging, manifest, inspection, claim.job.spec.chat_template_text)
             target = publish.publish(self.store, self.home, claim, staging, result)
         except LeaseLost:
             self.observer("lost", {"name": claim.job.name, "why": "lease lost before publishing; nothing published"})
@@ -614,14 +613,15 @@ class Worker:
             fsutil.remove_tree(Path(trained.staging))
         from ..queue.spec import ValidationSpec
 
-        gate = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {}).gate_metric
+        gate = ValidationSpec.model_validate(claim.job.spec.settings.validation).gate_metric
         if not self.store.end_round(claim.job.id, claim.epoch, steps=trained.steps,
                                     eval_loss=_finite_or_none(trained.eval_loss),
                                     train_loss=_finite_or_none(trained.train_loss),
                                     metric=gate, score=_finite_or_none(trained.metrics.get(gate)) if gate else None):
             self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled"})
             return
-        self.observer("round_ended", {"name": claim.job.name, "round": claim.job.spec["halving"]["round"],
+        round_no = claim.job.halving.round if claim.job.halving else None
+        self.observer("round_ended", {"name": claim.job.name, "round": round_no,
                                       "steps": trained.steps, "eval_loss": trained.eval_loss})
 
     def _cleanup_checkpoints(self, job_id: int) -> None:
@@ -689,3 +689,13 @@ def _attempt_key(attempt_dir: Path) -> tuple[int, int] | None:
 def _finite_or_none(value: Any) -> float | None:
     """JSON has no NaN: a loss that is not a finite number is recorded as unknown."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _job_input(stored: StoredJob) -> JobInput:
+    """What the trainer is sent of the stored job (its wire format: the settings as JSON, the paths as resolved)."""
+    return JobInput(spec=stored.settings.doc, base_model=stored.base_model, dataset_path=str(stored.dataset_path),
+                    eval_dataset_path=stored.eval_dataset_path, dataset_sha256=stored.dataset_sha256,
+                    eval_dataset_sha256=stored.eval_dataset_sha256, init_from_path=stored.init_from_path,
+                    init_from_sha256=stored.init_from_sha256, chat_template_text=stored.chat_template_text,
+                    dataset_bytes=stored.dataset_bytes, eval_dataset_bytes=stored.eval_dataset_bytes,
+                    submit_tokenizer=stored.submit_tokenizer, est_steps=stored.est_steps, sweep=stored.sweep)
