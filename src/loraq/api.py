@@ -17,6 +17,29 @@ from typing import TYPE_CHECKING, Any
 from .errors import NotFoundError, Problem, SpecError, TransitionError, UsageError
 from .queue.store import QueueState, Store
 from .supervisor import publish
+from .supervisor.events import (  # noqa: F401 (what `run` tells its observer: importable from the api)
+    Claimed,
+    Completed,
+    Fault,
+    FaultCleared,
+    JobFailed,
+    JobOomAdjusted,
+    JobProgress,
+    JobStarted,
+    JobStopped,
+    LeaseExpired,
+    Lost,
+    Observer,
+    Reclaimed,
+    Recovered,
+    Recycled,
+    RoundEnded,
+    RunEvent,
+    RunEventKind,
+    Stalled,
+    Stopping,
+    StoppingNow,
+)
 from .views import (  # noqa: F401 (what the read-only commands return: importable from the api, as always)
     JobRow,
     QueuePage,
@@ -38,6 +61,7 @@ from .workspace import Home
 
 if TYPE_CHECKING:
     from .demo import DemoFiles
+    from .executors.base import Executor
     from .inspect import Inspection
 
 #: The version of the CLI's ``--json`` outputs (their ``"version"`` key); see the README.
@@ -286,8 +310,8 @@ class RunResult:
         return self.counts.get("failed", 0) == 0 and not self.interrupted
 
 
-def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> RunResult:
-    """Work the queue until it is empty or paused."""
+def run(home: Home, options: RunOptions | None = None, observer: Observer | None = None) -> RunResult:
+    """Work the queue until it is empty or paused; ``observer`` is told each :data:`RunEvent` as it happens."""
     from .supervisor.worker import Worker, WorkerConfig
 
     options = options or RunOptions()
@@ -303,7 +327,7 @@ def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> 
     return RunResult(summary.completed, summary.failed, summary.requeued, summary.interrupted, summary.paused, counts)
 
 
-def make_executor(home: Home, options: RunOptions) -> Any:
+def make_executor(home: Home, options: RunOptions) -> Executor:
     from .executors.base import parse_devices
     from .executors.local import LocalExecutor
 
