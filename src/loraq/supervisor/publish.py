@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import PathError, PublishConflict
-from ..queue.store import Claim, Job, Store
+from ..queue.records import Claim, Job
+from ..queue.store import Store
 from ..sandbox import open_regular, read_fd
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 

@@ -59,7 +59,8 @@ from ..protocol import (
     to_wire,
 )
 from ..queue import halving
-from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
+from ..queue.records import COMPLETED, FAILED, RUNNING, Claim, WorkerId
+from ..queue.store import Store
 from ..supervisor import publish
 from ..supervisor.events import (
     Claimed,
