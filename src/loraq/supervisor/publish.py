@@ -230,7 +230,7 @@ def read_inspection(folder: Path) -> dict[str, Any] | None:
 
 def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
     """A job's inspection: the one recorded with its result, else the published adapter's."""
-    recorded = (job.result or {}).get("inspection")
+    recorded: dict[str, Any] | None = (job.result or {}).get("inspection")
     if recorded is not None:
         return recorded
     folder = home.adapter_dir(job.name)
