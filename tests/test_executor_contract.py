@@ -48,10 +48,7 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-Observer = Callable[[str, dict[str, Any]], None]
-
-
-def run_queue(kind: str, home: Home, *, devices: str = "cpu", observer: Observer | None = None,
+def run_queue(kind: str, home: Home, *, devices: str = "cpu", observer: api.Observer | None = None,
               on_executor: Callable[[Any], None] | None = None) -> RunSummary:
     """Work the queue with a worker on ``kind``'s executor (what `loraq run --executor KIND` does)."""
     if kind == "scripted":
@@ -168,9 +165,9 @@ jobs:
 """)
     steps: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
-        if event == "progress" and info["name"] == "long":
-            steps.append(info["event"].step)
+    def observer(event: api.RunEvent) -> None:
+        if isinstance(event, api.JobProgress) and event.name == "long":
+            steps.append(event.event.step)
             if len(steps) == 2:
                 api.cancel(home, ["long"])
 
@@ -197,9 +194,9 @@ jobs:
     holder: dict[str, Any] = {}
     killed: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
+    def observer(event: api.RunEvent) -> None:
         # Step 4's progress comes after checkpoint 3 has been stored in the home (events keep their order).
-        if event == "progress" and info["event"].step >= 4 and not killed:
+        if isinstance(event, api.JobProgress) and event.event.step >= 4 and not killed:
             executor = holder["executor"]
             slot = next(s for s in getattr(executor, "all_slots", executor.slots) if s.job_id is not None)
             assert checkpoints.newest_complete(home.job_dir(slot.job_id)) is not None
@@ -234,10 +231,10 @@ jobs:
 """)
     expired: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
+    def observer(event: api.RunEvent) -> None:
         # As if this worker had been frozen past its lease: its lease runs out and a sweep
         # puts the job back in the queue while the trainer is still training.
-        if event == "progress" and info["event"].step >= 4 and not expired:
+        if isinstance(event, api.JobProgress) and event.event.step >= 4 and not expired:
             with Store.open(home.db_path, create=False) as other:
                 job = other.job("fenced")
                 other.heartbeat(job.id, job.epoch, lease_s=-1.0)

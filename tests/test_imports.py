@@ -70,6 +70,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
               "loraq.api", "loraq.cli", "loraq.queue.spec", "loraq.report", "loraq.supervisor.publish",
+              "loraq.supervisor.events",
               "loraq.checkpoints", "loraq.fsutil", "loraq.workspace", "loraq.inspect", "loraq.inspect.on_base",
               "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
               "loraq.data", "loraq.data.encoding", "loraq.data.check", "loraq.protocol", "loraq.errors",

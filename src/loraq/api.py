@@ -15,29 +15,52 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotFoundError, Problem, SpecError, TransitionError, UsageError
-from .queue.store import QueueState, Store
+from .queue.records import QueueState
+from .queue.store import Store
 from .supervisor import publish
-from .views import (  # noqa: F401 (what the read-only commands return: importable from the api, as always)
-    JobRow,
-    QueuePage,
-    ShowResult,
-    StatusResult,
-    adjustment_line,
-    control_lines,
-    describe_halving,
-    follow_log,
-    log_path,
-    newest_log,
-    open_reader,
-    queue_page,
-    show,
-    status,
-    store_exists,
-)
+
+# What `run` tells its observer, and what the read-only commands return: importable from the api.
+from .supervisor.events import Claimed as Claimed
+from .supervisor.events import Completed as Completed
+from .supervisor.events import Fault as Fault
+from .supervisor.events import FaultCleared as FaultCleared
+from .supervisor.events import JobFailed as JobFailed
+from .supervisor.events import JobOomAdjusted as JobOomAdjusted
+from .supervisor.events import JobProgress as JobProgress
+from .supervisor.events import JobStarted as JobStarted
+from .supervisor.events import JobStopped as JobStopped
+from .supervisor.events import LeaseExpired as LeaseExpired
+from .supervisor.events import Lost as Lost
+from .supervisor.events import Observer as Observer
+from .supervisor.events import Reclaimed as Reclaimed
+from .supervisor.events import Recovered as Recovered
+from .supervisor.events import Recycled as Recycled
+from .supervisor.events import RoundEnded as RoundEnded
+from .supervisor.events import RunEvent as RunEvent
+from .supervisor.events import RunEventKind as RunEventKind
+from .supervisor.events import Stalled as Stalled
+from .supervisor.events import Stopping as Stopping
+from .supervisor.events import StoppingNow as StoppingNow
+from .views import JobRow as JobRow
+from .views import QueuePage as QueuePage
+from .views import ShowResult as ShowResult
+from .views import StatusResult as StatusResult
+from .views import adjustment_line as adjustment_line
+from .views import control_lines as control_lines
+from .views import describe_halving as describe_halving
+from .views import follow_log as follow_log
+from .views import log_path as log_path
+from .views import newest_log as newest_log
+from .views import open_reader as open_reader
+from .views import queue_page as queue_page
+from .views import show as show
+from .views import status as status
+from .views import store_exists as store_exists
 from .workspace import Home
 
 if TYPE_CHECKING:
     from .demo import DemoFiles
+    from .executors.base import Executor
     from .inspect import Inspection
 
 #: The version of the CLI's ``--json`` outputs (their ``"version"`` key); see the README.
@@ -131,7 +154,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     from .data import ReadLimits, templates
     from .data import check as datacheck
     from .errors import DataError
-    from .queue.store import NewJob
+    from .queue.records import NewJob
 
     queue_file = label
     try:
@@ -286,8 +309,8 @@ class RunResult:
         return self.counts.get("failed", 0) == 0 and not self.interrupted
 
 
-def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> RunResult:
-    """Work the queue until it is empty or paused."""
+def run(home: Home, options: RunOptions | None = None, observer: Observer | None = None) -> RunResult:
+    """Work the queue until it is empty or paused; ``observer`` is told each :data:`RunEvent` as it happens."""
     from .supervisor.worker import Worker, WorkerConfig
 
     options = options or RunOptions()
@@ -303,7 +326,7 @@ def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> 
     return RunResult(summary.completed, summary.failed, summary.requeued, summary.interrupted, summary.paused, counts)
 
 
-def make_executor(home: Home, options: RunOptions) -> Any:
+def make_executor(home: Home, options: RunOptions) -> Executor:
     from .executors.base import parse_devices
     from .executors.local import LocalExecutor
 

@@ -34,7 +34,7 @@ from .sandbox import Roots
 from .workspace import Home
 
 if TYPE_CHECKING:
-    from .queue.store import Job
+    from .queue.records import Job
 
 
 def _adapter_folder(ref: str, job: ResolvedJob, queue: Queue, home: Home, roots: Roots) -> tuple[Path | None, str | None]:

@@ -16,8 +16,8 @@ from typing import Any
 
 from .errors import NotFoundError
 from .queue.dependencies import Dependency
-from .queue.records import HALVING_KIND
-from .queue.store import Attempt, Event, Job, QueueState, Store
+from .queue.records import HALVING_KIND, Attempt, Event, Job, QueueState
+from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
 

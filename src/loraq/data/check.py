@@ -583,7 +583,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     lengths = [min(profile.lengths[i], max_seq_len) for i in train_idx]
     plan = run.memo(("plan", id(profile), max_seq_len, *split, training.batch_size, training.grad_accum,
                      training.packing, training.seed),
-                    lambda: packing.plan_train(lengths, batch_size=int(training.batch_size),  # type: ignore[arg-type]
+                    lambda: packing.plan_train(lengths, batch_size=int(training.batch_size),
                                                grad_accum=training.grad_accum, packing=training.packing,
                                                seed=training.seed))
     per_epoch = max(1, plan.n_steps)

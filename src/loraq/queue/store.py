@@ -322,7 +322,7 @@ class Store:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no job with id {job_id}")
-        current = row["status"]
+        current: str = row["status"]
         if expect is not None and current not in set(expect):
             raise TransitionError(f"job {job_id} is {current}, not {' or '.join(expect)}")
         if (current, to_state) not in TRANSITIONS:

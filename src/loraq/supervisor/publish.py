@@ -21,8 +21,8 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import PathError, PublishConflict
-from ..queue.records import StoredJob
-from ..queue.store import Claim, Job, Store
+from ..queue.records import Claim, Job, StoredJob
+from ..queue.store import Store
 from ..sandbox import open_regular, read_fd
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
@@ -229,7 +229,7 @@ def read_inspection(folder: Path) -> dict[str, Any] | None:
 
 def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
     """A job's inspection: the one recorded with its result, else the published adapter's."""
-    recorded = (job.result or {}).get("inspection")
+    recorded: dict[str, Any] | None = (job.result or {}).get("inspection")
     if recorded is not None:
         return recorded
     folder = home.adapter_dir(job.name)
