@@ -458,12 +458,13 @@ class Worker:
             self._lost(run)
 
     def _after_job(self, slot: Slot, event: Final) -> None:
+        baseline = slot.baseline_rss_mb  # the first job's memory sets it, so the first job is never compared
         slot.job_ended(event.memory.rss_mb if event.memory is not None else None)
-        if event.memory is None:
+        if event.memory is None or baseline is None:
             return
         rss = event.memory.rss_mb
-        if slot.baseline_rss_mb is not None and rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
-            self.observer(Recycled(slot=slot.name, rss_mb=rss, baseline_mb=slot.baseline_rss_mb))
+        if rss - baseline > self.config.recycle_growth_mb:
+            self.observer(Recycled(slot=slot.name, rss_mb=rss, baseline_mb=baseline))
             self.executor.recycle(slot)
 
     def _release(self, run: Running) -> None:
