@@ -251,7 +251,7 @@ def test_a_running_job_paused_resumes_from_its_checkpoint(service: Service) -> N
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
     # A graceful pause may save one more checkpoint after it answers: the resume is from the newest, at least max(saved).
     resumed = [int(m.rsplit(" ", 1)[1]) for m in messages if "resumes from checkpoint step" in m]
-    assert resumed and resumed[0] >= max(saved) and resumed[0] % 5 == 0, (saved, [m for m in messages if "Step" not in m])
+    assert resumed and resumed[0] >= max(saved), (saved, [m for m in messages if "Step" not in m])
 
 
 def test_pagination_and_metadata_filters(service: Service) -> None:
