@@ -50,6 +50,9 @@ FORMAT_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    # preference pairs (issue 23, data/pairs.py): TRL's, and OpenAI's DPO rows
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
 #: The field of each flat format that carries the loss.
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -80,6 +83,7 @@ CATEGORIES = {
     "unrecognized_key": "a message key loraq does not use (a typo, or a feature it would drop)",
     "bad_weight": "a message weight other than 0 or 1, or a weight on a non-assistant message",
     "no_assistant": "a chat row without an assistant message",
+    "identical_pair": "a preference pair whose chosen and rejected answers are the same",
     "too_few_rows": "too few rows to split into train and eval",
     "template_error": "the tokenizer's chat template cannot render the row, or not prefix-stably",
     "untrainable": "no trainable token is left after truncation to max_seq_len",
@@ -574,6 +578,13 @@ def row_problem(row: Any, fmt: str) -> tuple[str, str] | None:
         return "not_object", f"expected a JSON object, got {type(row).__name__}"
     if fmt == "chat":
         return _chat_problem(row)
+    if fmt in ("preference", "openai_preference"):
+        from .pairs import pair_problem  # pairs reads this module's message checks
+
+        other = detect_format(row)
+        if other is not None and other != fmt:
+            return "format_mismatch", f"row has the keys of {other}, but the file is {fmt}"
+        return pair_problem(row, fmt)
     keys = FORMAT_KEYS[fmt]
     missing = [k for k in keys if row.get(k) is None]
     if missing:
@@ -693,7 +704,8 @@ def check_dataset(path: str | Path, fmt: str | None = None, *, roots: Roots | No
             line, number, first = records[0]
             keys = excerpt(sorted(map(str, first))) if isinstance(first, dict) else type(first).__name__
             out.add("unknown_format", f"cannot tell the format from keys {keys}; expected 'messages', "
-                    "'prompt'+'completion', 'instruction'+'output' or 'text' (or set dataset.format)",
+                    "'prompt'+'completion', 'instruction'+'output', 'text', 'prompt'+'chosen'+'rejected' or "
+                    "'input'+'preferred_output'+'non_preferred_output' (or set dataset.format)",
                     line=line, row=number)
             return None, out
     rows, lines, numbers = [], [], []
