@@ -578,9 +578,7 @@ def row_problem(row: Any, fmt: str) -> tuple[str, str] | None:
         return "not_object", f"expected a JSON object, got {type(row).__name__}"
     if fmt == "chat":
         return _chat_problem(row)
-    if fmt in ("preference", "openai_preference"):
-        from .pairs import pair_problem  # pairs reads this module's message checks
-
+    if fmt in PAIR_KEYS:
         other = detect_format(row)
         if other is not None and other != fmt:
             return "format_mismatch", f"row has the keys of {other}, but the file is {fmt}"
@@ -648,6 +646,81 @@ def _chat_problem(row: dict[str, Any]) -> tuple[str, str] | None:
     if not trainable:
         return "empty_example", "no assistant message with content and weight 1: nothing to train on"
     return None
+
+
+# ---------------------------------------------------------------- preference pairs (issue 23, data/pairs.py)
+
+#: Each preference format's keys: the prompt, the chosen and the rejected answer.
+PAIR_KEYS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
+}
+
+
+def is_conversational(row: dict[str, Any], fmt: str) -> bool:
+    """Whether a pair is messages (chat) or plain text (prompt_completion)."""
+    return fmt == "openai_preference" or isinstance(row.get("prompt"), list)
+
+
+def _messages_problem(value: Any, name: str, *, answer: bool) -> tuple[str, str] | None:
+    if not isinstance(value, list) or not value:
+        return "wrong_type", f"{name} must be a non-empty list of messages"
+    for index, message in enumerate(value):
+        if problem := _message_problem(message):
+            category, text = problem
+            return category, f"{name}[{index}]{text}"
+        if answer and message["role"] != "assistant":
+            return "unrecognized_role", f"{name}[{index}] is a {message['role']} message; an answer is assistant turns"
+    if answer and not any(m["content"].strip() for m in value):
+        return "empty_example", f"{name} has no content: nothing to prefer"
+    if not answer and value[-1].get("role") == "assistant":
+        return "unrecognized_role", f"{name} ends with an assistant turn: the answer follows the prompt"
+    return None
+
+
+def pair_problem(row: dict[str, Any], fmt: str) -> tuple[str, str] | None:
+    """The first thing wrong with ``row`` as a ``fmt`` pair, as ``(category, message)``; the message names the field."""
+    prompt_key, chosen_key, rejected_key = PAIR_KEYS[fmt]
+    missing = [k for k in PAIR_KEYS[fmt] if row.get(k) is None]
+    if missing:
+        return "missing_key", f"missing {', '.join(repr(k) for k in missing)} for format {fmt}"
+    if fmt == "openai_preference":
+        given = row["input"]
+        if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
+            return "wrong_type", "'input' must be an object with 'messages', a list of messages"
+        unknown = sorted(set(given) - {"messages", "tools", "parallel_tool_calls"})
+        if unknown:
+            return "unrecognized_key", f"'input' has key(s) {unknown}; it has 'messages'"
+        if given.get("tools"):
+            return "unsupported", "'input.tools': tool definitions are not trained by loraq"
+        if problem := _messages_problem(given["messages"], "input.messages", answer=False):
+            return problem
+    elif isinstance(row["prompt"], list):
+        if problem := _messages_problem(row["prompt"], "'prompt'", answer=False):
+            return problem
+    elif not isinstance(row["prompt"], str):
+        return "wrong_type", f"'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}"
+    conversational = is_conversational(row, fmt)
+    for key in (chosen_key, rejected_key):
+        value = row[key]
+        if conversational:
+            if problem := _messages_problem(value, repr(key), answer=True):
+                return problem
+        elif not isinstance(value, str):
+            return "wrong_type", (f"{key!r} must be a string like 'prompt' (a list of messages goes with a prompt "
+                                  f"that is a list of messages), got {type(value).__name__}")
+        elif not value.strip():
+            return "empty_example", f"{key!r} is empty: nothing to prefer"
+    if _answer_text(row[chosen_key]) == _answer_text(row[rejected_key]):
+        return "identical_pair", (f"{chosen_key!r} and {rejected_key!r} are the same answer: the pair prefers "
+                                  "nothing (drop the row or fix one side)")
+    return None
+
+
+def _answer_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    return json.dumps([[m.get("role"), m.get("content", "").strip()] for m in value if isinstance(m, dict)])
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

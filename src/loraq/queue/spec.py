@@ -337,8 +337,8 @@ class PreferenceMethod(_Strict):
 
     - ``dpo``: DPO's sigmoid loss, ``-log σ(β·((π_c − ref_c) − (π_r − ref_r)))`` on answer log-probabilities
       summed over tokens; ``beta`` 0.1 (TRL's default). The reference is the model the job starts from.
-    - ``orpo``: ORPO, the chosen answers' NLL plus ``beta`` (the paper's λ, TRL's ``beta``, 0.1) times the
-      odds-ratio term ``-log σ(log odds_c − log odds_r)`` on mean per-token log-probabilities. No reference.
+    - ``orpo``: ORPO, the chosen sequences' NLL (prompt included, as TRL's) plus ``beta`` (the paper's λ,
+      TRL's ``beta``, 0.1) times the odds-ratio term ``-log σ(log odds_c − log odds_r)`` on mean per-token log-probabilities. No reference.
     - ``simpo``: SimPO, ``-log σ(β·(mean π_c − mean π_r) − γ)`` with ``γ = gamma_beta_ratio · β``;
       ``beta`` 2.0, ``gamma_beta_ratio`` 0.5 (the paper's defaults; TRL's CPO ``loss_type=simpo`` with
       ``simpo_gamma = γ`` and ``cpo_alpha = 0``). No reference.

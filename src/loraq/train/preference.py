@@ -6,8 +6,9 @@ The losses (each checked against TRL's trainer code in tests/test_preference.py)
   and rejected sides of a batch in one concatenated forward (``[chosen; rejected]``, padded);
 - **DPO** (sigmoid): ``-log σ(β·((π_c − ref_c) − (π_r − ref_r)))``, averaged over pairs (TRL
   ``DPOTrainer``, ``loss_type="sigmoid"``);
-- **ORPO**: the chosen answers' NLL (mean over their tokens) ``− β · mean log σ(log odds_c − log
-  odds_r)``, the odds from mean per-token log-probabilities (TRL ``ORPOTrainer``);
+- **ORPO**: the chosen sequences' NLL (mean over their tokens, the prompt's included, as TRL's
+  ``ORPOTrainer`` computes it) ``− β · mean log σ(log odds_c − log odds_r)``, the odds from mean
+  per-token answer log-probabilities;
 - **SimPO**: ``-log σ(β·(mean π_c − mean π_r − γ/β))`` with ``γ/β = gamma_beta_ratio`` (TRL
   ``CPOTrainer``, ``loss_type="simpo"``, ``cpo_alpha=0``).
 
@@ -62,16 +63,19 @@ LOGGED = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected"
 # ---------------------------------------------------------------- the losses
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the label tokens' log-probabilities summed, and how many there are (``-100``: not an answer)."""
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each next token's log-probability: ``[batch, length - 1]`` (position ``t`` scores token ``t + 1``)."""
     import torch
 
-    labels = labels[:, 1:]
     logits = logits[:, :-1, :].float()
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
-    per_token = picked - torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the label tokens' log-probabilities summed, and how many there are (``-100``: not an answer)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    per_token = token_logps(logits, labels.masked_fill(labels == IGNORE_INDEX, 0))
     return (per_token * mask).sum(-1), mask.sum(-1)
 
 
@@ -92,6 +96,9 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    # the chosen sequences' log-probabilities over every attended token, prompt included (ORPO's NLL, as TRL's)
+    chosen_full: torch.Tensor | None = None
+    chosen_full_tokens: torch.Tensor | None = None
 
 
 def preference_loss(method: PreferenceMethod, logps: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -112,7 +119,9 @@ def preference_loss(method: PreferenceMethod, logps: PairLogps) -> tuple[torch.T
         rejected_mean = logps.rejected / logps.rejected_tokens.clamp(min=1)
         if method.type == "orpo":
             log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
-            nll = -logps.chosen.sum() / logps.chosen_tokens.sum().clamp(min=1)
+            if logps.chosen_full is None or logps.chosen_full_tokens is None:
+                raise ValueError("ORPO needs the chosen sequences' log-probabilities")
+            nll = -logps.chosen_full.sum() / logps.chosen_full_tokens.sum().clamp(min=1)
             loss = nll - beta * F.logsigmoid(log_odds).mean()
         else:  # simpo
             gamma_ratio = float(method.gamma_beta_ratio or 0.0)
@@ -127,10 +136,14 @@ def preference_loss(method: PreferenceMethod, logps: PairLogps) -> tuple[torch.T
 def forward_logps(model: Any, batch: dict[str, Any]) -> PairLogps:
     """One forward over ``[chosen; rejected]``; the sums and counts of each side, the reference's from the batch."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    sums, counts = sequence_logps(outputs.logits, batch["labels"])
+    per_token = token_logps(outputs.logits, batch["input_ids"])
+    answer = batch["labels"][:, 1:] != IGNORE_INDEX
+    attended = batch["attention_mask"][:, 1:] == 1
+    sums, counts = (per_token * answer).sum(-1), answer.sum(-1)
     n = sums.shape[0] // 2
     return PairLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:],
-                     ref_chosen=batch.get("ref_chosen"), ref_rejected=batch.get("ref_rejected"))
+                     ref_chosen=batch.get("ref_chosen"), ref_rejected=batch.get("ref_rejected"),
+                     chosen_full=(per_token[:n] * attended[:n]).sum(-1), chosen_full_tokens=attended[:n].sum(-1))
 
 
 # ---------------------------------------------------------------- data
@@ -193,10 +206,13 @@ def encode_pairs(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, max_seq_l
     return items, truncated, sides.chosen.rows, sides.format
 
 
+def _expected(size: int | None, sha256: str | None) -> tuple[int | None, str] | None:
+    """``(bytes, sha256)`` of a dataset as submitted: a file changed since is refused unread."""
+    return (size, sha256) if sha256 else None
+
+
 def prepare_pairs(request: TrainRequest, spec: JobSpec, tokenizer: Any, roots: Any) -> Pairs:
     """Read, split and encode the job's pairs (the same split and checks as submit's)."""
-    from .service import _expected  # the dataset as submitted, or refused unread
-
     job = request.job
     dataset = data.load_dataset(job.dataset_path, spec.dataset.format, roots=roots,
                                 expect=_expected(job.dataset_bytes, job.dataset_sha256))
@@ -364,11 +380,25 @@ def _metrics_callback(emit: Emit) -> Any:
     return PreferenceMetrics()
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What the SFT trainer (train/service.py) lends a preference run: its callbacks, generation and quality
+    measures, and what a result reports. Passed in, so that this module does not import the service."""
+
+    read_roots: Callable[[TrainRequest], Any]
+    callbacks: Callable[..., list[Any]]  # (emit, flags, log, problems, evaluated, track)
+    answers: Callable[..., list[str]]  # (model, tokenizer, spec, prompts)
+    quality: Callable[..., tuple[dict[str, float], dict[str, Any]]]  # (spec, prompts, base, adapter, log)
+    last_train_loss: Callable[[Any, Any], float | None]
+    versions: Callable[[], dict[str, str]]
+
+
 @dataclass
 class PreferenceRun:
     """One attempt of a preference job on the trainer service's resident base (``service``: a TrainerService)."""
 
     service: Any
+    shared: Shared
     request: TrainRequest
     emit: Emit
     log: Callable[[str], None]
@@ -378,8 +408,7 @@ class PreferenceRun:
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
-        from . import service as svc
-
+        svc = self.shared
         request, log, emit, timings = self.request, self.log, self.emit, self.timings
         spec = JobSpec.model_validate(request.job.spec)
         method = spec.preference
@@ -402,7 +431,7 @@ class PreferenceRun:
         per_epoch = spec.steps_per_epoch(len(pairs.train))
         steps = spec.total_steps(len(pairs.train), per_epoch)
         timings["prepare_s"] = time.perf_counter() - t0
-        pairs.base_answers[:] = svc._answers(resident.model, resident.tokenizer, spec, pairs.prompts)
+        pairs.base_answers[:] = svc.answers(resident.model, resident.tokenizer, spec, pairs.prompts)
         set_seed(spec.training.seed)
         try:
             model = get_peft_model(resident.model, controls.lora_config(spec))
@@ -456,7 +485,7 @@ class PreferenceRun:
             trainer = trainer_class(Trainer)(
                 model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
                 data_collator=collator, method=method,
-                callbacks=[_metrics_callback(emit), *svc._callbacks(emit, self.service.flags, log, problems,
+                callbacks=[_metrics_callback(emit), *svc.callbacks(emit, self.service.flags, log, problems,
                                                                     evaluated, track)],
             )
             t_train = time.perf_counter()
@@ -476,10 +505,10 @@ class PreferenceRun:
             final = evaluate_pairs(model, pairs.eval, collator, method, batch)
             timings["save_eval_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            answers = svc._answers(model, resident.tokenizer, spec, pairs.prompts)
+            answers = svc.answers(model, resident.tokenizer, spec, pairs.prompts)
             generated = spec.model_copy(update={"validation": spec.validation.model_copy(update={
                 "metrics": [m for m in spec.validation.metrics if m != "preference_accuracy"]})})
-            metrics, extras = svc._quality(generated, pairs.prompts, pairs.base_answers, answers, log)
+            metrics, extras = svc.quality(generated, pairs.prompts, pairs.base_answers, answers, log)
             timings["generate_s"] = time.perf_counter() - t0
             # measured for every preference job (validation.metrics may name it to gate on it)
             metrics |= {"preference_accuracy": final.accuracy, "base_preference_accuracy": base.accuracy}
@@ -496,7 +525,7 @@ class PreferenceRun:
                 "base_preference_accuracy": base.accuracy, "eval_logps_chosen": final.logps_chosen,
                 "eval_logps_rejected": final.logps_rejected, "eval_reward_margin": final.reward_margin}))
             return TrainResult(
-                staging=str(staging), steps=step, max_steps=steps, train_loss=svc._last_train_loss(trainer, output),
+                staging=str(staging), steps=step, max_steps=steps, train_loss=svc.last_train_loss(trainer, output),
                 eval_loss=final.loss, base_eval_loss=start.loss, n_train=len(pairs.train), n_eval=len(pairs.eval),
                 truncated_rows=pairs.truncated, train_tokens=pairs.train_tokens, base_reused=reused,
                 base_load_s=round(load_s, 3), train_s=round(train_s, 3), resumed_from=request.resume_from,

@@ -404,10 +404,11 @@ class TrainerService:
 
     def _train(self, request: TrainRequest, emit: Emit, log: Callable[[str], None]) -> Stopped | TrainResult:
         spec = JobSpec.model_validate(request.job.spec)
-        if spec.preference is not None:  # DPO, ORPO, SimPO (issue 23): their own loop
-            from .preference import PreferenceRun
+        if spec.preference is not None:  # DPO, ORPO, SimPO (issue 23): their own loop, with this module's parts
+            from .preference import PreferenceRun, Shared
 
-            return PreferenceRun(self, request, emit, log).train()
+            shared = Shared(read_roots, _callbacks, _answers, _quality, _last_train_loss, versions)
+            return PreferenceRun(self, shared, request, emit, log).train()
         timings: dict[str, float] = {}  # where the job's time went, for benchmarks and the curious
         t0 = time.perf_counter()
         key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code,
