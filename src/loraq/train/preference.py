@@ -304,6 +304,15 @@ def evaluate_pairs(model: Any, items: list[dict[str, Any]], collator: PairCollat
                     **{k: v / max(1, n) for k, v in sums.items()})
 
 
+def reference_eval(items: list[dict[str, Any]]) -> PairEval:
+    """DPO's eval of the reference itself, from the log-probabilities :func:`add_reference` put in ``items``:
+    the policy is the reference, so the loss is ln 2 and the rewards are 0 (no second pass over the pairs)."""
+    n = max(1, len(items))
+    return PairEval(loss=math.log(2.0), accuracy=sum(i["ref_chosen"] > i["ref_rejected"] for i in items) / n,
+                    logps_chosen=sum(i["ref_chosen"] for i in items) / n,
+                    logps_rejected=sum(i["ref_rejected"] for i in items) / n, reward_margin=0.0)
+
+
 def add_reference(model: Any, items: list[dict[str, Any]], collator: PairCollator, batch_size: int, *,
                   disable_adapter: bool) -> None:
     """Put the reference's summed answer log-probabilities into each item (``ref_chosen``, ``ref_rejected``).
@@ -448,9 +457,14 @@ class PreferenceRun:
                 log(f"warm start: LoRA weights loaded from {request.job.init_from_path}")
             if method.uses_reference:
                 add_reference(model, pairs.train + pairs.eval, collator, batch, disable_adapter=not warm)
-            start = evaluate_pairs(model, pairs.eval, collator, method, batch)
-            with model.disable_adapter():
-                base = evaluate_pairs(model, pairs.eval, collator, method, batch)
+                start = reference_eval(pairs.eval)  # the model as it starts is the reference
+            else:
+                start = evaluate_pairs(model, pairs.eval, collator, method, batch)
+            if warm or spec.lora.init != "default":  # else the fresh LoRA (B = 0) is the base exactly
+                with model.disable_adapter():
+                    base = evaluate_pairs(model, pairs.eval, collator, method, batch)
+            else:
+                base = start
             timings["reference_s"] = time.perf_counter() - t0
             if not math.isfinite(start.loss):
                 raise TrainingError(f"base model {key.path} gives a non-finite {method.type} loss ({start.loss}) "
