@@ -108,6 +108,11 @@ def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
         "dataset": spec.get("dataset_path"),
         "dataset rows": spec.get("dataset_rows"),
         "sweep": inner.get("group"),
+        # preference tuning (issue 23): dpo beta 0.1, after sft
+        "method": " ".join([str(_mapping(inner.get("method")).get("type")), *(
+            f"{k} {v}" for k, v in sorted(_mapping(inner.get("method")).items()) if v is not None and k not in (
+                "type", "loss"))]) + (f", after {inner['after']}" if inner.get("after") else "")
+        if isinstance(inner.get("method"), dict) else None,
         "LoRA": ", ".join(f"{k} {lora[k]}" for k in ("r", "alpha", "dropout", "target_modules") if k in lora) or None,
         "training": ", ".join(f"{k} {training[k]}" for k in ("max_steps", "epochs", "learning_rate", "batch_size",
                                                             "max_seq_len") if training.get(k) is not None) or None,
