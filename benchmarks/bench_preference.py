@@ -119,7 +119,8 @@ def accuracy(model_dir: str, adapter: str | None, rows: list[dict[str, Any]], ma
         model = PeftModel.from_pretrained(model, adapter)
     items, _, _, _ = encode_pairs(rows, "preference", tokenizer, max_seq_len, None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return evaluate_pairs(model, items, PairCollator(pad), PreferenceMethod(type="dpo", beta=0.1), 8).accuracy
+    # the accuracy is the summed margin's sign whatever the method; simpo's loss needs no reference pass
+    return evaluate_pairs(model, items, PairCollator(pad), PreferenceMethod(type="simpo"), 8).accuracy
 
 
 def main() -> None:
@@ -158,6 +159,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = run_loraq(work, model, args)
     loraq_wall = time.perf_counter() - t0
+    print(f"  loraq done: {json.dumps(ours)}; load average {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--child", "trl", "--model", model, "--data",
                             str(work / "train.jsonl"), "--out", str(work / "trl"), "--epochs", str(args.epochs),
@@ -169,6 +171,7 @@ def main() -> None:
         raise SystemExit(f"TRL failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
     theirs = json.loads(child.stdout.strip().splitlines()[-1])
     theirs["adapter"] = str(work / "trl" / "adapter")
+    print(f"  trl done: {json.dumps(theirs)}; load average {os.getloadavg()[0]:.1f}", flush=True)
     base_acc = accuracy(model, None, held, args.max_seq_len)
     for ran in (ours, theirs):
         ran["accuracy"] = accuracy(model, ran["adapter"], held, args.max_seq_len)

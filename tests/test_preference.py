@@ -285,7 +285,12 @@ def test_a_dpo_job_trains_through_the_queue_and_publishes_a_plain_peft_lora(pair
     queue = write_queue(pairs_dir, QUEUE + "  - name: dpo\n    dataset: ./data/pairs.jsonl\n"
                         "    method: {type: dpo, beta: 0.5}\n    validation: {min_preference_accuracy: 0.5}\n"
                         "  - name: oai-simpo\n    dataset: ./data/openai.jsonl\n    method: simpo\n"
-                        "    training: {epochs: 1}\n")
+                        "    training: {epochs: 1}\n"
+                        "  - name: warm\n    after: sft\n    dataset: ./data/pairs.jsonl\n    method: dpo\n"
+                        "    training: {epochs: 1}\n"
+                        "  - name: sft\n    dataset: ./data/sft.jsonl\n    training: {max_steps: 3}\n")
+    write_jsonl(pairs_dir / "data" / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                   for r in pairs_rows(20)])
     loraq(home, "submit", str(queue))
     loraq(home, "run")
     jobs = {j["name"]: j for j in json.loads(loraq(home, "status", "--json").stdout)["jobs"]}
@@ -316,3 +321,7 @@ def test_a_dpo_job_trains_through_the_queue_and_publishes_a_plain_peft_lora(pair
     simpo = json.loads((home / "adapters" / "oai-simpo" / "loraq-manifest.json").read_text())
     assert simpo["method"]["type"] == "simpo" and simpo["method"]["reference"] == "none"
     assert simpo["dataset"]["n_train"] == 16
+    warm = json.loads((home / "adapters" / "warm" / "loraq-manifest.json").read_text())["method"]
+    assert (warm["type"], warm["after"], warm["reference"]) == ("dpo", "sft", "the starting adapter")
+    assert warm["started_from"] == str(home / "adapters" / "sft")
+    assert "started from" in (home / "adapters" / "warm" / "README.md").read_text()
