@@ -306,6 +306,8 @@ def test_a_dpo_job_trains_through_the_queue_and_publishes_a_plain_peft_lora(pair
     logged = {m["name"] for m in shown["metrics"]}
     assert {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= logged
     assert "preference_accuracy: base" in loraq(home, "show", "dpo").stdout
+    report = loraq(home, "report", "--format", "md", "-o", str(pairs_dir / "report.md"))
+    assert report.returncode == 0 and "preference_accuracy" in (pairs_dir / "report.md").read_text()
 
     folder = home / "adapters" / "dpo"
     manifest = json.loads((folder / "loraq-manifest.json").read_text())
