@@ -125,7 +125,8 @@ def describe_pairs(stats: dict[str, Any]) -> list[str]:
     """The ``--dry-run`` lines of a preference job's pairs."""
     method = stats["method"]
     lines = [f"pairs: {stats['pairs']} ({stats['format']} sides), method {method['type']} "
-             + ", ".join(f"{k} {v}" for k, v in method.items() if k != "type" and v is not None)]
+             + ", ".join(f"{k} {v}" for k, v in method.items()
+                         if k != "type" and v is not None and (k != "loss" or method["type"] == "dpo"))]
     for side in ("chosen", "rejected"):
         if side in stats:
             s = stats[side]
