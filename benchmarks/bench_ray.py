@@ -81,11 +81,11 @@ def run_once(root: Path, executor: str, args: argparse.Namespace, tag: str) -> d
 
     done: list[float] = []
 
-    def observer(kind: str, info: dict[str, Any]) -> None:
-        if kind == "completed":
+    def observer(event: api.RunEvent) -> None:
+        if isinstance(event, api.Completed):
             done.append(time.perf_counter())
-        elif kind == "failed":
-            raise SystemExit(f"{tag}: job {info.get('name')} failed: {info.get('reason')}")
+        elif isinstance(event, api.JobFailed):
+            raise SystemExit(f"{tag}: job {event.name} failed: {event.reason}")
 
     t0 = time.perf_counter()
     ex = api.make_executor(home, api.RunOptions(executor=executor, devices="cpu"))

@@ -113,7 +113,7 @@ def test_the_adapter_a_waiting_job_starts_from_is_recorded_only_under_its_lease(
     assert store.bind_warm_start(b.job.id, b.epoch - 1, path="/x", sha256="0" * 64, after="a") is None
     bound = store.bind_warm_start(b.job.id, b.epoch, path="/home/adapters/a", sha256="1" * 64, after="a")
     assert bound is not None and bound == store.job("b")
-    assert (bound.spec["init_from_path"], bound.spec["init_from_sha256"]) == ("/home/adapters/a", "1" * 64)
+    assert (bound.spec.init_from_path, bound.spec.init_from_sha256) == ("/home/adapters/a", "1" * 64)
     assert store.events("b")[-1].reason == "after: a completed; starts from its adapter /home/adapters/a"
 
 

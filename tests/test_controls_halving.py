@@ -122,7 +122,7 @@ def test_halving_prunes_the_worse_half_each_round_and_the_survivors_resume_from_
     assert slow.error_kind == mid.error_kind == "halving"
     assert slow.error.startswith("halving: round 1 of 3, eval loss ") and "ranked 3 of 3: pruned" in slow.error
     assert mid.error.startswith("halving: round 2 of 3, eval loss ") and "ranked 2 of 2: pruned" in mid.error
-    assert best.progress_step == 8 and best.spec["spec"]["training"]["max_steps"] == 8
+    assert best.progress_step == 8 and best.spec.settings.training["max_steps"] == 8
 
     # Only the survivor is published; the pruned ones were never trained further.
     published = sorted(p.name for p in (home / "adapters").iterdir() if not p.name.startswith("."))
@@ -169,11 +169,11 @@ def test_a_round_is_decided_once_in_the_transaction_of_the_event_that_ends_it(tm
         assert store.claim(worker, lease_s=60) is None  # waiting jobs are held until their round is decided
         store.fail(claims["c"].job.id, claims["c"].epoch, kind="data", reason="bad row", retryable=False)
         after = {job.name: job for job in store.jobs()}
-        assert after["c"].status == "failed" and "failed or cancelled, counted as worst" in after["c"].spec["halving"]["why"]
+        assert after["c"].status == "failed" and "failed or cancelled, counted as worst" in after["c"].halving.why
         for name in ("a", "b"):  # ceil(3 / 2) = 2 go on, each to round 2's share
             assert after[name].status == "pending" and after[name].not_before == 0
-            assert after[name].spec["halving"]["round"] == 2 and after[name].spec["spec"]["training"]["max_steps"] == 4
-        assert [h["rank"] for h in after["b"].spec["halving"]["history"]] == [1]
+            assert after[name].halving.round == 2 and after[name].spec.settings.training["max_steps"] == 4
+        assert [h["rank"] for h in after["b"].halving.history] == [1]
         assert store.decide_rounds() == 0  # already decided: never twice
         decided = [e.reason for e in store.events() if e.reason and e.reason.startswith("halving: sweep g round 1")]
         assert decided == ["halving: sweep g round 1 of 3 decided: 1. b, 2. a, 3. c (pruned)"]
@@ -207,7 +207,7 @@ def test_two_sweeps_of_one_name_never_share_a_round(tmp_path: Path) -> None:
         for loss, name in enumerate(first, start=1):  # the first sweep ends its round 1
             assert store.end_round(claims[name].job.id, claims[name].epoch, steps=2, eval_loss=float(loss))
         after = {job.name: job for job in store.jobs()}
-        kept = [n for n in first if after[n].status == "pending" and after[n].spec["halving"]["round"] == 2]
+        kept = [n for n in first if after[n].status == "pending" and after[n].halving.round == 2]
         assert len(kept) == 1 and sum(after[n].status == "cancelled" for n in first) == 1
         # the second sweep's round 1 is still going on: it was not decided with the first one's
         assert all(after[n].status == "running" for n in second)

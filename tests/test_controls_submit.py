@@ -36,7 +36,7 @@ def loraq(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def stored(home: Path) -> dict[str, dict]:
     with Store.open(Home(home).db_path, create=False) as store:
-        return {job.name: job.spec for job in store.jobs()}
+        return {job.name: job.spec.doc for job in store.jobs()}
 
 
 def test_a_sweep_expands_into_stably_named_jobs_of_one_group_and_a_second_submit_adds_nothing(workdir: Path) -> None:

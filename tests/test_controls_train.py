@@ -64,12 +64,12 @@ def eval_loss_on_plain_base(base: Path, adapter: Path, job) -> float:
     from loraq.model.batching import Collator
     from loraq.model.evaluation import evaluate_loss
     from loraq.protocol import JobInput
-    from loraq.train.service import prepare
+    from loraq.train.prepare import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    prepared = prepare(JobInput.of_stored(job.spec), tokenizer)
+    prepared = prepare(JobInput.of_stored(job.spec.doc), tokenizer)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
     model.eval()
     return evaluate_loss(model, prepared.eval, Collator(pad_id=tokenizer.pad_token_id), 8)
@@ -222,9 +222,9 @@ jobs:
     done = jobs(home)
     oom = done["oom"]
     assert oom.status == "completed" and oom.attempts == 1 and oom.max_retries == 0  # no attempt used by the back-off
-    training = oom.spec["spec"]["training"]
+    training = oom.spec.settings.training
     assert (training["batch_size"], training["grad_accum"], training["gradient_checkpointing"]) == (2, 2, False)
-    (adjusted,) = oom.spec["oom_adjustments"]
+    (adjusted,) = oom.spec.oom_adjustments
     assert adjusted["step"] == 3 and adjusted["resume_step"] == 2
     assert adjusted["before"] == {"batch_size": 4, "grad_accum": 1, "gradient_checkpointing": False}
     assert adjusted["after"] == {"batch_size": 2, "grad_accum": 2, "gradient_checkpointing": False}
@@ -267,7 +267,7 @@ jobs:
     assert job.error.startswith("out of memory on cpu even at micro-batch 1 (grad_accum 2) with gradient "
                                 "checkpointing: asked for 128.00 MiB more (RuntimeError: [enforce fail at "
                                 "alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
-    steps = [(a["before"], a["after"]) for a in job.spec["oom_adjustments"]]
+    steps = [(a["before"], a["after"]) for a in job.spec.oom_adjustments]
     assert steps == [
         ({"batch_size": 2, "grad_accum": 1, "gradient_checkpointing": False},
          {"batch_size": 1, "grad_accum": 2, "gradient_checkpointing": False}),
@@ -286,5 +286,5 @@ jobs:
                                                        "LORAQ_TEST_FAULT": "cpu-oom@2:nogc"})
     assert ran.returncode == 0, ran.stdout + ran.stderr
     job = jobs(home2)["checkpointed"]
-    assert job.status == "completed" and job.spec["spec"]["training"]["gradient_checkpointing"] is True
+    assert job.status == "completed" and job.spec.settings.training["gradient_checkpointing"] is True
     assert "gradient checkpointing False → True" in loraq(home2, "show", "checkpointed").stdout

@@ -38,7 +38,8 @@ def test_the_back_off_keeps_the_examples_per_step_then_checkpoints_then_gives_up
 
 
 def test_the_fault_hook_grammar_and_the_real_exceptions_it_raises() -> None:
-    from loraq.train.controls import Fault, asked
+    from loraq.train.controls import asked
+    from loraq.train.faults import Fault
 
     fault = Fault.parse("cuda-oom@3:batch>2:nogc")
     assert fault == Fault("cuda-oom", 3, 2, True)

@@ -19,7 +19,7 @@ from loraq.data.check import DatasetReport, TokenCache, TokenStats
 from loraq.errors import DataError
 from loraq.protocol import JobInput
 from loraq.queue.spec import JobSpec, Queue, QueueSettings, ResolvedJob
-from loraq.train.service import prepare
+from loraq.train.prepare import prepare
 
 
 @pytest.fixture(scope="session")

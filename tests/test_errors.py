@@ -63,7 +63,7 @@ BUG = "LORAQ-TEST-BUG-7f3a"
 
 @pytest.mark.slow
 def test_a_bug_in_the_trainer_is_retried_once_then_fails_and_three_such_jobs_pause_the_queue(workdir: Path) -> None:
-    """A real trainer hits an exception loraq does not recognise (injected: see train/service.py)."""
+    """A real trainer hits an exception loraq does not recognise (injected: see train/faults.py)."""
     rows = [json.loads(line) for line in (workdir / "data" / "sql.jsonl").read_text().splitlines()]
     rows[0]["completion"] += f" {BUG}"
     (workdir / "data" / "buggy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,9 +77,9 @@ def test_a_bug_in_the_trainer_is_retried_once_then_fails_and_three_such_jobs_pau
                          env=env, timeout=600)
     assert ran.returncode == 1, ran.stdout + ran.stderr
 
-    source = (Path(__file__).parents[1] / "src" / "loraq" / "train" / "service.py").read_text().splitlines()
+    source = (Path(__file__).parents[1] / "src" / "loraq" / "train" / "faults.py").read_text().splitlines()
     line = next(i for i, text in enumerate(source, 1) if 'raise RuntimeError(f"injected bug' in text)
-    error = f"RuntimeError: injected bug: a row holds '{BUG}' (raised at loraq/train/service.py:{line})"
+    error = f"RuntimeError: injected bug: a row holds '{BUG}' (raised at loraq/train/faults.py:{line})"
     with Store.open(Home(home).db_path, create=False) as store:
         for name in ("buggy-0", "buggy-1", "buggy-2"):
             job = store.job(name)
@@ -88,7 +88,7 @@ def test_a_bug_in_the_trainer_is_retried_once_then_fails_and_three_such_jobs_pau
             assert job.error == f"{error}; the same error as attempt 1, so it is not retried again"
             assert (first.outcome, first.error_kind, first.retryable, first.reason) == ("retry", "internal", 1, error)
             assert (second.outcome, second.retryable) == ("failed", 0)  # two attempts of the three it had (max_retries 2)
-            assert "Traceback" in second.traceback and "_injected_bug" in second.traceback
+            assert "Traceback" in second.traceback and "injected_bug" in second.traceback
         assert store.job("buggy-3").status == "pending" and store.job("buggy-3").attempts == 0
         state = store.queue_state()
     assert state.paused and state.pause_reason.startswith("3 jobs in a row failed with the same internal error")

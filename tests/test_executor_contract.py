@@ -1,10 +1,11 @@
 """One contract, every executor: what the worker relies on holds for local processes and Ray actors alike.
 
-Each test runs against both executors ("local": a trainer process per device;
-"ray": a Ray actor per device, on one Ray instance shared by this module). The
-worker, the store and the files on disk must not be able to tell them apart:
-a queue completes, a cancelled job stops, a trainer killed mid-job is retried and
-resumes from its checkpoint, and the results have the same shape.
+Each test runs against every executor ("scripted": stand-in trainers that do not
+train, tests/scripted_trainers.py, on the fast tier; "local": a trainer process per
+device, and "ray": a Ray actor per device on one Ray instance shared by this module,
+both on the slow tier). The worker, the store and the files on disk must not be able
+to tell them apart: a queue completes, a cancelled job stops, a trainer killed
+mid-job is retried and resumes from its checkpoint, and the results have the same shape.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from typing import Any
 
 import pytest
 
+import scripted_trainers
 from conftest import THREE_JOBS, TINY_DEFAULTS, write_queue
 from loraq import api, checkpoints
 from loraq.queue.store import WorkerId
 from loraq.supervisor.worker import RunSummary, Worker, WorkerConfig
 from loraq.workspace import Home
 
-pytestmark = pytest.mark.slow
+KINDS = ["scripted", pytest.param("local", marks=pytest.mark.slow),
+         pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.ray])]
 
-KINDS = ["local", pytest.param("ray", marks=pytest.mark.ray)]
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Any:
@@ -46,14 +48,13 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-Observer = Callable[[str, dict[str, Any]], None]
-
-
-def run_queue(kind: str, home: Home, *, devices: str = "cpu", observer: Observer | None = None,
+def run_queue(kind: str, home: Home, *, devices: str = "cpu", observer: api.Observer | None = None,
               on_executor: Callable[[Any], None] | None = None) -> RunSummary:
     """Work the queue with a worker on ``kind``'s executor (what `loraq run --executor KIND` does)."""
-    options = api.RunOptions(executor=kind, devices=devices)
-    executor = api.make_executor(home, options)
+    if kind == "scripted":
+        executor: Any = scripted_trainers.make(devices, home)
+    else:
+        executor = api.make_executor(home, api.RunOptions(executor=kind, devices=devices))
     if on_executor:
         on_executor(executor)
     config = WorkerConfig(heartbeat_s=0.5, poll_s=0.05)
@@ -122,6 +123,7 @@ def test_a_queue_completes(kind: str, finished: Callable[[str], Home]) -> None:
     assert not list(home.jobs_dir.glob("*/attempt-*/staging"))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_results_are_identical_in_shape(finished: Callable[[str], Home], request: pytest.FixtureRequest) -> None:
     pytest.importorskip("ray")
@@ -163,9 +165,9 @@ jobs:
 """)
     steps: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
-        if event == "progress" and info["name"] == "long":
-            steps.append(info["event"].step)
+    def observer(event: api.RunEvent) -> None:
+        if isinstance(event, api.JobProgress) and event.name == "long":
+            steps.append(event.event.step)
             if len(steps) == 2:
                 api.cancel(home, ["long"])
 
@@ -192,9 +194,9 @@ jobs:
     holder: dict[str, Any] = {}
     killed: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
+    def observer(event: api.RunEvent) -> None:
         # Step 4's progress comes after checkpoint 3 has been stored in the home (events keep their order).
-        if event == "progress" and info["event"].step >= 4 and not killed:
+        if isinstance(event, api.JobProgress) and event.event.step >= 4 and not killed:
             executor = holder["executor"]
             slot = next(s for s in getattr(executor, "all_slots", executor.slots) if s.job_id is not None)
             assert checkpoints.newest_complete(home.job_dir(slot.job_id)) is not None
@@ -229,10 +231,10 @@ jobs:
 """)
     expired: list[int] = []
 
-    def observer(event: str, info: dict[str, Any]) -> None:
+    def observer(event: api.RunEvent) -> None:
         # As if this worker had been frozen past its lease: its lease runs out and a sweep
         # puts the job back in the queue while the trainer is still training.
-        if event == "progress" and info["event"].step >= 4 and not expired:
+        if isinstance(event, api.JobProgress) and event.event.step >= 4 and not expired:
             with Store.open(home.db_path, create=False) as other:
                 job = other.job("fenced")
                 other.heartbeat(job.id, job.epoch, lease_s=-1.0)
@@ -246,3 +248,21 @@ jobs:
     assert [a.error_kind for a in attempts] == ["lost", None] and attempts[1].outcome == "completed"
     manifest = json.loads((home.adapter_dir("fenced") / "loraq-manifest.json").read_text())
     assert (manifest["attempt"], manifest["epoch"]) == (2, attempts[1].epoch)  # published by the new owner only
+
+
+# ---------------------------------------------------------------- the stand-in keeps the protocol
+
+
+def test_the_scripted_trainers_keep_the_executor_protocol() -> None:
+    """The fast tier's stand-in answers every call the worker makes, with the parameters the real executors take."""
+    import inspect
+
+    from loraq.executors.base import Executor
+    from loraq.executors.local import LocalExecutor
+
+    for name in ("start", "submit", "poll", "stop_job", "kill", "recycle", "shutdown"):
+        want = [(p.name, p.kind) for p in inspect.signature(getattr(Executor, name)).parameters.values()]
+        for executor in (scripted_trainers.ScriptedTrainers, LocalExecutor):
+            got = [(p.name, p.kind) for p in inspect.signature(getattr(executor, name)).parameters.values()]
+            assert got[: len(want)] == want, (executor.__name__, name)
+    assert isinstance(scripted_trainers.ScriptedTrainers([], log_dir=Path(".")).slots, list)

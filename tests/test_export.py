@@ -275,3 +275,31 @@ def test_a_gguf_export_cut_short_keeps_the_old_file_or_the_new_one(project: Path
     assert written is not None and target.read_bytes().startswith(b"GGUF\x03")
     with pytest.raises(ExportError, match="already exists"):
         api.export(home, "sql", to="gguf", dest=target)
+
+
+def test_gguf_reads_the_adapter_with_the_inspectors_bounded_reader(tmp_path: Path) -> None:
+    """Every float dtype as float32 (bf16 widened by hand); a lying header or a non-float tensor is refused."""
+    from loraq.export.gguf import read_safetensors
+
+    values = np.array([[1.5, -2.0, 0.25], [3.0, 0.0, -0.5]], dtype=np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()  # exact: these values fit in bf16
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(adapters.tensors_to_file({"f32": ("F32", values, (2, 3)), "f16": ("F16", values.astype("<f2"), (2, 3)),
+                                               "f64": ("F64", values.astype("<f8"), (3, 2)), "bf16": ("BF16", bf16, (2, 3))}))
+    got = read_safetensors(path)
+    assert {k: (a.dtype, a.shape) for k, a in got.items()} == {
+        "f32": (np.float32, (2, 3)), "f16": (np.float32, (2, 3)), "f64": (np.float32, (3, 2)), "bf16": (np.float32, (2, 3))}
+    for name in ("f32", "f16", "bf16"):
+        assert np.array_equal(got[name], values), name
+    assert np.array_equal(got["f64"], values.reshape(3, 2))
+
+    path.write_bytes(adapters.pack({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8,
+                                   length=1 << 40))
+    with pytest.raises(ExportError, match="over the .*-byte cap"):
+        read_safetensors(path)
+    path.write_bytes(adapters.tensors_to_file({"x": ("I32", np.zeros(2, dtype="<i4"), (2,))}))
+    with pytest.raises(ExportError, match="dtype I32; expected a float type"):
+        read_safetensors(path)
+    path.write_bytes(adapters.tensors_to_file({"x": ("F32", np.zeros(2, dtype="<f4"), (2,))}) + b"\0" * 4)
+    with pytest.raises(ExportError, match="belong to no tensor"):
+        read_safetensors(path)

@@ -125,3 +125,26 @@ def test_remove_tree_and_stale_tmp(tmp_path: Path) -> None:
     (tmp_path / f"{fsutil.TMP_PREFIX}x").write_text("left by a kill")
     assert len(fsutil.remove_stale_tmp(tmp_path)) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_file_puts_a_librarys_file_in_place_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "model.gguf"
+    with fsutil.writing_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(fsutil.TMP_PREFIX)
+        tmp.write_bytes(b"new")
+        tmp.chmod(0o600)  # as a library may create it
+        assert not target.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    for failing in ("block", "check"):
+        def check(failing: str = failing) -> None:
+            if failing == "check":
+                raise RuntimeError("not replaceable")
+
+        with pytest.raises(RuntimeError), fsutil.writing_file(target, before_replace=check) as tmp:
+            tmp.write_bytes(b"newer")
+            if failing == "block":
+                raise RuntimeError("the library failed")
+        assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["model.gguf"], failing

@@ -74,7 +74,7 @@ def script(request):
 
 seen = []
 executor = ScriptedExecutor(script)
-worker = Worker(home, store, executor, observer=lambda kind, info: seen.append(kind), clock=executor.clock,
+worker = Worker(home, store, executor, observer=lambda event: seen.append(str(event.kind)), clock=executor.clock,
                 config=WorkerConfig(lease_s=60, heartbeat_s=0.05, poll_s=0.005))
 summary = worker.run()
 job = store.job("full")

@@ -321,5 +321,5 @@ def test_the_store_decides_a_round_by_the_score_the_worker_reports(tmp_path: Any
         assert store.end_round(claims["b"].job.id, claims["b"].epoch, steps=2, eval_loss=2.0, metric="rouge_l",
                                score=0.7)
         after = {job.name: job for job in store.jobs()}
-        assert after["b"].status == "pending" and after["b"].spec["halving"]["round"] == 2
+        assert after["b"].status == "pending" and after["b"].halving is not None and after["b"].halving.round == 2
         assert after["a"].status == "cancelled" and "rouge_l 0.2000 ranked 2 of 2" in after["a"].error

@@ -371,7 +371,7 @@ def test_a_clone_cannot_join_a_sweep_or_start_one(workdir: Path) -> None:
     assert cli("clone", child, "copy", home=home)[0] == 0
     with Store.open(Home(home).db_path, create=False) as store:
         copy = next(job for job in store.jobs() if job.name == "copy")
-    assert copy.spec["spec"]["group"] is None
+    assert copy.spec.settings.group is None
 
 
 def test_the_documented_ranges_are_the_spec_models_own() -> None:

@@ -55,8 +55,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "export": {"errors", "escape", "fsutil", "inspect", "data", "sandbox"},
     # submit's steps beyond the schema (warm starts, auto values, sweeps' identity, clones): torch-free
     "submitting": {"errors", "fsutil", "inspect", "queue", "sandbox", "workspace"},
+    # sandbox: a path named on the command line and refused becomes the command's error (path_errors_as)
     "api": {"errors", "workspace", "queue", "data", "executors", "supervisor", "inspect", "report", "demo", "export",
-            "submitting", "views"},
+            "submitting", "views", "sandbox"},
     "loraq": {"api", "errors", "workspace"},
     # service: the OpenAI-style /v1 API over the api (jobs through api.submit_document), its keys and files;
     # data: an upload is checked by the reader submit uses; checkpoints: a job's checkpoint folders.
@@ -69,6 +70,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 
 SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.executors.base", "loraq.executors.local",
               "loraq.api", "loraq.cli", "loraq.queue.spec", "loraq.report", "loraq.supervisor.publish",
+              "loraq.supervisor.events",
               "loraq.checkpoints", "loraq.fsutil", "loraq.workspace", "loraq.inspect", "loraq.inspect.on_base",
               "loraq.inspect.safetensors", "loraq.inspect.lora_config", "loraq.queue.records", "loraq.queue.migrations",
               "loraq.data", "loraq.data.encoding", "loraq.data.check", "loraq.protocol", "loraq.errors",
@@ -78,7 +80,7 @@ SUPERVISOR = ["loraq", "loraq.queue.store", "loraq.supervisor.worker", "loraq.ex
               "loraq.submitting", "loraq.queue.sweep", "loraq.queue.auto", "loraq.queue.controls",
               "loraq.inspect.warm_start", "loraq.escape", "loraq.safeyaml", "loraq.sandbox",
               "loraq.data.packing", "loraq.data.tokenizer", "loraq.data.templates", "loraq.queue.dbfile",
-              "loraq.queue.listing", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
+              "loraq.queue.listing", "loraq.queue.rounds", "loraq.queue.failures", "loraq.views", "loraq.notices", "loraq.inspect.verdict", "loraq.model.graders",
               "loraq.model.judge", "loraq.service", "loraq.service.app",
               "loraq.service.state", "loraq.service.jobs", "loraq.service.files", "loraq.service.generate",
               "loraq.service.completions"]

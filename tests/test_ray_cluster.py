@@ -71,9 +71,9 @@ def test_a_node_lost_mid_job_loses_nothing(cluster: Any, workdir: Path) -> None:
     started: list[tuple[str, str]] = []  # (job, node) in the order jobs started
     outcome: dict[str, Any] = {}
 
-    def observer(event: str, info: dict[str, Any]) -> None:
-        if event == "started":
-            started.append((info["name"], info["event"].node))
+    def observer(event: api.RunEvent) -> None:
+        if isinstance(event, api.JobStarted):
+            started.append((event.name, event.event.node))
 
     def pull_the_plug() -> None:
         """Once the long job's first checkpoint is in the home, kill its node."""

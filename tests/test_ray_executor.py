@@ -85,8 +85,8 @@ def executor_with_job(tmp_path: Path, *, resume_from: str | None = None) -> tupl
                            checkpoints_dir=str(attempt / "checkpoints"), staging_dir=str(attempt / "staging"),
                            resume_from=resume_from)
     executor = RayExecutor(home=home, devices="cpu")
-    slot = Slot(index=0, device="cpu", ready=True, job_id=7)
-    slot.handle = _ActorState(actor=FakeActor(), stream=None, request=request)
+    slot = Slot(index=0, device="cpu", ready=True, job_id=7,
+                handle=_ActorState(actor=FakeActor(), stream=None, request=request))
     executor.all_slots = [slot]
     return executor, slot, request
 

@@ -464,3 +464,46 @@ def test_an_empty_database_file_is_reported_and_left_as_it_is(tmp_path: Path) ->
         assert c.get("/report").status_code == 503 and c.get("/jobs/1").status_code == 503
     assert home.db_path.read_bytes() == b""
 
+
+
+def test_every_page_stream_runs_one_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step sees the opening, each change and each quiet wait; keep-alive after KEEPALIVE_S of silence; the
+    stream ends when the step or the feed says so, and always unsubscribes."""
+    import asyncio
+
+    from loraq.serve import app as app_module
+    from loraq.serve.feed import Change
+
+    monkeypatch.setattr(app_module, "KEEPALIVE_S", 0.025)
+
+    class OneFeed:
+        unsubscribed = 0
+
+        def unsubscribe(self, queue: object) -> None:
+            self.unsubscribed += 1
+
+    async def run(script: list[object], answers: dict[str, tuple[list[str], bool]]) -> tuple[list[str], list[str]]:
+        subscription: asyncio.Queue[Change | None] = asyncio.Queue()
+        seen: list[str] = []
+
+        async def step(news: object) -> tuple[list[str], bool]:
+            kind = ("open" if news is None else "change" if isinstance(news, Change) else "quiet")
+            seen.append(kind)
+            if kind == "quiet" and seen.count("quiet") == 4:
+                return answers.get("fourth quiet", ([], True))
+            if kind == "quiet" and script:
+                item = script.pop(0)
+                await subscription.put(item)  # type: ignore[arg-type]
+            return answers.get(kind, ([], True))
+
+        sent = [event async for event in app_module._stream(feed, subscription, step, wait_s=0.01)]  # type: ignore[arg-type]
+        return seen, sent
+
+    feed = OneFeed()
+    change = Change(seq=1, rows=[], counts={}, groups={}, queue=None)
+    seen, sent = asyncio.run(run([change, None], {"open": (["opened"], True), "change": (["changed"], True)}))
+    assert seen == ["open", "quiet", "change", "quiet"] and sent == ["retry: 2000\n\n", "opened", "changed"]
+    seen, sent = asyncio.run(run([], {"fourth quiet": (["last"], False)}))
+    assert seen == ["open", "quiet", "quiet", "quiet", "quiet"]
+    assert sent == ["retry: 2000\n\n", ": keep-alive\n\n", "last"]  # the third quiet wait of 0.01 s passes 0.025 s
+    assert feed.unsubscribed == 2

@@ -142,7 +142,7 @@ def test_the_trainer_refuses_a_job_whose_submit_time_encoding_differs_and_says_w
     from loraq.errors import FailureKind, TrainingError
     from loraq.protocol import JobInput
     from loraq.queue.spec import JobSpec
-    from loraq.train.service import prepare
+    from loraq.train.prepare import prepare
 
     other = demo.build_model(tmp_path / "other", seed=1, pretrain_steps=1)
     base = tmp_path / "base"

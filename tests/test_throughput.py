@@ -21,7 +21,7 @@ from loraq.model.batching import Collator
 from loraq.model.evaluation import evaluate_loss
 from loraq.protocol import JobInput
 from loraq.queue.store import Job, Store
-from loraq.train.service import prepare
+from loraq.train.prepare import prepare
 from loraq.workspace import Home
 
 pytestmark = pytest.mark.slow
@@ -46,12 +46,11 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def run_queue(project: Path, home: Path, body: str, **options: Any) -> tuple[api.RunResult, list[tuple[str, dict]]]:
+def run_queue(project: Path, home: Path, body: str, **options: Any) -> tuple[api.RunResult, list[api.RunEvent]]:
     queue = write_queue(project, TINY_DEFAULTS + body, name=f"{home.name}.yaml")
     api.submit(queue, home=Home(home))
-    seen: list[tuple[str, dict]] = []
-    result = api.run(Home(home), api.RunOptions(devices="cpu", **options),
-                     observer=lambda kind, info: seen.append((kind, info)))
+    seen: list[api.RunEvent] = []
+    result = api.run(Home(home), api.RunOptions(devices="cpu", **options), observer=seen.append)
     return result, seen
 
 
@@ -93,8 +92,8 @@ def test_a_queue_interleaving_two_bases_runs_grouped_by_base_and_loads_each_once
     assert [r["base_reused"] for r in results] == [False, True, False, True]
     assert [r["base_loads"] for r in results] == [1, 1, 2, 2]  # each base loaded once, in one trainer process
     assert len({r["pid"] for r in results}) == 1
-    started = [info for kind, info in interleaved["seen"] if kind == "started"]
-    assert [(e["name"], e["event"].base_reused) for e in started] == [("a1", False), ("a2", True), ("b1", False), ("b2", True)]
+    started = [e for e in interleaved["seen"] if isinstance(e, api.JobStarted)]
+    assert [(e.name, e.event.base_reused) for e in started] == [("a1", False), ("a2", True), ("b1", False), ("b2", True)]
 
 
 def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], project: Path) -> None:
@@ -111,7 +110,7 @@ def test_each_adapter_was_trained_on_its_own_base(interleaved: dict[str, Any], p
             continue
         # The published adapter on a fresh load of its base reproduces the eval loss the job recorded.
         tokenizer = AutoTokenizer.from_pretrained(base)
-        rows = prepare(JobInput.of_stored(job.spec), tokenizer).eval
+        rows = prepare(JobInput.of_stored(job.spec.doc), tokenizer).eval
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
         loss = evaluate_loss(model, rows, Collator(tokenizer.pad_token_id), 8)
         assert loss == pytest.approx(job.eval_loss, rel=1e-4)
@@ -154,8 +153,8 @@ jobs:
     assert all(j.attempts == 1 for j in jobs)
     pids = [j.result["pid"] for j in jobs]
     assert pids[0] == pids[1] != pids[2]
-    recycled = [info for kind, info in seen if kind == "recycled"]
-    assert len(recycled) == 1 and recycled[0]["rss_mb"] == jobs[1].result["memory"]["rss_mb"]
+    recycled = [e for e in seen if isinstance(e, api.Recycled)]
+    assert len(recycled) == 1 and recycled[0].rss_mb == jobs[1].result["memory"]["rss_mb"]
     assert not _alive(pids[0])  # the old trainer is gone, not left beside the new one
     # The new trainer loads the base afresh.
     assert jobs[2].result["base_reused"] is False and jobs[2].result["base_loads"] == 1

@@ -33,7 +33,8 @@ from loraq.protocol import (
     TrainResult,
 )
 from loraq.queue.spec import JobSpec
-from loraq.train.service import TrainerService, prepare
+from loraq.train.prepare import prepare
+from loraq.train.service import TrainerService
 
 pytestmark = pytest.mark.slow
 

@@ -48,11 +48,13 @@ class ScriptedExecutor:
 
     def start(self) -> None:
         for slot in self.slots:
-            slot.handle = slot.handle or object()
-            slot.ready = self.ready
+            if slot.handle is None:
+                slot.attach(object())
+            if self.ready:
+                slot.became_ready()
 
     def submit(self, slot: Slot, request: TrainRequest) -> None:
-        slot.job_id = request.job_id
+        slot.take(request.job_id)
         self.requests.append(request)
         self.pending.extend((slot, item) for item in self.script(request))
 
@@ -73,7 +75,7 @@ class ScriptedExecutor:
         self.commands.append(("kill", slot.job_id))
         self.pending = [(slot, Exited(returncode=-9, reason="trainer process killed by SIGKILL", was_ready=slot.ready,
                                       log="trainer-0.log"))]
-        slot.handle = None
+        slot.detach()
 
     def recycle(self, slot: Slot) -> None: ...
 

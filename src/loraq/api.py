@@ -15,29 +15,52 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotFoundError, Problem, SpecError, TransitionError, UsageError
-from .queue.store import QueueState, Store
+from .queue.records import QueueState
+from .queue.store import Store
 from .supervisor import publish
-from .views import (  # noqa: F401 (what the read-only commands return: importable from the api, as always)
-    JobRow,
-    QueuePage,
-    ShowResult,
-    StatusResult,
-    adjustment_line,
-    control_lines,
-    describe_halving,
-    follow_log,
-    log_path,
-    newest_log,
-    open_reader,
-    queue_page,
-    show,
-    status,
-    store_exists,
-)
+
+# What `run` tells its observer, and what the read-only commands return: importable from the api.
+from .supervisor.events import Claimed as Claimed
+from .supervisor.events import Completed as Completed
+from .supervisor.events import Fault as Fault
+from .supervisor.events import FaultCleared as FaultCleared
+from .supervisor.events import JobFailed as JobFailed
+from .supervisor.events import JobOomAdjusted as JobOomAdjusted
+from .supervisor.events import JobProgress as JobProgress
+from .supervisor.events import JobStarted as JobStarted
+from .supervisor.events import JobStopped as JobStopped
+from .supervisor.events import LeaseExpired as LeaseExpired
+from .supervisor.events import Lost as Lost
+from .supervisor.events import Observer as Observer
+from .supervisor.events import Reclaimed as Reclaimed
+from .supervisor.events import Recovered as Recovered
+from .supervisor.events import Recycled as Recycled
+from .supervisor.events import RoundEnded as RoundEnded
+from .supervisor.events import RunEvent as RunEvent
+from .supervisor.events import RunEventKind as RunEventKind
+from .supervisor.events import Stalled as Stalled
+from .supervisor.events import Stopping as Stopping
+from .supervisor.events import StoppingNow as StoppingNow
+from .views import JobRow as JobRow
+from .views import QueuePage as QueuePage
+from .views import ShowResult as ShowResult
+from .views import StatusResult as StatusResult
+from .views import adjustment_line as adjustment_line
+from .views import control_lines as control_lines
+from .views import describe_halving as describe_halving
+from .views import follow_log as follow_log
+from .views import log_path as log_path
+from .views import newest_log as newest_log
+from .views import open_reader as open_reader
+from .views import queue_page as queue_page
+from .views import show as show
+from .views import status as status
+from .views import store_exists as store_exists
 from .workspace import Home
 
 if TYPE_CHECKING:
     from .demo import DemoFiles
+    from .executors.base import Executor
     from .inspect import Inspection
 
 #: The version of the CLI's ``--json`` outputs (their ``"version"`` key); see the README.
@@ -131,7 +154,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     from .data import ReadLimits, templates
     from .data import check as datacheck
     from .errors import DataError
-    from .queue.store import NewJob
+    from .queue.records import NewJob
 
     queue_file = label
     try:
@@ -223,7 +246,7 @@ def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allo
         job = store.job(ref)
     label = f"clone of {job.name!r}"
     doc = submitting.clone_doc(job.spec, new_name, list(sets), label)
-    queue_path = Path(job.queue_file or job.spec.get("queue_file") or home.root / "queue.yaml")
+    queue_path = Path(job.queue_file or job.spec.queue_file or home.root / "queue.yaml")
     roots = home.roots(queue_dir=queue_path.parent, extra=allow_roots)
     # A copy is a new submit: remote code needs the operator again (a --set cannot turn it on).
     queue = spec.queue_from_doc(doc, queue_path, roots, where=label,
@@ -286,8 +309,8 @@ class RunResult:
         return self.counts.get("failed", 0) == 0 and not self.interrupted
 
 
-def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> RunResult:
-    """Work the queue until it is empty or paused."""
+def run(home: Home, options: RunOptions | None = None, observer: Observer | None = None) -> RunResult:
+    """Work the queue until it is empty or paused; ``observer`` is told each :data:`RunEvent` as it happens."""
     from .supervisor.worker import Worker, WorkerConfig
 
     options = options or RunOptions()
@@ -303,7 +326,7 @@ def run(home: Home, options: RunOptions | None = None, observer: Any = None) -> 
     return RunResult(summary.completed, summary.failed, summary.requeued, summary.interrupted, summary.paused, counts)
 
 
-def make_executor(home: Home, options: RunOptions) -> Any:
+def make_executor(home: Home, options: RunOptions) -> Executor:
     from .executors.base import parse_devices
     from .executors.local import LocalExecutor
 
@@ -381,15 +404,14 @@ def inspect_adapter(folder: str | Path, *, home: Home, allow_roots: Iterable[str
     :class:`~loraq.errors.InspectionError`.
     """
     from . import inspect as inspector
-    from .errors import InspectionError, PathError
+    from .errors import InspectionError
+    from .sandbox import path_errors_as
 
     named: list[str | Path] = [folder, *([data] if data else [])]
     if base is not None and (base.startswith((".", "/", "~")) or _path_exists(base)):
         named.append(base)
-    try:
+    with path_errors_as(InspectionError):
         roots = home.roots(extra=allow_roots).with_read(*named)
-    except PathError as exc:
-        raise InspectionError(str(exc)) from None
     return inspector.inspect_adapter(folder, roots=roots, base=base, data=str(data) if data else None,
                                      min_eval_loss_drop=min_eval_loss_drop)
 
@@ -568,9 +590,8 @@ def _job_roots(home: Home, name: str, folder: Path, roots: Any) -> list[str]:
         return []  # a damaged state: the folder is read through the command's own roots only
     if job is None or (manifest.get("job_id") is not None and manifest.get("job_id") != job.id):
         return []  # the folder is not this job's adapter: nothing beyond the command's own roots
-    stored = job.spec.get("read_roots")
-    if isinstance(stored, list) and all(isinstance(r, str) for r in stored):
-        return stored
+    if job.spec.read_roots:
+        return list(job.spec.read_roots)
     return [str(Path(job.queue_file).parent)] if job.queue_file else []
 
 
@@ -592,14 +613,13 @@ def _export_base(folder: Path, base: str | None, manifest: dict[str, Any], roots
 
 def _export_data(data: str | Path | None, manifest: dict[str, Any], roots: Any) -> tuple[Path | None, str | None]:
     """Eval rows for the merged model's check: ``data``, else the adapter's own dataset when it can be read."""
-    from .errors import ExportError, PathError
+    from .errors import ExportError
+    from .sandbox import path_errors_as
 
     if data is not None:
         path = Path(data).expanduser()
-        try:
+        with path_errors_as(ExportError):
             roots.check_read(path, what="--data")
-        except PathError as exc:
-            raise ExportError(str(exc)) from None
         if not path.is_file():
             raise ExportError(f"--data {data}: no such file")
         return path, None

@@ -14,14 +14,13 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
 from . import api, notices
 from .errors import LoraqError, ProblemsError
 from .escape import printable, printable_lines
-from .protocol import Progress, Started, TrainResult
 from .workspace import Home
 
 app = typer.Typer(
@@ -227,51 +226,65 @@ class _Progress:
         else:
             _say(text, flush=True)
 
-    def __call__(self, kind: str, info: dict[str, Any]) -> None:
-        name = info.get("name", "")
-        if kind == "progress":
-            progress: Progress = info["event"]
-            text = " ".join(f"{k}={v:.3f}" for k, v in progress.metrics.items() if k in ("loss", "eval_loss"))
-            if self.bars is not None:
-                task = self.tasks.get(name)
-                if task is None:
-                    task = self.tasks[name] = self.bars.add_task(printable(name), total=progress.max_steps, info="")
-                self.bars.update(task, completed=progress.step, total=progress.max_steps, info=text)
-            elif text and not self.quiet:
-                _say(f"[{name}] step {progress.step}/{progress.max_steps} {text}", flush=True)
-        elif kind == "claimed":
-            resume = f", resuming from step {info['resume_step']}" if info.get("resume_step") else ""
-            self._line(f"[{name}] attempt {info['attempt']} on {info['slot']}{resume}")
-        elif kind == "started":
-            started: Started = info["event"]
-            reused = "base reused" if started.base_reused else "base loaded"
-            self._line(f"[{name}] {started.n_train} train / {started.n_eval} eval rows, {started.max_steps} steps, "
-                       f"{reused}, base eval loss {_num(started.base_eval_loss)}")
-        elif kind == "completed":
-            result: TrainResult = info["result"]
-            if self.bars is not None and name in self.tasks:
-                self.bars.update(self.tasks[name], completed=result.steps)
-            self._line(f"[{name}] completed: eval loss {_num(result.base_eval_loss)} -> {_num(result.eval_loss)}, "
-                       f"published to {info.get('adapter')}")
-        elif kind == "failed":
-            final = "failed" if info.get("final") else "attempt failed (will retry)"
-            self._line(f"[{name}] {final}: {info.get('kind')}: {info.get('reason')}")
-        elif kind == "round_ended":
-            self._line(f"[{name}] halving: round {info.get('round')} done at step {info.get('steps')}, eval loss "
-                       f"{_num(info.get('eval_loss'))}; waiting for the round's decision")
-        elif kind in ("stopping", "stopping_now"):
-            what = "asking trainers to checkpoint and stop (again to stop at once)" if kind == "stopping" else "stopping at once"
-            self._line(f"{info.get('signal')}: {what}")
-        elif kind == "stopped":
-            self._line(f"[{name}] stopped at step {info.get('step')}; back in the queue (no attempt used)")
-        elif kind == "oom_adjusted":
-            from .protocol import to_wire
+    def __call__(self, event: api.RunEvent) -> None:
+        match event:
+            case api.JobProgress(name=name, event=progress):
+                text = " ".join(f"{k}={v:.3f}" for k, v in progress.metrics.items() if k in ("loss", "eval_loss"))
+                if self.bars is not None:
+                    task = self.tasks.get(name)
+                    if task is None:
+                        task = self.tasks[name] = self.bars.add_task(printable(name), total=progress.max_steps, info="")
+                    self.bars.update(task, completed=progress.step, total=progress.max_steps, info=text)
+                elif text and not self.quiet:
+                    _say(f"[{name}] step {progress.step}/{progress.max_steps} {text}", flush=True)
+            case api.Claimed(name=name, attempt=attempt, slot=slot, resume_step=resume_step):
+                resume = f", resuming from step {resume_step}" if resume_step else ""
+                self._line(f"[{name}] attempt {attempt} on {slot}{resume}")
+            case api.JobStarted(name=name, event=started):
+                reused = "base reused" if started.base_reused else "base loaded"
+                self._line(f"[{name}] {started.n_train} train / {started.n_eval} eval rows, {started.max_steps} steps, "
+                           f"{reused}, base eval loss {_num(started.base_eval_loss)}")
+            case api.Completed(name=name, adapter=adapter, result=result):
+                if self.bars is not None and name in self.tasks:
+                    self.bars.update(self.tasks[name], completed=result.steps)
+                self._line(f"[{name}] completed: eval loss {_num(result.base_eval_loss)} -> {_num(result.eval_loss)}, "
+                           f"published to {adapter}")
+            case api.JobFailed(name=name, failure=failure, reason=reason, final=final):
+                outcome = "failed" if final else "attempt failed (will retry)"
+                self._line(f"[{name}] {outcome}: {failure}: {reason}")
+            case api.RoundEnded(name=name, round=round_, steps=steps, eval_loss=eval_loss):
+                self._line(f"[{name}] halving: round {round_} done at step {steps}, eval loss "
+                           f"{_num(eval_loss)}; waiting for the round's decision")
+            case api.Stopping(signal=signal):
+                self._line(f"{signal}: asking trainers to checkpoint and stop (again to stop at once)")
+            case api.StoppingNow(signal=signal):
+                self._line(f"{signal}: stopping at once")
+            case api.JobStopped(name=name, step=step):
+                self._line(f"[{name}] stopped at step {step}; back in the queue (no attempt used)")
+            case api.JobOomAdjusted(name=name, line=line):
+                self._line(f"[{name}] oom_adjusted: {line}")
+            # The rest, as a word and its details (the same lines as before the events were typed).
+            case api.Recovered(name=name, job_id=job_id):
+                self._line(f"[{name}] recovered: {dict(job_id=job_id)}")
+            case api.Lost(name=name, why=why):
+                self._line(f"[{name}] lost: {dict(why=why)}")
+            case api.Stalled(name=name):
+                self._line(f"[{name}] stalled: {{}}")
+            case api.Reclaimed(job_id=job_id) | api.LeaseExpired(job_id=job_id):
+                self._line(f"[queue] {event.kind.value}: {dict(job_id=job_id)}")
+            case api.Recycled(slot=slot, rss_mb=rss_mb, baseline_mb=baseline_mb):
+                self._line(f"[queue] recycled: {dict(slot=slot, rss_mb=rss_mb, baseline_mb=baseline_mb)}")
+            case api.Fault(reason=reason):
+                self._line(f"[queue] fault: {dict(reason=reason)}")
+            case api.FaultCleared(done=done):
+                self._line(f"[queue] fault_cleared: {dict(done=done)}")
+            case _:
+                _unknown(event)
 
-            self._line(f"[{name}] oom_adjusted: {api.adjustment_line(to_wire(info['event']))}")
-        elif kind in ("recovered", "reclaimed", "lease_expired", "lost", "stalled", "recycled", "fault",
-                      "fault_cleared"):
-            detail = {k: v for k, v in info.items() if k != "name"}
-            self._line(f"[{name or 'queue'}] {kind}: {detail}")
+
+def _unknown(event: NoReturn) -> NoReturn:
+    """mypy proves every kind of run event handled above (Python 3.10 has no ``typing.assert_never``)."""
+    raise AssertionError(f"unknown run event {event!r}")
 
 
 @app.command()
@@ -338,8 +351,8 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         for job in members:
             progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
             note = job.verdict or ""
-            if job.error_kind == "halving" and job.error:  # the round it is in, or why it was pruned
-                note = job.error[:120]
+            if job.round_note:  # the round it is in, or why it was pruned
+                note = job.round_note[:120]
             elif job.waiting_on:
                 note = f"waiting on {job.waiting_on} ({job.after_status})"
             elif job.status in ("failed", "pending") and job.error:
@@ -368,8 +381,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job name or id
         return 0
     j = result.job
     _say(f"{j.name} (id {j.id}): {j.status}, attempts {j.attempts}/{j.max_retries + 1}, priority {j.priority}")
-    _say(f"  base model: {j.spec.get('base_model')}")
-    _say(f"  dataset:    {j.spec.get('dataset_path')} (sha256 {str(j.dataset_sha256)[:16]})")
+    _say(f"  base model: {j.spec.base_model}")
+    _say(f"  dataset:    {j.spec.dataset_path} (sha256 {str(j.dataset_sha256)[:16]})")
     _say(f"  eval loss:  base {_num(j.base_eval_loss)} -> adapter {_num(j.eval_loss)}; train loss {_num(j.train_loss)}")
     result_doc = j.result or {}
     metrics = result_doc.get("metrics") or {}

@@ -3,7 +3,11 @@
 Every write that a reader or a restart could see goes through this module: a
 temporary sibling is written and fsynced, renamed over the target with
 ``os.replace``, and the folder is fsynced so the rename itself survives a power
-cut. Folders are published the same way (write beside, fsync, rename).
+cut. Folders are published the same way (write beside, fsync, rename). A file
+that another library writes by name (the GGUF writer) is written the same way
+through :func:`writing_file`; loraq's own bytes go through :func:`atomic_write_bytes`.
+Both share one temporary-sibling path (:func:`_temporary`), so no module renames a
+file into place by hand.
 
 The OS calls go through :data:`ops`, an :class:`FileOps` object. Tests swap it
 for one that fails the k-th call (see ``tests/test_faults.py``) to prove the target is
@@ -17,7 +21,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,25 +85,64 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+@contextlib.contextmanager
+def _temporary(target: Path) -> Iterator[Path]:
+    """A temporary sibling of ``target`` (its folder made if need be), removed if the block raises.
+
+    The block fills it and renames it over ``target`` (``ops.replace``) as its last step.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(target)
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``target`` so that readers see the old or the new bytes."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(target)
-    fd = ops.open_write(tmp)
-    try:
+    with _temporary(target) as tmp:
+        fd = ops.open_write(tmp)
         try:
             _write_all(fd, data)
             ops.fsync(fd)
         finally:
             ops.close(fd)
         ops.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     fsync_dir(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def writing_file(target: str | os.PathLike[str], *,
+                 before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A temporary path beside ``target`` for a library that writes a file by name; the block's end puts it in place.
+
+    When the block ends, the file gets the mode a new file gets (0o666 less the umask;
+    a library may have made it private), is fsynced, ``before_replace()`` runs (a last
+    check of what is about to be replaced: it may raise), and the file is renamed over
+    ``target`` and the folder fsynced. Readers see the old file or the whole new one.
+    If the block or the check raises, the temporary file is removed and ``target`` is
+    untouched.
+    """
+    target = Path(target)
+    with _temporary(target) as tmp:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            ops.fsync(fd)
+        finally:
+            os.close(fd)
+        if before_replace is not None:
+            before_replace()
+        ops.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:

@@ -1,6 +1,7 @@
 """The queue report: what ran, how it went, and why anything failed.
 
-Built from the store alone (torch-free). One dict (``build``) rendered three ways:
+Built from the store alone (torch-free). One :class:`Report` (``build``; a ``TypedDict``, so
+its JSON is the object itself) rendered three ways:
 JSON for scripts, Markdown for a pull request or a chat, and a self-contained HTML
 page with the train/eval loss curves drawn as inline SVG. Written atomically.
 """
@@ -12,12 +13,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from . import fsutil
 from .escape import md_cell, printable
 from .queue import controls
-from .queue.records import Job
+from .queue.records import PRUNED, Job
 from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
@@ -26,9 +27,112 @@ FORMATS = ("json", "md", "html")
 REPORT_VERSION = 1
 
 
-def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[str, Any]:
+class AttemptEntry(TypedDict):
+    n: int
+    outcome: str | None  # "running" while it has not ended
+    error_kind: str | None
+    reason: str | None
+    resumed_from_step: int | None
+    last_step: int | None
+    counted: bool
+    duration_s: float | None
+
+
+class Sample(TypedDict):
+    """One eval prompt answered greedily by the base and by the adapter, as text."""
+
+    prompt: str
+    reference: str
+    base: str
+    adapter: str
+
+
+class JobEntry(TypedDict):
+    """One job of the report (its ``"jobs"``)."""
+
+    id: int
+    name: str
+    status: str
+    base_model: str | None
+    dataset: str | None
+    dataset_sha256: str | None
+    dataset_rows: int | None
+    n_train: int | None
+    n_eval: int | None
+    attempts: list[AttemptEntry]
+    attempts_used: int
+    max_attempts: int
+    duration_s: float | None
+    steps: int | None
+    train_loss: float | None
+    eval_loss: float | None
+    base_eval_loss: float | None
+    verdict: str | None
+    error_kind: str | None
+    error: str | None
+    adapter: str | None
+    adapter_bytes: int | None
+    findings: list[dict[str, Any]]  # the inspection's findings, as JSON
+    serving: dict[str, Any]  # engine -> the inspection's serving verdict, as JSON
+    curves: dict[str, list[list[float]]]
+    group: str | None  # the sweep it belongs to
+    gate_metric: str | None
+    sweep: dict[str, Any] | None  # the sweep's settings for this job
+    halving: dict[str, Any] | None
+    after: str | None  # the job it waited on (after:), if any
+    auto: dict[str, Any] | None
+    oom_adjustments: list[dict[str, Any]]
+    stopping: dict[str, Any] | None
+    controls: list[str]
+    metrics: dict[str, Any]
+    samples: list[Sample]
+
+
+class _Ranked(TypedDict):
+    name: str
+    status: str
+    eval_loss: float | None
+    base_eval_loss: float | None
+    settings: dict[str, Any]
+    best: bool
+
+
+class RankingEntry(_Ranked, total=False):
+    """A job's place in its sweep; ``value``/``base_value`` where a grader gated it, ``round``/``pruned`` under halving."""
+
+    value: float | None
+    base_value: float | None
+    round: int | None
+    pruned: str | None
+
+
+class SweepGroup(TypedDict):
+    metric: str
+    ranking: list[RankingEntry]
+    higher_is_better: bool
+    best: str | None  # the best job that passed, by ``metric``
+
+
+class QueueEntry(TypedDict):
+    paused: bool
+    pause_reason: str | None
+
+
+class Report(TypedDict):
+    """The queue report, as ``report.json`` holds it (``loraq_report``: its version)."""
+
+    loraq_report: int
+    generated_at: float
+    home: str
+    counts: dict[str, int]
+    queue: QueueEntry
+    jobs: list[JobEntry]
+    sweeps: dict[str, SweepGroup]
+
+
+def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> Report:
     """The report of every job, or of ``jobs_of`` only (a page of them: the dashboard's report page)."""
-    jobs = []
+    jobs: list[JobEntry] = []
     for job in store.jobs() if jobs_of is None else jobs_of:
         attempts = store.attempts(job.id)
         curves = curves_of(store.metrics(job.id))
@@ -39,10 +143,10 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "id": job.id,
             "name": job.name,
             "status": job.status,
-            "base_model": job.spec.get("base_model"),
-            "dataset": job.spec.get("dataset_path"),
+            "base_model": job.spec.base_model,
+            "dataset": job.spec.dataset_path,
             "dataset_sha256": job.dataset_sha256,
-            "dataset_rows": job.spec.get("dataset_rows"),
+            "dataset_rows": job.spec.dataset_rows,
             "n_train": (job.result or {}).get("n_train"),
             "n_eval": (job.result or {}).get("n_eval"),
             "attempts": [
@@ -67,15 +171,15 @@ def build(store: Store, home: Home, jobs_of: list[Job] | None = None) -> dict[st
             "findings": (inspection or {}).get("findings", []),
             "serving": (inspection or {}).get("serving") or {},
             "curves": curves,
-            "group": (job.spec.get("spec") or {}).get("group"),
-            "gate_metric": gate_metric((job.spec.get("spec") or {}).get("validation") or {}),
-            "sweep": job.spec.get("sweep"),
-            "halving": job.spec.get("halving"),
-            "after": (job.spec.get("spec") or {}).get("after"),  # the job it waited on (after:), if any
-            "auto": job.spec.get("auto"),
-            "oom_adjustments": job.spec.get("oom_adjustments") or [],
+            "group": job.spec.settings.group,
+            "gate_metric": gate_metric(job.spec.settings.validation),
+            "sweep": job.spec.sweep,
+            "halving": job.halving.as_json() if job.halving else None,
+            "after": job.spec.settings.after,  # the job it waited on (after:), if any
+            "auto": job.spec.auto,
+            "oom_adjustments": list(job.spec.oom_adjustments),
             "stopping": ((job.result or {}).get("extras") or {}).get("stopping"),
-            "controls": controls.control_lines(job.spec, job.result),
+            "controls": controls.control_lines(job),
             # quality you can see: exact match base -> adapter, and a few answers side by side
             "metrics": _dict((job.result or {}).get("metrics")),
             "samples": _samples(job.result),
@@ -96,13 +200,17 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _samples(result: dict[str, Any] | None) -> list[dict[str, str]]:
+def _samples(result: dict[str, Any] | None) -> list[Sample]:
     """``extras["samples"]`` of a result: ``[{prompt, reference, base, adapter}, ...]``, as text."""
     raw = _dict(_dict(result).get("extras")).get("samples")
     if not isinstance(raw, list):
         return []
-    keys = ("prompt", "reference", "base", "adapter")
-    return [{k: "" if s.get(k) is None else str(s.get(k)) for k in keys} for s in raw if isinstance(s, dict)]
+    return [Sample(prompt=_text(s.get("prompt")), reference=_text(s.get("reference")), base=_text(s.get("base")),
+                   adapter=_text(s.get("adapter"))) for s in raw if isinstance(s, dict)]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def exact_match_line(metrics: dict[str, Any]) -> str | None:
@@ -131,51 +239,55 @@ def gate_metric(validation: dict[str, Any]) -> str | None:
     return "exact_match" if validation.get("min_exact_match") is not None else None
 
 
-def _value(job: dict[str, Any], metric: str, base: bool = False) -> float | None:
+def _value(job: JobEntry, metric: str, base: bool = False) -> float | None:
     if metric == "eval_loss":
-        return job["base_eval_loss" if base else "eval_loss"]
+        return job["base_eval_loss"] if base else job["eval_loss"]
     value = (job.get("metrics") or {}).get(f"base_{metric}" if base else metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def sweeps_of(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def sweeps_of(jobs: list[JobEntry]) -> dict[str, SweepGroup]:
     """Each sweep's jobs ranked by the metric that gated it, the best marked: a grader of ``validation.min``
     (higher first), else the eval loss (lower first); jobs without one last.
 
     Only a job that passed (completed) can be the best: a lower eval loss on an adapter
     that failed inspection is not a result.
     """
-    out: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[JobEntry]] = {}
     for job in jobs:
-        if job.get("group"):
-            out.setdefault(job["group"], {"metric": job.get("gate_metric") or "eval_loss", "ranking": []}
-                           )["ranking"].append(job)
-    for group in out.values():
-        metric = group["metric"]
+        if group := job.get("group"):
+            members.setdefault(group, []).append(job)
+    out: dict[str, SweepGroup] = {}
+    for name, group_jobs in members.items():
+        metric = group_jobs[0].get("gate_metric") or "eval_loss"
         sign = 1.0 if metric == "eval_loss" else -1.0  # graders: higher is better
-        group["higher_is_better"] = sign < 0
 
-        def key(j: dict[str, Any], metric: str = metric, sign: float = sign) -> tuple[Any, ...]:
+        def key(j: JobEntry, metric: str = metric, sign: float = sign) -> tuple[Any, ...]:
             value = _value(j, metric)
             # A halving sweep: the rounds a job reached first (an eval loss of an earlier round is of fewer steps).
             return (-((j.get("halving") or {}).get("round") or 0), value is None, j["status"] != "completed",
                     sign * value if value is not None else 0.0, j["id"])
 
-        ranked = sorted(group["ranking"], key=key)
+        ranked = sorted(group_jobs, key=key)
         best = next((j for j in ranked if j["status"] == "completed" and _value(j, metric) is not None), None)
-        group["best"] = best["name"] if best else None
-        group["ranking"] = [{"name": j["name"], "status": j["status"], "eval_loss": j["eval_loss"],
-                             "base_eval_loss": j["base_eval_loss"], "settings": j.get("sweep") or {},
-                             "best": best is not None and j["name"] == best["name"]}
-                            | ({"value": _value(j, metric), "base_value": _value(j, metric, base=True)}
-                               if metric != "eval_loss" else {})
-                            | ({"round": j["halving"].get("round"), "pruned": j["halving"].get("why")
-                                if j["halving"].get("state") == "pruned" else None} if j.get("halving") else {})
-                            for j in ranked]
+        out[name] = SweepGroup(metric=metric, higher_is_better=sign < 0, best=best["name"] if best else None,
+                               ranking=[_ranking_entry(j, metric, best is not None and j["name"] == best["name"])
+                                        for j in ranked])
     return out
 
 
-def _status_cell(entry: dict[str, Any]) -> str:
+def _ranking_entry(j: JobEntry, metric: str, best: bool) -> RankingEntry:
+    entry = RankingEntry(name=j["name"], status=j["status"], eval_loss=j["eval_loss"],
+                         base_eval_loss=j["base_eval_loss"], settings=j.get("sweep") or {}, best=best)
+    if metric != "eval_loss":
+        entry["value"], entry["base_value"] = _value(j, metric), _value(j, metric, base=True)
+    if halving := j.get("halving"):
+        entry["round"] = halving.get("round")
+        entry["pruned"] = halving.get("why") if halving.get("state") == PRUNED else None
+    return entry
+
+
+def _status_cell(entry: RankingEntry) -> str:
     """A sweep ranking's status, with why halving pruned the job."""
     return entry["status"] + (f" ({entry['pruned']})" if entry.get("pruned") else "")
 
@@ -233,7 +345,7 @@ def serving_reasons(serving: dict[str, Any]) -> list[str]:
             + "; ".join(v.get("why") or []) for engine, v in serving.items() if not v.get("servable")]
 
 
-def to_markdown(report: dict[str, Any]) -> str:
+def to_markdown(report: Report) -> str:
     # Every value from the store goes through md_cell: a name or a reason is text, never
     # HTML (<script>, <img onerror>) or a table break (a newline, a pipe).
     m = md_cell
@@ -260,7 +372,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     for name, group in report.get("sweeps", {}).items():
         better = "higher" if group.get("higher_is_better") else "lower"
-        graded = "value" in (group["ranking"][0] if group["ranking"] else {})
+        graded = bool(group["ranking"]) and "value" in group["ranking"][0]
         lines += ["", f"## sweep {name}", "", f"Ranked by {group['metric']} ({better} is better).", "",
                   "| rank | job | settings | status | eval loss base → adapter | "
                   + (f"{group['metric']} base → adapter | " if graded else "") + "|",
@@ -371,7 +483,7 @@ ul {{ margin: 0; padding-left: 1.2em; }} .legend {{ font-size: 11px; }}
 """
 
 
-def body_html(report: dict[str, Any]) -> str:
+def body_html(report: Report) -> str:
     """The report's content (heading, counts, one row a job), every value escaped."""
     e = html.escape
     rows = []
@@ -417,7 +529,7 @@ def body_html(report: dict[str, Any]) -> str:
 {sweeps}"""
 
 
-def _quality_html(job: dict[str, Any]) -> str:
+def _quality_html(job: JobEntry) -> str:
     """Exact match base → adapter, and the samples base beside adapter, under the eval loss."""
     e = html.escape
     line = exact_match_line(job.get("metrics") or {})
@@ -432,7 +544,7 @@ def _quality_html(job: dict[str, Any]) -> str:
     return out
 
 
-def to_html(report: dict[str, Any]) -> str:
+def to_html(report: Report) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>loraq report</title>
 <style>body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}{REPORT_CSS}</style></head><body>
@@ -440,7 +552,7 @@ def to_html(report: dict[str, Any]) -> str:
 """
 
 
-def render(report: dict[str, Any], fmt: str) -> str:
+def render(report: Report, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
     if fmt == "md":

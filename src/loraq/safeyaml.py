@@ -34,7 +34,7 @@ MAX_DEPTH = 32
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type hints here
     """SafeLoader that refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -52,7 +52,8 @@ class _StrictLoader(yaml.SafeLoader):
                 raise YamlProblem(line, f"duplicate key {excerpt(key, 60)} (also on line {first}); a key may "
                                         "appear once in a mapping")
             seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _measure(root: yaml.Node) -> None:

@@ -18,15 +18,21 @@ library opens them by name; a hub id is loaded from its cache snapshot
 (:func:`model_folder`), never looked up as a folder of the working directory.
 
 Pickle files are never loaded: :func:`is_pickle` tells them by suffix.
+
+Each caller reports a refused path as its own domain's error (an export fails with
+:class:`~loraq.errors.ExportError`, an inspection with
+:class:`~loraq.errors.InspectionError`, ...), with the sandbox's message unchanged:
+:func:`path_errors_as` is that mapping, in one place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,20 @@ from .errors import NotInCache, PathError
 from .escape import printable
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+
+
+@contextlib.contextmanager
+def path_errors_as(error: Callable[[str], Exception]) -> Iterator[None]:
+    """Inside the block, a refused path (:class:`PathError`) raises ``error(message)`` instead.
+
+    ``error`` is the caller's domain error (``ExportError``, ``InspectionError``, ...),
+    or a function that words the message for it; the sandbox's message is kept and
+    the ``PathError`` is not chained (the message says it all).
+    """
+    try:
+        yield
+    except PathError as exc:
+        raise error(str(exc)) from None
 
 
 def hf_cache_dir() -> Path:

@@ -27,13 +27,14 @@ import yaml
 from . import fsutil
 from .errors import PathError, Problem, SpecError
 from .inspect import warm_start
-from .queue import dependencies
+from .queue import dependencies, halving
+from .queue.records import StoredJob
 from .queue.spec import NAME_PATTERN, Queue, ResolvedJob, TrainingSpec
 from .sandbox import Roots
 from .workspace import Home
 
 if TYPE_CHECKING:
-    from .queue.store import Job
+    from .queue.records import Job
 
 
 def _adapter_folder(ref: str, job: ResolvedJob, queue: Queue, home: Home, roots: Roots) -> tuple[Path | None, str | None]:
@@ -124,8 +125,7 @@ def check_dependencies(queue: Queue, home: Home, stored: Callable[[str], Job | N
                 _, found = warm_start.published(home, after, job.spec.lora.model_dump(mode="json"), job.base_model)
                 lines = [f"{after}: {line}" for line in found]
             else:
-                lines = _settings_mismatch(after, (existing.spec.get("spec") or {}).get("lora") or {},
-                                           existing.spec.get("base_model"), job)
+                lines = _settings_mismatch(after, existing.spec.settings.lora, existing.spec.base_model, job)
         else:
             lines = [f"no job named {after!r} in this queue or in {home.root}"]
         problems += [Problem(where, line) for line in lines]
@@ -158,6 +158,8 @@ def submitted_sha256(job: ResolvedJob) -> str:
     doc.pop("queue_file", None)
     if doc.get("halving") is None:  # a job submitted before halving existed hashes as it did then
         doc.pop("halving", None)
+    else:  # ...and a halving job as it did while its round was kept in its plan (migration 6)
+        doc["halving"] = halving.SUBMITTED_AS | doc["halving"]
     if (doc.get("spec") or {}).get("after") is None:  # ...and one submitted before after existed (issue 23)
         doc["spec"].pop("after", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -172,10 +174,10 @@ def identity(job: ResolvedJob) -> dict[str, Any]:
     return out
 
 
-def same_sweep_job(stored: dict[str, Any], job: ResolvedJob) -> bool:
+def same_sweep_job(stored: StoredJob, job: ResolvedJob) -> bool:
     """Whether the stored job is this job of a sweep, submitted before with the same settings."""
-    return (job.spec.group is not None and (stored.get("spec") or {}).get("group") == job.spec.group
-            and stored.get("submitted_sha256") == submitted_sha256(job))
+    return (job.spec.group is not None and stored.settings.group == job.spec.group
+            and stored.submitted_sha256 == submitted_sha256(job))
 
 
 def sweeps_of(queue: Queue) -> dict[str, list[str]]:
@@ -204,31 +206,31 @@ def _set(doc: dict[str, Any], key: str, value: Any) -> None:
 CLONE_FIXED = ("group", "sweep", "sweep_strategy")
 
 
-def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str) -> dict[str, Any]:
+def clone_doc(stored: StoredJob, new_name: str, sets: list[str], label: str) -> dict[str, Any]:
     """A queue document of one job: the stored job as submitted, renamed, with ``key=value`` overrides.
 
     Paths are the ones resolved at submit (absolute); an ``auto`` of the original is
     ``auto`` again, so it is resolved for the copy's data. Raises :class:`SpecError`
     for an override that is not ``key=value``.
     """
-    job = copy.deepcopy(stored.get("spec") or {})
+    job = copy.deepcopy(stored.settings.doc)
     job["name"] = new_name
     job.pop("group", None)  # a clone is a job of its own, not one of the sweep
-    if stored.get("halving"):  # and trains the sweep's full budget, not the round it was in
-        job.setdefault("training", {})["max_steps"] = stored["halving"]["budget"]
-    resolved = stored.get("auto") or {}
+    if stored.plan is not None:  # and trains the sweep's full budget, not the round it was in
+        job.setdefault("training", {})["max_steps"] = stored.plan.budget
+    resolved = stored.auto or {}
     training = job.setdefault("training", {})
     for key in resolved:
         if key == "training.grad_accum":  # made up by batch_size: auto, not the job's own
             training.pop("grad_accum", None)
         else:
             training[key.removeprefix("training.")] = "auto"
-    job["base_model"] = stored.get("base_model", job.get("base_model"))
-    job["dataset"] = dict(job.get("dataset") or {}) | {"path": stored.get("dataset_path")}
-    if stored.get("eval_dataset_path"):
-        job.setdefault("validation", {})["dataset"] = stored["eval_dataset_path"]
-    if stored.get("init_from_path") and not job.get("after"):  # with after, the dependency's adapter, bound at claim
-        job["init_from"] = stored["init_from_path"]
+    job["base_model"] = stored.base_model or job.get("base_model")
+    job["dataset"] = dict(job.get("dataset") or {}) | {"path": stored.dataset_path}
+    if stored.eval_dataset_path:
+        job.setdefault("validation", {})["dataset"] = stored.eval_dataset_path
+    if stored.init_from_path and not stored.settings.after:  # with after, the dependency's adapter, bound at claim
+        job["init_from"] = stored.init_from_path
     problems = []
     for item in sets:
         key, sep, text = item.partition("=")
@@ -254,5 +256,5 @@ def clone_doc(stored: dict[str, Any], new_name: str, sets: list[str], label: str
     if problems:
         raise SpecError(problems)
     # The serving gate its queue gave the job goes with the copy (only the job keeps it; the home's settings stay).
-    return {"jobs": [job]} | ({"serving": stored["serving"]} if stored.get("serving") else {})
+    return {"jobs": [job]} | ({"serving": list(stored.serving)} if stored.serving else {})
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from .errors import NotFoundError
 from .queue.dependencies import Dependency
-from .queue.store import Attempt, Event, Job, QueueState, Store
+from .queue.records import HALVING_KIND, Attempt, Event, Job, QueueState
+from .queue.store import Store
 from .supervisor import publish
 from .workspace import Home
 
@@ -63,6 +64,11 @@ class JobRow:
     after_status: str | None = None
 
     @property
+    def round_note(self) -> str | None:
+        """For a job of a halving sweep: the round it is in, or why it was pruned."""
+        return self.error if self.error_kind == HALVING_KIND else None
+
+    @property
     def waiting_on(self) -> str | None:
         """The job this pending job waits for (``after:``) while that one has not completed."""
         if self.status == "pending" and self.after is not None and self.after_status not in (None, "completed"):
@@ -76,12 +82,12 @@ class JobRow:
             priority=job.priority, step=job.progress_step, total_steps=job.progress_total,
             train_loss=job.train_loss, eval_loss=job.eval_loss, base_eval_loss=job.base_eval_loss,
             verdict=job.verdict, error_kind=job.error_kind, error=job.error,
-            adapter=(job.result or {}).get("adapter"), group=(job.spec.get("spec") or {}).get("group"),
+            adapter=(job.result or {}).get("adapter"), group=job.spec.settings.group,
             seq=job.seq, exact_match=_metric(job.result, "exact_match"),
             base_exact_match=_metric(job.result, "base_exact_match"),
             preference_accuracy=_metric(job.result, "preference_accuracy"),
             base_preference_accuracy=_metric(job.result, "base_preference_accuracy"),
-            after=dependency.name if dependency else (job.spec.get("spec") or {}).get("after"),
+            after=dependency.name if dependency else job.spec.settings.after,
             after_status=dependency.status if dependency else None,
         )
 
@@ -177,11 +183,16 @@ class ShowResult:
     def row(self) -> JobRow:
         return JobRow.of(self.job, self.dependencies[0] if self.dependencies else None)
 
+    def spec_json(self) -> dict[str, Any]:
+        """The job as stored, with a halving member's round and state in its plan, as ``show --json`` always had."""
+        halving = self.job.halving
+        return self.job.spec.doc | ({"halving": halving.as_json()} if halving is not None else {})
+
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         return {
-            "job": self.row.to_json() | {"spec": self.job.spec, "result": self.job.result,
+            "job": self.row.to_json() | {"spec": self.spec_json(), "result": self.job.result,
                                                     "created_at": self.job.created_at, "started_at": self.job.started_at,
                                                     "finished_at": self.job.finished_at, "dataset_sha256": self.job.dataset_sha256},
             "attempts": [asdict(a) for a in self.attempts],
@@ -196,7 +207,7 @@ def control_lines(job: Job) -> list[str]:
     """What loraq chose for a job, for people: its sweep, resolved ``auto`` values, OOM adjustments, why it stopped."""
     from .queue import controls
 
-    return controls.control_lines(job.spec, job.result)
+    return controls.control_lines(job)
 
 
 def describe_halving(plan: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import safeyaml
-from .errors import Problem, SpecError, StoreError, UsageError
+from .errors import Problem, SpecError, StoreError, UsageError, YamlProblem
 from .escape import printable
 from .sandbox import Roots, hf_cache_dir
 
@@ -100,7 +100,7 @@ class Home:
             raise SpecError([Problem(where, f"cannot be read: {getattr(exc, 'strerror', None) or exc}")]) from None
         try:
             data = safeyaml.load(text) or {}
-        except safeyaml.YamlProblem as exc:
+        except YamlProblem as exc:
             raise SpecError([Problem(f"{where}:{exc.line}" if exc.line else where, str(exc))]) from None
         if not isinstance(data, dict) or set(data) - CONFIG_KEYS:
             raise SpecError([Problem(where, f"expected a mapping with only {', '.join(sorted(CONFIG_KEYS))}")])

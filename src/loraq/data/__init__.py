@@ -3,6 +3,7 @@ them with loss masks (:mod:`.encoding`), and the submit-time analysis with the b
 model's tokenizer (:mod:`.check`, imported on its own).
 """
 
+from ..errors import TemplateError
 from .encoding import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_INPUT,
@@ -11,7 +12,6 @@ from .encoding import (
     Encoded,
     Prompt,
     Rendered,
-    TemplateError,
     Tokens,
     encode,
     encode_many,

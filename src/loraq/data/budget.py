@@ -201,7 +201,7 @@ def weight(value: Any, cap: int | None = None) -> int:
 
 def check(value: T, what: str = "a value") -> T:
     """``value`` if it is within the size budget, else :class:`TemplateBudgetError`."""
-    if type(value) is str or isinstance(value, str):  # the hot path: Markup is a str too
+    if isinstance(value, str):  # the hot path (isinstance tests the exact type first); Markup is a str too
         if len(value) > _STATE.limit:
             raise _too_big(what, len(value))
         return value

@@ -586,7 +586,7 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     lengths = [min(profile.lengths[i], max_seq_len) for i in train_idx]
     plan = run.memo(("plan", id(profile), max_seq_len, *split, training.batch_size, training.grad_accum,
                      training.packing, training.seed),
-                    lambda: packing.plan_train(lengths, batch_size=int(training.batch_size),  # type: ignore[arg-type]
+                    lambda: packing.plan_train(lengths, batch_size=int(training.batch_size),
                                                grad_accum=training.grad_accum, packing=training.packing,
                                                seed=training.seed))
     per_epoch = max(1, plan.n_steps)
@@ -643,7 +643,7 @@ def _analyze_pairs(job: ResolvedJob, run: _Run, train: Dataset, eval_set: Datase
         training = spec.training
     per_epoch = spec.steps_per_epoch(found.n_train)
     steps = spec.total_steps(found.n_train, per_epoch)
-    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else float(training.epochs)  # type: ignore[arg-type]
+    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else float(training.epochs)
     warnings = list(found.warnings)
     if found.n_train < FEW_TRAIN_ROWS:
         warnings.append(f"only {found.n_train} training pair(s); preference tuning usually needs many more")

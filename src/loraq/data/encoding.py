@@ -302,7 +302,7 @@ def tokenize_many(tokenizer: Any, texts: list[str], add_special_tokens: bool, *,
         return []
     kwargs = dict(add_special_tokens=add_special_tokens, return_offsets_mapping=True, truncation=False, padding=False)
     head = tokenizer(texts[:sample], **kwargs)
-    reference = [_PlainTokens(list(ids), [tuple(o) for o in offs])  # type: ignore[misc]
+    reference = [_PlainTokens(list(ids), [tuple(o) for o in offs])
                  for ids, offs in zip(head["input_ids"], head["offset_mapping"], strict=True)]
     if len(texts) <= sample:
         return list(reference)
@@ -316,7 +316,7 @@ def tokenize_many(tokenizer: Any, texts: list[str], add_special_tokens: bool, *,
                                     for f, r in zip(fast, reference, strict=False)):  # the sample is a prefix
             return list(fast)
     enc = tokenizer(texts, **kwargs)
-    return [_PlainTokens(list(ids), [tuple(o) for o in offs])  # type: ignore[misc]
+    return [_PlainTokens(list(ids), [tuple(o) for o in offs])
             for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PathError, Problem, TemplateBudgetError, TemplateError
+from ..errors import Problem, TemplateBudgetError, TemplateError
 from ..queue.spec import Queue
-from ..sandbox import Roots
+from ..sandbox import Roots, path_errors_as
 from . import budget
 
 #: The name of the template file in a published adapter folder (as transformers saves a tokenizer's).
@@ -87,10 +87,8 @@ def load_chat_template(value: str, *, base_dir: Path, roots: Roots | None) -> Te
                             f"a template file's name ends in {' or '.join(TEMPLATE_SUFFIXES)} or contains a /")
     path = (base_dir / Path(value).expanduser()).resolve()
     if roots is not None:
-        try:
+        with path_errors_as(TemplateError):
             roots.check_read(path, what="chat template file")
-        except PathError as exc:
-            raise TemplateError(str(exc)) from None
     text = _read(path)
     problem = syntax_problem(text)
     if problem is not None:

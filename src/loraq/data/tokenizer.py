@@ -75,11 +75,11 @@ class FolderTokenizer:
         present = {token.content for token in backend.get_added_tokens_decoder().values()}
         to_add: list[Any] = []
         decoder = config.get("added_tokens_decoder") or {}
-        for _, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
-            if isinstance(spec, dict) and spec.get("content") and spec["content"] not in present:
-                fields = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
-                to_add.append(AddedToken(spec["content"], **fields))
-                present.add(spec["content"])
+        for _, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):  # an added token's entry
+            if isinstance(entry, dict) and entry.get("content") and entry["content"] not in present:
+                fields = {k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
+                to_add.append(AddedToken(entry["content"], **fields))
+                present.add(entry["content"])
         for text in [*self.special_tokens_map.values(), *self.extra_special_tokens]:
             if text not in present:
                 to_add.append(AddedToken(text, special=True))

@@ -28,7 +28,12 @@ from ..protocol import EXIT_BAD_COMMAND, EXIT_ORPHAN, Message, TrainRequest
 
 @dataclass
 class Slot:
-    """One trainer: its device, what it is doing, and the base model it keeps hot."""
+    """One trainer: its device, what it is doing, and the base model it keeps hot.
+
+    Its fields change only through the methods below, which the worker and every
+    executor call: one definition of what a new trainer, a ready one, a job taken,
+    a job ended and a dead trainer do to a slot.
+    """
 
     index: int
     device: str
@@ -47,6 +52,37 @@ class Slot:
     @property
     def name(self) -> str:
         return f"slot-{self.index}({self.device})"
+
+    def attach(self, handle: Any) -> None:
+        """A fresh trainer (``handle``: the executor's own) takes the slot: not ready, nothing hot, no baseline."""
+        self.handle, self.ready, self.hot_base, self.baseline_rss_mb = handle, False, None, None
+
+    def detach(self) -> None:
+        """The slot's trainer is gone (closed or dead)."""
+        self.handle, self.ready = None, False
+
+    def became_ready(self) -> None:
+        """The trainer said ``ready``: its start succeeded."""
+        self.ready, self.failed_starts = True, 0
+
+    def take(self, job_id: int, base_key: str | None = None) -> None:
+        """A job is handed to the slot (``base_key``: the base it will load and keep hot; the executor omits it)."""
+        self.job_id = job_id
+        if base_key is not None:
+            self.hot_base = base_key
+
+    def job_ended(self, rss_mb: float | None = None) -> None:
+        """The job's final event arrived; the first job's memory (``rss_mb``) is the slot's baseline."""
+        self.job_id = None
+        self.jobs_done += 1
+        if rss_mb is not None and self.baseline_rss_mb is None:
+            self.baseline_rss_mb = rss_mb
+
+    def trainer_died(self, *, was_ready: bool) -> None:
+        """The trainer died with the job (if any); one that never got ready counts as a failed start."""
+        self.job_id = None
+        if not was_ready:
+            self.failed_starts += 1
 
 
 class Executor(Protocol):

@@ -69,10 +69,7 @@ class LocalExecutor:
             os.close(from_child_w)
         os.set_blocking(from_child_r, False)
         proc = _Proc(popen=popen, to_child=os.fdopen(to_child_w, "w", encoding="utf-8"), from_child=from_child_r)
-        slot.handle = proc
-        slot.ready = False
-        slot.hot_base = None
-        slot.baseline_rss_mb = None
+        slot.attach(proc)
         self._selector.register(from_child_r, selectors.EVENT_READ, slot)
 
     def pid(self, slot: Slot) -> int | None:
@@ -93,7 +90,7 @@ class LocalExecutor:
     def submit(self, slot: Slot, request: TrainRequest) -> None:
         if slot.handle is None:
             self._spawn(slot)
-        slot.job_id = request.job_id
+        slot.take(request.job_id)
         self._send(slot, Command.TRAIN, request)  # a dead trainer shows up as an 'exited' message
 
     def stop_job(self, slot: Slot, *, graceful: bool) -> None:
@@ -128,8 +125,7 @@ class LocalExecutor:
             self._selector.unregister(proc.from_child)
         with contextlib.suppress(OSError):
             os.close(proc.from_child)
-        slot.handle = None
-        slot.ready = False
+        slot.detach()
         return code
 
     def shutdown(self) -> None:
@@ -170,8 +166,7 @@ class LocalExecutor:
                     continue  # a torn line from a dying trainer carries nothing to act on
                 message = from_wire(data)
                 if isinstance(message.event, Ready):
-                    slot.ready = True
-                    slot.failed_starts = 0
+                    slot.became_ready()
                 events.append(message)
             return events
         # EOF: the trainer is gone

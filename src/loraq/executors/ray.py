@@ -176,10 +176,7 @@ class RayExecutor:
         options = {**resources, **self.actor_options}
         actor = self._actor_class.options(**options).remote("cpu" if slot.device == "cpu" else "cuda", self.scratch_root)
         stream = actor.events.options(num_returns="streaming").remote()
-        slot.handle = _ActorState(actor=actor, stream=stream)
-        slot.ready = False
-        slot.hot_base = None
-        slot.baseline_rss_mb = None
+        slot.attach(_ActorState(actor=actor, stream=stream))
 
     def _cpu_share(self) -> int:
         """The CPUs a CPU trainer reserves: on the instance this run started, an equal share of the
@@ -201,7 +198,7 @@ class RayExecutor:
         if slot.handle is None:
             self._launch(slot)
         state: _ActorState = slot.handle
-        slot.job_id = request.job_id
+        slot.take(request.job_id)
         state.request = request
         resume_files = None
         if request.resume_from:
@@ -234,8 +231,7 @@ class RayExecutor:
         if state is None:
             return
         was_ready = slot.ready
-        slot.handle = None
-        slot.ready = False
+        slot.detach()
         if graceful and was_ready and state.request is None:
             with contextlib.suppress(Exception):
                 self._ray.get(state.actor.close.remote(), timeout=10)
@@ -336,8 +332,7 @@ class RayExecutor:
         message = shipment.message
         event = message.event
         if isinstance(event, Ready):
-            slot.ready = True
-            slot.failed_starts = 0
+            slot.became_ready()
             state.node, state.ip, state.pid = event.node, event.ip, event.pid
             return [message]
         request = state.request

@@ -235,13 +235,13 @@ class TrainerActor:
     def _node_id() -> str:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return str(ray.get_runtime_context().get_node_id())
 
     @staticmethod
     def _node_ip() -> str:
         import ray
 
-        return ray.util.get_node_ip_address()
+        return str(ray.util.get_node_ip_address())
 
 
 def _remove_dead_scratch(root: Path) -> None:

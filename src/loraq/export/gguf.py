@@ -43,7 +43,6 @@ appears whole and checked, or not at all. What it replaces must be an earlier GG
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -55,14 +54,13 @@ from typing import Any
 import numpy as np
 
 from .. import fsutil
-from ..errors import ExportError, PathError, UsageError
-from ..inspect import serving
-from ..sandbox import Roots, open_regular, read_fd
+from ..errors import ExportError, UsageError
+from ..inspect import safetensors, serving
+from ..sandbox import Roots, open_regular, path_errors_as, read_fd
 from . import target as target_mod
 
 PREFIX = "base_model.model."
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight)$")
-_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -92,16 +90,18 @@ def _gguf() -> Any:
     return gguf
 
 
-def _read(path: Path, roots: Roots | None) -> bytes:
-    """A file's bytes from a checked descriptor: inside ``roots`` where given, a regular file (not a symlink) always."""
-    try:
+def _open(path: Path, roots: Roots | None) -> tuple[int, os.stat_result]:
+    """A checked descriptor: inside ``roots`` where given, a regular file (not a symlink) always."""
+    with path_errors_as(ExportError):
         if roots is not None:
-            fd, st = roots.open_file(path, what="adapter file")
-        else:
-            fd = open_regular(path, what="adapter file")
-            st = os.fstat(fd)
-    except PathError as exc:
-        raise ExportError(str(exc)) from None
+            return roots.open_file(path, what="adapter file")
+        fd = open_regular(path, what="adapter file")
+    return fd, os.fstat(fd)
+
+
+def _read(path: Path, roots: Roots | None) -> bytes:
+    """A file's bytes from a checked descriptor (see :func:`_open`)."""
+    fd, st = _open(path, roots)
     try:
         return read_fd(fd, st.st_size)
     finally:
@@ -109,30 +109,27 @@ def _read(path: Path, roots: Roots | None) -> bytes:
 
 
 def read_safetensors(path: Path, roots: Roots | None = None) -> dict[str, np.ndarray]:
-    """Every tensor as a float32 array (bf16 too, which numpy and safetensors' numpy API lack)."""
-    raw = _read(path, roots)
-    if len(raw) < 8:
-        raise ExportError(f"{path}: not a safetensors file")
-    n = int.from_bytes(raw[:8], "little")
+    """Every tensor as a float32 array, read with the inspector's bounded reader (:mod:`loraq.inspect.safetensors`).
+
+    The header is checked before any value is read (a hostile length, a duplicate key or
+    a span outside the file is refused); every tensor must be a float type.
+    """
+    fd, st = _open(path, roots)
     try:
-        header = json.loads(raw[8 : 8 + n])
-    except ValueError:
-        raise ExportError(f"{path}: the safetensors header is not JSON") from None
-    header.pop("__metadata__", None)
-    body = memoryview(raw)[8 + n :]
-    out = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ExportError(f"{path}: tensor {name} has dtype {info['dtype']}; expected a float type")
-        start, end = info["data_offsets"]
-        buf = body[start:end]
-        if dtype == "bf16":
-            arr = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.float32)
-        out[name] = arr.reshape(info["shape"])
-    return out
+        header, defects = safetensors.read_header(fd, st.st_size)
+        if header is None or defects:
+            raise ExportError(f"{path}: not a readable safetensors file: {defects[0].message}")
+        for t in header.tensors:
+            if t.dtype not in safetensors.FLOAT_DTYPES:
+                raise ExportError(f"{path}: tensor {t.name[:200]} has dtype {t.dtype}; expected a float type")
+        arrays, defects = safetensors.read_arrays(fd, header)
+        if defects:
+            raise ExportError(f"{path}: {defects[0].message}")
+        return arrays
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -266,9 +263,11 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
     gguf = _gguf()
     plan = plan_export(adapter_dir, base_config, base_shapes, roots=roots)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fsutil.tmp_sibling(out_file)
-    try:
+
+    def replaceable() -> None:  # what is there now, checked again just before it is replaced
+        target_mod.replaceable(out_file, "gguf", force=True)
+
+    with fsutil.writing_file(out_file, before_replace=replaceable) as tmp:
         writer = gguf.GGUFWriter(str(tmp), plan.architecture)  # writes general.architecture
         writer.add_type(gguf.GGUFType.ADAPTER)  # general.type = "adapter"
         writer.add_name(name or Path(adapter_dir).resolve().name)
@@ -280,22 +279,7 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any]
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         verify(tmp, plan)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            fsutil.ops.fsync(fd)
-        finally:
-            os.close(fd)
-        target_mod.replaceable(out_file, "gguf", force=True)  # what is there now, just before it is replaced
-        fsutil.ops.replace(tmp, out_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsutil.fsync_dir(out_file.parent)
     return GgufResult(str(out_file), out_file.stat().st_size, plan.architecture, plan.alpha, len(plan.tensors),
                       len(plan.tensors) // 2)
 

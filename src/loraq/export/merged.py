@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
-from ..errors import ExportError, PathError
-from ..sandbox import Roots, open_regular
+from ..errors import ExportError
+from ..sandbox import Roots, open_regular, path_errors_as
 from . import target as target_mod
 from .target import EXPORT_RECORD
 
@@ -208,13 +208,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def _copy_checked(adapter_dir: Path, private: Path, roots: Roots | None) -> None:
     """Copy the adapter's files into ``private`` from descriptors checked to be regular files (inside ``roots``)."""
     for name in ADAPTER_FILES:
-        try:
+        with path_errors_as(ExportError):
             if roots is not None:
                 fd, _ = roots.open_file(adapter_dir / name, what=f"adapter file {name}")
             else:
                 fd = open_regular(adapter_dir / name, what=f"adapter file {name}")
-        except PathError as exc:
-            raise ExportError(str(exc)) from None
         try:
             with open(private / name, "wb") as out:
                 while chunk := os.read(fd, 1 << 20):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, NotInCache, PathError
+from ..errors import ExportError, NotInCache
 from ..escape import printable
-from ..sandbox import Roots, hf_cache_dir, is_hub_id, model_folder, read_fd
+from ..sandbox import Roots, hf_cache_dir, is_hub_id, model_folder, path_errors_as, read_fd
 
 #: transformers' name for a tokenizer's chat template file; loraq publishes a job's own template under it.
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -54,14 +54,13 @@ def base_model(name: str, roots: Roots) -> Base:
     hub = not path.exists() and is_hub_id(name)
     if not hub and not path.exists():
         raise ExportError(f"base model {printable(name)!r}: no such folder, and not a hub id")
-    try:
-        folder = model_folder(name if hub else str(path.absolute()), roots)
-    except NotInCache:
-        raise ExportError(f"base model {printable(name)!r} is not in the local Hugging Face cache ({hf_cache_dir()}), "
-                          f"and loraq export is offline-only (it never downloads): fetch it first ('hf download "
-                          f"{printable(name)}'), or give --base DIR") from None
-    except PathError as exc:
-        raise ExportError(str(exc)) from None
+    with path_errors_as(ExportError):
+        try:
+            folder = model_folder(name if hub else str(path.absolute()), roots)
+        except NotInCache:  # a PathError, worded here before the block maps the others
+            raise ExportError(f"base model {printable(name)!r} is not in the local Hugging Face cache "
+                              f"({hf_cache_dir()}), and loraq export is offline-only (it never downloads): fetch it "
+                              f"first ('hf download {printable(name)}'), or give --base DIR") from None
     if hub:
         roots = roots.with_read(hf_cache_dir())
     config = read_json(folder / "config.json", roots, what=f"base model {printable(name)!r}: config.json")
@@ -88,10 +87,8 @@ def optional_json(path: Path, roots: Roots, *, what: str) -> dict[str, Any]:
 
 
 def read_small(path: Path, roots: Roots, *, what: str, limit: int) -> bytes:
-    try:
+    with path_errors_as(ExportError):
         fd, st = roots.open_file(path, what=what)
-    except PathError as exc:
-        raise ExportError(str(exc)) from None
     try:
         if st.st_size > limit:
             raise ExportError(f"{what} is {st.st_size:,} bytes, more than the {limit:,} it may be")

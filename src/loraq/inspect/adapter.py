@@ -8,7 +8,7 @@ and says what is wrong in findings a person can act on:
 
 1. the folder: not empty; files regular and inside it; pickles refused, never opened;
 2. ``adapter_config.json``: a LoRA config with sane values;
-3. ``adapter_model.safetensors``: the header, read by loraq with bounds (``_safetensors``);
+3. ``adapter_model.safetensors``: the header, read by loraq with bounds (:mod:`.safetensors`);
 4. the LoRA structure: A and B per module, shapes and ranks against the config,
    modules against ``target_modules`` (matched the way PEFT matches them);
 5. the values, read once: finite, and ``lora_B`` not all zero;
@@ -19,7 +19,7 @@ and says what is wrong in findings a person can act on:
    decide passing; a queue's ``serving: [...]`` makes them a gate at publish.
 
 Steps 1-5 use numpy only (the supervisor never imports torch); 6-7 import torch
-lazily, in ``_inspect_base``.
+lazily, in :func:`.on_base.inspect_on_base`.
 
 Finding codes (severity):
 
@@ -91,7 +91,7 @@ from typing import Any
 from ..data import templates
 from ..errors import InspectionError, PathError, RegexTimeout, TemplateError
 from ..escape import printable
-from ..sandbox import Roots, fd_path, is_pickle
+from ..sandbox import Roots, fd_path, is_pickle, path_errors_as
 from . import safetensors as st
 from . import serving
 from .lora_config import LoraSettings, parse_config, regex_budget
@@ -117,10 +117,8 @@ MAX_FILES = 10_000
 def _resolve(folder: str | Path, roots: Roots | None) -> Path:
     path = Path(folder).expanduser()
     if roots is not None:
-        try:
+        with path_errors_as(InspectionError):
             roots.check_read(path, what="adapter folder")
-        except PathError as exc:
-            raise InspectionError(str(exc)) from None
     try:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError, ValueError):

@@ -299,7 +299,7 @@ def parse_config(raw: bytes) -> tuple[LoraSettings | None, list[tuple[str, str]]
     assert isinstance(r, int) and alpha is not None  # checked above, for the type checker
     return LoraSettings(
         r=r, alpha=alpha, dropout=float(dropout), targets=targets, exclude=exclude,
-        rank_pattern=rank_pattern, modules_to_save=tuple(modules_to_save),  # type: ignore[arg-type]
+        rank_pattern=rank_pattern, modules_to_save=tuple(modules_to_save),
         layers_to_transform=tuple(layers) if layers else None,
         layers_pattern=tuple(p for p in patterns if isinstance(p, str)),
         use_dora=cfg.get("use_dora") is True, lora_bias=cfg.get("lora_bias") is True,

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, InspectionError, PathError, TemplateBudgetError
+from ..errors import DataError, InspectionError, TemplateBudgetError
 from ..escape import printable
-from ..sandbox import Roots, check_model_folder, hf_cache_dir, is_hub_id, model_folder
+from ..sandbox import Roots, check_model_folder, hf_cache_dir, is_hub_id, model_folder, path_errors_as
 from .lora_config import LoraSettings
 from .structure import KEY_PREFIX, WEIGHTS_NAME, Findings, Weights, check_targets
 from .verdict import quality_gate
@@ -64,14 +64,12 @@ def resolve_base(base: str, roots: Roots | None) -> str:
         local = False
     if not local and (base.startswith((".", "/", "~")) or not is_hub_id(base)):
         raise InspectionError(f"base model {printable(base)!r} does not exist")
-    try:
+    with path_errors_as(InspectionError):
         if local and not path.resolve().is_dir():
             raise InspectionError(f"base model {printable(base)!r} is not a folder")
         target = str(path.resolve()) if local else base
         allowed = roots if roots is not None else Roots.of([path] if local else [])
         return str(model_folder(target, allowed))
-    except PathError as exc:
-        raise InspectionError(str(exc)) from None
 
 
 def base_layout(base: str) -> BaseLayout:
@@ -183,10 +181,8 @@ def inspect_on_base(root: Path, weights: Weights, cfg: LoraSettings, found: Find
     dataset render with ``chat_template`` (the adapter folder's) when given.
     """
     allowed = roots if roots is not None else Roots.of([base])
-    try:
+    with path_errors_as(InspectionError):
         check_model_folder(Path(base), allowed.with_read(hf_cache_dir()))  # again, just before it loads
-    except PathError as exc:
-        raise InspectionError(str(exc)) from None
     layout = base_layout(base)
     check_layout(layout, weights, cfg, found, base=base)
     if found.has_errors():
@@ -234,11 +230,10 @@ def peft_regex_problem(cfg: LoraSettings, modules: list[str], budget: float | No
 def resolve_data(data: str, roots: Roots | None) -> Path:
     path = Path(data).expanduser()
     try:
-        if roots is not None:
-            roots.check_read(path, what="eval dataset")
-        exists = path.is_file()
-    except PathError as exc:
-        raise InspectionError(str(exc)) from None
+        with path_errors_as(InspectionError):
+            if roots is not None:
+                roots.check_read(path, what="eval dataset")
+            exists = path.is_file()
     except (OSError, ValueError):
         exists = False
     if not exists:

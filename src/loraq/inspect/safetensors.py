@@ -10,7 +10,9 @@ header is rejected in bounded time and memory: the claimed length is checked
 against the cap and the file size before anything is read.
 
 Values are read once, sequentially, in fixed-size chunks into one reused buffer
-(memory stays flat whatever the file size). Not ``mmap``: a file that shrinks
+(memory stays flat whatever the file size). :func:`read_arrays` reads them as
+float32 arrays instead, for a caller that needs the numbers (the GGUF export): the
+same checked header, one pass in offset order, memory in proportion to the file. Not ``mmap``: a file that shrinks
 under a mapping raises SIGBUS and kills the process, and the inspector must never
 crash on a hostile folder. Floats are checked on their bit patterns, so BF16 needs
 no conversion: the largest magnitude bit pattern (sign bit off) says both whether
@@ -344,6 +346,34 @@ def scan_values(fd: int, header: Header, names: Iterable[str] | None = None,
             pos += size
         found[t.name] = Values(finite=top < first_bad, nonzero=top > 0, max_abs=_as_float(t.dtype, top))
     return found, []
+
+
+def read_arrays(fd: int, header: Header) -> tuple[dict[str, Any], list[Defect]]:
+    """Every float tensor's values as a float32 numpy array of its shape, read once in offset order.
+
+    The header must have passed :func:`read_header` without defects, so every span lies
+    inside the file and its size matches its dtype and shape; tensors of other dtypes
+    are left out (the caller refuses them by name). BF16 is widened by hand: it is the
+    top half of a float32, and numpy has no bfloat16.
+
+    Returns:
+        ``(arrays, defects)``: ``truncated`` if the file shrank while being read.
+    """
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+    for t in header.tensors:
+        if t.dtype not in _FLOAT_BITS:
+            continue
+        raw = bytearray(t.nbytes)
+        if _fill(fd, memoryview(raw), header.data_start + t.begin) < t.nbytes:
+            return arrays, [Defect("truncated", f"the file shrank while tensor {t.name[:200]!r} was read")]
+        if t.dtype == "BF16":
+            values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            values = np.frombuffer(raw, dtype=f"<f{_FLOAT_BITS[t.dtype][0]}").astype(np.float32)
+        arrays[t.name] = values.reshape(t.shape)
+    return arrays, []
 
 
 def _fill(fd: int, target: memoryview, offset: int) -> int:

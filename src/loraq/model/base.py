@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FailureKind, PathError, TrainingError
-from ..sandbox import Roots, model_folder
+from ..errors import FailureKind, TrainingError
+from ..sandbox import Roots, model_folder, path_errors_as
 
 #: Weight values sampled per tensor for the base fingerprint (besides the exact sum of every value).
 CHECKSUM_SAMPLES = 256
@@ -194,11 +194,10 @@ class BaseCache:
         quantized = quantization_args(key.quantization, dtype, self.device)
         if roots is None:
             roots = Roots.of([key.path] if Path(key.path).is_absolute() else [])
-        try:
+        with path_errors_as(lambda message: TrainingError(f"cannot load base model: {message}",
+                                                          kind=FailureKind.BASE_MODEL)):
             # Checked just before the load: every file inside the roots, a hub id from its snapshot folder.
             folder = str(model_folder(key.path, roots, revision=key.revision, download=True))
-        except PathError as exc:
-            raise TrainingError(f"cannot load base model: {exc}", kind=FailureKind.BASE_MODEL) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=key.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,6 @@
 """How a job's training controls read to people: ``show``, the report and the dashboard (issue 12).
 
-From the job as the store keeps it (its ``spec`` and ``result``): the sweep it
+From the job as the store hands it out (:class:`~.records.Job`): the sweep it
 belongs to and its settings there, the warm start, what each ``auto`` resolved
 to, each out-of-memory adjustment, the step that was published and why training
 stopped. Standard library only.
@@ -11,27 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 from . import auto, halving, sweep
+from .records import Job
 
 
-def control_lines(stored: dict[str, Any], result: dict[str, Any] | None) -> list[str]:
+def control_lines(job: Job) -> list[str]:
     """``show`` and the report: the sweep, ``auto → value``, each OOM adjustment, the published step and why it stopped."""
-    spec = stored.get("spec") or {}
+    stored, settings = job.spec, job.spec.settings
     out = []
-    if spec.get("group"):
-        out.append(f"sweep:      {spec['group']} ({sweep.describe(stored.get('sweep') or {})})")
-    if plan := stored.get("halving"):
-        out.append(f"halving:    round {plan.get('round')} of {len(plan.get('steps') or [])} "
-                   f"({plan.get('state')}); {halving.describe(plan)}")
+    if settings.group:
+        out.append(f"sweep:      {settings.group} ({sweep.describe(stored.sweep or {})})")
+    if member := job.halving:
+        out.append(f"halving:    round {member.round} of {member.plan.rounds} "
+                   f"({member.state}); {halving.describe(member.plan.as_json())}")
         out += [f"halving:    round {h.get('round')}: eval loss {_loss(h.get('eval_loss'))}, ranked {h.get('rank')} "
-                f"of {h.get('of')}" for h in plan.get("history") or []]
-        if plan.get("why") and plan.get("state") in (halving.PRUNED, halving.RETRIED):
-            out.append(f"halving:    {plan['why']}")
-    if stored.get("init_from_path"):
-        started = spec.get("init_from") or f"after {spec.get('after')}"
-        out.append(f"warm start: {started} ({stored['init_from_path']})")
-    out += [f"auto:       {line}" for line in auto.lines(stored.get("auto"))]
-    out += [f"oom:        {adjustment_line(a)}" for a in stored.get("oom_adjustments") or []]
-    stopping = ((result or {}).get("extras") or {}).get("stopping")
+                f"of {h.get('of')}" for h in member.history]
+        if member.why and member.is_out:
+            out.append(f"halving:    {member.why}")
+    if stored.init_from_path:
+        started = settings.init_from or f"after {settings.after}"
+        out.append(f"warm start: {started} ({stored.init_from_path})")
+    out += [f"auto:       {line}" for line in auto.lines(stored.auto)]
+    out += [f"oom:        {adjustment_line(a)}" for a in stored.oom_adjustments]
+    stopping = ((job.result or {}).get("extras") or {}).get("stopping")
     if stopping:
         out.append(f"published:  step {stopping.get('published_step')} ({stopping.get('published_because')})")
         out.append(f"stopped:    step {stopping.get('stopped_at')} ({stopping.get('stopped_because')})")

@@ -1,7 +1,8 @@
 """Job dependencies (``after: <job>``): a job waits until the job it names has completed.
 
 The edges live in the ``dependencies`` table (migration 5), one row per
-``(job_id, after_id)``. The store uses what is here inside its own transactions:
+``(job_id, after_id)``. The store uses what is here inside its own transactions
+(the functions that move jobs take the store, which passes itself in):
 
 - a claim hands out only a job whose dependencies have all completed (:data:`READY`,
   a clause of the claim's SQL);
@@ -21,6 +22,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from ..errors import TransitionError
+from .records import FAILED, PENDING, Moves
 
 #: Failure kind of a job failed because of its dependency (``FailureKind.DEPENDENCY``).
 KIND = "dependency"
@@ -130,3 +132,44 @@ def failed_why(name: str, first: str, status: str, error: str | None) -> str:
     if first == name:
         return f"after: {name} {status}; 'loraq retry {name}' makes this job wait on it again{cause}"
     return f"after: {name} failed because {first} {status}; 'loraq retry {first}' makes this job wait again{cause}"
+
+
+# ---------------------------------------------------------------- the store's moves (inside its transactions)
+
+
+def fail_waiting(store: Moves, conn: sqlite3.Connection, job_id: int) -> None:
+    """The jobs waiting on ``job_id`` (``after``), which just failed or was cancelled, fail too, saying why;
+    and so, through the store's ``_transition``, do the jobs waiting on them."""
+    waiting = waiting_on(conn, job_id, PENDING)
+    if not waiting:
+        return
+    name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
+    root = first_failure(conn, job_id)
+    cause = f"{root.error_kind}: {root.error}" if root.error else None
+    why = failed_why(name, root.name, root.status, cause[:200] if cause else None)
+    for waiter in waiting:
+        store._transition(conn, waiter, FAILED, reason=f"{KIND}: {why}", expect=(PENDING,),
+                          sets={"finished_at": store.clock(), "error_kind": KIND, "error": why})
+
+
+def check_retry(conn: sqlite3.Connection, job_id: int) -> None:
+    """A job whose dependency failed or was cancelled cannot be retried alone: raise, naming the one to retry."""
+    for dep in of(conn, job_id):
+        if dep.status in ENDED_BADLY:
+            root = first_failure(conn, dep.id)
+            chain = "" if root.id == dep.id else f" because {root.name} is {root.status}"
+            raise TransitionError(f"it waits on {dep.name} (after), which is {dep.status}{chain}: 'loraq retry "
+                                  f"{root.name}' instead, and this job waits again")
+
+
+def rewait(store: Moves, conn: sqlite3.Connection, job_id: int) -> None:
+    """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
+    name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
+    for waiter in waiting_on(conn, job_id, FAILED):
+        kind = conn.execute("SELECT error_kind FROM jobs WHERE id = ?", (waiter,)).fetchone()["error_kind"]
+        if kind != KIND:
+            continue  # it failed on its own: only the operator retries it
+        store._transition(conn, waiter, PENDING, reason=f"its dependency {name} was retried: waiting on it again",
+                          expect=(FAILED,), sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None,
+                                                    "error_kind": None, "verdict": None})
+        rewait(store, conn, waiter)

@@ -11,10 +11,12 @@ the next round's ``max_steps``, and the rest are cancelled with the reason
 job is left; only it trains to ``B`` and is published. N = 4, B = 8: 4 jobs to 2
 steps, 2 to 4, 1 to 8: 2 B of training instead of the grid's 4 B.
 
-The plan rides in the stored job (``halving``); the store moves a job between rounds
-(:meth:`~loraq.queue.store.Store.end_round`), deciding a round in the transaction of
-the event that ends it, so a killed worker never loses or repeats a decision.
-Standard library only.
+The plan rides in the stored job (``halving``: configs, budget, steps, the sweep's id)
+and never changes; where each job stands is state, in the store's tables
+(``halving_members``, ``halving_rounds``: queue/rounds.py). The store moves a job
+between rounds (:meth:`~loraq.queue.store.Store.end_round`) and decides a round with
+:func:`settle`, a pure function, in the transaction of the event that ends it, so a
+killed worker never loses or repeats a decision. Standard library only.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .records import TRAINING
+
 STRATEGIES = ("grid", "halving")
-#: ``not_before`` of a job that ended its round and waits for the rest of it: never claimed until decided.
-HELD = 9.0e15
-WAITING, TRAINING, PRUNED, RETRIED = "waiting", "training", "pruned", "retried"
 
 
 def rounds_for(configs: int) -> int:
@@ -41,9 +42,13 @@ def steps_for(configs: int, budget: int) -> list[int]:
 
 
 def plan(configs: int, budget: int) -> dict[str, Any]:
-    """The plan stored with each job of the sweep: it starts in round 1."""
-    return {"configs": configs, "budget": budget, "steps": steps_for(configs, budget), "round": 1,
-            "state": TRAINING, "history": []}
+    """The plan stored with each job of the sweep (each starts in round 1: queue/rounds.py)."""
+    return {"configs": configs, "budget": budget, "steps": steps_for(configs, budget)}
+
+
+#: What a plan held besides itself before rounds were state (migration 6): a job as submitted
+#: then is hashed with them, so a sweep submitted again is still recognised as the same.
+SUBMITTED_AS: dict[str, Any] = {"round": 1, "state": TRAINING, "history": []}
 
 
 def budget_problem(configs: int, budget: int) -> str | None:
@@ -70,14 +75,6 @@ def describe(halving: dict[str, Any]) -> str:
     return f"successive halving in {len(halving['steps'])} rounds: " + ", then ".join(parts)
 
 
-def is_round_end(stored: dict[str, Any]) -> bool:
-    """Whether a job that finished training has only ended a round (it is not published: it waits for the decision)."""
-    halving = stored.get("halving")
-    if not isinstance(halving, dict):
-        return False
-    return halving.get("state") == TRAINING and int(halving["round"]) < len(halving["steps"])
-
-
 @dataclass(frozen=True)
 class Member:
     """One job of a round, as the decision sees it."""
@@ -86,6 +83,7 @@ class Member:
     waiting: bool  # it ended the round with an eval loss and waits; otherwise it failed or was cancelled
     eval_loss: float | None
     score: float | None = None  # the sweep's gate metric (a grader, higher is better), when it gates on one
+    ongoing: bool = False  # it has not ended the round yet (running, or pending to train it)
 
 
 @dataclass(frozen=True)
@@ -126,3 +124,14 @@ def decide(round_no: int, rounds: int, members: list[Member], metric: str | None
         out.append(Verdict(m.name, rank, len(ranked), kept,
                            f"halving: round {round_no} of {rounds}, {loss} ranked {rank} of {len(ranked)}: {what}"))
     return out
+
+
+def settle(round_no: int, rounds: int, members: list[Member], metric: str | None = None) -> list[Verdict] | None:
+    """The decision of a round, once every member has ended it: ``None`` while one has not.
+
+    Pure: the store gathers the members and applies the verdicts in one transaction
+    (queue/rounds.py), so the decision is made once, with the state it was made on.
+    """
+    if round_no >= rounds or not members or any(m.ongoing for m in members):
+        return None
+    return decide(round_no, rounds, members, metric=metric)

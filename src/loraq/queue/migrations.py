@@ -122,6 +122,51 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX dependencies_after ON dependencies (after_id);
     """,
+    # 6: successive halving's rounds as state (queue/rounds.py), no longer a second state
+    # machine inside the spec JSON with a sentinel ``not_before``. A row per member says the
+    # round it is in and where it stands; a row per decided round holds its verdicts (it is
+    # made once). A job waiting for its round stays pending with ``not_before`` 0: the claim
+    # passes it over by its member row. The plan itself (configs, budget, steps, sweep id)
+    # stays in the spec: it never changes. Rounds already in a home move here intact.
+    """
+    CREATE TABLE halving_members (
+        job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+        sweep TEXT NOT NULL,
+        round INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('training','waiting','pruned','retried')),
+        eval_loss REAL,
+        metric TEXT,
+        score REAL,
+        why TEXT,
+        history TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX halving_members_round ON halving_members (sweep, round);
+    CREATE TABLE halving_rounds (
+        sweep TEXT NOT NULL,
+        round INTEGER NOT NULL,
+        verdicts TEXT NOT NULL,
+        PRIMARY KEY (sweep, round)
+    );
+    INSERT INTO halving_members (job_id, sweep, round, state, eval_loss, metric, score, why, history)
+        SELECT id, COALESCE(json_extract(spec, '$.halving.sweep'), json_extract(spec, '$.spec.group')),
+               COALESCE(json_extract(spec, '$.halving.round'), 1), COALESCE(json_extract(spec, '$.halving.state'), 'training'),
+               json_extract(spec, '$.halving.eval_loss'), json_extract(spec, '$.halving.metric'),
+               json_extract(spec, '$.halving.score'), json_extract(spec, '$.halving.why'),
+               COALESCE(json_extract(spec, '$.halving.history'), '[]')
+        FROM jobs WHERE json_type(spec, '$.halving') = 'object'
+          AND COALESCE(json_extract(spec, '$.halving.sweep'), json_extract(spec, '$.spec.group')) IS NOT NULL;
+    INSERT INTO halving_rounds (sweep, round, verdicts)
+        SELECT s.sweep, CAST(substr(q.key, length(s.prefix) + 1) AS INTEGER), q.value
+        FROM queue_state q JOIN (SELECT DISTINCT sweep, 'halving:' || sweep || ':' AS prefix FROM halving_members) s
+          ON substr(q.key, 1, length(s.prefix)) = s.prefix;
+    DELETE FROM queue_state WHERE key IN (
+        SELECT q.key FROM queue_state q JOIN (SELECT DISTINCT 'halving:' || sweep || ':' AS prefix FROM halving_members) s
+          ON substr(q.key, 1, length(s.prefix)) = s.prefix);
+    UPDATE jobs SET not_before = 0 WHERE not_before >= 9.0e15;
+    UPDATE jobs SET spec = json_remove(spec, '$.halving.round', '$.halving.state', '$.halving.history',
+                                       '$.halving.eval_loss', '$.halving.metric', '$.halving.score', '$.halving.why')
+        WHERE json_type(spec, '$.halving') = 'object';
+    """,
 )
 
 

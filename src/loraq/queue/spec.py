@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .. import safeyaml
-from ..errors import PathError, Problem, SpecError
+from ..errors import PathError, Problem, SpecError, YamlProblem
 from ..escape import excerpt, printable
 from ..sandbox import Roots, check_model_folder, is_hub_id, is_pickle, open_regular, read_fd, resolve
 from . import sweep
@@ -699,7 +699,7 @@ def _load_yaml(path: Path) -> Any:
         os.close(fd)
     try:
         return safeyaml.load(text)
-    except safeyaml.YamlProblem as exc:
+    except YamlProblem as exc:
         raise SpecError([Problem(f"{where}:{exc.line}" if exc.line else where, str(exc))]) from None
 
 

@@ -12,13 +12,16 @@ never complete or overwrite a job that someone else now owns.
 Time is a parameter (``clock``), so lease, retry and backoff tests never sleep.
 
 The file itself (how it is opened, checked and created, and how its faults read)
-is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`.
+is :mod:`.dbfile`; the status lines' SQL is :mod:`.listing`. What a failed attempt
+becomes, and when the queue pauses, is the failure policy (:mod:`.failures`, pure);
+the moves of ``after:`` and of halving's rounds, which run inside the store's
+transactions, are :mod:`.dependencies` and :mod:`.rounds`. A job read back is
+decoded once into a typed record (:class:`.records.Job`, its :class:`.records.StoredJob`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -41,7 +44,7 @@ from ..errors import (
     StoreFaultError,
     TransitionError,
 )
-from . import dbfile, dependencies, halving
+from . import dbfile, dependencies, failures, rounds
 from .dbfile import SQLITE_MAGIC, is_machine_fault  # noqa: F401 (SQLITE_MAGIC: importable from the store, as always)
 from .listing import group_counts, listing_rows
 from .migrations import MIGRATIONS
@@ -49,11 +52,11 @@ from .records import (  # the records and states are importable from the store, 
     CANCELLED,
     COMPLETED,
     FAILED,
+    JOB_SELECT,
     OUTCOME_CANCELLED,
     OUTCOME_COMPLETED,
     OUTCOME_FAILED,
     OUTCOME_RETRY,
-    OUTCOME_ROUND,
     OUTCOME_STOPPED,
     PENDING,
     RUNNING,
@@ -65,10 +68,14 @@ from .records import (  # the records and states are importable from the store, 
     Job,
     NewJob,
     QueueState,
+    SqlExpr,
     WorkerId,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: An SQL condition on ``jobs``: a pending job may be claimed (its dependencies completed, its round not waiting).
+READY = f"{dependencies.READY} AND {rounds.NOT_WAITING}"
 
 #: How long a store waits on another process's lock. Read where it is used (opening a
 #: connection, wording a "busy" error), so lowering it here takes effect everywhere.
@@ -315,7 +322,7 @@ class Store:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no job with id {job_id}")
-        current = row["status"]
+        current: str = row["status"]
         if expect is not None and current not in set(expect):
             raise TransitionError(f"job {job_id} is {current}, not {' or '.join(expect)}")
         if (current, to_state) not in TRANSITIONS:
@@ -330,22 +337,8 @@ class Store:
             raise TransitionError(f"job {job_id} changed while moving it to {to_state}")
         self._event(conn, job_id, current, to_state, reason, actor)
         if to_state in (FAILED, CANCELLED):
-            self._fail_waiting(conn, job_id)
+            dependencies.fail_waiting(self, conn, job_id)
         return current
-
-    def _fail_waiting(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """The jobs waiting on ``job_id`` (``after``), which just failed or was cancelled, fail too, saying why;
-        and so, through :meth:`_transition`, do the jobs waiting on them."""
-        waiting = dependencies.waiting_on(conn, job_id, PENDING)
-        if not waiting:
-            return
-        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
-        root = dependencies.first_failure(conn, job_id)
-        cause = f"{root.error_kind}: {root.error}" if root.error else None
-        why = dependencies.failed_why(name, root.name, root.status, cause[:200] if cause else None)
-        for waiter in waiting:
-            self._transition(conn, waiter, FAILED, reason=f"{dependencies.KIND}: {why}", expect=(PENDING,),
-                             sets={"finished_at": self.clock(), "error_kind": dependencies.KIND, "error": why})
 
     def _job_id(self, conn: sqlite3.Connection, ref: int | str) -> int:
         # '#3' is always job id 3; a bare '3' is the id too (names made only of digits are refused).
@@ -374,6 +367,20 @@ class Store:
             conn.execute("DELETE FROM queue_state WHERE key = ?", (key,))
         else:
             conn.execute("INSERT OR REPLACE INTO queue_state (key, value) VALUES (?, ?)", (key, value))
+
+    def _read(self, conn: sqlite3.Connection, job_id: int) -> Job:
+        """The job with ``job_id``, as handed out (its halving member row too: :data:`.records.JOB_SELECT`)."""
+        row = conn.execute(f"{JOB_SELECT} WHERE jobs.id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    def _rewrite_spec(self, conn: sqlite3.Connection, job_id: int, change: Callable[[dict[str, Any]], None]) -> None:
+        """Change the stored job's JSON (the settings the trainer runs: a round's steps, an OOM back-off)."""
+        stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
+        change(stored)
+        conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
+                     (json.dumps(stored, sort_keys=True), self.clock(), job_id))
 
     # ---------------------------------------------------------------- submit
 
@@ -406,6 +413,9 @@ class Store:
                 )
                 job_id = int(cursor.lastrowid or 0)
                 ids.append(job_id)
+                plan = job.spec.get("halving")
+                if isinstance(plan, dict) and (sweep := plan.get("sweep") or (job.spec.get("spec") or {}).get("group")):
+                    rounds.enroll(conn, job_id, str(sweep))
                 self._event(conn, job_id, None, PENDING, "submitted")
             dependencies.record(conn, [(job.name, job.after) for job in jobs], ids)
             for key, value in (settings or {}).items():
@@ -431,7 +441,7 @@ class Store:
             # sorted every pending job on every claim: 20 ms a claim at 10,000 pending.
             top = conn.execute(
                 "SELECT priority FROM jobs WHERE status = 'pending' AND not_before <= ? "
-                f"AND {dependencies.READY} ORDER BY priority DESC LIMIT 1",
+                f"AND {READY} ORDER BY priority DESC LIMIT 1",
                 (now,),
             ).fetchone()
             if top is None:
@@ -440,13 +450,13 @@ class Store:
             if prefer_base is not None:
                 row = conn.execute(
                     f"""SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND base_key = ? AND not_before <= ?
-                       AND {dependencies.READY} ORDER BY id LIMIT 1""",
+                       AND {READY} ORDER BY id LIMIT 1""",
                     (top["priority"], prefer_base, now),
                 ).fetchone()
             if row is None:
                 row = conn.execute(
                     "SELECT id FROM jobs WHERE status = 'pending' AND priority = ? AND not_before <= ? "
-                    f"AND {dependencies.READY} ORDER BY id LIMIT 1",
+                    f"AND {READY} ORDER BY id LIMIT 1",
                     (top["priority"], now),
                 ).fetchone()
             job_id = int(row["id"])
@@ -458,7 +468,7 @@ class Store:
                       "started_at": _raw(f"COALESCE(started_at, {now!r})"), "error": None, "error_kind": None},
                 actor=str(worker),
             )
-            job = Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = self._read(conn, job_id)
             conn.execute(
                 "INSERT INTO attempts (job_id, n, epoch, worker, started_at) VALUES (?, ?, ?, ?, ?)",
                 (job_id, n, job.epoch, str(worker), now),
@@ -552,144 +562,37 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return False
-            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
-            stored.setdefault("spec", {}).setdefault("training", {}).update(after)
-            stored["oom_adjustments"] = [*(stored.get("oom_adjustments") or []), record]
-            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
-                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            def adjusted(stored: dict[str, Any]) -> None:
+                stored.setdefault("spec", {}).setdefault("training", {}).update(after)
+                stored["oom_adjustments"] = [*(stored.get("oom_adjustments") or []), record]
+
+            self._rewrite_spec(conn, job_id, adjusted)
             self._event(conn, job_id, RUNNING, RUNNING, f"oom_adjusted: {reason}")
         return True
 
-    # ---------------------------------------------------------------- successive halving (queue/halving.py)
-
-    def _stored(self, conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
-        return dict(json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"]))
-
-    def _put_stored(self, conn: sqlite3.Connection, job_id: int, stored: dict[str, Any], **sets: Any) -> None:
-        clause, values = _assign({"spec": json.dumps(stored, sort_keys=True), "updated_at": self.clock(), **sets})
-        conn.execute(f"UPDATE jobs SET {clause} WHERE id = ?", [*values, job_id])
+    # ---------------------------------------------------------------- successive halving (queue/halving.py, rounds.py)
 
     @_guarded
     def end_round(self, job_id: int, epoch: int, *, steps: int, eval_loss: float | None,
                   train_loss: float | None = None, metric: str | None = None, score: float | None = None) -> bool:
         """A job of a halving sweep trained to its round's ``max_steps``: it waits, unpublished, for the rest of
-        its round, and the round is decided in this same transaction once every job of it has ended.
+        its round, and the round is decided in this same transaction once every job of it has ended
+        (:func:`.rounds.end`).
 
         The attempt ends uncounted (a round is not a failure). ``False`` if ``epoch`` no longer owns the job.
         """
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return False
-            stored = self._stored(conn, job_id)
-            plan = stored["halving"]
-            k, rounds = int(plan["round"]), len(plan["steps"])
-            loss = eval_loss if eval_loss is not None and math.isfinite(eval_loss) else None
-            if self._state(conn, _round_key(stored, k)) is not None:  # decided without it (it was retried late)
-                why = f"halving: round {k} of {rounds} was decided while this job was not in it; not kept"
-                plan.update(state=halving.PRUNED, why=why)
-                self._transition(conn, job_id, CANCELLED, reason=why, epoch=epoch, expect=(RUNNING,),
-                                 sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
-                                       "finished_at": self.clock(), "error_kind": "halving", "error": why})
-                self._end_attempt(conn, job_id, epoch, OUTCOME_CANCELLED, reason=why, counted=False)
-                self._put_stored(conn, job_id, stored)
-                return True
-            plan.update(state=halving.WAITING, eval_loss=loss)
-            if metric is not None:  # the sweep gates on a grader: the round ranks by it (higher is better)
-                plan.update(metric=metric, score=score if score is not None and math.isfinite(score) else None)
-            shown = f"{loss:.4f}" if loss is not None else "unknown"
-            why = (f"halving: round {k} of {rounds} done at step {steps}, eval loss {shown}; "
-                   "waiting for the rest of the round")
-            self._transition(conn, job_id, PENDING, reason=why, epoch=epoch, expect=(RUNNING,),
-                             sets={"attempts": _raw("attempts - 1"), "lease_owner": None, "lease_expires": None,
-                                   "not_before": halving.HELD, "error_kind": "halving", "error": why,
-                                   "eval_loss": loss, "train_loss": train_loss})
-            self._end_attempt(conn, job_id, epoch, OUTCOME_ROUND, reason=why, counted=False)
-            self._put_stored(conn, job_id, stored)
-            self._decide_round_of(conn, stored)
+            rounds.end(self, conn, job_id, epoch, steps=steps, eval_loss=eval_loss, train_loss=train_loss,
+                       metric=metric, score=score)
         return True
 
     @_guarded
     def decide_rounds(self) -> int:
         """Decide every halving round whose jobs have all ended (a worker does on start); the rounds decided."""
         with self.transaction() as conn:
-            rows = conn.execute("SELECT spec FROM jobs WHERE status = 'pending' AND not_before >= ?",
-                                (halving.HELD,)).fetchall()
-            return sum(self._decide_round_of(conn, json.loads(r["spec"])) for r in rows)
-
-    def _decide_round_of(self, conn: sqlite3.Connection, stored: dict[str, Any]) -> bool:
-        """Decide the halving round ``stored`` (a job's stored spec) is in, if all its jobs have ended it.
-
-        Runs inside the caller's transaction: the decision, its events and the marker
-        that says it was made commit together, or not at all; the marker makes it once.
-        """
-        plan, group = stored.get("halving"), (stored.get("spec") or {}).get("group")
-        if not plan or group is None or plan.get("state") in (halving.RETRIED,):
-            return False
-        k, rounds = int(plan["round"]), len(plan["steps"])
-        if k >= rounds or self._state(conn, _round_key(stored, k)) is not None:
-            return False
-        # the jobs of this sweep (its id; before ids, its group) in this round
-        member, value = ("$.halving.sweep", plan["sweep"]) if plan.get("sweep") else ("$.spec.group", group)
-        rows = conn.execute(
-            "SELECT id, name, status, not_before, spec FROM jobs WHERE json_extract(spec, ?) = ? "
-            "AND json_extract(spec, '$.halving.round') = ? ORDER BY id", (member, value, k)).fetchall()
-        members: list[halving.Member] = []
-        for r in rows:
-            their = json.loads(r["spec"]).get("halving") or {}
-            if their.get("state") == halving.RETRIED:
-                continue
-            waiting = r["status"] == PENDING and their.get("state") == halving.WAITING
-            if r["status"] == RUNNING or (r["status"] == PENDING and not waiting):
-                return False  # the round is still going on
-            members.append(halving.Member(r["name"], waiting, their.get("eval_loss") if waiting else None,
-                                          their.get("score") if waiting else None))
-        verdicts = halving.decide(k, rounds, members, metric=plan.get("metric"))
-        by_name = {r["name"]: r for r in rows}
-        for verdict in verdicts:
-            row = by_name[verdict.name]
-            their = json.loads(row["spec"])
-            plan_of = their["halving"]
-            plan_of["history"] = [*plan_of.get("history", []), {"round": k, "eval_loss": plan_of.get("eval_loss"),
-                                                                 "rank": verdict.rank, "of": verdict.of}]
-            job_id = int(row["id"])
-            if verdict.kept:
-                plan_of.update(round=k + 1, state=halving.TRAINING, why=verdict.reason)
-                their.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan_of["steps"][k]
-                self._put_stored(conn, job_id, their, not_before=0, error_kind="halving",
-                                 error=f"{verdict.reason} ({plan_of['steps'][k]} steps)")
-                self._event(conn, job_id, None, None, f"{verdict.reason} ({plan_of['steps'][k]} steps, resuming "
-                                                      "from its newest checkpoint)")
-            elif verdict.name in {m.name for m in members if m.waiting}:
-                plan_of.update(state=halving.PRUNED, why=verdict.reason)
-                self._put_stored(conn, job_id, their)
-                self._transition(conn, job_id, CANCELLED, reason=verdict.reason, expect=(PENDING,),
-                                 sets={"finished_at": self.clock(), "not_before": 0, "error_kind": "halving",
-                                       "error": verdict.reason})
-            else:  # failed or cancelled already: the ranking is recorded, its state stays
-                plan_of.update(why=verdict.reason)
-                self._put_stored(conn, job_id, their)
-        self._set_state(conn, _round_key(stored, k), json.dumps([dataclasses.asdict(v) for v in verdicts]))
-        self._event(conn, None, None, None, f"halving: sweep {group} round {k} of {rounds} decided: "
-                    + ", ".join(f"{v.rank}. {v.name}{'' if v.kept else ' (pruned)'}" for v in verdicts))
-        return True
-
-    def _retry_outside_halving(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """A pruned job (or one whose round was decided without it) retried by the operator trains on
-        to the full budget from its checkpoint, as a job of its own: no round waits for it."""
-        stored = self._stored(conn, job_id)
-        plan = stored.get("halving")
-        if not plan:
-            return
-        decided = self._state(conn, _round_key(stored, int(plan["round"]))) is not None
-        if plan.get("state") == halving.PRUNED or (decided and plan["round"] < len(plan["steps"])):
-            plan.update(state=halving.RETRIED)
-            stored.setdefault("spec", {}).setdefault("training", {})["max_steps"] = plan["budget"]
-            self._put_stored(conn, job_id, stored)
-            self._event(conn, job_id, None, None, f"halving: retried outside the sweep's rounds; trains to the "
-                                                  f"full budget of {plan['budget']} steps")
-        elif plan.get("state") == halving.WAITING:  # cancelled while it waited: it ends its round again
-            plan.update(state=halving.TRAINING)
-            self._put_stored(conn, job_id, stored)
+            return sum(rounds.decide(self, conn, sweep, k) for sweep, k in rounds.waiting_rounds(conn))
 
     def _owns(self, conn: sqlite3.Connection, job_id: int, epoch: int) -> bool:
         row = conn.execute("SELECT status, epoch FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -755,58 +658,40 @@ class Store:
     ) -> str:
         """End the running attempt as a failure; return the job's new status.
 
-        Retryable failures with attempts left go back to pending after a backoff
-        that doubles each attempt; otherwise the job fails for good. Every failed
-        attempt counts towards ``pause_after_failures``.
-
-        An ``internal`` error (an exception loraq does not recognise: a bug) is
-        retried once at most: a second one in the same run of attempts fails the job,
-        saying whether it was the same error (type and message) as the attempt before.
-        Jobs that fail for good with the same internal error ``pause_after_internal_errors``
-        times in a row (3 by default) pause the queue: a bug does not burn the night.
+        What becomes of the job, and whether the queue pauses, is the failure policy
+        (:func:`.failures.decide`); this applies it, in one transaction.
         """
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no job with id {job_id}")
-            job = Job.from_row(row)
+            job = self._read(conn, job_id)
             if job.status != RUNNING or (epoch is not None and job.epoch != epoch):
                 raise LeaseLost(job_id, epoch, job.epoch)
-            again = retryable and job.attempts_left > 0
             state = self.queue_state(conn)
-            if kind == FailureKind.INTERNAL:
-                earlier = self._earlier_internal(conn, job)
-                if earlier is not None:
-                    n, same = earlier
-                    again, retryable = False, False
-                    reason += (f"; the same error as attempt {n}" if same == reason
-                               else f"; attempt {n} also failed with an internal error") + ", so it is not retried again"
-            sets: dict[str, Any] = {"error_kind": kind, "error": reason, "lease_owner": None, "lease_expires": None}
+            earlier = self._earlier_internal(conn, job) if kind == FailureKind.INTERNAL else None
+            failure = failures.decide(job, kind=kind, reason=reason, retryable=retryable, state=state,
+                                      now=self.clock(), earlier_internal=earlier)
+            sets: dict[str, Any] = {"error_kind": kind, "error": failure.reason, "lease_owner": None,
+                                    "lease_expires": None}
             if verdict is not None:
                 sets["verdict"] = verdict
             if result is not None:
                 sets["result"] = json.dumps(result, sort_keys=True)
-            if again:
-                backoff = state.retry_backoff_s * (2 ** max(job.attempts - 1, 0))
-                sets["not_before"] = self.clock() + min(backoff, 3600.0)
-                why = f"{kind}: {reason} (retrying, {job.attempts_left} attempt(s) left)"
-                new = PENDING
+            if failure.not_before is not None:
+                sets["not_before"] = failure.not_before
             else:
                 sets["finished_at"] = self.clock()
-                why = f"{kind}: {reason}" + ("" if not retryable else " (no attempts left)")
-                new = FAILED
-            self._transition(conn, job_id, new, reason=why, epoch=epoch, expect=(RUNNING,), sets=sets, actor=actor)
-            self._end_attempt(conn, job.id, job.epoch, OUTCOME_RETRY if again else OUTCOME_FAILED,
-                              error_kind=kind, reason=reason, traceback=traceback, retryable=retryable)
-            failures = state.consecutive_failures + 1
-            self._set_state(conn, "consecutive_failures", str(failures))
-            if state.pause_after_failures and failures >= state.pause_after_failures and not state.paused:
-                message = f"{failures} attempts failed in a row (pause_after_failures: {state.pause_after_failures}); last: {job.name}: {reason}"
-                self._pause(conn, message)
-            if new == FAILED:
-                self._count_internal_failure(conn, state, job.name, reason if kind == FailureKind.INTERNAL else None)
-                self._decide_round_of(conn, job.spec)  # a failed job ends its round too (counted as worst)
-        return new
+            self._transition(conn, job_id, failure.status, reason=failure.why, epoch=epoch, expect=(RUNNING,),
+                             sets=sets, actor=actor)
+            self._end_attempt(conn, job.id, job.epoch, OUTCOME_RETRY if failure.again else OUTCOME_FAILED,
+                              error_kind=kind, reason=failure.reason, traceback=traceback,
+                              retryable=failure.retryable)
+            self._set_state(conn, "consecutive_failures", str(failure.failures))
+            if failure.pause is not None:
+                self._pause(conn, failure.pause)
+            if failure.status == FAILED:
+                self._count_internal_failure(conn, state, job.name,
+                                             failure.reason if kind == FailureKind.INTERNAL else None)
+                rounds.decide_of(self, conn, job_id)  # a failed job ends its round too (counted as worst)
+        return failure.status
 
     def _earlier_internal(self, conn: sqlite3.Connection, job: Job) -> tuple[int, str] | None:
         """``(n, reason)`` of the newest earlier attempt in the job's current run of attempts
@@ -819,17 +704,12 @@ class Store:
 
     def _count_internal_failure(self, conn: sqlite3.Connection, state: QueueState, name: str, error: str | None) -> None:
         """Count jobs failing for good in a row with the same internal ``error`` (``None``: any other outcome)."""
-        if error is None or error != self._state(conn, "internal_error"):
-            streak = 1 if error is not None else 0
-        else:
-            streak = int(self._state(conn, "internal_error_jobs", "0") or 0) + 1
+        streak = failures.internal_streak(error, self._state(conn, "internal_error"),
+                                          int(self._state(conn, "internal_error_jobs", "0") or 0))
         self._set_state(conn, "internal_error", error)
         self._set_state(conn, "internal_error_jobs", str(streak) if streak else None)
-        limit = state.pause_after_internal_errors
-        if limit and streak >= limit and not self._state(conn, "paused"):
-            self._pause(conn, f"{streak} jobs in a row failed with the same internal error, a bug in loraq or "
-                              f"in what it runs (pause_after_internal_errors: {limit}); last: {name}: {error}. "
-                              "Report it with 'loraq show', then 'loraq resume'")
+        if (why := failures.internal_pause(streak, state, name, error)) and not self._state(conn, "paused"):
+            self._pause(conn, why)
 
     def _pause(self, conn: sqlite3.Connection, message: str) -> None:
         self._set_state(conn, "paused", "1")
@@ -860,10 +740,7 @@ class Store:
             )
             self._end_attempt(conn, job_id, epoch, OUTCOME_RETRY, error_kind=kind, reason=reason, counted=False,
                               retryable=True)
-            message = f"the machine failed a job ({kind}: {reason}); fix it, then 'loraq resume'"
-            self._set_state(conn, "paused", "1")
-            self._set_state(conn, "pause_reason", message)
-            self._event(conn, None, None, None, f"queue paused: {message}")
+            self._pause(conn, failures.machine_fault_pause(kind, reason))
 
     @_guarded
     def note(self, job_id: int | None, reason: str) -> None:
@@ -911,7 +788,7 @@ class Store:
             )
             if previous == RUNNING:
                 self._end_attempt(conn, job_id, row["epoch"], OUTCOME_CANCELLED, reason="cancelled", counted=True)
-            self._decide_round_of(conn, self._stored(conn, job_id))
+            rounds.decide_of(self, conn, job_id)
         return self.job(job_id)
 
     @_guarded
@@ -919,31 +796,14 @@ class Store:
         """Put a failed or cancelled job back to pending with a fresh set of attempts."""
         with self.transaction() as conn:
             job_id = self._job_id(conn, ref)
-            for dep in dependencies.of(conn, job_id):
-                if dep.status in (FAILED, CANCELLED):
-                    root = dependencies.first_failure(conn, dep.id)
-                    chain = "" if root.id == dep.id else f" because {root.name} is {root.status}"
-                    raise TransitionError(f"it waits on {dep.name} (after), which is {dep.status}{chain}: 'loraq retry "
-                                          f"{root.name}' instead, and this job waits again")
+            dependencies.check_retry(conn, job_id)
             self._transition(
                 conn, job_id, PENDING, reason="retried by the operator", expect=(FAILED, CANCELLED),
                 sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None, "error_kind": None, "verdict": None},
             )
-            self._retry_outside_halving(conn, job_id)
-            self._rewait(conn, job_id)
+            rounds.retry_outside(self, conn, job_id)
+            dependencies.rewait(self, conn, job_id)
         return self.job(job_id)
-
-    def _rewait(self, conn: sqlite3.Connection, job_id: int) -> None:
-        """Jobs that failed only because ``job_id`` (retried now) had failed wait on it again, and theirs on them."""
-        name = conn.execute("SELECT name FROM jobs WHERE id = ?", (job_id,)).fetchone()["name"]
-        for waiter in dependencies.waiting_on(conn, job_id, FAILED):
-            kind = conn.execute("SELECT error_kind FROM jobs WHERE id = ?", (waiter,)).fetchone()["error_kind"]
-            if kind != dependencies.KIND:
-                continue  # it failed on its own: only the operator retries it
-            self._transition(conn, waiter, PENDING, reason=f"its dependency {name} was retried: waiting on it again",
-                             expect=(FAILED,), sets={"attempts": 0, "not_before": 0, "finished_at": None, "error": None,
-                                                     "error_kind": None, "verdict": None})
-            self._rewait(conn, waiter)
 
     @_guarded
     def pause(self, reason: str = "paused by the operator") -> None:
@@ -985,20 +845,20 @@ class Store:
     @_guarded
     def job_named(self, name: str) -> Job | None:
         """The job whose name equals ``name`` ignoring case (names that would share an adapter folder)."""
-        row = self.conn.execute("SELECT * FROM jobs WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        row = self.conn.execute(f"{JOB_SELECT} WHERE jobs.name = ? COLLATE NOCASE", (name,)).fetchone()
         return Job.from_row(row) if row is not None else None
 
     @_guarded
     def job(self, ref: int | str) -> Job:
         job_id = self._job_id(self.conn, ref)
-        return Job.from_row(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return self._read(self.conn, job_id)
 
     @_guarded
     def jobs(self, status: str | None = None) -> list[Job]:
         if status:
-            rows = self.conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY id", (status,))
+            rows = self.conn.execute(f"{JOB_SELECT} WHERE jobs.status = ? ORDER BY jobs.id", (status,))
         else:
-            rows = self.conn.execute("SELECT * FROM jobs ORDER BY id")
+            rows = self.conn.execute(f"{JOB_SELECT} ORDER BY jobs.id")
         return [Job.from_row(r) for r in rows]
 
     @_guarded
@@ -1095,8 +955,8 @@ class Store:
     def dependents(self, ref: int | str) -> list[Job]:
         """The jobs that wait on ``ref`` (their ``after`` names it), in any status, oldest first."""
         job_id = self._job_id(self.conn, ref)
-        rows = self.conn.execute("SELECT j.* FROM dependencies d JOIN jobs j ON j.id = d.job_id WHERE d.after_id = ? "
-                                 "ORDER BY j.id", (job_id,)).fetchall()
+        rows = self.conn.execute(f"{JOB_SELECT} JOIN dependencies d ON jobs.id = d.job_id WHERE d.after_id = ? "
+                                 "ORDER BY jobs.id", (job_id,)).fetchall()
         return [Job.from_row(r) for r in rows]
 
     @_guarded
@@ -1110,8 +970,8 @@ class Store:
             rows = conn.execute(f"SELECT id FROM jobs WHERE status = 'pending' AND {dependencies.STRANDED} ORDER BY id")
             stranded = [int(r["id"]) for r in rows.fetchall()]
             for dep_id in {d.id for job_id in stranded for d in dependencies.of(conn, job_id)
-                           if d.status in (FAILED, CANCELLED)}:
-                self._fail_waiting(conn, dep_id)
+                           if d.status in dependencies.ENDED_BADLY}:
+                dependencies.fail_waiting(self, conn, dep_id)
         return stranded
 
     @_guarded
@@ -1125,27 +985,18 @@ class Store:
         with self.transaction() as conn:
             if not self._owns(conn, job_id, epoch):
                 return None
-            stored = json.loads(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()["spec"])
-            stored.update(init_from_path=path, init_from_sha256=sha256)
-            conn.execute("UPDATE jobs SET spec = ?, updated_at = ? WHERE id = ?",
-                         (json.dumps(stored, sort_keys=True), self.clock(), job_id))
+            self._rewrite_spec(conn, job_id, lambda stored: stored.update(init_from_path=path, init_from_sha256=sha256))
             self._event(conn, job_id, RUNNING, RUNNING, f"after: {after} completed; starts from its adapter {path}")
-            return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-def _round_key(stored: dict[str, Any], round_no: int) -> str:
-    """The queue_state key that records a halving round's decision (it is made once): per sweep, by its id."""
-    plan = stored.get("halving") or {}
-    return f"halving:{plan.get('sweep') or (stored.get('spec') or {}).get('group')}:{round_no}"
+            return self._read(conn, job_id)
 
 
-class _raw(str):
-    """An SQL expression to use as-is in an assignment (``epoch + 1``), not a value."""
+_raw = SqlExpr  # an SQL expression to use as-is in an assignment (``epoch + 1``), not a value
 
 
 def _assign(sets: dict[str, Any]) -> tuple[str, list[Any]]:
     parts, params = [], []
     for key, value in sets.items():
-        if isinstance(value, _raw):
+        if isinstance(value, SqlExpr):
             parts.append(f"{key} = {value}")
         else:
             parts.append(f"{key} = ?")

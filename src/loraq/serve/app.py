@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,37 +221,26 @@ def create_app(settings: Settings) -> Dashboard:
             return PlainTextResponse("cannot read the queue now", status_code=503)
         subscription = feed.subscribe()
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield "retry: 2000\n\n"
+        async def step(news: Any) -> Step:
+            if news is None:  # the stream opened: what changed since the page was drawn
                 try:
                     behind = await run_in_threadpool(_changed_since, home, since)
                 except LoraqError:  # unreadable this instant: end, and the browser reconnects in 2 s
-                    return
+                    return [], False
                 if behind is None:
-                    yield _event("reload", {})
-                    return
-                if behind:
-                    seq, counts, groups, queue = feed.totals()
-                    payload = renderer.queue_update(max(seq, max(r["seq"] for r in behind)), behind, counts, groups, queue)
-                    shown = view.select(payload)
-                    if shown is not None:
-                        yield _event("queue", shown, payload["seq"])
-                while True:
-                    change = await _next(subscription)
-                    if change is _QUIET:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if change is None:  # the feed stopped, or this page fell behind: it reconnects
-                        return
-                    assert isinstance(change, Change)
-                    shown = view.select(change.payload)
-                    if shown is not None:
-                        yield _event("queue", shown, change.seq)
-            finally:
-                feed.unsubscribe(subscription)
+                    return [_event("reload", {})], False
+                if not behind:
+                    return [], True
+                seq, counts, groups, queue = feed.totals()
+                payload = renderer.queue_update(max(seq, max(r["seq"] for r in behind)), behind, counts, groups, queue)
+                shown, event_id = view.select(payload), payload["seq"]
+            elif isinstance(news, Change):
+                shown, event_id = view.select(news.payload), news.seq
+            else:
+                return [], True
+            return ([_event("queue", shown, event_id)] if shown is not None else []), True
 
-        return _sse(events())
+        return _sse(_stream(feed, subscription, step, wait_s=KEEPALIVE_S))
 
     async def job_stream(request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -264,47 +253,34 @@ def create_app(settings: Settings) -> Dashboard:
         if since_or_none is None or offset_or_none is None:
             return PlainTextResponse("since and log are numbers (what the page shows)", status_code=400)
         since, log_offset = since_or_none, offset_or_none
+        log_path: Path | None = None
         subscription = feed.subscribe()
 
-        async def events() -> AsyncIterator[str]:
-            nonlocal since, log_offset
-            log_path: Path | None = None
-            changed, quiet = True, 0.0
-            try:
-                yield "retry: 2000\n\n"
-                while True:
-                    if changed:  # this job changed (or the page just opened): read it again
-                        shown = await run_in_threadpool(_show, home, job_id)
-                        if shown is None:
-                            return
-                        if shown.job.seq > since:
-                            since = shown.job.seq
-                            quiet = 0.0
-                            yield _event("job", {"sections": renderer.job_sections(JobView.of(shown))},
-                                         f"{since}.{log_offset}")
-                        newest = Path(shown.log_path) if shown.log_path else None
-                        if newest != log_path and log_path is not None:
-                            log_offset = 0  # a new attempt: follow its log from the start
-                            yield _event("log", {"text": "", "reset": True}, f"{since}.{log_offset}")
-                        log_path = newest
-                    if log_path is not None:
-                        text, log_offset = await run_in_threadpool(_log_from, home, log_path, log_offset)
-                        if text:
-                            quiet = 0.0
-                            yield _event("log", {"text": text}, f"{since}.{log_offset}")
-                    if quiet >= KEEPALIVE_S:
-                        quiet = 0.0
-                        yield ": keep-alive\n\n"
-                    change = await _next(subscription, timeout=LOG_POLL_S)
-                    if change is None:
-                        return
-                    # Another job's change costs this job's page nothing more than this check.
-                    changed = isinstance(change, Change) and any(row["id"] == job_id for row in change.rows)
-                    quiet += LOG_POLL_S if change is _QUIET else 0.0
-            finally:
-                feed.unsubscribe(subscription)
+        async def step(news: Any) -> Step:
+            nonlocal since, log_offset, log_path
+            events: list[str] = []
+            # The page just opened, or this job changed: read it again. Another job's change
+            # costs this job's page nothing more than this check.
+            if news is None or (isinstance(news, Change) and any(row["id"] == job_id for row in news.rows)):
+                shown = await run_in_threadpool(_show, home, job_id)
+                if shown is None:
+                    return [], False
+                if shown.job.seq > since:
+                    since = shown.job.seq
+                    events.append(_event("job", {"sections": renderer.job_sections(JobView.of(shown))},
+                                         f"{since}.{log_offset}"))
+                newest = Path(shown.log_path) if shown.log_path else None
+                if newest != log_path and log_path is not None:
+                    log_offset = 0  # a new attempt: follow its log from the start
+                    events.append(_event("log", {"text": "", "reset": True}, f"{since}.{log_offset}"))
+                log_path = newest
+            if log_path is not None:
+                text, log_offset = await run_in_threadpool(_log_from, home, log_path, log_offset)
+                if text:
+                    events.append(_event("log", {"text": text}, f"{since}.{log_offset}"))
+            return events, True
 
-        return _sse(events())
+        return _sse(_stream(feed, subscription, step, wait_s=LOG_POLL_S))
 
     # ---------------------------------------------------------------- actions
 
@@ -441,6 +417,41 @@ def _lifespan(feed: Feed) -> Any:
 
 
 _QUIET = object()
+
+#: What a page's stream step returns: the events to send now, and whether the stream goes on.
+Step = tuple[list[str], bool]
+
+
+async def _stream(feed: Feed, subscription: asyncio.Queue[Change | None],
+                  step: Callable[[Any], Awaitable[Step]], *, wait_s: float) -> AsyncIterator[str]:
+    """The one server-sent-events loop that every page's stream runs.
+
+    ``step`` is called with ``None`` when the stream opens, with each :class:`Change`
+    the feed sends, and with ``_QUIET`` when ``wait_s`` passes without one; it returns
+    the events to send and whether to go on. A comment keeps the connection open when
+    nothing was sent for ``KEEPALIVE_S``. The stream ends when the step says so or the
+    feed does (it stopped, or the page fell behind); the browser reconnects after the
+    ``retry`` it was told.
+    """
+    quiet = 0.0
+    try:
+        yield "retry: 2000\n\n"
+        news: Any = None
+        while True:
+            events, more = await step(news)
+            for event in events:
+                yield event
+            if not more:
+                return
+            quiet = 0.0 if events else quiet + (wait_s if news is _QUIET else 0.0)
+            if quiet >= KEEPALIVE_S:
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+            news = await _next(subscription, timeout=wait_s)
+            if news is None:  # the feed stopped, or this page fell behind: it reconnects
+                return
+    finally:
+        feed.unsubscribe(subscription)
 
 
 async def _next(subscription: asyncio.Queue[Change | None], timeout: float = KEEPALIVE_S) -> Any:

@@ -25,7 +25,7 @@ from markupsafe import Markup
 from .. import report
 from ..api import JobRow, ShowResult
 from ..escape import printable_lines
-from ..queue.records import STATES, QueueState
+from ..queue.records import STATES, QueueState, StoredJob
 
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")
@@ -100,19 +100,18 @@ class JobView:
         )
 
 
-def _spec_summary(spec: dict[str, Any]) -> dict[str, Any]:
-    inner = _mapping(spec.get("spec"))
-    lora, training = _mapping(inner.get("lora")), _mapping(inner.get("training"))
+def _spec_summary(stored: StoredJob) -> dict[str, Any]:
+    settings = stored.settings
+    lora, training = settings.lora, settings.training
     return {
-        "base model": spec.get("base_model"),
-        "dataset": spec.get("dataset_path"),
-        "dataset rows": spec.get("dataset_rows"),
-        "sweep": inner.get("group"),
+        "base model": stored.base_model,
+        "dataset": stored.dataset_path,
+        "dataset rows": stored.dataset_rows,
+        "sweep": settings.group,
         # preference tuning (issue 23): dpo beta 0.1, after sft
-        "method": " ".join([str(_mapping(inner.get("method")).get("type")), *(
-            f"{k} {v}" for k, v in sorted(_mapping(inner.get("method")).items()) if v is not None and k not in (
-                "type", "loss"))]) + (f", after {inner['after']}" if inner.get("after") else "")
-        if isinstance(inner.get("method"), dict) else None,
+        "method": " ".join([str(settings.method.get("type")), *(
+            f"{k} {v}" for k, v in sorted(settings.method.items()) if v is not None and k not in ("type", "loss"))])
+        + (f", after {settings.after}" if settings.after else "") if settings.method is not None else None,
         "LoRA": ", ".join(f"{k} {lora[k]}" for k in ("r", "alpha", "dropout", "target_modules") if k in lora) or None,
         "training": ", ".join(f"{k} {training[k]}" for k in ("max_steps", "epochs", "learning_rate", "batch_size",
                                                             "max_seq_len") if training.get(k) is not None) or None,

@@ -215,8 +215,9 @@ def too_large_text(limit: int) -> ASGIApp:
     """The default refusal: 413 in one line of text, and the connection closed (the rest is never read)."""
     from starlette.responses import PlainTextResponse
 
-    return PlainTextResponse(f"request body too large: the limit is {limit} bytes", status_code=413,
-                             headers={"connection": "close"})  # type: ignore[return-value]
+    refusal: ASGIApp = PlainTextResponse(f"request body too large: the limit is {limit} bytes", status_code=413,
+                                         headers={"connection": "close"})
+    return refusal
 
 
 @dataclass(frozen=True)

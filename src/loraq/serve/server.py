@@ -117,11 +117,11 @@ def guarded_protocol(limit: int, refusals: Refusals, header_timeout_s: float = H
     """uvicorn's h11 protocol with the connection limit and the header timeout (see the module's text)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class Guarded(H11Protocol):
+    class Guarded(H11Protocol):  # type: ignore[misc]  # uvicorn is not followed (Any)
         idle_since = 0.0
         header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self.idle_since = self.loop.time()
             self.header_timer = self.loop.call_later(header_timeout_s, self.no_request)
@@ -174,7 +174,7 @@ def serve(home: Home, host: str = "127.0.0.1", port: int = 8765, *, allow_remote
     if ready is not None:
         ready(listening)
 
-    class Server(uvicorn.Server):
+    class Server(uvicorn.Server):  # type: ignore[misc]  # uvicorn is not followed (Any)
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             loop = asyncio.get_running_loop()
             loop.set_exception_handler(_accept_errors_in_one_line(refusals, loop.get_exception_handler()))

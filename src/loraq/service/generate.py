@@ -174,7 +174,7 @@ class Generator:
             found = [text.find(s) for s in stops if s in text]
             return (text[: min(found)], True) if found else (text, False)
 
-        class Streamer(BaseStreamer):
+        class Streamer(BaseStreamer):  # type: ignore[misc]  # transformers is not followed (Any)
             first = True
 
             def put(self, value: Any) -> None:
@@ -196,7 +196,7 @@ class Generator:
             def end(self) -> None:
                 pass
 
-        class Stops(StoppingCriteria):
+        class Stops(StoppingCriteria):  # type: ignore[misc]
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 done = bool(state["stopped"]) or request.cancelled.is_set()
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool)

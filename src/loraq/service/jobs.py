@@ -289,11 +289,7 @@ def status_of(api_job: ApiJob, job: Job) -> str:
 
 def _settings(job: Job) -> dict[str, Any]:
     """The job's training settings as stored (``auto`` resolved at submit)."""
-    stored: Any = job.spec
-    # the store's typed record (its ``doc``: the JobSpec as JSON), or the spec as a mapping
-    inner = getattr(stored, "doc", None) if not isinstance(stored, dict) else stored.get("spec")
-    training = inner.get("training") if inner is not None and hasattr(inner, "get") else None
-    return dict(training) if isinstance(training, dict) else {}
+    return dict(job.spec.settings.training)
 
 
 def job_json(home: Home, api_job: ApiJob, job: Job, owner: str) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import PathError, PublishConflict
-from ..queue.store import Claim, Job, Store
+from ..queue.records import Claim, Job, StoredJob
+from ..queue.store import Store
 from ..sandbox import open_regular, read_fd
 from ..workspace import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Home
 
@@ -66,7 +67,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def spec_sha256(job: Job) -> str:
     """A digest of everything the job was submitted with (spec, paths, dataset identity)."""
-    return hashlib.sha256(json.dumps(job.spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(job.spec.doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id: str | None = None) -> dict[str, Any]:
@@ -86,12 +87,12 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
         "attempt": claim.attempt,
         "epoch": claim.epoch,
         "created_at": time.time(),
-        "base_model": job.spec["base_model"],
-        "revision": job.spec["spec"].get("revision"),
-        "dataset": {"path": job.spec["dataset_path"], "sha256": job.dataset_sha256,
-                    "format": result.get("dataset_format") or job.spec["spec"]["dataset"].get("format"),
+        "base_model": job.spec.base_model,
+        "revision": job.spec.settings.revision,
+        "dataset": {"path": job.spec.dataset_path, "sha256": job.dataset_sha256,
+                    "format": result.get("dataset_format") or job.spec.settings.dataset_format,
                     "n_train": result.get("n_train"), "n_eval": result.get("n_eval")},
-        "spec": job.spec["spec"],
+        "spec": job.spec.settings.doc,
         "versions": result.get("versions", {}),
         "train_loss": result.get("train_loss"),
         "eval_loss": result.get("eval_loss"),
@@ -101,12 +102,11 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
         "resumed_from": result.get("resumed_from"),
         "files": files,
         # the training controls (issue 12): what was resolved, adjusted and chosen
-        "auto": job.spec.get("auto"),
-        "sweep": {"group": job.spec["spec"].get("group"), "settings": job.spec.get("sweep")}
-        if job.spec.get("sweep") else None,
-        "init_from": {"path": job.spec.get("init_from_path"), "sha256": job.spec.get("init_from_sha256")}
-        if job.spec.get("init_from_path") else None,
-        "oom_adjustments": job.spec.get("oom_adjustments") or [],
+        "auto": job.spec.auto,
+        "sweep": {"group": job.spec.settings.group, "settings": job.spec.sweep} if job.spec.sweep else None,
+        "init_from": {"path": job.spec.init_from_path, "sha256": job.spec.init_from_sha256}
+        if job.spec.init_from_path else None,
+        "oom_adjustments": list(job.spec.oom_adjustments),
         # preference tuning (issue 23): the method, its settings, and the adapter it started from
         "method": _method_entry(job.spec, result),
         "stopping": (result.get("extras") or {}).get("stopping"),
@@ -115,26 +115,26 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
     }
 
 
-def _method_entry(stored: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    method = stored["spec"].get("method") or "sft"
-    if not isinstance(method, dict):
+def _method_entry(stored: StoredJob, result: dict[str, Any]) -> dict[str, Any]:
+    method = stored.settings.method
+    if method is None:
         return {"type": "sft"}
     preference = (result.get("extras") or {}).get("preference") or {}
-    return {**method, "reference": preference.get("reference"), "started_from": stored.get("init_from_path"),
-            "after": stored["spec"].get("after")}
+    return {**method, "reference": preference.get("reference"), "started_from": stored.init_from_path,
+            "after": stored.settings.after}
 
 
-def _template_entry(stored: dict[str, Any]) -> dict[str, Any] | None:
-    text = stored.get("chat_template_text")
-    if not isinstance(text, str):
+def _template_entry(stored: StoredJob) -> dict[str, Any] | None:
+    text = stored.chat_template_text
+    if text is None:
         return None
-    return {"name": stored["spec"].get("chat_template"), "file": CHAT_TEMPLATE, "source": stored.get("chat_template_path"),
+    return {"name": stored.settings.chat_template, "file": CHAT_TEMPLATE, "source": stored.chat_template_path,
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
-    spec = manifest["spec"]
-    lora, training = spec.get("lora", {}), spec.get("training", {})
+    settings = manifest["spec"]
+    lora, training = settings.get("lora", {}), settings.get("training", {})
 
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -251,7 +251,7 @@ def read_inspection(folder: Path) -> dict[str, Any] | None:
 
 def job_inspection(home: Home, job: Job) -> dict[str, Any] | None:
     """A job's inspection: the one recorded with its result, else the published adapter's."""
-    recorded = (job.result or {}).get("inspection")
+    recorded: dict[str, Any] | None = (job.result or {}).get("inspection")
     if recorded is not None:
         return recorded
     folder = home.adapter_dir(job.name)

@@ -58,15 +58,33 @@ from ..protocol import (
     TrainResult,
     to_wire,
 )
-from ..queue import halving
-from ..queue.store import COMPLETED, FAILED, RUNNING, Claim, Store, WorkerId
+from ..queue.records import COMPLETED, FAILED, RUNNING, Claim, StoredJob, WorkerId
+from ..queue.store import Store
 from ..supervisor import publish
+from ..supervisor.events import (
+    Claimed,
+    Completed,
+    Fault,
+    FaultCleared,
+    JobFailed,
+    JobOomAdjusted,
+    JobProgress,
+    JobStarted,
+    JobStopped,
+    LeaseExpired,
+    Lost,
+    Observer,
+    Reclaimed,
+    Recovered,
+    Recycled,
+    RoundEnded,
+    RunEvent,
+    Stalled,
+    Stopping,
+    StoppingNow,
+)
 from ..workspace import ADAPTER_WEIGHTS, Home
 
-#: Told what the worker does: ``(what, details)``. For ``started`` and ``progress`` the
-#: details hold the trainer's typed event (``"event"``); for ``completed``, its
-#: :class:`~loraq.protocol.TrainResult` (``"result"``).
-Observer = Callable[[str, dict[str, Any]], None]
 Clock = Callable[[], float]
 MAX_FAILED_STARTS = 3
 STARTUP_GRACE_S = 600.0  # how long a trainer process may take to become ready before the watchdog acts
@@ -124,7 +142,7 @@ class Worker:
         self.store = store
         self.executor = executor
         self.config = config or WorkerConfig()
-        self.observer = observer or (lambda kind, info: None)
+        self.observer: Observer = observer or _ignore
         self.clock = clock
         self.id = worker_id or WorkerId.current()
         self.store.actor = str(self.id)
@@ -143,12 +161,12 @@ class Worker:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals += 1
         if self._signals == 1:
-            self.observer("stopping", {"signal": signal.Signals(signum).name, "running": len(self.running)})
+            self.observer(Stopping(signal=signal.Signals(signum).name, running=len(self.running)))
             for run in self.running.values():
                 run.stopping = StopReason.SIGNAL
                 self.executor.stop_job(run.slot, graceful=True)
         else:
-            self.observer("stopping_now", {"signal": signal.Signals(signum).name})
+            self.observer(StoppingNow(signal=signal.Signals(signum).name))
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Any:
@@ -196,7 +214,7 @@ class Worker:
                 last_sweep = now
                 try:
                     for job_id in self.store.expire_leases():
-                        self.observer("lease_expired", {"job_id": job_id})
+                        self.observer(LeaseExpired(job_id=job_id))
                 except StoreFaultError as exc:
                     self._on_fault(exc)
             if not self.running and not self._pending:
@@ -224,7 +242,7 @@ class Worker:
         written), and try again with back-off. Running trainers go on."""
         if self._fault is None:
             self._fault = str(exc)
-            self.observer("fault", {"reason": str(exc)})
+            self.observer(Fault(reason=str(exc)))
             reason = f"the machine cannot write the state database ({exc}); free space or fix the disk, then 'loraq resume'"
             self._pending.insert(0, ("pause the queue", lambda: self.store.pause(reason)))
         self._retry_at = self.clock() + self._fault_delay
@@ -250,7 +268,7 @@ class Worker:
                 self._on_fault(exc)
                 return
             self._pending.pop(0)
-            self.observer("fault_cleared", {"done": what})
+            self.observer(FaultCleared(done=what))
         self._fault, self._fault_delay = None, FAULT_RETRY_S
 
     def _requeue_fault(self, claim: Claim, kind: FailureKind, reason: str) -> None:
@@ -259,8 +277,8 @@ class Worker:
             with contextlib.suppress(LeaseLost, TransitionError):
                 self.store.requeue_fault(claim.job.id, claim.epoch, kind=kind.value, reason=reason)
                 self.summary.requeued.append(claim.job.name)
-                self.observer("failed", {"name": claim.job.name, "kind": kind.value, "final": False,
-                                         "reason": f"{reason} (a fault of the machine: not counted; queue paused)"})
+                self.observer(JobFailed(name=claim.job.name, failure=kind.value, final=False,
+                                        reason=f"{reason} (a fault of the machine: not counted; queue paused)"))
 
         self._write(f"requeue {claim.job.name}", requeue)
 
@@ -296,10 +314,10 @@ class Worker:
             self._requeue_fault(claim, FailureKind.IO, f"cannot record the job's start: {exc}")
             return
         if adopted:
-            self.observer("recovered", {"name": job.name, "job_id": job.id})
+            self.observer(Recovered(name=job.name, job_id=job.id))
             self.summary.completed.append(job.name)
             return
-        if (job.spec.get("spec") or {}).get("after") and not job.spec.get("init_from_path"):
+        if job.spec.settings.after and not job.spec.init_from_path:
             bound = self._start_after(claim)
             if bound is None:
                 return
@@ -320,24 +338,24 @@ class Worker:
             job_id=job.id,
             attempt=claim.attempt,
             epoch=claim.epoch,
-            job=JobInput.of_stored(job.spec),
+            job=_job_input(job.spec),
             log_path=str(attempt_dir / "train.log"),
             checkpoints_dir=str(attempt_dir / "checkpoints"),
             staging_dir=str(attempt_dir / "staging"),
             resume_from=str(resume.path) if resume else None,
             # Where the trainer may read: the roots the job was checked against at submit (a job
             # submitted by an older loraq: the home's roots and its queue file's folder).
-            read_roots=list(job.spec.get("read_roots") or [
+            read_roots=list(job.spec.read_roots or [
                 str(root) for root in self.home.roots(
                     queue_dir=Path(job.queue_file).parent if job.queue_file else None).read]),
         )
         now = self.clock()
         self.running[job.id] = Running(claim=claim, slot=slot, attempt_dir=attempt_dir, started=now,
                                        last_heartbeat=now, last_seen=now)
-        slot.hot_base = job.base_key
+        slot.take(job.id, job.base_key)
         self.executor.submit(slot, request)
-        self.observer("claimed", {"name": job.name, "job_id": job.id, "attempt": claim.attempt, "slot": slot.name,
-                                  "resume_step": resume.step if resume else None})
+        self.observer(Claimed(name=job.name, job_id=job.id, attempt=claim.attempt, slot=slot.name,
+                              resume_step=resume.step if resume else None))
 
     def _start_after(self, claim: Claim) -> Claim | None:
         """A job that waited on another (``after``) starts from its published adapter, checked as an
@@ -345,9 +363,8 @@ class Worker:
         from ..inspect import warm_start  # torch-free: the adapter's config and safetensors header
 
         job = claim.job
-        after = str(job.spec["spec"]["after"])
-        folder, lines = warm_start.published(self.home, after, job.spec["spec"].get("lora") or {},
-                                             str(job.spec.get("base_model")))
+        after = str(job.spec.settings.after)
+        folder, lines = warm_start.published(self.home, after, job.spec.settings.lora, job.spec.base_model)
         if lines:
             self._fail(claim, kind=FailureKind.DEPENDENCY, reason=f"after: {after}: {lines[0]}")
             return None
@@ -362,7 +379,7 @@ class Worker:
             self._fail(claim, kind=FailureKind.IO, reason=f"after: {after}: cannot read its adapter: {exc}")
             return None
         if bound is None:
-            self.observer("lost", {"name": job.name, "why": "the job was taken over or cancelled"})
+            self.observer(Lost(name=job.name, why="the job was taken over or cancelled"))
             return None
         return dataclasses.replace(claim, job=bound)
 
@@ -391,10 +408,10 @@ class Worker:
                 step = checkpoints.step_of(event.resume_from) or 0
                 self.store.note_resume(claim.job.id, claim.epoch, claim.attempt, step)
             self._progress(run, 0, event.max_steps, {"base_eval_loss": event.base_eval_loss})
-            self.observer("started", {"name": claim.job.name, "event": event})
+            self.observer(JobStarted(name=claim.job.name, event=event))
         elif isinstance(event, Progress):
             self._progress(run, event.step, event.max_steps, event.metrics)
-            self.observer("progress", {"name": claim.job.name, "event": event})
+            self.observer(JobProgress(name=claim.job.name, event=event))
         elif isinstance(event, CheckpointSaved):
             self.store.note_checkpoint(claim.job.id, claim.epoch, claim.attempt, event.step)
             with contextlib.suppress(OSError):  # a prune that fails now is done at the next checkpoint
@@ -403,10 +420,11 @@ class Worker:
             from ..queue.controls import adjustment_line
 
             record = to_wire(event)
+            line = adjustment_line(record)
             if not self.store.adjust_after_oom(claim.job.id, claim.epoch, after=event.after, record=record,
-                                               reason=adjustment_line(record)):
+                                               reason=line):
                 self._lost(run)
-            self.observer("oom_adjusted", {"name": claim.job.name, "event": event})
+            self.observer(JobOomAdjusted(name=claim.job.name, event=event, line=line))
         elif isinstance(event, Done):
             # The trainer is free: hand it the next job first, then inspect and publish this
             # one from its own staging folder, so the trainer does not idle while we do.
@@ -420,7 +438,7 @@ class Worker:
             self._release(run)
             why = str(run.stopping or "stopped")
             self._write(f"requeue {claim.job.name}", lambda: self._requeue_stopped(claim, why))
-            self.observer("stopped", {"name": claim.job.name, "step": event.step})
+            self.observer(JobStopped(name=claim.job.name, step=event.step))
             self._after_job(slot, event)
         elif isinstance(event, Failed):
             self._release(run)
@@ -440,15 +458,12 @@ class Worker:
             self._lost(run)
 
     def _after_job(self, slot: Slot, event: Final) -> None:
-        slot.job_id = None
-        slot.jobs_done += 1
+        slot.job_ended(event.memory.rss_mb if event.memory is not None else None)
         if event.memory is None:
             return
         rss = event.memory.rss_mb
-        if slot.baseline_rss_mb is None:
-            slot.baseline_rss_mb = rss
-        elif rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
-            self.observer("recycled", {"slot": slot.name, "rss_mb": rss, "baseline_mb": slot.baseline_rss_mb})
+        if slot.baseline_rss_mb is not None and rss - slot.baseline_rss_mb > self.config.recycle_growth_mb:
+            self.observer(Recycled(slot=slot.name, rss_mb=rss, baseline_mb=slot.baseline_rss_mb))
             self.executor.recycle(slot)
 
     def _release(self, run: Running) -> None:
@@ -469,8 +484,7 @@ class Worker:
                 return
             if new == FAILED:
                 self.summary.failed.append(claim.job.name)
-            self.observer("failed", {"name": claim.job.name, "kind": kind.value, "reason": reason,
-                                     "final": new == FAILED})
+            self.observer(JobFailed(name=claim.job.name, failure=kind.value, reason=reason, final=new == FAILED))
             if new == FAILED:
                 self._report_dependents(claim.job.id)
 
@@ -481,7 +495,7 @@ class Worker:
         for job in self.store.dependents(job_id):
             if job.status == FAILED and job.error_kind == FailureKind.DEPENDENCY.value:
                 self.summary.failed.append(job.name)
-                self.observer("failed", {"name": job.name, "kind": job.error_kind, "reason": job.error, "final": True})
+                self.observer(JobFailed(name=job.name, failure=job.error_kind, reason=job.error, final=True))
                 self._report_dependents(job.id)
 
     def _lost(self, run: Running) -> None:
@@ -489,11 +503,11 @@ class Worker:
         if run.stopping is not StopReason.LOST:
             run.stopping = StopReason.LOST
             self.executor.stop_job(run.slot, graceful=False)
-            self.observer("lost", {"name": run.claim.job.name, "why": str(StopReason.LOST)})
+            self.observer(Lost(name=run.claim.job.name, why=str(StopReason.LOST)))
 
     def _trainer_died(self, slot: Slot, event: Exited) -> None:
         run = next((r for r in self.running.values() if r.slot is slot), None)
-        slot.job_id = None
+        slot.trainer_died(was_ready=event.was_ready)
         if run is not None:
             self._release(run)
             if self._signals >= 2 or run.stopping is StopReason.AT_ONCE:
@@ -506,13 +520,11 @@ class Worker:
                 pass  # cancelled or lease lost: the store already says what happened
             else:  # it died on its own, or while stopping gracefully
                 self._fail(run.claim, kind=FailureKind.DIED, reason=event.reason)
-        if not event.was_ready:
-            slot.failed_starts += 1
-            if slot.failed_starts >= MAX_FAILED_STARTS:
-                raise TrainerStartError(
-                    f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
-                    f"({event.reason}); see {event.log}"
-                )
+        if not event.was_ready and slot.failed_starts >= MAX_FAILED_STARTS:
+            raise TrainerStartError(
+                f"the trainer on {slot.name} died {slot.failed_starts} times before it was ready "
+                f"({event.reason}); see {event.log}"
+            )
         if self._signals == 0:
             self.executor.start()  # replace the dead trainer
 
@@ -539,7 +551,7 @@ class Worker:
             limit = self.config.stall_s if run.slot.ready else max(self.config.stall_s, STARTUP_GRACE_S)
             if now - run.last_seen > limit and run.stopping is not StopReason.STALLED:
                 run.stopping = StopReason.STALLED
-                self.observer("stalled", {"name": run.claim.job.name})
+                self.observer(Stalled(name=run.claim.job.name))
                 self.executor.kill(run.slot)
 
     def _stop_all_now(self) -> None:
@@ -563,22 +575,22 @@ class Worker:
         if not self.store.heartbeat(claim.job.id, claim.epoch, lease_s=self.config.lease_s):
             # This worker was frozen past its lease (or the job was cancelled) while its trainer
             # finished: another worker owns the job now and may already have removed this staging.
-            self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled; nothing published"})
+            self.observer(Lost(name=claim.job.name, why="the job was taken over or cancelled; nothing published"))
             with contextlib.suppress(OSError):
                 fsutil.remove_tree(staging)
             return
-        if halving.is_round_end(claim.job.spec):
+        if claim.job.halving is not None and claim.job.halving.is_round_end:
             self._end_round(run, trained)
             return
         try:
             # The base's config.json (no weights) lets the inspector judge the serving engines.
-            base_config = inspector.serving.read_base_config(claim.job.spec.get("base_model"))
+            base_config = inspector.serving.read_base_config(claim.job.spec.base_model)
             report = inspector.inspect_adapter(staging, roots=self.home.roots(), base_config=base_config)
         except (LoraqError, OSError) as exc:  # the staged folder vanished or cannot be read
             self._fail(claim, kind=FailureKind.IO, reason=f"cannot inspect the trained adapter in {staging}: {exc}")
             return
-        validation = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {})
-        verdict = inspector.verdict(report, trained, validation, claim.job.spec.get("serving") or [])
+        validation = ValidationSpec.model_validate(claim.job.spec.settings.validation)
+        verdict = inspector.verdict(report, trained, validation, list(claim.job.spec.serving))
         inspection = verdict.to_json()
         # What the store records as the job's result: the trainer's, as JSON, and the inspection.
         result: dict[str, Any] = to_wire(trained) | {"inspection": inspection}
@@ -592,10 +604,10 @@ class Worker:
             return
         try:
             manifest = publish.build_manifest(claim, result, staging, home_id=self.store.home_id())
-            publish.stage_metadata(staging, manifest, inspection, claim.job.spec.get("chat_template_text"))
+            publish.stage_metadata(staging, manifest, inspection, claim.job.spec.chat_template_text)
             target = publish.publish(self.store, self.home, claim, staging, result)
         except LeaseLost:
-            self.observer("lost", {"name": claim.job.name, "why": "lease lost before publishing; nothing published"})
+            self.observer(Lost(name=claim.job.name, why="lease lost before publishing; nothing published"))
             with contextlib.suppress(OSError):
                 fsutil.remove_tree(staging)
             return
@@ -609,7 +621,7 @@ class Worker:
             return
         self.summary.completed.append(claim.job.name)
         self._cleanup_checkpoints(claim.job.id)
-        self.observer("completed", {"name": claim.job.name, "adapter": str(target), "result": trained})
+        self.observer(Completed(name=claim.job.name, adapter=str(target), result=trained))
 
     def _end_round(self, run: Running, trained: TrainResult) -> None:
         """A job of a halving sweep reached its round's steps: nothing is published; it waits, with its
@@ -619,15 +631,15 @@ class Worker:
             fsutil.remove_tree(Path(trained.staging))
         from ..queue.spec import ValidationSpec
 
-        gate = ValidationSpec.model_validate(claim.job.spec["spec"].get("validation") or {}).gate_metric
+        gate = ValidationSpec.model_validate(claim.job.spec.settings.validation).gate_metric
         if not self.store.end_round(claim.job.id, claim.epoch, steps=trained.steps,
                                     eval_loss=_finite_or_none(trained.eval_loss),
                                     train_loss=_finite_or_none(trained.train_loss),
                                     metric=gate, score=_finite_or_none(trained.metrics.get(gate)) if gate else None):
-            self.observer("lost", {"name": claim.job.name, "why": "the job was taken over or cancelled"})
+            self.observer(Lost(name=claim.job.name, why="the job was taken over or cancelled"))
             return
-        self.observer("round_ended", {"name": claim.job.name, "round": claim.job.spec["halving"]["round"],
-                                      "steps": trained.steps, "eval_loss": trained.eval_loss})
+        round_no = claim.job.halving.round if claim.job.halving else None
+        self.observer(RoundEnded(name=claim.job.name, round=round_no, steps=trained.steps, eval_loss=trained.eval_loss))
 
     def _cleanup_checkpoints(self, job_id: int) -> None:
         """A completed job needs no checkpoints; its logs stay."""
@@ -652,9 +664,9 @@ class Worker:
                 with contextlib.suppress(LeaseLost, TransitionError):
                     self.store.complete(job.id, job.epoch,
                                         result=publish.recovered_result(self.home.adapter_dir(job.name), manifest))
-                    self.observer("recovered", {"name": job.name, "job_id": job.id})
+                    self.observer(Recovered(name=job.name, job_id=job.id))
         for job_id in self.store.reclaim_dead(self.id.host, pid_alive):
-            self.observer("reclaimed", {"job_id": job_id})
+            self.observer(Reclaimed(job_id=job_id))
         self.store.expire_leases()
         self.store.decide_rounds()  # a halving round whose last job ended in an older loraq's hands
         self.store.fail_stranded()  # jobs waiting on a failed job (after) that an older loraq left pending
@@ -691,6 +703,20 @@ def _attempt_key(attempt_dir: Path) -> tuple[int, int] | None:
         return None
 
 
+def _ignore(event: RunEvent) -> None:
+    """The observer of a worker nobody watches."""
+
+
 def _finite_or_none(value: Any) -> float | None:
     """JSON has no NaN: a loss that is not a finite number is recorded as unknown."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _job_input(stored: StoredJob) -> JobInput:
+    """What the trainer is sent of the stored job (its wire format: the settings as JSON, the paths as resolved)."""
+    return JobInput(spec=stored.settings.doc, base_model=stored.base_model, dataset_path=str(stored.dataset_path),
+                    eval_dataset_path=stored.eval_dataset_path, dataset_sha256=stored.dataset_sha256,
+                    eval_dataset_sha256=stored.eval_dataset_sha256, init_from_path=stored.init_from_path,
+                    init_from_sha256=stored.init_from_sha256, chat_template_text=stored.chat_template_text,
+                    dataset_bytes=stored.dataset_bytes, eval_dataset_bytes=stored.eval_dataset_bytes,
+                    submit_tokenizer=stored.submit_tokenizer, est_steps=stored.est_steps, sweep=stored.sweep)

@@ -14,18 +14,15 @@
   micro-batch 1 gradient checkpointing; then nothing), :func:`settle_resume` (a
   checkpoint's ``trainer_state.json`` made to say loraq's batch settings, not the
   ones it was saved with) and :class:`BatchGuard` (training does not start with
-  any other batch size);
-- the tests' fault hook: with ``LORAQ_TEST_BUG_TRIGGER`` set (see
-  :mod:`.service`), ``LORAQ_TEST_FAULT`` says what a triggered job raises and at
-  which step (:class:`Fault`): the real out-of-memory exceptions of CUDA and of the
-  CPU allocator, raised by :class:`FaultCallback` where a real one would come from.
+  any other batch size).
+
+The tests' fault hooks (an injected bug, an injected out-of-memory error) are in :mod:`.faults`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,7 +37,6 @@ from ..queue.spec import EarlyStoppingSpec, JobSpec, peft_init, rewrites_base
 BEST_DIR = "loraq-best"  # inside a checkpoint: the best weights so far and best.json
 BEST_WEIGHTS = "adapter_model.safetensors"
 BEST_META = "best.json"
-FAULT_ENV = "LORAQ_TEST_FAULT"
 
 
 # ---------------------------------------------------------------- LoRA variants and warm starts
@@ -450,70 +446,3 @@ def end_gradient_checkpointing(model: Any) -> None:
     if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
 
-
-# ---------------------------------------------------------------- the tests' fault hook
-
-
-@dataclass(frozen=True)
-class Fault:
-    """What a triggered job raises during training (tests only): ``cuda-oom@3``, ``cpu-oom@2:batch>2``, ``...:nogc``.
-
-    ``kind@step`` raises at the start of optimizer step ``step`` (1-based), as long
-    as the micro-batch is above ``batch>N`` (if given) and, with ``nogc``, only while
-    gradient checkpointing is off: the error a real device gives where the memory a
-    step needs grows with the micro-batch.
-    """
-
-    kind: str
-    step: int
-    above_batch: int = 0
-    without_gc: bool = False
-
-    @classmethod
-    def parse(cls, text: str | None) -> Fault | None:
-        if not text or text == "bug":
-            return None
-        match = re.fullmatch(r"(cuda-oom|cpu-oom)@(\d+)((?::batch>\d+|:nogc)*)", text.strip())
-        if match is None:
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected bug, or cuda-oom|cpu-oom@STEP[:batch>N][:nogc]")
-        conditions = match.group(3)
-        above = re.search(r"batch>(\d+)", conditions)
-        return cls(match.group(1), int(match.group(2)), int(above.group(1)) if above else 0, ":nogc" in conditions)
-
-    @classmethod
-    def from_env(cls) -> Fault | None:
-        return cls.parse(os.environ.get(FAULT_ENV))
-
-    def applies(self, step: int, batch_size: int, gradient_checkpointing: bool) -> bool:
-        return step == self.step and batch_size > self.above_batch and not (self.without_gc and gradient_checkpointing)
-
-    def exception(self, batch_size: int) -> BaseException:
-        """The exception itself, with the message the real allocator gives."""
-        import torch
-
-        wanted = (1 << 27) * batch_size  # "needs" memory in proportion to the micro-batch
-        if self.kind == "cuda-oom":
-            return torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {wanted / 2**30:.2f} GiB. GPU 0 has a total capacity of "
-                "79.19 GiB of which 112.00 MiB is free. Including non-PyTorch memory, this process has 79.07 GiB "
-                "memory in use. (injected by LORAQ_TEST_FAULT)")
-        return RuntimeError(f"[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                            f"you tried to allocate {wanted} bytes. Error code 12 (Cannot allocate memory)")
-
-
-class FaultCallback:
-    def __init__(self, fault: Fault, batching: Batching) -> None:
-        self.fault, self.batching = fault, batching
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        hook = self
-
-        class InjectedFault(TrainerCallback):  # type: ignore[misc]
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                b = hook.batching
-                if hook.fault.applies(state.global_step + 1, b.batch_size, b.gradient_checkpointing):
-                    raise hook.fault.exception(b.batch_size)
-
-        return InjectedFault()

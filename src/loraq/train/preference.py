@@ -45,10 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import data, fsutil
 from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError
-from ..model.base import BaseKey, release_memory, resolve_dtype
+from ..model.base import release_memory, resolve_dtype
 from ..protocol import Event, Progress, Started, Stopped, TrainRequest, TrainResult
 from ..queue.spec import JobSpec, PreferenceMethod
-from . import controls, tracking
+from . import controls, quality
+from .job import JobRun, _last_train_loss, _Pass
+from .prepare import read_roots
 
 Emit = Callable[[Event], None]
 
@@ -389,47 +391,20 @@ def _metrics_callback(emit: Emit) -> Any:
     return PreferenceMetrics()
 
 
-@dataclass(frozen=True)
-class Shared:
-    """What the SFT trainer (train/service.py) lends a preference run: its callbacks, generation and quality
-    measures, and what a result reports. Passed in, so that this module does not import the service."""
+class PreferenceRun(JobRun):
+    """One attempt of a preference job: :class:`~.job.JobRun`'s base, callbacks and flags, this module's loop."""
 
-    read_roots: Callable[[TrainRequest], Any]
-    callbacks: Callable[..., list[Any]]  # (emit, flags, log, problems, evaluated, track)
-    answers: Callable[..., list[str]]  # (model, tokenizer, spec, prompts)
-    quality: Callable[..., tuple[dict[str, float], dict[str, Any]]]  # (spec, prompts, base, adapter, log)
-    last_train_loss: Callable[[Any, Any], float | None]
-    versions: Callable[[], dict[str, str]]
-
-
-@dataclass
-class PreferenceRun:
-    """One attempt of a preference job on the trainer service's resident base (``service``: a TrainerService)."""
-
-    service: Any
-    shared: Shared
-    request: TrainRequest
-    emit: Emit
-    log: Callable[[str], None]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def train(self) -> Stopped | TrainResult:
+    def _train(self) -> Stopped | TrainResult:
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
-        svc = self.shared
-        request, log, emit, timings = self.request, self.log, self.emit, self.timings
-        spec = JobSpec.model_validate(request.job.spec)
+        request, log, emit, timings, spec = self.request, self.log, self.emit, self.timings, self.spec
         method = spec.preference
         assert method is not None
-        t0 = time.perf_counter()
-        key = BaseKey(request.job.base_model, spec.revision, spec.training.precision, spec.trust_remote_code,
-                      quantization=spec.quantization)
-        roots = svc.read_roots(request)
-        resident, reused = self.service.cache.get(key, roots=roots)
-        load_s = timings["load_s"] = time.perf_counter() - t0
-        log(f"job {spec.name} attempt {request.attempt}: {method.type} (beta {method.beta}) on base {key} "
-            f"({'resident, reused' if reused else f'loaded in {load_s:.2f} s'})")
+        resident = self.load_base()
+        key, reused, load_s = self.key, self.reused, self.load_s
+        log(f"{method.type} (beta {method.beta}): {', '.join(f'{k} {v}' for k, v in method.model_dump().items())}")
+        roots = read_roots(request)
         t0 = time.perf_counter()
         try:
             pairs = prepare_pairs(request, spec, resident.tokenizer, roots)
@@ -440,7 +415,7 @@ class PreferenceRun:
         per_epoch = spec.steps_per_epoch(len(pairs.train))
         steps = spec.total_steps(len(pairs.train), per_epoch)
         timings["prepare_s"] = time.perf_counter() - t0
-        pairs.base_answers[:] = svc.answers(resident.model, resident.tokenizer, spec, pairs.prompts)
+        pairs.base_answers[:] = quality.answer(resident.model, resident.tokenizer, spec, pairs.prompts)
         set_seed(spec.training.seed)
         try:
             model = get_peft_model(resident.model, controls.lora_config(spec))
@@ -473,7 +448,7 @@ class PreferenceRun:
                          n_train=len(pairs.train), n_eval=len(pairs.eval)))
             log(f"{len(pairs.train)} train / {len(pairs.eval)} eval pairs, {steps} steps; eval {method.type} loss "
                 f"{start.loss:.4f}, preference accuracy: base {base.accuracy:.3f}, start {start.accuracy:.3f}")
-            precision = resolve_dtype(spec.training.precision, self.service.device)
+            precision = resolve_dtype(spec.training.precision, self.device)
             import torch
 
             batching = controls.Batching.of(spec, spec.training.gradient_checkpointing is True)
@@ -487,28 +462,25 @@ class PreferenceRun:
                 logging_steps=spec.training.logging_steps, save_strategy="steps", save_steps=spec.training.save_steps,
                 save_total_limit=2, eval_strategy="steps", eval_steps=spec.training.eval_steps or spec.training.save_steps,
                 seed=spec.training.seed, data_seed=spec.training.seed,
-                bf16=precision == torch.bfloat16 and self.service.device != "cpu", fp16=precision == torch.float16,
-                use_cpu=self.service.device == "cpu", report_to=[], disable_tqdm=True, remove_unused_columns=False,
+                bf16=precision == torch.bfloat16 and self.device != "cpu", fp16=precision == torch.float16,
+                use_cpu=self.device == "cpu", report_to=[], disable_tqdm=True, remove_unused_columns=False,
                 dataloader_num_workers=0, dataloader_pin_memory=False,
             )
             if resume is not None:
                 resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
-            problems: list[str] = []
-            evaluated: dict[int, float] = {}
-            track = tracking.Tracking(lambda line: None)  # experiment trackers: not wired for preference jobs yet
+            current = _Pass(batching, resume)  # what the job's callbacks fill in: problems, evaluations
             trainer = trainer_class(Trainer)(
                 model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
                 data_collator=collator, method=method,
-                callbacks=[_metrics_callback(emit), *svc.callbacks(emit, self.service.flags, log, problems,
-                                                                    evaluated, track)],
+                callbacks=[_metrics_callback(emit), *self._callbacks(current)],
             )
             t_train = time.perf_counter()
             output = trainer.train(resume_from_checkpoint=resume)
             train_s = timings["train_s"] = time.perf_counter() - t_train
-            if problems:
-                raise TrainingError("; ".join(problems), kind=FailureKind.DIVERGED)
+            if current.problems:
+                raise TrainingError("; ".join(current.problems), kind=FailureKind.DIVERGED)
             step = trainer.state.global_step
-            if self.service.flags.graceful.is_set() and step < steps:
+            if self.flags.graceful.is_set() and step < steps:
                 log(f"stopped gracefully at step {step}")
                 return Stopped(step=step)
             t0 = time.perf_counter()
@@ -519,10 +491,10 @@ class PreferenceRun:
             final = evaluate_pairs(model, pairs.eval, collator, method, batch)
             timings["save_eval_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            answers = svc.answers(model, resident.tokenizer, spec, pairs.prompts)
+            answers = quality.answer(model, resident.tokenizer, spec, pairs.prompts)
             generated = spec.model_copy(update={"validation": spec.validation.model_copy(update={
                 "metrics": [m for m in spec.validation.metrics if m != "preference_accuracy"]})})
-            metrics, extras = svc.quality(generated, pairs.prompts, pairs.base_answers, answers, log)
+            metrics, extras = quality.quality(generated, pairs.prompts, pairs.base_answers, answers, log)
             timings["generate_s"] = time.perf_counter() - t0
             # measured for every preference job (validation.metrics may name it to gate on it)
             metrics |= {"preference_accuracy": final.accuracy, "base_preference_accuracy": base.accuracy}
@@ -539,11 +511,11 @@ class PreferenceRun:
                 "base_preference_accuracy": base.accuracy, "eval_logps_chosen": final.logps_chosen,
                 "eval_logps_rejected": final.logps_rejected, "eval_reward_margin": final.reward_margin}))
             return TrainResult(
-                staging=str(staging), steps=step, max_steps=steps, train_loss=svc.last_train_loss(trainer, output),
+                staging=str(staging), steps=step, max_steps=steps, train_loss=_last_train_loss(trainer, output),
                 eval_loss=final.loss, base_eval_loss=start.loss, n_train=len(pairs.train), n_eval=len(pairs.eval),
                 truncated_rows=pairs.truncated, train_tokens=pairs.train_tokens, base_reused=reused,
                 base_load_s=round(load_s, 3), train_s=round(train_s, 3), resumed_from=request.resume_from,
-                versions=svc.versions(), device=self.service.device, metrics=metrics, extras=extras,
+                device=self.device, metrics=metrics, extras=extras,
                 timings={k: round(v, 3) for k, v in timings.items()},
             )
         finally:
