@@ -109,6 +109,27 @@ def assert_openai_error(response: httpx.Response, status: int, *, param: str | N
 # ---------------------------------------------------------------- the whole workflow
 
 
+def test_a_dpo_job_from_an_openai_preference_upload(service: Service, tmp_path: Path) -> None:
+    """OpenAI's DPO file format passes the upload check, and method dpo with beta trains a preference job."""
+    rows = [{"input": {"messages": [{"role": "user", "content": f"Greet visitor {i}."}]},
+             "preferred_output": [{"role": "assistant", "content": f"Hello, visitor {i}!"}],
+             "non_preferred_output": [{"role": "assistant", "content": "Go away."}]} for i in range(24)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    client = service.client("alice")
+    training = upload(client, path)
+    assert training.status == "processed"
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=training.id, suffix="prefs",
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25}}},
+                                         extra_body=FAST)
+    assert job.method is not None and job.method.type == "dpo"
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    shown = json.loads(loraq(service.home, "show", job.id, "--json").stdout)
+    assert shown["job"]["spec"]["spec"]["method"]["beta"] == 0.25
+    assert shown["job"]["result"]["metrics"]["preference_accuracy"] >= 0.0
+
+
 @pytest.mark.slow
 def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service: Service) -> None:
     client = service.client("alice")
@@ -357,8 +378,8 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
                         param="hyperparameters.learning_rate_multiplier")
     assert_openai_error(create({**good, "hyperparameters": {"warmup": 3}}), 400, param="hyperparameters.warmup")
     assert_openai_error(create({**good, "method": {"type": "reinforcement"}}), 400, param="method.type")
-    dpo = assert_openai_error(create({**good, "method": {"type": "dpo"}}), 400, param="method.type")
-    assert "dpo" in dpo["message"]
+    dpo = assert_openai_error(create({**good, "method": {"type": "dpo"}}), 400)  # a supervised file: no pairs
+    assert "preference pairs" in dpo["message"]
     assert_openai_error(create({**good, "lora_r": "big"}), 400, param="lora_r")
     assert_openai_error(create({**good, "lora": {"r": -1}}), 400, param="lora.r")
     assert_openai_error(create({**good, "lora": {"rank": 8}}), 400, param="lora.rank")

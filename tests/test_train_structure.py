@@ -121,7 +121,8 @@ def test_the_docstring_reader_finds_a_stale_name() -> None:
 TRAIN_MAY_IMPORT: dict[str, set[str]] = {
     "__main__": {"pipe"},
     "pipe": {"service"},
-    "service": {"job"},
+    "service": {"job", "preference"},
+    "preference": {"job", "controls", "prepare", "quality"},  # a JobRun with the preference loop (issue 23)
     "job": {"controls", "faults", "layout", "prepare", "quality", "tracking"},
     "prepare": {"faults"},  # the injected bug is found in the job's rows
     "quality": {"controls"},  # early stopping's Measure

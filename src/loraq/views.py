@@ -58,6 +58,8 @@ class JobRow:
     seq: int = 0  # the store's change sequence when this row was read (live readers order updates by it)
     exact_match: float | None = None  # validation.metrics: [exact_match], the adapter's and the base's
     base_exact_match: float | None = None
+    preference_accuracy: float | None = None  # a preference job's held-out pairs (issue 23), adapter and base
+    base_preference_accuracy: float | None = None
     after: str | None = None  # the job this one waits on (``after:``), and its status now
     after_status: str | None = None
 
@@ -83,6 +85,8 @@ class JobRow:
             adapter=(job.result or {}).get("adapter"), group=job.spec.settings.group,
             seq=job.seq, exact_match=_metric(job.result, "exact_match"),
             base_exact_match=_metric(job.result, "base_exact_match"),
+            preference_accuracy=_metric(job.result, "preference_accuracy"),
+            base_preference_accuracy=_metric(job.result, "base_preference_accuracy"),
             after=dependency.name if dependency else job.spec.settings.after,
             after_status=dependency.status if dependency else None,
         )
@@ -97,6 +101,7 @@ class JobRow:
             base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
             error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
             exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
+            preference_accuracy=row.get("preference_accuracy"), base_preference_accuracy=row.get("base_preference_accuracy"),
             after=row.get("after_name"), after_status=row.get("after_status"),
         )
 
@@ -108,6 +113,7 @@ class JobRow:
             "train_loss": self.train_loss, "eval_loss": self.eval_loss, "base_eval_loss": self.base_eval_loss,
             "verdict": self.verdict, "error_kind": self.error_kind, "error": self.error, "adapter": self.adapter,
             "group": self.group, "exact_match": self.exact_match, "base_exact_match": self.base_exact_match,
+            "preference_accuracy": self.preference_accuracy, "base_preference_accuracy": self.base_preference_accuracy,
             "after": self.after, "waiting_on": self.waiting_on,
         }
 

@@ -23,6 +23,7 @@ from .encoding import (
     render_many,
     tokenize_many,
 )
+from .pairs import PREFERENCE_FORMATS
 from .rows import (
     CATEGORIES,
     CHAT_ROLES,
@@ -50,7 +51,7 @@ from .rows import (
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_INPUT", "CATEGORIES", "CHAT_ROLES", "DEFAULT_LIMITS", "FORMAT_KEYS", "IGNORE_INDEX",
-    "MAX_LISTED_PROBLEMS", "MESSAGE_KEYS", "SUFFIXES", "TRAINED_KEY", "Dataset", "Encoded", "ProblemList", "Prompt",
+    "MAX_LISTED_PROBLEMS", "MESSAGE_KEYS", "PREFERENCE_FORMATS", "SUFFIXES", "TRAINED_KEY", "Dataset", "Encoded", "ProblemList", "Prompt",
     "ReadLimits",
     "Rendered", "RowProblem", "TemplateError", "Tokens", "check_dataset", "check_split", "detect_file_format",
     "detect_format", "encode", "encode_many", "file_kind", "first_label", "is_trained", "labels_for",

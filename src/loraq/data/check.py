@@ -324,6 +324,7 @@ class DatasetReport:
     bytes: int | None = None  # the dataset file's size, as checked (the trainer refuses another size unread)
     eval_bytes: int | None = None
     tokenizer: str = "transformers"  # what counted the tokens: tokenizers (torch-free) | transformers
+    pairs: dict[str, Any] | None = None  # a preference job's pairs: counts, both sides' tokens (data/pair_check.py)
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -501,6 +502,8 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
         problems += run.once(("rows", job.eval_dataset_path, eval_format), job.name, found.problems(), "file")
     if train is None:
         return None, problems
+    if spec.preference is not None or train.format in data.PREFERENCE_FORMATS:  # pairs (issue 23)
+        return _analyze_pairs(job, run, train, eval_set, problems)
     if spec.validation.measured and train.format == "text":
         where = "validation.metrics" if spec.validation.metrics else "validation.judge"
         problems.append(Problem(where, f"{spec.validation.measured[0]} compares a generated answer with each row's; a "
@@ -611,6 +614,55 @@ def _analyze(job: ResolvedJob, run: _Run) -> tuple[DatasetReport | None, list[Pr
     return report, problems
 
 
+def _analyze_pairs(job: ResolvedJob, run: _Run, train: Dataset, eval_set: Dataset | None,
+                   problems: list[Problem]) -> tuple[DatasetReport | None, list[Problem]]:
+    """A preference job's report (data/pair_check.py checks the pairs); steps counted padded, as it trains."""
+    from .pair_check import analyze_pairs
+
+    spec, training = job.spec, job.spec.training
+    tokenizer, problem = run.tokenizer(job) if spec.preference is not None else (None, None)
+    if problem is not None:
+        return None, problems + [problem]
+    template = job.chat_template_text
+    try:
+        found = analyze_pairs(job, train, eval_set, lambda side: profile_dataset(
+            side, tokenizer, template if side.format == "chat" else None))
+    except TemplateBudgetError as exc:
+        return None, problems + [_problem("chat_template", "template_budget", str(exc))]
+    except data.TemplateError as exc:
+        return None, problems + [_problem("chat_template", "template_error", f"base model {job.base_model!r}: {exc}")]
+    problems = problems + found.problems
+    if not found.ok:
+        return None, problems
+    resolved = None
+    if training.has_auto:  # a pair is two sequences in one micro-batch
+        values, resolved = auto.resolve(training.model_dump(mode="json"), found.n_train,
+                                        2 * (found.p95 or training.max_seq_len),
+                                        grad_accum_given="grad_accum" in training.model_fields_set)
+        spec = spec.model_copy(update={"training": TrainingSpec.model_validate(values)})
+        training = spec.training
+    per_epoch = spec.steps_per_epoch(found.n_train)
+    steps = spec.total_steps(found.n_train, per_epoch)
+    epochs = round(training.max_steps / per_epoch, 2) if training.max_steps else float(training.epochs)
+    warnings = list(found.warnings)
+    if found.n_train < FEW_TRAIN_ROWS:
+        warnings.append(f"only {found.n_train} training pair(s); preference tuning usually needs many more")
+    if 0 < found.n_eval < FEW_EVAL_ROWS:
+        warnings.append(f"only {found.n_eval} eval pair(s): the eval loss and preference accuracy will be noisy")
+    report = DatasetReport(
+        job=job.name, path=str(train.path), format=train.format, sha256=train.sha256, rows=len(train),
+        n_train=found.n_train, n_eval=found.n_eval, eval_source="file" if job.eval_dataset_path else "split",
+        eval_path=job.eval_dataset_path, eval_sha256=eval_set.sha256 if eval_set else None,
+        base_model=job.base_model, max_seq_len=training.max_seq_len, tokens=found.chosen_profile.stats,
+        truncated_rows=found.truncated, untrainable_rows=found.untrainable, duplicate_rows=0,
+        est_steps=steps, est_epochs=epochs, warnings=tuple(warnings), auto=resolved,
+        chat_template=spec.chat_template if found.stats["format"] == "chat" else None,
+        tokenizer=loaded_by(tokenizer), bytes=train.size, eval_bytes=eval_set.size if eval_set else None,
+        pairs=found.stats,
+    )
+    return report, problems
+
+
 def _template_warnings(name: str, template: str, tokenizer: Any) -> list[str]:
     """A built-in template's turn markers that the tokenizer lacks as tokens: trained as text pieces."""
     from .templates import BUILTIN, MARKERS
@@ -679,6 +731,16 @@ def describe(report: DatasetReport | None) -> list[str]:
         return ["dataset not analysed"]
     tokens = report.tokens
     eval_from = f"validation.dataset {report.eval_path}" if report.eval_source == "file" else "a seeded split"
+    if report.pairs is not None:
+        from .pair_check import describe_pairs
+
+        lines = [f"dataset: {report.path} ({report.format}, {report.rows} pairs, sha256 {report.sha256[:12]})",
+                 f"train / eval: {report.n_train} / {report.n_eval} pairs",
+                 *describe_pairs(report.pairs),
+                 f"estimated: {report.est_steps} steps, {report.est_epochs:g} epoch(s)", *auto.lines(report.auto)]
+        if report.untrainable_rows:
+            lines.append(f"untrainable sides: {report.untrainable_rows} (errors)")
+        return lines + [f"warning: {warning}" for warning in report.warnings]
     lines = [
         f"dataset: {report.path} ({report.format}, {report.rows} rows, sha256 {report.sha256[:12]})",
         f"train / eval: {report.n_train} / {report.n_eval} rows (eval from {eval_from})",

@@ -50,6 +50,9 @@ FORMAT_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    # preference pairs (issue 23, data/pairs.py): TRL's, and OpenAI's DPO rows
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
 #: The field of each flat format that carries the loss.
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -80,6 +83,7 @@ CATEGORIES = {
     "unrecognized_key": "a message key loraq does not use (a typo, or a feature it would drop)",
     "bad_weight": "a message weight other than 0 or 1, or a weight on a non-assistant message",
     "no_assistant": "a chat row without an assistant message",
+    "identical_pair": "a preference pair whose chosen and rejected answers are the same",
     "too_few_rows": "too few rows to split into train and eval",
     "template_error": "the tokenizer's chat template cannot render the row, or not prefix-stably",
     "untrainable": "no trainable token is left after truncation to max_seq_len",
@@ -574,6 +578,11 @@ def row_problem(row: Any, fmt: str) -> tuple[str, str] | None:
         return "not_object", f"expected a JSON object, got {type(row).__name__}"
     if fmt == "chat":
         return _chat_problem(row)
+    if fmt in PAIR_KEYS:
+        other = detect_format(row)
+        if other is not None and other != fmt:
+            return "format_mismatch", f"row has the keys of {other}, but the file is {fmt}"
+        return pair_problem(row, fmt)
     keys = FORMAT_KEYS[fmt]
     missing = [k for k in keys if row.get(k) is None]
     if missing:
@@ -639,6 +648,81 @@ def _chat_problem(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+# ---------------------------------------------------------------- preference pairs (issue 23, data/pairs.py)
+
+#: Each preference format's keys: the prompt, the chosen and the rejected answer.
+PAIR_KEYS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
+}
+
+
+def is_conversational(row: dict[str, Any], fmt: str) -> bool:
+    """Whether a pair is messages (chat) or plain text (prompt_completion)."""
+    return fmt == "openai_preference" or isinstance(row.get("prompt"), list)
+
+
+def _messages_problem(value: Any, name: str, *, answer: bool) -> tuple[str, str] | None:
+    if not isinstance(value, list) or not value:
+        return "wrong_type", f"{name} must be a non-empty list of messages"
+    for index, message in enumerate(value):
+        if problem := _message_problem(message):
+            category, text = problem
+            return category, f"{name}[{index}]{text}"
+        if answer and message["role"] != "assistant":
+            return "unrecognized_role", f"{name}[{index}] is a {message['role']} message; an answer is assistant turns"
+    if answer and not any(m["content"].strip() for m in value):
+        return "empty_example", f"{name} has no content: nothing to prefer"
+    if not answer and value[-1].get("role") == "assistant":
+        return "unrecognized_role", f"{name} ends with an assistant turn: the answer follows the prompt"
+    return None
+
+
+def pair_problem(row: dict[str, Any], fmt: str) -> tuple[str, str] | None:
+    """The first thing wrong with ``row`` as a ``fmt`` pair, as ``(category, message)``; the message names the field."""
+    prompt_key, chosen_key, rejected_key = PAIR_KEYS[fmt]
+    missing = [k for k in PAIR_KEYS[fmt] if row.get(k) is None]
+    if missing:
+        return "missing_key", f"missing {', '.join(repr(k) for k in missing)} for format {fmt}"
+    if fmt == "openai_preference":
+        given = row["input"]
+        if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
+            return "wrong_type", "'input' must be an object with 'messages', a list of messages"
+        unknown = sorted(set(given) - {"messages", "tools", "parallel_tool_calls"})
+        if unknown:
+            return "unrecognized_key", f"'input' has key(s) {unknown}; it has 'messages'"
+        if given.get("tools"):
+            return "unsupported", "'input.tools': tool definitions are not trained by loraq"
+        if problem := _messages_problem(given["messages"], "input.messages", answer=False):
+            return problem
+    elif isinstance(row["prompt"], list):
+        if problem := _messages_problem(row["prompt"], "'prompt'", answer=False):
+            return problem
+    elif not isinstance(row["prompt"], str):
+        return "wrong_type", f"'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}"
+    conversational = is_conversational(row, fmt)
+    for key in (chosen_key, rejected_key):
+        value = row[key]
+        if conversational:
+            if problem := _messages_problem(value, repr(key), answer=True):
+                return problem
+        elif not isinstance(value, str):
+            return "wrong_type", (f"{key!r} must be a string like 'prompt' (a list of messages goes with a prompt "
+                                  f"that is a list of messages), got {type(value).__name__}")
+        elif not value.strip():
+            return "empty_example", f"{key!r} is empty: nothing to prefer"
+    if _answer_text(row[chosen_key]) == _answer_text(row[rejected_key]):
+        return "identical_pair", (f"{chosen_key!r} and {rejected_key!r} are the same answer: the pair prefers "
+                                  "nothing (drop the row or fix one side)")
+    return None
+
+
+def _answer_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    return json.dumps([[m.get("role"), m.get("content", "").strip()] for m in value if isinstance(m, dict)])
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -693,7 +777,8 @@ def check_dataset(path: str | Path, fmt: str | None = None, *, roots: Roots | No
             line, number, first = records[0]
             keys = excerpt(sorted(map(str, first))) if isinstance(first, dict) else type(first).__name__
             out.add("unknown_format", f"cannot tell the format from keys {keys}; expected 'messages', "
-                    "'prompt'+'completion', 'instruction'+'output' or 'text' (or set dataset.format)",
+                    "'prompt'+'completion', 'instruction'+'output', 'text', 'prompt'+'chosen'+'rejected' or "
+                    "'input'+'preferred_output'+'non_preferred_output' (or set dataset.format)",
                     line=line, row=number)
             return None, out
     rows, lines, numbers = [], [], []

@@ -98,6 +98,7 @@ class Settings:
     training: dict[str, Any]
     validation: dict[str, Any]
     dataset: dict[str, Any]
+    method: dict[str, Any] | None = None  # a preference method (issue 23); None: sft
 
     @property
     def dataset_format(self) -> str | None:
@@ -110,7 +111,8 @@ class Settings:
                    after=_str(doc.get("after")), init_from=_str(doc.get("init_from")),
                    revision=_str(doc.get("revision")), chat_template=_str(doc.get("chat_template")),
                    lora=_dict(doc.get("lora")), training=_dict(doc.get("training")),
-                   validation=_dict(doc.get("validation")), dataset=_dict(doc.get("dataset")))
+                   validation=_dict(doc.get("validation")), dataset=_dict(doc.get("dataset")),
+                   method=doc["method"] if isinstance(doc.get("method"), dict) else None)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .. import safeyaml
 from ..errors import PathError, Problem, SpecError, YamlProblem
@@ -38,8 +38,10 @@ MAX_PRIORITY = 1_000_000_000
 MAX_STEPS = 10_000_000
 #: The largest ``lora.alpha``: PEFT scales a LoRA by alpha / r (alpha / sqrt(r) with rsLoRA); real values are 1-1024.
 MAX_ALPHA = 65_536.0
-DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text")
-DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
+DATASET_FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference", "openai_preference")
+DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text", "preference", "openai_preference"]
+#: The formats of preference pairs (issue 23): TRL's {prompt, chosen, rejected}, OpenAI's DPO rows.
+PREFERENCE_FORMATS = ("preference", "openai_preference")
 
 
 class _Strict(BaseModel):
@@ -157,7 +159,9 @@ class EarlyStoppingSpec(_Strict):
 #: Metrics a job can ask for besides the eval loss (``validation.metrics``): the graders of
 #: loraq.model.graders, each 0 to 1, higher better. ``judge`` is measured when ``validation.judge`` is set.
 METRICS = ("exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu", "chrf", "fuzzy_match", "json_valid", "json_match",
-           "contains", "regex")
+           "contains", "regex", "preference_accuracy")
+#: Measured on held-out preference pairs, not on generated answers: only a preference job (``method``) has it.
+PREFERENCE_METRIC = "preference_accuracy"
 JUDGE_METRIC = "judge"
 #: Longest pattern accepted for ``validation.contains`` / ``validation.regex``.
 MAX_PATTERN_CHARS = 1000
@@ -196,6 +200,20 @@ class ValidationSpec(_Strict):
     contains: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)  # for the contains grader
     regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)  # for the regex grader
     judge: JudgeSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_preference_accuracy(cls, value: Any) -> Any:
+        """``min_preference_accuracy: x`` (issue 23's spelling) is ``min: {preference_accuracy: x}``, measured."""
+        if isinstance(value, dict) and "min_preference_accuracy" in value:
+            value = dict(value)
+            minimum = value.pop("min_preference_accuracy")
+            value["min"] = {**(value.get("min") or {}), PREFERENCE_METRIC: minimum} if isinstance(
+                value.get("min") or {}, dict) else value.get("min")
+            metrics = value.get("metrics") or []
+            if isinstance(metrics, list) and PREFERENCE_METRIC not in metrics:
+                value["metrics"] = [*metrics, PREFERENCE_METRIC]
+        return value
 
     @field_validator("regex")
     @classmethod
@@ -310,6 +328,53 @@ class TrackingSpec(_Strict):
         return value
 
 
+#: Each preference method's settings: (default, low, high) of ``beta``; ranges are what the papers and TRL use, widened.
+PREFERENCE_BETA = {"dpo": (0.1, 0.0, 10.0), "orpo": (0.1, 0.0, 10.0), "simpo": (2.0, 0.0, 20.0)}
+
+
+class PreferenceMethod(_Strict):
+    """``method: {type: dpo | orpo | simpo, ...}``: preference tuning on pairs (train/preference.py).
+
+    - ``dpo``: DPO's sigmoid loss, ``-log σ(β·((π_c − ref_c) − (π_r − ref_r)))`` on answer log-probabilities
+      summed over tokens; ``beta`` 0.1 (TRL's default). The reference is the model the job starts from.
+    - ``orpo``: ORPO, the chosen sequences' NLL (prompt included, as TRL's) plus ``beta`` (the paper's λ,
+      TRL's ``beta``, 0.1) times the odds-ratio term ``-log σ(log odds_c − log odds_r)`` on mean per-token log-probabilities. No reference.
+    - ``simpo``: SimPO, ``-log σ(β·(mean π_c − mean π_r) − γ)`` with ``γ = gamma_beta_ratio · β``;
+      ``beta`` 2.0, ``gamma_beta_ratio`` 0.5 (the paper's defaults; TRL's CPO ``loss_type=simpo`` with
+      ``simpo_gamma = γ`` and ``cpo_alpha = 0``). No reference.
+    """
+
+    type: Literal["dpo", "orpo", "simpo"]
+    beta: float | None = Field(None, gt=0.0, le=20.0)
+    gamma_beta_ratio: float | None = Field(None, ge=0.0, le=10.0)  # simpo only
+    loss: Literal["sigmoid"] = "sigmoid"  # dpo: the sigmoid loss of the DPO paper (the one loss offered)
+
+    @field_validator("beta", "gamma_beta_ratio")
+    @classmethod
+    def _is_finite(cls, value: float | None) -> float | None:
+        return None if value is None else _finite(value)
+
+    @model_validator(mode="after")
+    def _settings(self) -> PreferenceMethod:
+        default, _, high = PREFERENCE_BETA[self.type]
+        if self.beta is not None and self.beta > high:
+            raise ValueError(f"beta for {self.type} is at most {high} (got {self.beta})")
+        if self.gamma_beta_ratio is not None and self.type != "simpo":
+            raise ValueError(f"gamma_beta_ratio is SimPO's margin; {self.type} has none")
+        updates: dict[str, Any] = {}
+        if self.beta is None:
+            updates["beta"] = default
+        if self.type == "simpo" and self.gamma_beta_ratio is None:
+            updates["gamma_beta_ratio"] = 0.5
+        for key, value in updates.items():  # frozen: filled in once, as validated
+            object.__setattr__(self, key, value)
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.type == "dpo"
+
+
 class JobSpec(_Strict):
     """One adapter to train, as written in the queue (after defaults are merged)."""
 
@@ -333,6 +398,61 @@ class JobSpec(_Strict):
     chat_template: str | None = None
     # ---- experiment trackers (issue 24): a job's run in MLflow, TensorBoard, trackio, W&B
     tracking: TrackingSpec | None = None
+    # ---- preference tuning (issue 23): sft (the default) or {type: dpo | orpo | simpo, beta: ...}
+    # (stored as None for sft, and written back as "sft")
+    method: PreferenceMethod | None = None
+
+    @field_serializer("method")
+    def _method_out(self, value: PreferenceMethod | None) -> Any:
+        return "sft" if value is None else value.model_dump()
+
+    @property
+    def preference(self) -> PreferenceMethod | None:
+        """The preference method, or ``None`` for supervised fine-tuning."""
+        return self.method
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, value: Any) -> Any:
+        if value in ("dpo", "orpo", "simpo"):
+            return {"type": value}
+        if value == "sft" or (isinstance(value, dict) and value.get("type") == "sft" and len(value) == 1):
+            return None
+        if not isinstance(value, dict | PreferenceMethod):
+            raise ValueError("must be sft, or {type: dpo | orpo | simpo, beta: ...}")
+        return value
+
+    @model_validator(mode="after")
+    def _preference(self) -> JobSpec:
+        """A preference job has preference pairs and only the features its trainer has; an SFT job has no pairs."""
+        method, fmt, validation = self.preference, self.dataset.format, self.validation
+        if method is None:
+            if fmt in PREFERENCE_FORMATS:
+                raise ValueError(f"dataset.format {fmt} holds preference pairs: set method: {{type: dpo}} "
+                                 "(or orpo, simpo) to train on them")
+            if PREFERENCE_METRIC in validation.metrics:
+                raise ValueError("validation.metrics: preference_accuracy is measured on preference pairs: only a "
+                                 "job with method: {type: dpo | orpo | simpo} has them")
+            return self
+        if fmt is not None and fmt not in PREFERENCE_FORMATS:
+            raise ValueError(f"method {method.type} trains on preference pairs; dataset.format {fmt} has none "
+                             f"(use {' or '.join(PREFERENCE_FORMATS)}, or leave the format to be detected)")
+        training = self.training  # packing: refused where the queue file asks for it (preference_refusal)
+        refusals = {
+            "training.fused_loss": (training.fused_loss, "the preference losses need each answer token's "
+                                    "log-probability, which a fused loss never materialises"),
+            "validation.early_stopping": (validation.early_stopping is not None,
+                                          "is not offered for preference jobs yet; set training.epochs or max_steps"),
+            "tracking": (self.tracking is not None and bool(self.tracking.report_to),
+                         "experiment trackers are not reported to from preference jobs yet (show and the report "
+                         "have their metrics)"),
+            "lora.init": (rewrites_base(self.lora.init), "PiSSA and OLoRA rewrite the base weights, and DPO's "
+                          "reference is the base as it is"),
+        }
+        for field_name, (refused, why) in refusals.items():
+            if refused:
+                raise ValueError(f"{field_name}: {why} (method {method.type})")
+        return self
 
     @field_validator("chat_template")
     @classmethod
@@ -674,6 +794,9 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
             if twin not in problems:
                 problems.append(twin)
             continue
+        if (refused := preference_refusal(spec, merged)) is not None:
+            problems.append(Problem(f"{where}: {label}: training.packing", refused))
+            continue
         if spec.trust_remote_code and not allow_remote_code:
             problems.append(Problem(f"{where}: {label}: trust_remote_code", "runs the model's own Python code, which "
                                     "a queue file alone cannot allow: submit with --allow-remote-code, or set "
@@ -688,6 +811,18 @@ def queue_from_doc(doc: Any, qpath: Path, roots: Roots, *, where: str, allow_rem
     jobs = [job.model_copy(update={"sweep": sweeps[job.name]}) if job.name in sweeps else job for job in jobs]
     jobs = [_first_round(job, plans[job.name]) if job.name in plans else job for job in jobs]
     return Queue(path=str(qpath), settings=settings, jobs=jobs)
+
+
+def preference_refusal(spec: JobSpec, merged: dict[str, Any]) -> str | None:
+    """Why a preference job's queue entry asks for what its trainer does not do (``packing: true``), or ``None``.
+
+    Read from the entry as written: packing is on by default, and a preference job trains padded whatever the default.
+    """
+    training = merged.get("training")
+    if spec.preference is not None and isinstance(training, dict) and training.get("packing") is True:
+        return (f"a pair's chosen and rejected answers are scored as whole padded sequences: method "
+                f"{spec.preference.type} trains padded; leave packing out or set it false")
+    return None
 
 
 def _sweep_twin(spec: JobSpec, sweeps: dict[str, dict[str, Any]], validated: dict[str, str],

@@ -108,6 +108,10 @@ def _spec_summary(stored: StoredJob) -> dict[str, Any]:
         "dataset": stored.dataset_path,
         "dataset rows": stored.dataset_rows,
         "sweep": settings.group,
+        # preference tuning (issue 23): dpo beta 0.1, after sft
+        "method": " ".join([str(settings.method.get("type")), *(
+            f"{k} {v}" for k, v in sorted(settings.method.items()) if v is not None and k not in ("type", "loss"))])
+        + (f", after {settings.after}" if settings.after else "") if settings.method is not None else None,
         "LoRA": ", ".join(f"{k} {lora[k]}" for k in ("r", "alpha", "dropout", "target_modules") if k in lora) or None,
         "training": ", ".join(f"{k} {training[k]}" for k in ("max_steps", "epochs", "learning_rate", "batch_size",
                                                             "max_seq_len") if training.get(k) is not None) or None,

@@ -107,10 +107,21 @@ def build_manifest(claim: Claim, result: dict[str, Any], staging: Path, home_id:
         "init_from": {"path": job.spec.init_from_path, "sha256": job.spec.init_from_sha256}
         if job.spec.init_from_path else None,
         "oom_adjustments": list(job.spec.oom_adjustments),
+        # preference tuning (issue 23): the method, its settings, and the adapter it started from
+        "method": _method_entry(job.spec, result),
         "stopping": (result.get("extras") or {}).get("stopping"),
         # a job's own chat template, written beside the adapter: a server renders prompts as training did
         "chat_template": _template_entry(job.spec),
     }
+
+
+def _method_entry(stored: StoredJob, result: dict[str, Any]) -> dict[str, Any]:
+    method = stored.settings.method
+    if method is None:
+        return {"type": "sft"}
+    preference = (result.get("extras") or {}).get("preference") or {}
+    return {**method, "reference": preference.get("reference"), "started_from": stored.init_from_path,
+            "after": stored.settings.after}
 
 
 def _template_entry(stored: StoredJob) -> dict[str, Any] | None:
@@ -144,6 +155,8 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         f"| dataset | `{Path(manifest['dataset']['path']).name}` ({manifest['dataset'].get('format')}), sha256 `{str(manifest['dataset'].get('sha256'))[:16]}…` |",
         f"| rows | {manifest['dataset'].get('n_train')} train / {manifest['dataset'].get('n_eval')} eval |",
         f"| LoRA | r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets={lora.get('target_modules')} |",
+        *([f"| method | {_method_line(manifest['method'])} |"] if (manifest.get("method") or {}).get("type", "sft") != "sft"
+          else []),
         f"| training | {manifest.get('steps')} steps, lr={training.get('learning_rate')}, batch={training.get('batch_size')}×{training.get('grad_accum')}, seed={training.get('seed')} |",
         f"| eval loss | base {fmt(manifest.get('base_eval_loss'))} → adapter {fmt(manifest.get('eval_loss'))} |",
         *([f"| exact match | base {fmt(manifest['metrics'].get('base_exact_match'))} → adapter "
@@ -169,6 +182,15 @@ def model_card(manifest: dict[str, Any], inspection: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _method_line(method: dict[str, Any]) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in method.items()
+                         if k not in ("type", "reference", "started_from", "after", "loss") and v is not None)
+    started = (f"; started from `{method['started_from']}`" + (f" (job {method['after']})" if method.get("after") else "")
+               if method.get("started_from") else "; started from the base")
+    reference = f"; reference: {method['reference']}" if method.get("reference") else ""
+    return f"{method['type'].upper()} ({settings}){started}{reference}"
 
 
 def stage_metadata(staging: Path, manifest: dict[str, Any], inspection: dict[str, Any],

@@ -109,6 +109,10 @@ class TrainerService:
     def _train(self, request: TrainRequest, emit: Emit, log: Log) -> Stopped | TrainResult | Aborted:
         """The job's steps, top to bottom (:class:`~.job.JobRun`)."""
         run = JobRun(request, emit, log, cache=self.cache, flags=self.flags)
+        if run.spec.preference is not None:  # DPO, ORPO, SimPO (issue 23): a JobRun with its own loop
+            from .preference import PreferenceRun
+
+            return PreferenceRun(request, emit, log, cache=self.cache, flags=self.flags).train()
         resident = run.load_base()
         run.prepare_data(resident)
         run.measure_base(resident)
