@@ -278,7 +278,7 @@ jobs:
 def test_a_two_stage_queue_runs_in_order_and_the_second_starts_from_the_firsts_adapter(workdir: Path) -> None:
     home = workdir / ".loraq"
     # 'tuned' trains with a learning rate of ~0: what it publishes is what its LoRA started from.
-    loraq(home, "submit", str(write_queue(workdir, DEFAULTS + """
+    queue = write_queue(workdir, DEFAULTS + """
 jobs:
   - name: tuned
     dataset: ./data/support.jsonl
@@ -287,7 +287,12 @@ jobs:
     training: {learning_rate: 1.0e-12, max_steps: 1}
   - name: sft-1
     dataset: ./data/support.jsonl
-""")))
+""")
+    dry = loraq(home, "submit", "--dry-run", str(queue)).stdout
+    assert "  after: sft-1 (waits until it completes; starts from its adapter)" in dry.split("tuned:")[1], dry
+    assert "after:" not in dry.split("sft-1:")[1], dry
+    assert not (home / "loraq.db").exists()
+    loraq(home, "submit", str(queue))
     rows = status_rows(home)
     assert (rows["tuned"]["after"], rows["tuned"]["waiting_on"]) == ("sft-1", "sft-1")
     assert rows["sft-1"]["after"] is None and rows["sft-1"]["waiting_on"] is None

@@ -79,6 +79,7 @@ class SubmitResult:
     sweeps: dict[str, list[str]] = field(default_factory=dict)  # sweep name -> the names of its jobs
     already: list[str] = field(default_factory=list)  # jobs of a sweep already in the home, as submitted: left as they are
     halving: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its halving plan
+    after: dict[str, str] = field(default_factory=dict)  # job name -> the job it waits on and starts from
 
     def to_json(self) -> dict[str, Any]:
         from .data import check as datacheck
@@ -93,7 +94,9 @@ class SubmitResult:
         """What the submit-time check found in a job's dataset, a line each (``--dry-run``)."""
         from .data import check as datacheck
 
-        return datacheck.describe(self.datasets.get(name))
+        waits = [f"after: {self.after[name]} (waits until it completes; starts from its adapter)"] \
+            if name in self.after else []
+        return waits + datacheck.describe(self.datasets.get(name))
 
     def summary(self, name: str) -> str:
         from .data import check as datacheck
@@ -197,8 +200,9 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
     names = [job.name for job in queue.jobs]
     sweeps = submitting.sweeps_of(queue)
     plans = {job.spec.group: job.halving for job in queue.jobs if job.halving and job.spec.group}
+    afters = {job.name: job.spec.after for job in queue.jobs if job.spec.after}
     if dry_run:
-        return SubmitResult(str(path), True, names, [], reports, sweeps, already, plans)
+        return SubmitResult(str(path), True, names, [], reports, sweeps, already, plans, afters)
     read_roots = [str(root) for root in roots.read]
     new_jobs = [
         NewJob(
@@ -227,7 +231,7 @@ def _submit_queue(queue: Any, label: str, path: Path, *, home: Home, roots: Any,
             raise SpecError([Problem(str(queue_file), str(exc))]) from exc
     home.ensure()
     datacheck.write_profiles(deferred)
-    return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already, plans)
+    return SubmitResult(str(path), False, [j.name for j in new_jobs], ids, reports, sweeps, already, plans, afters)
 
 
 def clone(home: Home, ref: str, new_name: str, sets: Iterable[str] = (), *, allow_roots: Iterable[str | Path] = (),
