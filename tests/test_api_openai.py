@@ -10,6 +10,7 @@ a 4xx, never a 500.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -298,6 +299,33 @@ def test_pagination_and_metadata_filters(service: Service) -> None:
     assert deleted.deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(training.id)
+
+
+def test_a_deleted_files_content_leaves_the_home_once_no_file_and_no_unfinished_job_needs_it(
+        service: Service, tmp_path: Path) -> None:
+    client = service.client("bob")
+    rows = [json.loads(line) for line in service.data["support"].read_text().splitlines() if line.strip()]
+    kept, gone = tmp_path / "kept.jsonl", tmp_path / "gone.jsonl"  # contents no other test uploads
+    kept.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    gone.write_text("".join(json.dumps(r, indent=None, sort_keys=True) + "\n" for r in rows[:40]))
+
+    def blob(path: Path) -> Path:
+        return service.home / "files" / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.jsonl"
+
+    alone = upload(client, gone)
+    assert blob(gone).exists()
+    client.files.delete(alone.id)
+    assert not blob(gone).exists()  # nothing else needs it: the content leaves with the file
+
+    first, second = upload(client, kept), upload(client, kept)
+    client.files.delete(first.id)
+    assert blob(kept).exists()  # the second file has the same content
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=second.id, extra_body=FAST)
+    client.fine_tuning.jobs.cancel(job.id)
+    client.files.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(second.id)
+    assert blob(kept).exists()  # a cancelled job may be retried, and reads it
 
 
 # ---------------------------------------------------------------- refusals

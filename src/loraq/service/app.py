@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
@@ -220,7 +221,8 @@ class Service:
         caller = _who(request)
         file_id = request.path_params["file_id"]
         if request.method == "DELETE":
-            stored = await run_in_threadpool(self._file_call, self.state.delete_file, file_id, caller.key_id)
+            stored = await run_in_threadpool(self._file_call, partial(files_mod.delete, self.home, self.state),
+                                             file_id, caller.key_id)
             return _json({"id": stored.id, "object": "file", "deleted": True})
         stored = await run_in_threadpool(self._file_call, self.state.file, file_id, caller.key_id)
         return _json(files_mod.file_json(stored))

@@ -15,11 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import api
 from ..data import ReadLimits, check_dataset
 from ..data.rows import SUFFIXES, RowProblem
-from ..errors import DataError
+from ..errors import DataError, NotFoundError
 from ..escape import excerpt
 from ..fsutil import fsync_dir
+from ..queue.records import COMPLETED
 from ..workspace import Home
 from .errors import ApiError, bad_request, too_large
 from .state import ApiState, StoredFile
@@ -82,6 +84,43 @@ def save_upload(home: Home, state: ApiState, *, key_id: int, filename: str, purp
                               fmt=dataset.format, kind=kind, rows=len(dataset))
     finally:
         temp.unlink(missing_ok=True)
+
+
+def delete(home: Home, state: ApiState, file_id: str, key_id: int) -> StoredFile:
+    """Delete a file (``DELETE /v1/files/{id}``): it is gone from the API at once, and its content from the home as soon
+    as no other file has the same content and every job trained on it has completed (a pending, running, failed or
+    cancelled job may still run, or be retried, and reads it). Content kept for such a job goes with a later delete."""
+    stored = state.delete_file(file_id, key_id)
+    purge(home, state)
+    return stored
+
+
+def purge(home: Home, state: ApiState) -> list[str]:
+    """Remove the content of deleted files that no file and no unfinished job needs; the names removed."""
+    removed: list[str] = []
+    candidates = state.unheld_blobs()
+    if not candidates:
+        return removed
+    unfinished: set[int] = set()
+    if any(job_ids for _, job_ids in candidates):
+        with api.open_reader(home) as store:
+            for _, job_ids in candidates:
+                for job_id in job_ids:
+                    try:
+                        if store.job(job_id).status != COMPLETED:
+                            unfinished.add(job_id)
+                    except NotFoundError:
+                        pass  # a job removed from the home needs nothing
+    for blob, job_ids in candidates:
+        if not unfinished.isdisjoint(job_ids):
+            continue
+        path = files_dir(home) / blob
+        if path.exists():
+            path.unlink()
+            removed.append(blob)
+    if removed:
+        fsync_dir(files_dir(home))
+    return removed
 
 
 def refusal(label: str, problems: list[Any]) -> ApiError:

@@ -264,6 +264,20 @@ class ApiState:
         return stored
 
     @_locked
+    def unheld_blobs(self) -> list[tuple[str, list[int]]]:
+        """Each stored content (``StoredFile.blob``) that only deleted files name, with the loraq jobs trained on it."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT d.sha256, d.kind FROM files d WHERE d.deleted = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM files l WHERE l.sha256 = d.sha256 AND l.kind = d.kind AND l.deleted = 0)").fetchall()
+        out = []
+        for row in rows:
+            jobs = self.conn.execute(
+                "SELECT j.job_id FROM jobs j JOIN files f ON f.id IN (j.training_file, j.validation_file) "
+                "WHERE f.sha256 = ? AND f.kind = ?", (row["sha256"], row["kind"])).fetchall()
+            out.append((f"{row['sha256']}.{row['kind']}", [int(j["job_id"]) for j in jobs]))
+        return out
+
+    @_locked
     def sha_in_use(self, sha256: str) -> bool:
         return self.conn.execute("SELECT 1 FROM files WHERE sha256 = ? AND deleted = 0", (sha256,)).fetchone() is not None
 
