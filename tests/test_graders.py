@@ -323,3 +323,36 @@ def test_the_store_decides_a_round_by_the_score_the_worker_reports(tmp_path: Any
         after = {job.name: job for job in store.jobs()}
         assert after["b"].status == "pending" and after["b"].halving is not None and after["b"].halving.round == 2
         assert after["a"].status == "cancelled" and "rouge_l 0.2000 ranked 2 of 2" in after["a"].error
+
+
+def test_status_shows_each_grader_base_to_adapter_in_a_column_of_its_own(tmp_path: Any) -> None:
+    """What a job's graders scored (issue 24) is a column of ``loraq status`` and in ``status --json``, as exact match is."""
+    import subprocess
+
+    from conftest import LORAQ
+    from loraq.queue.store import NewJob, Store, WorkerId
+    from loraq.workspace import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    with Store.open(home.db_path) as store:
+        store.enqueue([NewJob(name=n, spec={"spec": {"name": n}}, base_key="b") for n in ("graded", "plain")])
+        claim = store.claim(WorkerId("h", 1, "t"), lease_s=60)
+        assert claim is not None and claim.job.name == "graded"
+        store.complete(claim.job.id, claim.epoch, result={"metrics": {
+            "rouge_l": 0.8125, "base_rouge_l": 0.25, "bleu": 0.5, "base_bleu": 0.125, "exact_match": 0.5,
+            "base_exact_match": 0.0, "eval_loss": 1.0}})
+    shown = subprocess.run([LORAQ, "--home", str(home.root), "status"], capture_output=True, text=True, check=True)
+    header, *lines = [line for line in shown.stdout.splitlines() if line.strip()]
+    assert "bleu base -> adapter" in header and "rouge_l base -> adapter" in header, shown.stdout
+    assert "exact match base -> adapter" in header and "eval_loss base" not in header
+    graded = next(line for line in lines if line.startswith("graded"))
+    assert "0.125 -> 0.500" in graded and "0.250 -> 0.812" in graded, shown.stdout
+    plain = next(line for line in lines if line.startswith("plain"))
+    assert "->" not in plain.split("pending", 1)[1].replace("- -> -", ""), shown.stdout
+    listed = json.loads(subprocess.run([LORAQ, "--home", str(home.root), "status", "--json"], capture_output=True,
+                                       text=True, check=True).stdout)
+    rows = {row["name"]: row for row in listed["jobs"]}
+    assert rows["graded"]["graded"] == {"bleu": {"base": 0.125, "adapter": 0.5},
+                                        "rouge_l": {"base": 0.25, "adapter": 0.8125}}
+    assert rows["plain"]["graded"] == {}

@@ -339,6 +339,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     rows = []
     measured = any(job.exact_match is not None for job in result.jobs)  # a column only where a job asked for it
     preferred = any(job.preference_accuracy is not None for job in result.jobs)  # preference jobs (issue 23)
+    graders = sorted({name for job in result.jobs for name in job.graded})  # validation.metrics' graders (issue 24)
     grouped: dict[str | None, list[api.JobRow]] = {}
     for job in result.jobs:  # a sweep's jobs together, under a line naming it, where its first job was
         grouped.setdefault(job.group, []).append(job)
@@ -347,7 +348,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             states = ", ".join(f"{sum(1 for m in members if m.status == s)} {s}" for s in
                                dict.fromkeys(m.status for m in members))
             rows.append([f"sweep {group}", f"{len(members)} jobs", "", "", "", "", states] + ([""] if measured else [])
-                        + ([""] if preferred else []))
+                        + ([""] if preferred else []) + [""] * len(graders))
         for job in members:
             progress = f"{job.step or 0}/{job.total_steps}" if job.total_steps else "-"
             note = job.verdict or ""
@@ -360,10 +361,12 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             rows.append([("  " if group is not None else "") + job.name, job.status, f"{job.attempts}/{job.max_attempts}",
                          progress, _num(job.train_loss), f"{_num(job.base_eval_loss)} -> {_num(job.eval_loss)}", note]
                         + ([_exact(job.base_exact_match, job.exact_match)] if measured else [])
-                        + ([_exact(job.base_preference_accuracy, job.preference_accuracy)] if preferred else []))
+                        + ([_exact(job.base_preference_accuracy, job.preference_accuracy)] if preferred else [])
+                        + [_exact(*job.graded.get(name, (None, None))) for name in graders])
     _plain_table(["job", "status", "attempts", "progress", "train loss", "eval loss base -> adapter", "verdict / why"]
                  + (["exact match base -> adapter"] if measured else [])
-                 + (["preference accuracy base -> adapter"] if preferred else []), rows)
+                 + (["preference accuracy base -> adapter"] if preferred else [])
+                 + [f"{name} base -> adapter" for name in graders], rows)
     return 0
 
 

@@ -8,6 +8,7 @@ on a home that cannot be written and never queue behind a worker. Torch-free.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class JobRow:
     base_preference_accuracy: float | None = None
     after: str | None = None  # the job this one waits on (``after:``), and its status now
     after_status: str | None = None
+    #: The graders and the judge (``validation.metrics``, issue 24) besides exact match and preference accuracy:
+    #: name -> (base, adapter).
+    graded: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     @property
     def round_note(self) -> str | None:
@@ -89,6 +93,7 @@ class JobRow:
             base_preference_accuracy=_metric(job.result, "base_preference_accuracy"),
             after=dependency.name if dependency else job.spec.settings.after,
             after_status=dependency.status if dependency else None,
+            graded=_graded((job.result or {}).get("metrics")),
         )
 
     @classmethod
@@ -103,6 +108,7 @@ class JobRow:
             exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
             preference_accuracy=row.get("preference_accuracy"), base_preference_accuracy=row.get("base_preference_accuracy"),
             after=row.get("after_name"), after_status=row.get("after_status"),
+            graded=_graded(json.loads(row["metrics_json"]) if row.get("metrics_json") else None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -115,7 +121,28 @@ class JobRow:
             "group": self.group, "exact_match": self.exact_match, "base_exact_match": self.base_exact_match,
             "preference_accuracy": self.preference_accuracy, "base_preference_accuracy": self.base_preference_accuracy,
             "after": self.after, "waiting_on": self.waiting_on,
+            "graded": {name: {"base": base, "adapter": adapter} for name, (base, adapter) in self.graded.items()},
         }
+
+
+#: Metrics a job's result holds with a ``base_`` twin that have columns of their own, or are no grader.
+_NOT_GRADERS = frozenset({"exact_match", "preference_accuracy", "eval_loss", "train_loss"})
+
+
+def _graded(metrics: object) -> dict[str, tuple[float | None, float | None]]:
+    """The graders' scores in a result's metrics (those that have a ``base_`` twin), by name: (base, adapter)."""
+    if not isinstance(metrics, dict):
+        return {}
+    out = {}
+    for name in sorted(metrics):
+        if isinstance(name, str) and not name.startswith("base_") and name not in _NOT_GRADERS \
+                and f"base_{name}" in metrics:
+            out[name] = (_number(metrics.get(f"base_{name}")), _number(metrics.get(name)))
+    return out
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _metric(result: dict[str, Any] | None, name: str) -> float | None:

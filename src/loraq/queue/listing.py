@@ -34,6 +34,7 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
             f"json_extract(result, '$.metrics.base_exact_match') AS base_exact_match, "
             f"json_extract(result, '$.metrics.preference_accuracy') AS preference_accuracy, "
             f"json_extract(result, '$.metrics.base_preference_accuracy') AS base_preference_accuracy, "
+            f"json_extract(result, '$.metrics') AS metrics_json, "
             f"json_extract(spec, '$.spec.group') AS grp, {LISTING_COLUMNS} FROM jobs {where} ORDER BY {order}{page}",
             [*params, *([group] if group is not None else [])]).fetchall()
         return [dict(r) for r in found]
@@ -49,7 +50,8 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
         row |= {"adapter": result.get("adapter"), "grp": group_of(r["spec"]),
                 "exact_match": metrics.get("exact_match"), "base_exact_match": metrics.get("base_exact_match"),
                 "preference_accuracy": metrics.get("preference_accuracy"),
-                "base_preference_accuracy": metrics.get("base_preference_accuracy")}
+                "base_preference_accuracy": metrics.get("base_preference_accuracy"),
+                "metrics_json": json.dumps(metrics) if metrics else None}
         if group is None or row["grp"] == group:
             out.append(row)
     return out[offset:offset + limit] if limit is not None else out[offset:]
