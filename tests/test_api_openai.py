@@ -420,6 +420,10 @@ def test_bad_input_over_http_gets_openai_errors_never_a_500(service: Service) ->
     assert_openai_error(create({**good, "validation_file": "../../api.db"}), 404, param="validation_file")
     assert_openai_error(create({**good, "base_model": "/tmp"}), 400, param="base_model")
     assert_openai_error(create({**good, "validation": {"dataset": "/etc/passwd"}}), 400, param="validation.dataset")
+    # a judge would post the answers, and a key of the server's environment, to the caller's URL
+    judged = assert_openai_error(create({**good, "validation": {"judge": {
+        "endpoint": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "HOME"}}}), 400, param="validation.judge")
+    assert "operator sets judges in queue files" in judged["message"]
     assert_openai_error(create({**good, "chat_template": "/etc/passwd"}), 400, param="chat_template")
     assert_openai_error(create({**good, "init_from": "/etc"}), 400, param="init_from")
     assert_openai_error(service.raw("GET", "/files/..%2F..%2Fapi.db/content"), 404)

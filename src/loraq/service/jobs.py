@@ -46,8 +46,12 @@ FLAT_EXTRAS = {"lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"), "lora_d
 SECTIONS = ("lora", "training", "validation")
 PLAIN_EXTRAS = {"priority": int, "max_retries": int}
 #: Settings of a queue file's job that name files or run code: never from a request.
+#: A judge would have the server send the eval answers, and any of its environment's keys (``api_key_env``), to a
+#: URL the caller names: the operator sets judges in queue files.
 REFUSED = {"validation.dataset": "give validation_file (an uploaded file's id)",
-           "lora.modules_to_save": None}
+           "lora.modules_to_save": None,
+           "validation.judge": "a judge sends the answers and a key of the server's to its endpoint; the operator "
+                               "sets judges in queue files"}
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 METHODS = ("supervised", "dpo")
 STATUS = {PENDING: "queued", RUNNING: "running", COMPLETED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
