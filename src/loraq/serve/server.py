@@ -171,14 +171,16 @@ def serve(home: Home, host: str = "127.0.0.1", port: int = 8765, *, allow_remote
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
                             server_header=False, http=guarded_protocol(limit, refusals),
                             timeout_keep_alive=KEEP_ALIVE_S, backlog=min(128, max(16, limit)))
-    if ready is not None:
-        ready(listening)
 
     class Server(uvicorn.Server):  # type: ignore[misc]  # uvicorn is not followed (Any)
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             loop = asyncio.get_running_loop()
             loop.set_exception_handler(_accept_errors_in_one_line(refusals, loop.get_exception_handler()))
             await super().startup(sockets)
+            # Told only now, with uvicorn's signal handlers in place: a Ctrl-C right after the link is printed stops
+            # the server (one that came while asyncio.run's own handler was set could be lost in the startup).
+            if ready is not None:
+                ready(listening)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             app.feed.end_streams()  # open pages' streams end now, not after the graceful timeout
