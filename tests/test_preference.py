@@ -224,6 +224,88 @@ def test_loss_and_gradients_agree_with_trls_trainers(which: str, tiny_model: Pat
     assert max(float(g.abs().max()) for g in our_grads.values()) > 1e-4  # the gradients compared are not all zero
 
 
+def _random_pairs(vocab: int) -> dict[str, Any]:
+    """Two pairs as loraq batches them: [chosen; rejected], right-padded, -100 on the prompts and the padding."""
+    import torch
+
+    shapes = [(3, 4), (5, 2), (2, 6), (4, 3)]  # (prompt, answer) tokens of each row
+    width = max(p + a for p, a in shapes) + 1
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.zeros((len(shapes), width), dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, answer) in enumerate(shapes):
+        ids[row, :prompt + answer] = torch.randint(1, vocab, (prompt + answer,), generator=generator)
+        labels[row, prompt:prompt + answer] = ids[row, prompt:prompt + answer]
+        mask[row, :prompt + answer] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(("tied", "targets"), [(False, "all-linear"), (False, ["q_proj", "lm_head"]),
+                                               (True, ["embed_tokens", "v_proj", "lm_head"])])
+def test_the_answer_positions_pass_is_the_full_forwards(tied: bool, targets: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head on the scored positions only (in one chunk or several) gives the log-probabilities and gradients
+    of the full forward's vocabulary-wide logits, an adapter on the head or on tied embeddings included."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraq.train import preference
+
+    vocab = 96
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():  # a trained-looking LoRA
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.normal_(0.0, 0.2)
+    batch = _random_pairs(vocab)
+
+    def run() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        logps = preference.forward_logps(model, batch)
+        assert logps.chosen_full is not None
+        (logps.chosen.sum() - 0.5 * logps.rejected.sum() + 0.25 * logps.chosen_full.sum()).backward()
+        with torch.no_grad(), model.disable_adapter():
+            reference = preference.forward_logps(model, batch, nll=False)
+        assert reference.chosen_full is None
+        values = {"chosen": logps.chosen, "rejected": logps.rejected, "chosen_full": logps.chosen_full,
+                  "ref_chosen": reference.chosen, "ref_rejected": reference.rejected}
+        counts = {"chosen": logps.chosen_tokens, "rejected": logps.rejected_tokens, "full": logps.chosen_full_tokens}
+        return {k: v.detach().clone() for k, v in values.items()}, counts, _grads(model)
+
+    lean = run()
+    monkeypatch.setattr(preference, "HEAD_CHUNK_BYTES", 4 * vocab * 3)  # three rows a chunk, recomputed in backward
+    chunked = run()
+    monkeypatch.setattr(preference, "_lean_parts", lambda model: None)  # the model's own forward, every position
+    full = run()
+    if "lm_head" in targets:
+        assert any("lm_head" in k and "lora" in k for k in full[2])
+    for got in (lean, chunked):
+        assert got[0].keys() == full[0].keys() and got[2].keys() == full[2].keys() and full[2]
+        for key in full[0]:
+            assert torch.allclose(got[0][key], full[0][key], atol=1e-5, rtol=0), key
+        assert all(torch.equal(got[1][k], full[1][k]) for k in full[1])
+        worst = max(float((got[2][k] - full[2][k]).abs().max()) for k in full[2])
+        assert worst < 1e-5, worst
+    assert max(float(g.abs().max()) for g in full[2].values()) > 1e-4
+
+
+def test_a_model_that_transforms_its_logits_gets_its_own_forward() -> None:
+    """Softcapping or a logit scale after the head (Gemma 2, Cohere, Granite): the lean pass would miss it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraq.train import preference
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert preference._lean_parts(model) is not None
+    model.config.final_logit_softcapping = 30.0
+    assert preference._lean_parts(model) is None
+
+
 # ---------------------------------------------------------------- through the queue
 
 

@@ -3,7 +3,10 @@
 The losses (each checked against TRL's trainer code in tests/test_preference.py):
 
 - per sequence, the answer tokens' log-probabilities summed (:func:`sequence_logps`), the chosen
-  and rejected sides of a batch in one concatenated forward (``[chosen; rejected]``, padded);
+  and rejected sides of a batch in one concatenated forward (``[chosen; rejected]``, padded):
+  the model's body over the batch, then its LM head and log-softmax on the scored positions only
+  (:func:`scored_token_logps`: the answers', and for ORPO the chosen sequences'), in chunks, as
+  TRL's fused LM head: no vocabulary-wide logits for every position;
 - **DPO** (sigmoid): ``-log σ(β·((π_c − ref_c) − (π_r − ref_r)))``, averaged over pairs (TRL
   ``DPOTrainer``, ``loss_type="sigmoid"``);
 - **ORPO**: the chosen sequences' NLL (mean over their tokens, the prompt's included, as TRL's
@@ -135,17 +138,92 @@ def preference_loss(method: PreferenceMethod, logps: PairLogps) -> tuple[torch.T
     return loss, stats
 
 
-def forward_logps(model: Any, batch: dict[str, Any]) -> PairLogps:
-    """One forward over ``[chosen; rejected]``; the sums and counts of each side, the reference's from the batch."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    per_token = token_logps(outputs.logits, batch["input_ids"])
+#: The float32 logits one chunk of the LM-head pass holds (rows × vocabulary × 4 bytes); more rows go in chunks.
+HEAD_CHUNK_BYTES = 128 * 2**20
+#: Config keys of models whose forward changes the logits after the LM head (TRL's fused head reads the same ones):
+#: their log-probabilities come from the model's own forward, the logits of every position.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers causal LM under a PEFT wrapper (its LoRA layers in place), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _lean_parts(model: Any) -> tuple[Any, Any] | None:
+    """``(backbone, head)`` when the logits are the head's output and nothing more, else None."""
+    causal = _causal_lm(model)
+    config = getattr(causal, "config", None)
+    if config is None or not hasattr(causal, "get_output_embeddings"):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, key, None) is not None for key in _LOGIT_TRANSFORMS):
+        return None
+    backbone, head = getattr(causal, getattr(causal, "base_model_prefix", ""), None), causal.get_output_embeddings()
+    if backbone is None or backbone is causal or head is None:
+        return None
+    return backbone, head
+
+
+def _head_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` of each row of ``hidden`` ``[rows, hidden]`` through ``head`` (the model's own LM-head
+    module, an adapter on it included), in float32, in chunks of :data:`HEAD_CHUNK_BYTES` of logits; with
+    gradients, a chunk's logits are recomputed in the backward pass rather than kept (one chunk: kept)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        return torch.gather(logits, -1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    vocab = int(head.weight.shape[0]) if hasattr(head, "weight") else int(head.out_features)
+    rows = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+    if hidden.shape[0] <= rows:
+        return chunk_logps(hidden, targets)
+    recompute = torch.is_grad_enabled()
+    parts = [checkpoint(chunk_logps, hidden[i:i + rows], targets[i:i + rows], use_reentrant=False) if recompute
+             else chunk_logps(hidden[i:i + rows], targets[i:i + rows]) for i in range(0, hidden.shape[0], rows)]
+    return torch.cat(parts)
+
+
+def scored_token_logps(model: Any, batch: dict[str, Any], scored: torch.Tensor) -> torch.Tensor:
+    """Each next token's log-probability, ``[batch, length - 1]``, where ``scored`` (that shape) is true; 0 elsewhere.
+
+    The model's body runs once; the LM head and the log-softmax run on the scored positions only (shifted by one:
+    position ``t`` scores token ``t + 1``), never building the vocabulary-wide logits of the whole batch. A model
+    whose forward transforms the logits after its head (:data:`_LOGIT_TRANSFORMS`) runs its own forward instead.
+    """
+    import torch
+
+    parts = _lean_parts(model)
+    if parts is None:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return token_logps(outputs.logits, batch["input_ids"]) * scored
+    backbone, head = parts
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
+    picked = _head_logps(head, hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored])
+    return torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
+
+
+def forward_logps(model: Any, batch: dict[str, Any], *, nll: bool = True) -> PairLogps:
+    """One forward over ``[chosen; rejected]``; the sums and counts of each side, the reference's from the batch.
+
+    ``nll``: also the chosen sequences' log-probabilities over every attended token (ORPO's NLL term); without it
+    only the answer tokens are scored (DPO, SimPO, the reference)."""
     answer = batch["labels"][:, 1:] != IGNORE_INDEX
     attended = batch["attention_mask"][:, 1:] == 1
+    n = answer.shape[0] // 2
+    scored = answer.clone()
+    if nll:
+        scored[:n] |= attended[:n]
+    per_token = scored_token_logps(model, batch, scored)
     sums, counts = (per_token * answer).sum(-1), answer.sum(-1)
-    n = sums.shape[0] // 2
     return PairLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:],
                      ref_chosen=batch.get("ref_chosen"), ref_rejected=batch.get("ref_rejected"),
-                     chosen_full=(per_token[:n] * attended[:n]).sum(-1), chosen_full_tokens=attended[:n].sum(-1))
+                     chosen_full=(per_token[:n] * attended[:n]).sum(-1) if nll else None,
+                     chosen_full_tokens=attended[:n].sum(-1) if nll else None)
 
 
 # ---------------------------------------------------------------- data
@@ -295,7 +373,7 @@ def evaluate_pairs(model: Any, items: list[dict[str, Any]], collator: PairCollat
     sums = {"logps_chosen": 0.0, "logps_rejected": 0.0, "reward_margin": 0.0}
     with _evaluating(model):
         for chunk in _batches(items, batch_size):
-            logps = forward_logps(model, _on(collator(chunk), device))
+            logps = forward_logps(model, _on(collator(chunk), device), nll=method.type == "orpo")
             loss, stats = preference_loss(method, logps)
             losses.append(float(loss) * len(chunk))
             wins += int((logps.chosen > logps.rejected).sum())
@@ -326,7 +404,7 @@ def add_reference(model: Any, items: list[dict[str, Any]], collator: PairCollato
     with _evaluating(model), off:
         for chunk in _batches(items, batch_size):
             batch = _on(collator([{k: v for k, v in i.items() if not k.startswith("ref_")} for i in chunk]), device)
-            logps = forward_logps(model, batch)
+            logps = forward_logps(model, batch, nll=False)
             for item, c, r in zip(chunk, logps.chosen.tolist(), logps.rejected.tolist(), strict=True):
                 item["ref_chosen"], item["ref_rejected"] = c, r
 
@@ -351,7 +429,7 @@ def trainer_class(base: Any) -> Any:
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            loss, stats = preference_loss(self.method, forward_logps(model, inputs))
+            loss, stats = preference_loss(self.method, forward_logps(model, inputs, nll=self.method.type == "orpo"))
             self._record("train" if model.training else "eval", stats)
             return (loss, None) if return_outputs else loss
 
@@ -359,7 +437,8 @@ def trainer_class(base: Any) -> Any:
                             ignore_keys: list[str] | None = None) -> Any:
             inputs = self._prepare_inputs(inputs)
             with torch.no_grad():
-                loss, stats = preference_loss(self.method, forward_logps(model, inputs))
+                loss, stats = preference_loss(self.method, forward_logps(model, inputs,
+                                                                          nll=self.method.type == "orpo"))
             self._record("eval", stats)
             return loss.detach(), None, None
 
@@ -538,4 +617,4 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 __all__ = ["LOGGED", "PairCollator", "PairEval", "PairLogps", "PreferenceRun", "add_reference",
-           "evaluate_pairs", "forward_logps", "preference_loss", "sequence_logps"]
+           "evaluate_pairs", "forward_logps", "preference_loss", "scored_token_logps", "sequence_logps"]
