@@ -146,8 +146,7 @@ def _number(value: object) -> float | None:
 
 
 def _metric(result: dict[str, Any] | None, name: str) -> float | None:
-    value = ((result or {}).get("metrics") or {}).get(name)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return _number(((result or {}).get("metrics") or {}).get(name))
 
 
 @dataclass(frozen=True)

@@ -277,10 +277,6 @@ class ApiState:
             out.append((f"{row['sha256']}.{row['kind']}", [int(j["job_id"]) for j in jobs]))
         return out
 
-    @_locked
-    def sha_in_use(self, sha256: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM files WHERE sha256 = ? AND deleted = 0", (sha256,)).fetchone() is not None
-
     # ------------------------------------------------------------ jobs
 
     @_locked
