@@ -21,6 +21,9 @@ TORCH_INDEX ?=
 EXTRAS ?= dev,ray,parquet,serve,export,qlora,bench,api,graders,tracking
 STAMP := $(VENV)/.loraq-installed
 PYTEST_ARGS ?=
+# make test runs the suite in this many pytest-xdist processes (a module's tests stay together,
+# tests/conftest.py); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PLATFORM := $(shell uname -s | tr A-Z a-z)-$(shell uname -m)
 FLAVOUR := $(if $(HAS_GPU),cuda,cpu)
@@ -89,7 +92,7 @@ real-model: $(STAMP)
 		|| echo "loraq: the real tier will fail without its base (see above); offline: make test PYTEST_ARGS='-m \"not real\"'")
 
 test: lint $(if $(LLAMA_CPP),$(LLAMA_STAMP)) real-model
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) loraq-demo .pytest_cache

@@ -21,6 +21,30 @@ ROOT = Path(__file__).resolve().parents[1]
 LORAQ = str(Path(sys.executable).with_name("loraq"))
 
 
+#: The modules that take longest (their module fixtures train whole queues), longest first:
+#: under pytest-xdist they start first, so that no worker is left with one of them at the end.
+HEAVY_FIRST = ("test_real.py", "test_crash.py", "ray", "test_real_preference.py", "test_after.py",
+               "test_api_openai.py", "test_real_graders.py", "test_tracking.py", "test_export.py", "test_e2e.py",
+               "test_notices.py", "test_controls_train.py", "test_chat_template.py", "test_packing.py",
+               "test_cli_ops.py", "test_throughput.py", "test_real_shapes.py", "test_hostile_input.py",
+               "test_hostile_export.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): a module's tests run
+    in one worker, so a module fixture (a trained queue) is built once, not once per worker; every
+    test that starts a local Ray instance runs in one worker (two Ray instances on a 2-core machine
+    would compete for the CPUs each is sized to, and for memory). The longest groups go first.
+    Without xdist the marks do nothing and only the order changes."""
+    def group(item: pytest.Item) -> str:
+        return "ray" if item.get_closest_marker("ray") is not None else item.path.name
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: n for n, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: collection order within a rank
+
+
 class Clock:
     """A clock tests move by hand: lease and backoff logic runs instantly and exactly."""
 
