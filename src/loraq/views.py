@@ -98,17 +98,19 @@ class JobRow:
 
     @classmethod
     def of_listing(cls, row: dict[str, Any]) -> JobRow:
-        """From a row of :meth:`Store.listing` (what ``status`` reads)."""
+        """From a row of :meth:`Store.listing` (what ``status`` reads): its metrics are one JSON object."""
+        result = {"metrics": json.loads(row["metrics_json"])} if row.get("metrics_json") else None
         return cls(
             id=row["id"], name=row["name"], status=row["status"], attempts=row["attempts"],
             max_attempts=row["max_retries"] + 1, priority=row["priority"], step=row["progress_step"],
             total_steps=row["progress_total"], train_loss=row["train_loss"], eval_loss=row["eval_loss"],
             base_eval_loss=row["base_eval_loss"], verdict=row["verdict"], error_kind=row["error_kind"],
             error=row["error"], adapter=row["adapter"], group=row.get("grp"), seq=row.get("seq", 0),
-            exact_match=row.get("exact_match"), base_exact_match=row.get("base_exact_match"),
-            preference_accuracy=row.get("preference_accuracy"), base_preference_accuracy=row.get("base_preference_accuracy"),
+            exact_match=_metric(result, "exact_match"), base_exact_match=_metric(result, "base_exact_match"),
+            preference_accuracy=_metric(result, "preference_accuracy"),
+            base_preference_accuracy=_metric(result, "base_preference_accuracy"),
             after=row.get("after_name"), after_status=row.get("after_status"),
-            graded=_graded(json.loads(row["metrics_json"]) if row.get("metrics_json") else None),
+            graded=_graded((result or {}).get("metrics")),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 What ``loraq status`` and the dashboard read, through :meth:`.Store.listing`,
 :meth:`.Store.changed_since` and :meth:`.Store.groups`. The fields inside the JSON
-columns (a sweep's group, the published adapter, the exact-match metrics) are
+columns (a sweep's group, the published adapter, the metrics object) are
 extracted by SQLite's ``json_extract``; on an SQLite built without JSON functions
 the same rows are built in Python. Standard library only.
 """
@@ -30,10 +30,6 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
     try:
         found = conn.execute(
             f"SELECT {COLUMNS}, json_extract(result, '$.adapter') AS adapter, "
-            f"json_extract(result, '$.metrics.exact_match') AS exact_match, "
-            f"json_extract(result, '$.metrics.base_exact_match') AS base_exact_match, "
-            f"json_extract(result, '$.metrics.preference_accuracy') AS preference_accuracy, "
-            f"json_extract(result, '$.metrics.base_preference_accuracy') AS base_preference_accuracy, "
             f"json_extract(result, '$.metrics') AS metrics_json, "
             f"json_extract(spec, '$.spec.group') AS grp, {LISTING_COLUMNS} FROM jobs {where} ORDER BY {order}{page}",
             [*params, *([group] if group is not None else [])]).fetchall()
@@ -48,9 +44,6 @@ def listing_rows(conn: sqlite3.Connection, clauses: list[str], params: list[Any]
         result = json.loads(r["result"]) if r["result"] else {}
         metrics = result["metrics"] if isinstance(result.get("metrics"), dict) else {}
         row |= {"adapter": result.get("adapter"), "grp": group_of(r["spec"]),
-                "exact_match": metrics.get("exact_match"), "base_exact_match": metrics.get("base_exact_match"),
-                "preference_accuracy": metrics.get("preference_accuracy"),
-                "base_preference_accuracy": metrics.get("base_preference_accuracy"),
                 "metrics_json": json.dumps(metrics) if metrics else None}
         if group is None or row["grp"] == group:
             out.append(row)
