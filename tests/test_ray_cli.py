@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LORAQ, TINY_DEFAULTS, write_queue
+from test_preference import pairs_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -26,6 +27,9 @@ jobs:
   - name: long
     dataset: ./data/stories.jsonl
     training: {max_steps: 120, save_steps: 5}
+  - name: prefs
+    dataset: ./data/pairs.jsonl
+    method: dpo
 """
 
 
@@ -34,6 +38,7 @@ def test_ctrl_c_stops_the_actor_cleanly_and_the_next_run_resumes(workdir: Path) 
     pytest.importorskip("ray")
     home = workdir / ".loraq"
     queue = write_queue(workdir, QUEUE)
+    write_jsonl(workdir / "data" / "pairs.jsonl", pairs_rows(20))  # a DPO job trains in the Ray actor too
     subprocess.run([LORAQ, "--home", str(home), "submit", str(queue)], check=True, capture_output=True)
 
     out = workdir / "run.out"
@@ -80,6 +85,10 @@ def test_ctrl_c_stops_the_actor_cleanly_and_the_next_run_resumes(workdir: Path) 
     assert shown["job"]["status"] == "completed" and shown["job"]["attempts"] == 1
     assert shown["attempts"][-1]["resumed_from_step"] >= 10
     assert (home / "adapters" / "long" / "loraq-manifest.json").is_file()
+    prefs = json.loads(subprocess.run([LORAQ, "--home", str(home), "show", "prefs", "--json"],
+                                      check=True, capture_output=True, text=True).stdout)["job"]
+    assert prefs["status"] == "completed" and prefs["attempts"] == 1, prefs
+    assert json.loads((home / "adapters" / "prefs" / "loraq-manifest.json").read_text())["method"]["type"] == "dpo"
     # A lone CPU trainer on the instance loraq started has the machine's cores, as the local executor gives it
     from loraq.executors.base import usable_cores
     from loraq.queue.store import Store
