@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,29 @@ def clock() -> Clock:
     return Clock()
 
 
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Path:
+    """``build(folder)`` once per test run: under pytest-xdist the first worker to get here builds it
+    (a minute of pretraining for the tiny model) and the others wait, then share the folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, built = root / "shared" / name, root / "shared" / f"{name}.built"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not built.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            build(folder)
+            built.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tiny Llama (random init plus a short pretraining) with its tokenizer."""
     from loraq.demo import build_model
 
-    return build_model(tmp_path_factory.mktemp("models") / "tiny", pretrain_steps=100)
+    return _built_once(tmp_path_factory, "tiny", lambda folder: build_model(folder, pretrain_steps=100))
 
 
 @pytest.fixture(scope="session")
