@@ -150,6 +150,17 @@ def test_a_port_or_a_shard_size_out_of_range_is_a_usage_error_before_any_work(tm
     assert not home.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["abc", "-5GB", "2TB", "99999999999999999999GB", "5 G"])
+def test_the_library_checks_a_shard_size_as_the_command_line_does(tmp_path: Path, size: str) -> None:
+    """``loraq.api.export`` is the library's entry: the same check as ``--shard-size``, before any work."""
+    from loraq import api
+    from loraq.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--shard-size: .*(not a size|outside 100KB-1TB)"):
+        api.export(Home(tmp_path / ".loraq"), "j1", to="merged", dest=tmp_path / "out", shard_size=size)
+    assert not (tmp_path / ".loraq").exists() and not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- unbounded work from small input
 
 

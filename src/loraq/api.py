@@ -514,6 +514,13 @@ def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | N
         raise UsageError(f"--to: {to!r} is not one of {', '.join(EXPORT_KINDS)}")
     if to == "gguf" and (dtype is not None or shard_size is not None or data is not None):
         raise UsageError("--dtype, --shard-size and --data apply to --to merged; a GGUF LoRA is float32 pairs")
+    if shard_size is not None:
+        from .export.merged import shard_size as checked_size
+
+        try:
+            shard_size = checked_size(shard_size)
+        except ValueError as exc:
+            raise UsageError(f"--shard-size: {exc}") from None
     roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)
     folder, roots = _adapter_folder(home, adapter, roots)
     keep = [("the home", home.root), ("the working folder", Path.cwd()), ("the adapter's folder", folder)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -537,25 +536,14 @@ def _print_serving(verdicts: dict[str, Any]) -> None:
             _say(f"  {'':<{width}}  note: {note}")
 
 
-#: ``--shard-size``: a whole number and a unit, as ``save_pretrained(max_shard_size=...)`` reads it (huggingface_hub).
-SHARD_SIZE = re.compile(r"([0-9]{1,13}) ?([KMGT]B)", re.IGNORECASE)
-SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-#: The range a shard may take (bytes): 100KB (a tensor larger than a shard gets a file of its own) to 1TB.
-SHARD_BYTES = (100 * 10**3, 10**12)
-
-
 def _shard_size(value: str | None) -> str | None:
-    """``--shard-size`` checked before any work: a usage error (exit 2) unless it is a size within SHARD_BYTES."""
-    if value is None:
-        return None
-    found = SHARD_SIZE.fullmatch(value.strip())
-    if found is None:
-        raise typer.BadParameter(f"{printable(value)[:40]!r} is not a size: a whole number and a unit (KB, MB, GB, "
-                                 "TB), e.g. 5GB or 500MB")
-    number, unit = int(found[1]), found[2].upper()
-    if not SHARD_BYTES[0] <= number * SHARD_UNITS[unit] <= SHARD_BYTES[1]:
-        raise typer.BadParameter(f"{number}{unit} is outside 100KB-1TB")
-    return f"{number}{unit}"
+    """``--shard-size`` checked before any work: a usage error (exit 2) unless it is a size export takes."""
+    try:
+        from .export.merged import shard_size
+
+        return None if value is None else shard_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -40,6 +41,7 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import ExportError
+from ..escape import printable
 from ..sandbox import Roots, open_regular, path_errors_as
 from . import target as target_mod
 from .target import EXPORT_RECORD
@@ -61,6 +63,23 @@ PROBES = (
     "Once upon a time, in a city by the sea,",
 )
 DEFAULT_SHARD_SIZE = "5GB"
+#: A shard size: a whole number and a unit, as ``save_pretrained(max_shard_size=...)`` reads it (huggingface_hub).
+SHARD_SIZE = re.compile(r"([0-9]{1,13}) ?([KMGT]B)", re.IGNORECASE)
+SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+#: The range a shard may take (bytes): 100KB (a tensor larger than a shard gets a file of its own) to 1TB.
+SHARD_BYTES = (100 * 10**3, 10**12)
+
+
+def shard_size(value: str) -> str:
+    """``value`` as ``save_pretrained`` takes it (``5GB``), or ValueError saying why it is not a size within SHARD_BYTES."""
+    found = SHARD_SIZE.fullmatch(value.strip())
+    if found is None:
+        raise ValueError(f"{printable(value)[:40]!r} is not a size: a whole number and a unit (KB, MB, GB, TB), "
+                         "e.g. 5GB or 500MB")
+    number, unit = int(found[1]), found[2].upper()
+    if not SHARD_BYTES[0] <= number * SHARD_UNITS[unit] <= SHARD_BYTES[1]:
+        raise ValueError(f"{number}{unit} is outside 100KB-1TB")
+    return f"{number}{unit}"
 
 
 @dataclass(frozen=True)
