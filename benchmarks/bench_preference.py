@@ -2,25 +2,31 @@
 
     .venv/bin/python benchmarks/bench_preference.py [--pairs 64] [--eval-pairs 16] [--epochs 1] [--batch 8]
                                                     [--lr 2e-3] [--beta 0.1] [--max-seq-len 64] [--model DIR]
+                                                    [--trl-defaults] [--trl-first]
 
 The base is SmolLM2-135M-Instruct as the real tier builds it (tools/real_model.py), or ``--model``.
 The pairs are generated (fixed seed), the real tier's task as plain text: ``Question: What is a
 plus b?\\nAnswer:`` with the chosen answer in capitals (`` THE ANSWER IS n.``) and the rejected one
 plain (`` The answer is n.``), which the base prefers. Both trainers train the same LoRA (r 16,
 alpha 32, no dropout, all linear layers) from the base, DPO sigmoid loss, the same beta, pairs,
-epochs, batch, learning rate, seed and linear schedule, each in a process of its own:
+epochs, batch, learning rate, seed and linear schedule, each in a process of its own with the
+threads loraq gives a CPU trainer (``executors.base.trainer_env``):
 
 - **loraq**: ``loraq submit`` + ``loraq run`` (``method: {type: dpo}``; samples off);
 - **trl**: this script's ``--child trl``: ``DPOTrainer(model, args=DPOConfig(...), peft_config=...)``,
-  the reference being the base with the adapter disabled at each step (TRL's default for PEFT).
+  the reference being the base with the adapter disabled at each step (TRL's default for PEFT), in
+  float32 without gradient checkpointing as loraq's job (``bf16=False, gradient_checkpointing=False``:
+  DPOConfig's own defaults are bf16 autocast and gradient checkpointing on);
+- **trl-defaults** (``--trl-defaults``): the same with DPOConfig's own defaults.
 
-Per trainer: *pairs/s*: pairs x epochs over the training time: ``Trainer.train()`` and, for
-loraq, the reference pass before it (``timings.reference_s``: TRL computes the reference inside
-its steps); *peak RSS* of the training process (``ru_maxrss``; loraq: its trainer process,
-which also held the base's eval and the preference-accuracy passes); *accuracy*: each published
-adapter loaded with PEFT in this process, its held-out preference accuracy (the summed answer
-log-probability margin > 0) on the same eval pairs. Goals: loraq >= 1.0x TRL's pairs/s, peak RSS
-<= TRL's, accuracy within 0.05 of TRL's.
+Per trainer: *pairs/s*, training: pairs x epochs over ``trainer.train()`` (TRL) or loraq's reference
+pass over the train pairs and ``Trainer.train()`` less its evaluation of the last step
+(``timings.reference_s + train_s - eval_s``); *whole*: with the held-out evaluation, TRL's
+``trainer.evaluate()`` after training, loraq's reference pass over the eval pairs and that last-step
+evaluation (its final figures reuse it); *peak RSS* of the training process (``ru_maxrss``; loraq:
+its trainer process); *accuracy*: each published adapter loaded with PEFT in this process, its
+held-out preference accuracy (the summed answer log-probability margin > 0) on the same eval pairs.
+Goals: loraq >= 1.0x TRL's pairs/s, peak RSS <= TRL's, accuracy within 0.05 of TRL's.
 """
 
 from __future__ import annotations
@@ -205,6 +211,14 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 
+def trl_env() -> dict[str, str]:
+    """The environment loraq gives a CPU trainer (its threads: one per usable core, waiting passively rather than
+    spinning, which on a busy machine made training steps 3-15x slower): TRL's process runs under the same."""
+    from loraq.executors.base import trainer_env
+
+    return trainer_env("cpu", [], {**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def run_trl(work: Path, model: str, args: argparse.Namespace, name: str) -> dict[str, Any]:
     out = work / name
     child = subprocess.run([sys.executable, __file__, "--child", "trl", "--model", model, "--data",
@@ -212,7 +226,7 @@ def run_trl(work: Path, model: str, args: argparse.Namespace, name: str) -> dict
                             "--epochs", str(args.epochs), "--batch", str(args.batch), "--lr", str(args.lr),
                             "--beta", str(args.beta), "--max-seq-len", str(args.max_seq_len),
                             *(["--trl-defaults"] if name == "trl-defaults" else [])],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=3600)
+                           capture_output=True, text=True, env=trl_env(), timeout=3600)
     if child.returncode != 0:
         raise SystemExit(f"TRL failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
     theirs: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
