@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_preference.py [--pairs 64] [--eval-pairs 16] [--epochs 1] [--batch 8]
                                                     [--lr 2e-3] [--beta 0.1] [--max-seq-len 64] [--model DIR]
-                                                    [--trl-defaults] [--trl-first]
+                                                    [--trl-defaults] [--trl-first] [--gradient-checkpointing]
 
 The base is SmolLM2-135M-Instruct as the real tier builds it (tools/real_model.py), or ``--model``.
 The pairs are generated (fixed seed), the real tier's task as plain text: ``Question: What is a
@@ -18,6 +18,9 @@ threads loraq gives a CPU trainer (``executors.base.trainer_env``):
   float32 without gradient checkpointing as loraq's job (``bf16=False, gradient_checkpointing=False``:
   DPOConfig's own defaults are bf16 autocast and gradient checkpointing on);
 - **trl-defaults** (``--trl-defaults``): the same with DPOConfig's own defaults.
+
+``--gradient-checkpointing``: loraq's job (``training.gradient_checkpointing: true``) and the matched
+TRL run both with gradient checkpointing.
 
 Per trainer: *pairs/s*, training: pairs x epochs over ``trainer.train()`` (TRL) or loraq's reference
 pass over the train pairs and ``Trainer.train()`` less its evaluation of the last step
@@ -70,7 +73,7 @@ def trl_child(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # DPOConfig's own defaults differ from TrainingArguments' (and loraq's): bf16 autocast (on a CPU with AMX,
     # bfloat16 matmuls) and gradient checkpointing on; matched, TRL computes as loraq does (float32, no recompute)
-    same = {} if args.trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    same = {} if args.trl_defaults else {"bf16": False, "gradient_checkpointing": args.gradient_checkpointing}
     config = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
                        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="linear",
                        warmup_steps=0, beta=args.beta, max_length=args.max_seq_len, seed=7, data_seed=7,
@@ -101,7 +104,8 @@ jobs:
     method: {{type: dpo, beta: {args.beta}}}
     lora: {{r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}}
     training: {{epochs: {args.epochs}, batch_size: {args.batch}, learning_rate: {args.lr}, max_seq_len: {args.max_seq_len},
-               save_steps: 100000, logging_steps: 1000, seed: 7}}
+               save_steps: 100000, logging_steps: 1000, seed: 7,
+               gradient_checkpointing: {str(args.gradient_checkpointing).lower()}}}
     validation: {{dataset: ./eval.jsonl, samples: 0}}
     max_retries: 0
 """, encoding="utf-8")
@@ -154,6 +158,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder (default: the real tier's SmolLM2-135M-Instruct)")
     parser.add_argument("--trl-defaults", action="store_true",
                         help="also run TRL with DPOConfig's own defaults (bf16 autocast, gradient checkpointing)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="loraq and the matched TRL run both with gradient checkpointing (non-reentrant)")
     parser.add_argument("--trl-first", action="store_true", help="run TRL before loraq (the order's effect)")
     parser.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -178,7 +184,7 @@ def main() -> None:
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print(f"bench_preference: {Path(model).name}, {args.pairs} pairs x {args.epochs:g} epoch(s), {args.eval_pairs} "
           f"held-out pairs, batch {args.batch}, lr {args.lr}, beta {args.beta}, max_seq_len {args.max_seq_len}, "
-          f"LoRA r 16 all-linear, cpu; load average {os.getloadavg()[0]:.1f}")
+          f"LoRA r 16 all-linear, cpu, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; load average {os.getloadavg()[0]:.1f}")
     runs: dict[str, dict[str, Any]] = {}
     order = ["trl", "trl-defaults", "loraq"] if args.trl_first else ["loraq", "trl", "trl-defaults"]
     for name in order:
@@ -225,7 +231,8 @@ def run_trl(work: Path, model: str, args: argparse.Namespace, name: str) -> dict
                             str(work / "train.jsonl"), "--eval-data", str(work / "eval.jsonl"), "--out", str(out),
                             "--epochs", str(args.epochs), "--batch", str(args.batch), "--lr", str(args.lr),
                             "--beta", str(args.beta), "--max-seq-len", str(args.max_seq_len),
-                            *(["--trl-defaults"] if name == "trl-defaults" else [])],
+                            *(["--trl-defaults"] if name == "trl-defaults" else []),
+                            *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
                            capture_output=True, text=True, env=trl_env(), timeout=3600)
     if child.returncode != 0:
         raise SystemExit(f"TRL failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
