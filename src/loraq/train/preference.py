@@ -364,24 +364,39 @@ def _on(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@dataclass
+class _Tally:
+    """A :class:`PairEval` summed batch by batch (:func:`evaluate_pairs`, and the Trainer's evaluations)."""
+
+    loss: float = 0.0
+    wins: int = 0
+    n: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("logps_chosen", "logps_rejected", "reward_margin"), 0.0))
+
+    def add(self, logps: PairLogps, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        pairs = int(logps.chosen.shape[0])
+        self.loss += float(loss) * pairs
+        self.wins += int((logps.chosen > logps.rejected).sum())
+        self.n += pairs
+        for key in self.sums:
+            self.sums[key] += float(stats[key].sum())
+
+    def result(self) -> PairEval:
+        n = max(1, self.n)
+        return PairEval(loss=self.loss / n, accuracy=self.wins / n, **{k: v / n for k, v in self.sums.items()})
+
+
 def evaluate_pairs(model: Any, items: list[dict[str, Any]], collator: PairCollator, method: PreferenceMethod,
                    batch_size: int) -> PairEval:
     """Loss, preference accuracy and mean log-probabilities of ``model`` on ``items``, in eval mode."""
     device = _device(model)
-    losses: list[float] = []
-    wins = n = 0
-    sums = {"logps_chosen": 0.0, "logps_rejected": 0.0, "reward_margin": 0.0}
+    tally = _Tally()
     with _evaluating(model):
         for chunk in _batches(items, batch_size):
             logps = forward_logps(model, _on(collator(chunk), device), nll=method.type == "orpo")
-            loss, stats = preference_loss(method, logps)
-            losses.append(float(loss) * len(chunk))
-            wins += int((logps.chosen > logps.rejected).sum())
-            n += len(chunk)
-            for key in sums:
-                sums[key] += float(stats[key].sum())
-    return PairEval(loss=sum(losses) / max(1, n), accuracy=wins / max(1, n),
-                    **{k: v / max(1, n) for k, v in sums.items()})
+            tally.add(logps, *preference_loss(method, logps))
+    return tally.result()
 
 
 def reference_eval(items: list[dict[str, Any]]) -> PairEval:
@@ -422,6 +437,10 @@ def trainer_class(base: Any) -> Any:
             self.method = method
             self.model_accepts_loss_kwargs = False  # the loss is ours: Trainer scales it for accumulation (as TRL)
             self._stats: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+            #: step -> the eval pairs' :class:`PairEval` at that step's evaluation: the final one is not run twice
+            self.evaluations: dict[int, PairEval] = {}
+            self._tally: _Tally | None = None
+            self.eval_s = 0.0  # the time of the evaluations inside train(), for the job's timings
 
         def _record(self, mode: str, stats: dict[str, torch.Tensor]) -> None:
             for key, value in stats.items():
@@ -437,10 +456,22 @@ def trainer_class(base: Any) -> Any:
                             ignore_keys: list[str] | None = None) -> Any:
             inputs = self._prepare_inputs(inputs)
             with torch.no_grad():
-                loss, stats = preference_loss(self.method, forward_logps(model, inputs,
-                                                                          nll=self.method.type == "orpo"))
+                logps = forward_logps(model, inputs, nll=self.method.type == "orpo")
+                loss, stats = preference_loss(self.method, logps)
             self._record("eval", stats)
+            if self._tally is not None:
+                self._tally.add(logps, loss, stats)
             return loss.detach(), None, None
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            self._tally, t0 = _Tally(), time.perf_counter()
+            try:
+                out = super().evaluate(*args, **kwargs)
+                self.evaluations[self.state.global_step] = self._tally.result()
+            finally:
+                self._tally = None
+                self.eval_s += time.perf_counter() - t0
+            return out
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             mode = "eval" if "eval_loss" in logs else "train"
@@ -510,7 +541,9 @@ class PreferenceRun(JobRun):
             if warm:
                 log(f"warm start: LoRA weights loaded from {request.job.init_from_path}")
             if method.uses_reference:
-                add_reference(model, pairs.train + pairs.eval, collator, batch, disable_adapter=not warm)
+                add_reference(model, pairs.train, collator, batch, disable_adapter=not warm)
+                timings["reference_s"] = time.perf_counter() - t0
+                add_reference(model, pairs.eval, collator, batch, disable_adapter=not warm)
                 start = reference_eval(pairs.eval)  # the model as it starts is the reference
             else:
                 start = evaluate_pairs(model, pairs.eval, collator, method, batch)
@@ -519,7 +552,8 @@ class PreferenceRun(JobRun):
                     base = evaluate_pairs(model, pairs.eval, collator, method, batch)
             else:
                 base = start
-            timings["reference_s"] = time.perf_counter() - t0
+            # reference_s: the train pairs' reference; eval_reference_s: the eval pairs' and the base's evaluation
+            timings["eval_reference_s"] = time.perf_counter() - t0 - timings.setdefault("reference_s", 0.0)
             if not math.isfinite(start.loss):
                 raise TrainingError(f"base model {key.path} gives a non-finite {method.type} loss ({start.loss}) "
                                     "before any training; check the base model", kind=FailureKind.BASE_MODEL)
@@ -556,6 +590,7 @@ class PreferenceRun(JobRun):
             t_train = time.perf_counter()
             output = trainer.train(resume_from_checkpoint=resume)
             train_s = timings["train_s"] = time.perf_counter() - t_train
+            timings["eval_s"] = trainer.eval_s  # inside train_s
             if current.problems:
                 raise TrainingError("; ".join(current.problems), kind=FailureKind.DIVERGED)
             step = trainer.state.global_step
@@ -567,7 +602,9 @@ class PreferenceRun(JobRun):
             if staging.exists():
                 fsutil.remove_tree(staging)
             controls.save_adapter(model, staging, None)
-            final = evaluate_pairs(model, pairs.eval, collator, method, batch)
+            # Trainer evaluated the last step (the end of a steps eval strategy) on the same pairs and batches:
+            # only weights no evaluation of this attempt saw (a resume from the last checkpoint) are evaluated here
+            final = trainer.evaluations.get(step) or evaluate_pairs(model, pairs.eval, collator, method, batch)
             timings["save_eval_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             answers = quality.answer(model, resident.tokenizer, spec, pairs.prompts)
