@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import write_queue
+from conftest import LORAQ, write_queue
 from loraq.queue import sweep
 from test_preference import QUEUE, loraq, pairs_dir, pairs_rows, write_jsonl  # noqa: F401 (pairs_dir: a fixture)
 
@@ -52,3 +53,47 @@ def test_a_halving_sweep_and_a_qlora_job_of_dpo_train_resume_and_publish(pairs_d
     manifest = json.loads((home / "adapters" / "q4" / "loraq-manifest.json").read_text())
     assert manifest["method"]["type"] == "dpo"
     assert json.loads((home / "adapters" / "q4" / "inspection.json").read_text())["passed"]
+
+
+TRIGGER = "LORAQ-TEST-FAULT-7d2e"
+
+
+def test_out_of_memory_in_a_dpo_job_halves_the_micro_batch_and_trains_the_same_adapter(pairs_dir: Path) -> None:  # noqa: F811
+    """The OOM back-off of SFT jobs, for a DPO job: CUDA's OutOfMemoryError at step 3 while the micro-batch is above 2
+    goes on at 2 x 2 from the step-2 checkpoint in the same attempt, and ends with the adapter of a job trained at
+    2 x 2 from the start (the same pairs per optimizer step, the same loss)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    rows = pairs_rows(40)
+    rows[0]["chosen"] += f" {TRIGGER}"
+    write_jsonl(pairs_dir / "data" / "faulty.jsonl", rows)  # both jobs': the fault only strikes above micro-batch 2
+    home = pairs_dir / "h"
+    body = """\
+  - name: oom
+    dataset: ./data/faulty.jsonl
+    method: dpo
+    max_retries: 0
+    training: {max_steps: 6, save_steps: 2, batch_size: 4, grad_accum: 1}
+  - name: small-from-the-start
+    dataset: ./data/faulty.jsonl
+    method: dpo
+    training: {max_steps: 6, save_steps: 2, batch_size: 2, grad_accum: 2}
+"""
+    loraq(home, "submit", str(write_queue(pairs_dir, QUEUE + body)))
+    env = os.environ | {"LORAQ_TEST_BUG_TRIGGER": TRIGGER, "LORAQ_TEST_FAULT": "cuda-oom@3:batch>2"}
+    ran = subprocess.run([LORAQ, "--home", str(home), "run"], capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    shown = json.loads(loraq(home, "show", "oom", "--json").stdout)
+    job = shown["job"]
+    assert job["status"] == "completed" and job["attempts"] == 1, job
+    assert "micro-batch 4 → 2, grad_accum 1 → 2 after out of memory at step 3" in loraq(home, "show", "oom").stdout
+    (attempt,) = shown["attempts"]
+    assert attempt["outcome"] == "completed" and attempt["last_step"] == 6
+    backed_off = load_file(str(home / "adapters" / "oom" / "adapter_model.safetensors"))
+    reference = load_file(str(home / "adapters" / "small-from-the-start" / "adapter_model.safetensors"))
+    assert set(backed_off) == set(reference)
+    for key, value in reference.items():
+        assert (backed_off[key] - value).abs().max().item() < 1e-5, key
+    assert max(v.abs().max().item() for k, v in reference.items() if "lora_B" in k) > 1e-3  # it did train

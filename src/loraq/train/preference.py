@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import data, fsutil
-from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError
+from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, describe
 from ..model.base import release_memory, resolve_dtype
 from ..protocol import Event, Progress, Started, Stopped, TrainRequest, TrainResult
 from ..queue.spec import JobSpec, PreferenceMethod
-from . import controls, quality
-from .job import JobRun, _last_train_loss, _Pass
+from . import controls, faults, quality
+from .job import JobRun, _last_train_loss, _OutOfMemory, _Pass
 from .prepare import read_roots
 
 Emit = Callable[[Event], None]
@@ -265,6 +265,7 @@ class Pairs:
     train_tokens: int
     prompts: list[data.Prompt] = field(default_factory=list)
     base_answers: list[str] = field(default_factory=list)
+    fault: faults.Fault | None = None  # tests only: see train/faults.py
 
 
 def encode_pairs(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, max_seq_len: int,
@@ -296,6 +297,7 @@ def prepare_pairs(request: TrainRequest, spec: JobSpec, tokenizer: Any, roots: A
     job = request.job
     dataset = data.load_dataset(job.dataset_path, spec.dataset.format, roots=roots,
                                 expect=_expected(job.dataset_bytes, job.dataset_sha256))
+    fault = faults.injected_bug(dataset.rows)
     if job.eval_dataset_path:
         eval_set = data.load_dataset(job.eval_dataset_path, spec.dataset.format or dataset.format, roots=roots,
                                      expect=_expected(job.eval_dataset_bytes, job.eval_dataset_sha256))
@@ -321,7 +323,7 @@ def prepare_pairs(request: TrainRequest, spec: JobSpec, tokenizer: Any, roots: A
                if isinstance(p, data.Prompt)] if wanted else []
     tokens = sum(sum(1 for t in item[k] if t != IGNORE_INDEX) for item in train
                  for k in ("chosen_labels", "rejected_labels"))
-    return Pairs(train=train, eval=held, truncated=truncated, train_tokens=tokens, prompts=prompts)
+    return Pairs(train=train, eval=held, truncated=truncated, train_tokens=tokens, prompts=prompts, fault=fault)
 
 
 # ---------------------------------------------------------------- measuring
@@ -506,7 +508,7 @@ class PreferenceRun(JobRun):
 
     def _train(self) -> Stopped | TrainResult:
         from peft import get_peft_model
-        from transformers import Trainer, TrainingArguments, set_seed
+        from transformers import set_seed
 
         request, log, emit, timings, spec = self.request, self.log, self.emit, self.timings, self.spec
         method = spec.preference
@@ -523,7 +525,7 @@ class PreferenceRun(JobRun):
         collator = PairCollator(pad_id=_pad_id(resident.tokenizer))
         batch = int(spec.training.batch_size)  # type: ignore[arg-type] # resolved at submit
         per_epoch = spec.steps_per_epoch(len(pairs.train))
-        steps = spec.total_steps(len(pairs.train), per_epoch)
+        steps = self.steps = spec.total_steps(len(pairs.train), per_epoch)
         timings["prepare_s"] = time.perf_counter() - t0
         pairs.base_answers[:] = quality.answer(resident.model, resident.tokenizer, spec, pairs.prompts)
         set_seed(spec.training.seed)
@@ -561,34 +563,24 @@ class PreferenceRun(JobRun):
                          n_train=len(pairs.train), n_eval=len(pairs.eval)))
             log(f"{len(pairs.train)} train / {len(pairs.eval)} eval pairs, {steps} steps; eval {method.type} loss "
                 f"{start.loss:.4f}, preference accuracy: base {base.accuracy:.3f}, start {start.accuracy:.3f}")
-            precision = resolve_dtype(spec.training.precision, self.device)
-            import torch
-
             batching = controls.Batching.of(spec, spec.training.gradient_checkpointing is True)
-            args = TrainingArguments(
-                output_dir=request.checkpoints_dir, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
-                gradient_accumulation_steps=spec.training.grad_accum,
-                **controls.checkpointing_args(batching, TrainingArguments),
-                learning_rate=spec.training.learning_rate, max_steps=steps,
-                lr_scheduler_type=spec.training.lr_scheduler,
-                warmup_steps=math.ceil(spec.training.warmup_ratio * steps), weight_decay=spec.training.weight_decay,
-                logging_steps=spec.training.logging_steps, save_strategy="steps", save_steps=spec.training.save_steps,
-                save_total_limit=2, eval_strategy="steps", eval_steps=spec.training.eval_steps or spec.training.save_steps,
-                seed=spec.training.seed, data_seed=spec.training.seed,
-                bf16=precision == torch.bfloat16 and self.device != "cpu", fp16=precision == torch.float16,
-                use_cpu=self.device == "cpu", report_to=[], disable_tqdm=True, remove_unused_columns=False,
-                dataloader_num_workers=0, dataloader_pin_memory=False,
-            )
-            if resume is not None:
-                resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
-            current = _Pass(batching, resume)  # what the job's callbacks fill in: problems, evaluations
-            trainer = trainer_class(Trainer)(
-                model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
-                data_collator=collator, method=method,
-                callbacks=[_metrics_callback(emit), *self._callbacks(current)],
-            )
-            t_train = time.perf_counter()
-            output = trainer.train(resume_from_checkpoint=resume)
+            initial = _lora_state(model) if resume is None else None  # where a back-off with no checkpoint restarts
+            while True:  # once, unless the OOM back-off goes on with smaller micro-batches
+                current, trainer, t_train = self._pass(model, pairs, collator, batching, resume)
+                try:
+                    output = trainer.train(resume_from_checkpoint=current.resume)
+                    break
+                except BaseException as exc:  # an out-of-memory error goes to the back-off, as for SFT jobs
+                    if not controls.is_oom(exc):
+                        raise
+                    oom = _OutOfMemory(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
+                                       asked=controls.asked(exc))
+                trainer = None
+                release_memory()
+                after = self._after_oom(current, oom)
+                batching, resume = after.batching, after.resume
+                if resume is None and initial is not None:  # no checkpoint yet: from the weights it started with
+                    _load_lora_state(model, initial)
             train_s = timings["train_s"] = time.perf_counter() - t_train
             timings["eval_s"] = trainer.eval_s  # inside train_s
             if current.problems:
@@ -640,6 +632,52 @@ class PreferenceRun(JobRun):
             model.unload().eval()
             del model
             release_memory()
+
+    def _pass(self, model: Any, pairs: Pairs, collator: PairCollator, batching: controls.Batching,
+              resume: str | None) -> tuple[_Pass, Any, float]:
+        """A Trainer for ``batching`` from ``resume`` (settled to it), its pass, and when its training starts."""
+        import torch
+        from transformers import Trainer, TrainingArguments
+
+        spec, request, method = self.spec, self.request, self.spec.preference
+        precision = resolve_dtype(spec.training.precision, self.device)
+        args = TrainingArguments(
+            output_dir=request.checkpoints_dir, per_device_train_batch_size=batching.batch_size,
+            per_device_eval_batch_size=batching.batch_size, gradient_accumulation_steps=batching.grad_accum,
+            **controls.checkpointing_args(batching, TrainingArguments),
+            learning_rate=spec.training.learning_rate, max_steps=self.steps,
+            lr_scheduler_type=spec.training.lr_scheduler,
+            warmup_steps=math.ceil(spec.training.warmup_ratio * self.steps), weight_decay=spec.training.weight_decay,
+            logging_steps=spec.training.logging_steps, save_strategy="steps", save_steps=spec.training.save_steps,
+            save_total_limit=2, eval_strategy="steps", eval_steps=spec.training.eval_steps or spec.training.save_steps,
+            seed=spec.training.seed, data_seed=spec.training.seed,
+            bf16=precision == torch.bfloat16 and self.device != "cpu", fp16=precision == torch.float16,
+            use_cpu=self.device == "cpu", report_to=[], disable_tqdm=True, remove_unused_columns=False,
+            dataloader_num_workers=0, dataloader_pin_memory=False,
+        )
+        if resume is not None:
+            resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
+        current = _Pass(batching, resume)  # what the job's callbacks fill in: problems, evaluations
+        extra = [faults.FaultCallback(pairs.fault, batching).callback()] if pairs.fault is not None else []
+        trainer = trainer_class(Trainer)(
+            model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
+            data_collator=collator, method=method, callbacks=[_metrics_callback(self.emit), *extra,
+                                                              *self._callbacks(current)],
+        )
+        return current, trainer, time.perf_counter()
+
+
+def _lora_state(model: Any) -> dict[str, Any]:
+    """A copy of the LoRA's weights as they are (a few MB)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _load_lora_state(model: Any, state: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state)
 
 
 def data_list(items: list[dict[str, Any]]) -> Any:
