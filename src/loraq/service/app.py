@@ -41,7 +41,7 @@ from . import completions
 from . import files as files_mod
 from . import jobs as jobs_mod
 from .errors import ApiError, bad_request, not_found, too_large, unauthorized
-from .generate import Finished, Generator
+from .generate import STREAM_GAP_S, Finished, Generator, Outbox
 from .generate import Request as GenRequest
 from .state import OPERATOR, ApiState
 
@@ -374,11 +374,10 @@ class Service:
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        outbox = Outbox(asyncio.get_running_loop())
 
         def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
+            outbox.put(item, last=isinstance(item, Finished | Exception))
 
         job = GenRequest(base=base, adapter=adapter, adapter_name=adapter_name, emit=emit, stream=stream, **options)
         try:
@@ -388,14 +387,11 @@ class Service:
                            "rate_limit_exceeded", "requests") from None
         if not stream:
             try:
-                while True:
-                    item = await pieces.get()
-                    if isinstance(item, Exception):
-                        raise completions.error_of(item)
-                    if isinstance(item, Finished):
-                        break
+                item = (await outbox.take())[-1]
             finally:
                 job.cancelled.set()
+            if isinstance(item, Exception):
+                raise completions.error_of(item)
             usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
                      "total_tokens": item.prompt_tokens + item.completion_tokens}
             if chat:
@@ -426,21 +422,15 @@ class Service:
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
+                sent_at = 0.0
                 while True:
-                    item = await pieces.get()
-                    if isinstance(item, Exception):
-                        error = completions.error_of(item)
-                        yield f"data: {json.dumps(error.to_json())}\n\n"
-                        return
-                    # pieces that arrived while this chunk was being sent go out together: a busy
-                    # server sends fewer, larger chunks rather than falling behind the generation
-                    while isinstance(item, str) and not pieces.empty():
-                        following = pieces.get_nowait()
-                        if not isinstance(following, str):
-                            yield chunk({"content": item} if chat else item, None)
-                            item = following
-                            break
-                        item += following
+                    # all that came since the last chunk goes out as one, at most one chunk per STREAM_GAP_S
+                    items = await outbox.take(sent_at + STREAM_GAP_S)
+                    text = "".join(item for item in items if isinstance(item, str))
+                    if text:
+                        yield chunk({"content": text} if chat else text, None)
+                        sent_at = asyncio.get_running_loop().time()
+                    item = items[-1]
                     if isinstance(item, Exception):
                         error = completions.error_of(item)
                         yield f"data: {json.dumps(error.to_json())}\n\n"
@@ -454,7 +444,6 @@ class Service:
                                         empty=True)
                         yield "data: [DONE]\n\n"
                         return
-                    yield chunk({"content": item} if chat else item, None)
             finally:
                 job.cancelled.set()  # the client went away: the generation thread stops at its next token
 
