@@ -328,6 +328,56 @@ def test_a_deleted_files_content_leaves_the_home_once_no_file_and_no_unfinished_
     assert blob(kept).exists()  # a cancelled job may be retried, and reads it
 
 
+def test_a_file_deleted_while_a_job_is_created_from_it_keeps_its_content_for_the_job(
+        tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The race of DELETE /v1/files/{id} against a create, at its worst moment, made to happen exactly there.
+
+    In-process on a home of its own: the delete runs when the create has enqueued the job
+    but not yet recorded it in api.db (the state's clock is the seam: the store already
+    has the job when it is asked the time). Without the create's hold the delete finds no
+    job on the content and removes it from under the queued job.
+    """
+    from loraq import api
+    from loraq.service import files as files_mod
+    from loraq.service import jobs as jobs_mod
+    from loraq.service.state import ApiState
+    from loraq.workspace import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    (home.root / "config.yaml").write_text(f"models:\n  tiny: {tiny_model}\n", encoding="utf-8")
+    deletes: list[Any] = []
+
+    def clock() -> float:
+        if not deletes and home.db_path.exists():
+            with api.open_reader(home) as store:
+                enqueued = bool(store.jobs())
+            if enqueued:
+                deletes.append(None)  # the delete's own reads of the clock do not delete again
+                deletes[0] = files_mod.delete(home, state, uploaded.id, 1)
+        return time.time()
+
+    state = ApiState.of_home(home.root)
+    state.clock = clock
+    try:
+        key = state.create_key("carol")
+        key_id = state.key_for(key).id
+        data = demo_datasets["support"].read_bytes()
+        uploaded = files_mod.save_upload(home, state, key_id=key_id, filename="support.jsonl", purpose="fine-tune",
+                                         chunks=[data], max_bytes=len(data))
+        job = jobs_mod.create(home, state, key_id, {"model": "tiny", "training_file": uploaded.id, **FAST})
+        assert deletes and deletes[0] is not None and deletes[0].id == uploaded.id, "the delete never ran"
+        with api.open_reader(home) as store:
+            queued = store.job(job.job_id)
+        content = Path(queued.spec.dataset_path)
+        assert content.exists() and content.read_bytes() == data  # the queued job can still read what it was given
+        with pytest.raises(Exception, match="No such File"):
+            state.file(uploaded.id, key_id)
+        assert files_mod.purge(home, state) == [] and content.exists()  # the recorded, pending job holds it now
+    finally:
+        state.close()
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -33,7 +33,7 @@ from ..queue.records import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Job
 from ..queue.spec import MAX_PRIORITY
 from ..workspace import Home
 from .errors import ApiError, bad_request, not_found
-from .files import blob_path
+from .files import blob_path, purge
 from .state import OPERATOR, ApiJob, ApiState
 
 ID_PREFIX = "ftjob-"
@@ -226,39 +226,52 @@ def create(home: Home, state: ApiState, key_id: int, body: Any) -> ApiJob:
     job = _extras(body)
     if method_doc is not None:
         job["method"] = method_doc
-    try:
-        train_file = state.file(training_id, key_id)
-    except NotFoundError:
-        raise not_found(f"No such File object: {excerpt(training_id, 100)}", "training_file") from None
     # OpenAI's defaults: every hyperparameter not given is "auto"
     job["training"] = {"epochs": "auto", "batch_size": "auto", "learning_rate": "auto", **training,
                        **(job.get("training") or {})}
     if seed is not None:
         job["training"]["seed"] = seed
-    if validation_id is not None:
-        try:
-            valid_file = state.file(validation_id, key_id)
-        except NotFoundError:
-            raise not_found(f"No such File object: {excerpt(validation_id, 100)}", "validation_file") from None
-        job.setdefault("validation", {})["dataset"] = str(blob_path(home, valid_file))
     api_id = ID_PREFIX + secrets.token_hex(12)
     base = bases[model]
-    job.update({"name": api_id, "base_model": base,
-                "dataset": {"path": str(blob_path(home, train_file)), "format": train_file.format}})
-    local = base.startswith("/")
+    job.update({"name": api_id, "base_model": base})
+    record = {"api_id": api_id, "key_id": key_id, "model": model, "suffix": suffix, "metadata": metadata,
+              "training_file": training_id, "validation_file": validation_id,
+              "seed": seed if seed is not None else int(job["training"].get("seed", 42)),
+              "request": {"method": method}}
+    # the files' content is held from their lookup until the job is recorded: a delete meanwhile leaves it
+    try:
+        return _submit(home, state, body, job, record)
+    finally:
+        if state.release(api_id):
+            purge(home, state)
+
+
+def _submit(home: Home, state: ApiState, body: dict[str, Any], job: dict[str, Any], record: dict[str, Any]) -> ApiJob:
+    """Enqueue ``job`` on the request's files (held for it), then record it as the API's."""
+    api_id, key_id = record["api_id"], record["key_id"]
+    try:
+        train_file = state.hold_file(api_id, record["training_file"], key_id)
+    except NotFoundError:
+        raise not_found(f"No such File object: {excerpt(record['training_file'], 100)}", "training_file") from None
+    if record["validation_file"] is not None:
+        try:
+            valid_file = state.hold_file(api_id, record["validation_file"], key_id)
+        except NotFoundError:
+            raise not_found(f"No such File object: {excerpt(record['validation_file'], 100)}",
+                            "validation_file") from None
+        job.setdefault("validation", {})["dataset"] = str(blob_path(home, valid_file))
+    job["dataset"] = {"path": str(blob_path(home, train_file)), "format": train_file.format}
+    base = job["base_model"]
     try:
         result = api.submit_document({"jobs": [job]}, home=home, label="request", queue_path=home.root / "api.yaml",
-                                     allow_roots=[base] if local else [])
+                                     allow_roots=[base] if base.startswith("/") else [])
     except (SpecError, DataError) as exc:
         # a setting given by its flat name (lora_r) is named so in the refusal
         flat = {".".join(dotted): key for key, dotted in FLAT_EXTRAS.items() if key in body}
         refusal = _refused(exc)
         refusal.param = flat.get(refusal.param or "", refusal.param)
         raise refusal from None
-    spec_seed = seed if seed is not None else int((job["training"] or {}).get("seed", 42))
-    return state.add_job(api_id=api_id, job_id=result.job_ids[0], key_id=key_id, model=model, suffix=suffix,
-                         metadata=metadata, training_file=training_id, validation_file=validation_id, seed=spec_seed,
-                         request={"method": method})
+    return state.add_job(job_id=result.job_ids[0], **record)
 
 
 def _refused(exc: ProblemsError) -> ApiError:
