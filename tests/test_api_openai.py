@@ -200,6 +200,15 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
                                              temperature=0, stop=[stop])
         assert cut.choices[0].message.content == text[:text.find(stop)]
         assert cut.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=12,
+                                                     temperature=0, stop=[stop], stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:text.find(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    # a checkpoint's name is a model too: a succeeded job's final one is its published adapter
+    final = client.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, messages=question,
+                                           max_tokens=12, temperature=0)
+    assert final.model == checkpoints[0].fine_tuned_model_checkpoint
+    assert final.choices[0].message.content == text
     plain = client.completions.create(model=done.fine_tuned_model, prompt="Once upon a time", max_tokens=5,
                                       temperature=0)
     assert plain.object == "text_completion" and plain.usage.completion_tokens <= 5
@@ -217,6 +226,9 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
         other.files.retrieve(training.id)
     with pytest.raises(openai.NotFoundError):
         other.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, messages=question,
+                                      max_tokens=2)
     assert done.fine_tuned_model not in {m.id for m in other.models.list()}
     assert job.id not in [j.id for j in other.fine_tuning.jobs.list()]
     # the operator (the dashboard's token) sees all
@@ -265,8 +277,20 @@ def test_a_running_job_paused_resumes_from_its_checkpoint(service: Service) -> N
         time.sleep(0.3)
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused", paused.status
-    saved = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+    listed = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    saved = [c.step_number for c in listed]
     assert saved and min(saved) >= 5 and all(step % 5 == 0 for step in saved)
+    # a paused job's checkpoint answers as a model: its folder's adapter, for its own key only
+    name = listed[0].fine_tuned_model_checkpoint  # the newest: a pause's last save may prune the oldest
+    question = [{"role": "user", "content": "Hello, I need a refund."}]
+    answer = client.chat.completions.create(model=name, messages=question, max_tokens=4, temperature=0)
+    assert answer.model == name and answer.usage.completion_tokens >= 1
+    assert client.models.retrieve(name).id == name
+    for refused in (name.rsplit("-", 1)[0] + "-99999", name + "0"):  # a step never saved
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=refused, messages=question, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        service.client("bob").chat.completions.create(model=name, messages=question, max_tokens=2)
     assert client.fine_tuning.jobs.resume(job.id).status in ("queued", "running")
     done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error

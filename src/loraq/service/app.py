@@ -17,6 +17,7 @@ answered 413 from their Content-Length, before they are read.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import threading
@@ -336,16 +337,23 @@ class Service:
         missing = ApiError(404, f"The model `{excerpt(name, 100)}` does not exist or you do not have access to it.",
                            "model", "model_not_found")
         parts = name.split(":")
-        if len(parts) != 4 or parts[0] != "ft":
+        if len(parts) not in (4, 5) or parts[0] != "ft":
             raise missing
         try:
             api_job = self.state.job(parts[3], caller.key_id)
         except NotFoundError:
             raise missing from None
-        if jobs_mod.fine_tuned_model(api_job) != name or api_job.model not in bases:
+        if jobs_mod.fine_tuned_model(api_job) != ":".join(parts[:4]) or api_job.model not in bases:
             raise missing
         with api.open_reader(self.home) as store:
             job = store.job(api_job.job_id)
+        if len(parts) == 5:  # a checkpoint, as GET .../checkpoints names it
+            folder = jobs_mod.checkpoint_adapter(self.home, job, parts[4])
+            if folder is None:
+                raise missing
+            # named for its folder: a later attempt saving the same step is another adapter
+            tag = hashlib.sha256(bytes(folder)).hexdigest()[:8]
+            return bases[api_job.model], str(folder), f"{api_job.id}-{parts[4]}-{tag}"
         if not jobs_mod.is_published(self.home, job):
             raise missing
         return bases[api_job.model], str(self.home.adapter_dir(job.name)), api_job.id

@@ -98,6 +98,10 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+class AdapterGone(Exception):
+    """The adapter folder a model name resolved to was removed before it was loaded (a checkpoint pruned)."""
+
+
 @dataclass(frozen=True)
 class Finished:
     text: str
@@ -169,10 +173,14 @@ class Generator:
     def _use_adapter(self, name: str | None, folder: str | None) -> Any:
         """The model with adapter ``name`` active (loaded on first use), or the bare base's context."""
         import contextlib
+        import os
 
         from peft import PeftModel
 
         model = self._model
+        if folder is not None and name not in self._adapters and not os.path.isfile(os.path.join(folder,
+                                                                                                "adapter_config.json")):
+            raise AdapterGone(name or "")
         if name is None or folder is None:
             if isinstance(model, PeftModel):
                 return model.disable_adapter()

@@ -52,8 +52,13 @@ REFUSED = {"validation.dataset": "give validation_file (an uploaded file's id)",
            "lora.modules_to_save": None,
            "validation.judge": "a judge sends the answers and a key of the server's to its endpoint; the operator "
                                "sets judges in queue files"}
+CHECKPOINT_PREFIX = "ckpt-step-"
+CHECKPOINT_LABEL = re.compile(re.escape(CHECKPOINT_PREFIX) + r"([0-9]{1,9})")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 METHODS = ("supervised", "dpo")
+#: OpenAI's ``validating_files`` is never shown: a create answers only once the files are checked (each upload row by
+#: row, then the job's dataset against its base's tokenizer, format and method, as ``loraq submit`` checks one), so no
+#: job exists whose files are unchecked; the worker's tokenising after its claim is part of ``running``.
 STATUS = {PENDING: "queued", RUNNING: "running", COMPLETED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
 
 
@@ -409,10 +414,26 @@ def checkpoints_json(home: Home, api_job: ApiJob) -> list[dict[str, Any]]:
         metrics = by_step.get(step, {})
         out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{api_job.job_id}-{step}",
                     "created_at": int(found[step]), "fine_tuning_job_id": api_job.id, "step_number": step,
-                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:ckpt-step-{step}",
+                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:{CHECKPOINT_PREFIX}{step}",
                     "metrics": {"step": float(step), "train_loss": metrics.get("loss"),
                                 "valid_loss": metrics.get("eval_loss"), "full_valid_loss": metrics.get("eval_loss")}})
     return out
+
+
+def checkpoint_adapter(home: Home, job: Job, label: str) -> Path | None:
+    """The adapter folder of the checkpoint ``label`` (``ckpt-step-<n>``, as :func:`checkpoints_json` names it), or
+    ``None``: a complete checkpoint folder of the job's (the newest attempt's at that step), or, for a succeeded job's
+    final step, its published adapter."""
+    found = CHECKPOINT_LABEL.fullmatch(label)
+    if found is None:
+        return None
+    step = int(found.group(1))
+    if is_published(home, job) and step == job.progress_step:
+        return home.adapter_dir(job.name)
+    folders = [c.path for c in checkpoints.complete_checkpoints(home.job_dir(job.id)) if c.step == step]
+    if folders and (folders[-1] / "adapter_config.json").is_file():
+        return folders[-1]
+    return None
 
 
 def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
