@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ MAX_ADAPTERS = 8
 #: one per token, whose event (its JSON, its write, the server's loop woken from the generation thread,
 #: the client's parse) cost the tiny model as much again as the token itself.
 STREAM_GAP_S = 0.02
+#: Without stop sequences, the generation thread decodes what the model made at most this often.
+DECODE_GAP_S = STREAM_GAP_S / 4
 
 
 @dataclass
@@ -221,13 +224,24 @@ class Generator:
         answer = Answer(tokenizer, [s for s in request.stop if s])
 
         class Streamer(BaseStreamer):  # type: ignore[misc]  # transformers is not followed (Any)
-            first = True
+            def __init__(self) -> None:
+                self.first = True
+                self.waiting: list[int] = []  # tokens made but not decoded yet
+                self.decoded_at = 0.0
 
             def put(self, value: Any) -> None:
                 if self.first:  # the prompt
                     self.first = False
                     return
-                piece = answer.add([int(t) for t in value.reshape(-1).tolist()])
+                self.waiting.extend(value.reshape(-1).tolist())
+                # a stop is looked for at every token (generation ends there); without one, tokens are decoded
+                # a few at a time: no more often than a stream could send them
+                now = time.monotonic()
+                if not answer.stops and now - self.decoded_at < DECODE_GAP_S:
+                    return
+                self.decoded_at = now
+                piece = answer.add(self.waiting)
+                self.waiting = []
                 if piece and request.stream:
                     request.emit(piece)
 
@@ -239,6 +253,7 @@ class Generator:
                 done = answer.stopped or request.cancelled.is_set()
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
+        streamer = Streamer()
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_tokens,
                                   "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                   else tokenizer.eos_token_id}
@@ -252,10 +267,10 @@ class Generator:
         watch = request.stream or bool(answer.stops)
         with context, torch.inference_mode():
             out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                       streamer=Streamer() if watch else None,
+                                       streamer=streamer if watch else None,
                                        stopping_criteria=StoppingCriteriaList([Stops()]), **kwargs)
         if watch:
-            rest = answer.finish()
+            rest = answer.add(streamer.waiting) + answer.finish()
             if rest and request.stream:
                 request.emit(rest)
             text, produced = answer.final, answer.ids
