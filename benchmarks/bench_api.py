@@ -1,6 +1,7 @@
 """The OpenAI-compatible API (issue 22): its overhead per job, its job listing at 10,000 jobs, its generation speed.
 
     .venv/bin/python benchmarks/bench_api.py [--steps 40] [--repeat 3] [--jobs 10000] [--tokens 96]
+        [--only jobs|listing|generation ...]
 
 - **Overhead per job**: the same job (the demo's tiny model, the support dataset,
   LoRA r=8, batch 8, ``--steps`` steps) run end to end on one home with a ``loraq serve``
@@ -16,9 +17,17 @@
 - **Chat-completions tokens per second** against a plain ``generate()`` loop on the same
   adapter: ``--tokens`` greedy tokens, through ``client.chat.completions.create`` (the
   whole HTTP round trip, streamed and not) and through ``PeftModel.generate`` in a
-  process of its own (started as the server is) on the same prompt. The tiny model would end its answer after a few tokens:
+  process of its own (started as the server is, its model loaded once) on the same prompt,
+  in rounds of plain, whole, streamed back to back, so that each round's ratios are taken
+  under the same load (the machine is shared); the ratio is the median of the rounds'.
+  Beside it, the CPU milliseconds a token of the plain process and of the server process
+  (its generation thread and its event loop): what a stream costs over a whole answer,
+  whatever the load. The tiny model would end its answer after a few tokens:
   its ``generation_config.json`` names a token it never produces as the end, so both
-  paths generate exactly ``--tokens`` (the table shows the counts). Goal: at least 0.9x.
+  paths generate exactly ``--tokens``. Goal: at least 0.9x.
+
+``--only generation`` (repeatable, with ``jobs`` and ``listing``) runs only that part;
+generation alone uses the 2-step warm-up job's adapter.
 """
 
 from __future__ import annotations
@@ -192,7 +201,10 @@ def listing(n: int, repeat: int) -> list[tuple[str, float]]:
 # ---------------------------------------------------------------- tokens per second
 
 
-def plain_generate(model_dir: str, adapter: str, tokens: int, repeat: int) -> tuple[float, int]:
+def plain_generate(model_dir: str, adapter: str, tokens: int) -> None:
+    """A plain ``PeftModel.generate()`` loop: one greedy answer per line read on stdin, ``[seconds, tokens]`` out."""
+    import sys
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,15 +214,13 @@ def plain_generate(model_dir: str, adapter: str, tokens: int, repeat: int) -> tu
                                       str(adapter)).eval()
     text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    samples, produced = [], 0
-    for _ in range(repeat + 1):
+    print("ready", flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        samples.append(time.perf_counter() - t0)
-        produced = int(out.shape[1] - ids.shape[1])
-    return median(samples[1:]), produced
+        print(json.dumps([time.perf_counter() - t0, int(out.shape[1] - ids.shape[1])]), flush=True)
 
 
 def never_eos(model: Path) -> None:
@@ -223,23 +233,76 @@ def never_eos(model: Path) -> None:
 PROMPT = [{"role": "user", "content": "Hello, I need help with a refund for my last order."}]
 
 
-def api_generate(server: Server, model: str, tokens: int, repeat: int, stream: bool) -> tuple[float, int]:
+def api_generate(server: Server, model: str, tokens: int, stream: bool) -> tuple[float, int]:
+    """One greedy answer through ``client.chat.completions.create``: ``(seconds, tokens)``."""
     client = server.client()
-    samples, produced = [], 0
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter()
-        if stream:
-            usage = None
-            for chunk in client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
-                                                        stream=True, stream_options={"include_usage": True}):
-                usage = chunk.usage or usage
-            assert usage is not None
-            produced = usage.completion_tokens
-        else:
-            produced = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens,
-                                                      temperature=0).usage.completion_tokens
-        samples.append(time.perf_counter() - t0)
-    return median(samples[1:]), produced
+    t0 = time.perf_counter()
+    if stream:
+        usage = None
+        for chunk in client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}):
+            usage = chunk.usage or usage
+        assert usage is not None
+        produced = usage.completion_tokens
+    else:
+        produced = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=tokens,
+                                                  temperature=0).usage.completion_tokens
+    return time.perf_counter() - t0, produced
+
+
+def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat: int) -> None:
+    """Rounds of plain, whole, streamed, back to back (each round's ratios under the same load), after a warm-up."""
+    never_eos(model)
+    # in a process of its own, started as the server was: neither side shares its cores with the other
+    adapter = server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1]
+    code = f"import bench_api; bench_api.plain_generate({str(model)!r}, {str(adapter)!r}, {tokens})"
+    plain = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=quiet_env(), cwd=BENCH_DIR)
+    assert plain.stdin is not None and plain.stdout is not None
+    try:
+        assert plain.stdout.readline().strip() == "ready"
+
+        def plain_once() -> tuple[float, int]:
+            plain.stdin.write("go\n")  # type: ignore[union-attr]
+            plain.stdin.flush()  # type: ignore[union-attr]
+            seconds, produced = json.loads(plain.stdout.readline())  # type: ignore[union-attr]
+            return float(seconds), int(produced)
+
+        import psutil
+
+        def cpu_s(pid: int) -> float:
+            times = psutil.Process(pid).cpu_times()
+            return float(times.user + times.system)
+
+        def timed(fn: Any, pid: int) -> tuple[float, int, float]:
+            cpu0 = cpu_s(pid)
+            seconds, produced = fn()
+            return seconds, produced, cpu_s(pid) - cpu0
+
+        rows, ratios, cpu = [], {"whole": [], "stream": []}, {"plain": [], "whole": [], "stream": []}
+        for n in range(repeat + 1):
+            p_s, p_n, p_cpu = timed(plain_once, plain.pid)
+            w_s, w_n, w_cpu = timed(lambda: api_generate(server, fine_tuned, tokens, stream=False), server.serve.pid)
+            s_s, s_n, s_cpu = timed(lambda: api_generate(server, fine_tuned, tokens, stream=True), server.serve.pid)
+            if n == 0:
+                continue  # the warm-up: the server loads the base and the adapter
+            assert p_n == w_n == s_n == tokens, (p_n, w_n, s_n)
+            ratios["whole"].append(p_s / w_s)
+            ratios["stream"].append(p_s / s_s)
+            for key, value in (("plain", p_cpu), ("whole", w_cpu), ("stream", s_cpu)):
+                cpu[key].append(value * 1000 / tokens)
+            rows.append([n, f"{p_s:.3f}", f"{w_s:.3f}", f"{s_s:.3f}", f"{p_s / w_s:.2f}", f"{p_s / s_s:.2f}",
+                         f"{p_cpu * 1000 / tokens:.2f} | {w_cpu * 1000 / tokens:.2f} | {s_cpu * 1000 / tokens:.2f}"])
+    finally:
+        plain.stdin.close()  # type: ignore[union-attr]
+        plain.wait(timeout=60)
+    print(f"\n3. greedy generation of {tokens} tokens on the same adapter, rounds back to back ({load()})")
+    print(table(["round", "plain generate() s", "chat.completions whole s", "chat.completions stream=True s",
+                 "whole vs plain (tokens/s)", "stream vs plain (tokens/s)",
+                 "CPU ms a token: plain | server whole | server stream"], rows))
+    print(f"median of {repeat}: whole {median(ratios['whole']):.2f}x, stream=True {median(ratios['stream']):.2f}x "
+          f"the tokens/s of plain generate() (goal >= 0.9x); CPU ms a token: plain {median(cpu['plain']):.2f}, "
+          f"server whole {median(cpu['whole']):.2f}, server stream {median(cpu['stream']):.2f}")
 
 
 def main() -> None:
@@ -248,7 +311,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--only", choices=("jobs", "listing", "generation"), action="append",
+                        help="run only this part (repeatable); generation alone uses the warm-up job's adapter")
     args = parser.parse_args()
+    parts_run = set(args.only or ("jobs", "listing", "generation"))
     quiet_hf()
     print(f"bench_api: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
@@ -257,13 +323,14 @@ def main() -> None:
         name, make = demo.DATASETS["support"]
         data = demo.write_jsonl(work / name, make(120, random.Random(1)))
 
-        server = Server(work / "api-home", model)
+        server = Server(work / "api-home", model) if parts_run & {"jobs", "generation"} else None
         try:
             rows, queue_s, api_s = [], [], []
-            fine_tuned = ""
-            api_job(server, data, 2)  # the worker's trainer starts and loads the base: neither path pays it
             parts: list[list[str]] = []
-            for n in range(args.repeat):
+            if server is not None:
+                # the worker's trainer starts and loads the base: neither path pays it
+                _, _, fine_tuned = api_job(server, data, 2)
+            for n in range(args.repeat if "jobs" in parts_run else 0):
                 took, enqueued, name = queue_file_job(server, model, data, args.steps, n)
                 queue_s.append(took)
                 parts.append([f"{n + 1} queue file", f"{took:.2f}", f"{enqueued:.2f}",
@@ -273,34 +340,23 @@ def main() -> None:
                 parts.append([f"{n + 1} API", f"{took:.2f}", f"{enqueued:.2f}",
                               *(f"{v:.2f}" for v in phases(server, fine_tuned.rsplit(":", 1)[-1]))])
                 rows.append([n + 1, f"{queue_s[-1]:.2f}", f"{api_s[-1]:.2f}", f"{api_s[-1] / queue_s[-1]:.3f}"])
-            print(f"\n1. the same job ({args.steps} steps), end to end on a warm worker, wall seconds ({load()})")
-            print(table(["run", "queue file: submit + poll", "API: upload + create + poll", "API / queue file"], rows))
-            print(table(["run, path", "end to end", "until enqueued (submit | upload + create)",
-                         "claimed -> finished (the worker)", "enqueued -> claimed"], parts))
-            print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
-                  f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
-
-            never_eos(model)
-            # in a process of its own, started as the server was: neither side shares its cores with the other
-            adapter = server.home / "adapters" / fine_tuned.rsplit(":", 1)[-1]
-            code = (f"import json, bench_api; print(json.dumps(bench_api.plain_generate("
-                    f"{str(model)!r}, {str(adapter)!r}, {args.tokens}, {args.repeat})))")
-            plain_s, plain_n = json.loads(run([PYTHON, "-c", code], env=quiet_env(), cwd=BENCH_DIR).stdout
-                                          .strip().splitlines()[-1])
-            whole_s, whole_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=False)
-            stream_s, stream_n = api_generate(server, fine_tuned, args.tokens, args.repeat, stream=True)
-            print(f"\n3. greedy generation on the same adapter, median of {args.repeat} ({load()})")
-            plain_rate = plain_n / plain_s
-            print(table(["path", "tokens", "seconds", "tokens/s", "vs plain generate()"], [
-                ["plain PeftModel.generate() in-process", plain_n, f"{plain_s:.3f}", f"{plain_rate:.1f}", "1.00"],
-                ["chat.completions (HTTP, whole answer)", whole_n, f"{whole_s:.3f}", f"{whole_n / whole_s:.1f}",
-                 f"{whole_n / whole_s / plain_rate:.2f}"],
-                ["chat.completions (HTTP, stream=True)", stream_n, f"{stream_s:.3f}", f"{stream_n / stream_s:.1f}",
-                 f"{stream_n / stream_s / plain_rate:.2f}"]]))
+            if rows:
+                print(f"\n1. the same job ({args.steps} steps), end to end on a warm worker, wall seconds ({load()})")
+                print(table(["run", "queue file: submit + poll", "API: upload + create + poll", "API / queue file"],
+                            rows))
+                print(table(["run, path", "end to end", "until enqueued (submit | upload + create)",
+                             "claimed -> finished (the worker)", "enqueued -> claimed"], parts))
+                print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
+                      f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
+            if server is not None and "generation" in parts_run:
+                generation(server, model, fine_tuned, args.tokens, args.repeat)
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if "listing" not in parts_run:
+        return
 
     print(f"\n2. GET /v1/fine_tuning/jobs at {args.jobs:,} jobs, server side (in-process), median of 15 ({load()})")
     print(table(["request", "ms"], [[label, f"{seconds * 1000:.1f}"] for label, seconds in listing(args.jobs, 15)]))

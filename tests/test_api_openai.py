@@ -200,6 +200,15 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
                                              temperature=0, stop=[stop])
         assert cut.choices[0].message.content == text[:text.find(stop)]
         assert cut.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=12,
+                                                     temperature=0, stop=[stop], stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:text.find(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    # a checkpoint's name is a model too: a succeeded job's final one is its published adapter
+    final = client.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, messages=question,
+                                           max_tokens=12, temperature=0)
+    assert final.model == checkpoints[0].fine_tuned_model_checkpoint
+    assert final.choices[0].message.content == text
     plain = client.completions.create(model=done.fine_tuned_model, prompt="Once upon a time", max_tokens=5,
                                       temperature=0)
     assert plain.object == "text_completion" and plain.usage.completion_tokens <= 5
@@ -217,6 +226,9 @@ def test_upload_train_with_auto_events_checkpoints_and_the_model_answers(service
         other.files.retrieve(training.id)
     with pytest.raises(openai.NotFoundError):
         other.chat.completions.create(model=done.fine_tuned_model, messages=question, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, messages=question,
+                                      max_tokens=2)
     assert done.fine_tuned_model not in {m.id for m in other.models.list()}
     assert job.id not in [j.id for j in other.fine_tuning.jobs.list()]
     # the operator (the dashboard's token) sees all
@@ -265,8 +277,20 @@ def test_a_running_job_paused_resumes_from_its_checkpoint(service: Service) -> N
         time.sleep(0.3)
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused", paused.status
-    saved = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+    listed = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    saved = [c.step_number for c in listed]
     assert saved and min(saved) >= 5 and all(step % 5 == 0 for step in saved)
+    # a paused job's checkpoint answers as a model: its folder's adapter, for its own key only
+    name = listed[0].fine_tuned_model_checkpoint  # the newest: a pause's last save may prune the oldest
+    question = [{"role": "user", "content": "Hello, I need a refund."}]
+    answer = client.chat.completions.create(model=name, messages=question, max_tokens=4, temperature=0)
+    assert answer.model == name and answer.usage.completion_tokens >= 1
+    assert client.models.retrieve(name).id == name
+    for refused in (name.rsplit("-", 1)[0] + "-99999", name + "0"):  # a step never saved
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=refused, messages=question, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        service.client("bob").chat.completions.create(model=name, messages=question, max_tokens=2)
     assert client.fine_tuning.jobs.resume(job.id).status in ("queued", "running")
     done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
@@ -326,6 +350,56 @@ def test_a_deleted_files_content_leaves_the_home_once_no_file_and_no_unfinished_
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(second.id)
     assert blob(kept).exists()  # a cancelled job may be retried, and reads it
+
+
+def test_a_file_deleted_while_a_job_is_created_from_it_keeps_its_content_for_the_job(
+        tiny_model: Path, demo_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The race of DELETE /v1/files/{id} against a create, at its worst moment, made to happen exactly there.
+
+    In-process on a home of its own: the delete runs when the create has enqueued the job
+    but not yet recorded it in api.db (the state's clock is the seam: the store already
+    has the job when it is asked the time). Without the create's hold the delete finds no
+    job on the content and removes it from under the queued job.
+    """
+    from loraq import api
+    from loraq.service import files as files_mod
+    from loraq.service import jobs as jobs_mod
+    from loraq.service.state import ApiState
+    from loraq.workspace import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    (home.root / "config.yaml").write_text(f"models:\n  tiny: {tiny_model}\n", encoding="utf-8")
+    deletes: list[Any] = []
+
+    def clock() -> float:
+        if not deletes and home.db_path.exists():
+            with api.open_reader(home) as store:
+                enqueued = bool(store.jobs())
+            if enqueued:
+                deletes.append(None)  # the delete's own reads of the clock do not delete again
+                deletes[0] = files_mod.delete(home, state, uploaded.id, 1)
+        return time.time()
+
+    state = ApiState.of_home(home.root)
+    state.clock = clock
+    try:
+        key = state.create_key("carol")
+        key_id = state.key_for(key).id
+        data = demo_datasets["support"].read_bytes()
+        uploaded = files_mod.save_upload(home, state, key_id=key_id, filename="support.jsonl", purpose="fine-tune",
+                                         chunks=[data], max_bytes=len(data))
+        job = jobs_mod.create(home, state, key_id, {"model": "tiny", "training_file": uploaded.id, **FAST})
+        assert deletes and deletes[0] is not None and deletes[0].id == uploaded.id, "the delete never ran"
+        with api.open_reader(home) as store:
+            queued = store.job(job.job_id)
+        content = Path(queued.spec.dataset_path)
+        assert content.exists() and content.read_bytes() == data  # the queued job can still read what it was given
+        with pytest.raises(Exception, match="No such File"):
+            state.file(uploaded.id, key_id)
+        assert files_mod.purge(home, state) == [] and content.exists()  # the recorded, pending job holds it now
+    finally:
+        state.close()
 
 
 # ---------------------------------------------------------------- refusals

@@ -17,6 +17,7 @@ answered 413 from their Content-Length, before they are read.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import threading
@@ -41,7 +42,7 @@ from . import completions
 from . import files as files_mod
 from . import jobs as jobs_mod
 from .errors import ApiError, bad_request, not_found, too_large, unauthorized
-from .generate import Finished, Generator
+from .generate import STREAM_GAP_S, Finished, Generator, Outbox
 from .generate import Request as GenRequest
 from .state import OPERATOR, ApiState
 
@@ -336,16 +337,23 @@ class Service:
         missing = ApiError(404, f"The model `{excerpt(name, 100)}` does not exist or you do not have access to it.",
                            "model", "model_not_found")
         parts = name.split(":")
-        if len(parts) != 4 or parts[0] != "ft":
+        if len(parts) not in (4, 5) or parts[0] != "ft":
             raise missing
         try:
             api_job = self.state.job(parts[3], caller.key_id)
         except NotFoundError:
             raise missing from None
-        if jobs_mod.fine_tuned_model(api_job) != name or api_job.model not in bases:
+        if jobs_mod.fine_tuned_model(api_job) != ":".join(parts[:4]) or api_job.model not in bases:
             raise missing
         with api.open_reader(self.home) as store:
             job = store.job(api_job.job_id)
+        if len(parts) == 5:  # a checkpoint, as GET .../checkpoints names it
+            folder = jobs_mod.checkpoint_adapter(self.home, job, parts[4])
+            if folder is None:
+                raise missing
+            # named for its folder: a later attempt saving the same step is another adapter
+            tag = hashlib.sha256(bytes(folder)).hexdigest()[:8]
+            return bases[api_job.model], str(folder), f"{api_job.id}-{parts[4]}-{tag}"
         if not jobs_mod.is_published(self.home, job):
             raise missing
         return bases[api_job.model], str(self.home.adapter_dir(job.name)), api_job.id
@@ -374,11 +382,10 @@ class Service:
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        outbox = Outbox(asyncio.get_running_loop())
 
         def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
+            outbox.put(item, last=isinstance(item, Finished | Exception))
 
         job = GenRequest(base=base, adapter=adapter, adapter_name=adapter_name, emit=emit, stream=stream, **options)
         try:
@@ -388,14 +395,11 @@ class Service:
                            "rate_limit_exceeded", "requests") from None
         if not stream:
             try:
-                while True:
-                    item = await pieces.get()
-                    if isinstance(item, Exception):
-                        raise completions.error_of(item)
-                    if isinstance(item, Finished):
-                        break
+                item = (await outbox.take())[-1]
             finally:
                 job.cancelled.set()
+            if isinstance(item, Exception):
+                raise completions.error_of(item)
             usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
                      "total_tokens": item.prompt_tokens + item.completion_tokens}
             if chat:
@@ -426,21 +430,15 @@ class Service:
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
+                sent_at = 0.0
                 while True:
-                    item = await pieces.get()
-                    if isinstance(item, Exception):
-                        error = completions.error_of(item)
-                        yield f"data: {json.dumps(error.to_json())}\n\n"
-                        return
-                    # pieces that arrived while this chunk was being sent go out together: a busy
-                    # server sends fewer, larger chunks rather than falling behind the generation
-                    while isinstance(item, str) and not pieces.empty():
-                        following = pieces.get_nowait()
-                        if not isinstance(following, str):
-                            yield chunk({"content": item} if chat else item, None)
-                            item = following
-                            break
-                        item += following
+                    # all that came since the last chunk goes out as one, at most one chunk per STREAM_GAP_S
+                    items = await outbox.take(sent_at + STREAM_GAP_S)
+                    text = "".join(item for item in items if isinstance(item, str))
+                    if text:
+                        yield chunk({"content": text} if chat else text, None)
+                        sent_at = asyncio.get_running_loop().time()
+                    item = items[-1]
                     if isinstance(item, Exception):
                         error = completions.error_of(item)
                         yield f"data: {json.dumps(error.to_json())}\n\n"
@@ -454,7 +452,6 @@ class Service:
                                         empty=True)
                         yield "data: [DONE]\n\n"
                         return
-                    yield chunk({"content": item} if chat else item, None)
             finally:
                 job.cancelled.set()  # the client went away: the generation thread stops at its next token
 

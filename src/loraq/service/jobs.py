@@ -33,7 +33,7 @@ from ..queue.records import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Job
 from ..queue.spec import MAX_PRIORITY
 from ..workspace import Home
 from .errors import ApiError, bad_request, not_found
-from .files import blob_path
+from .files import blob_path, purge
 from .state import OPERATOR, ApiJob, ApiState
 
 ID_PREFIX = "ftjob-"
@@ -52,8 +52,13 @@ REFUSED = {"validation.dataset": "give validation_file (an uploaded file's id)",
            "lora.modules_to_save": None,
            "validation.judge": "a judge sends the answers and a key of the server's to its endpoint; the operator "
                                "sets judges in queue files"}
+CHECKPOINT_PREFIX = "ckpt-step-"
+CHECKPOINT_LABEL = re.compile(re.escape(CHECKPOINT_PREFIX) + r"([0-9]{1,9})")
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 METHODS = ("supervised", "dpo")
+#: OpenAI's ``validating_files`` is never shown: a create answers only once the files are checked (each upload row by
+#: row, then the job's dataset against its base's tokenizer, format and method, as ``loraq submit`` checks one), so no
+#: job exists whose files are unchecked; the worker's tokenising after its claim is part of ``running``.
 STATUS = {PENDING: "queued", RUNNING: "running", COMPLETED: "succeeded", FAILED: "failed", CANCELLED: "cancelled"}
 
 
@@ -226,39 +231,52 @@ def create(home: Home, state: ApiState, key_id: int, body: Any) -> ApiJob:
     job = _extras(body)
     if method_doc is not None:
         job["method"] = method_doc
-    try:
-        train_file = state.file(training_id, key_id)
-    except NotFoundError:
-        raise not_found(f"No such File object: {excerpt(training_id, 100)}", "training_file") from None
     # OpenAI's defaults: every hyperparameter not given is "auto"
     job["training"] = {"epochs": "auto", "batch_size": "auto", "learning_rate": "auto", **training,
                        **(job.get("training") or {})}
     if seed is not None:
         job["training"]["seed"] = seed
-    if validation_id is not None:
-        try:
-            valid_file = state.file(validation_id, key_id)
-        except NotFoundError:
-            raise not_found(f"No such File object: {excerpt(validation_id, 100)}", "validation_file") from None
-        job.setdefault("validation", {})["dataset"] = str(blob_path(home, valid_file))
     api_id = ID_PREFIX + secrets.token_hex(12)
     base = bases[model]
-    job.update({"name": api_id, "base_model": base,
-                "dataset": {"path": str(blob_path(home, train_file)), "format": train_file.format}})
-    local = base.startswith("/")
+    job.update({"name": api_id, "base_model": base})
+    record = {"api_id": api_id, "key_id": key_id, "model": model, "suffix": suffix, "metadata": metadata,
+              "training_file": training_id, "validation_file": validation_id,
+              "seed": seed if seed is not None else int(job["training"].get("seed", 42)),
+              "request": {"method": method}}
+    # the files' content is held from their lookup until the job is recorded: a delete meanwhile leaves it
+    try:
+        return _submit(home, state, body, job, record)
+    finally:
+        if state.release(api_id):
+            purge(home, state)
+
+
+def _submit(home: Home, state: ApiState, body: dict[str, Any], job: dict[str, Any], record: dict[str, Any]) -> ApiJob:
+    """Enqueue ``job`` on the request's files (held for it), then record it as the API's."""
+    api_id, key_id = record["api_id"], record["key_id"]
+    try:
+        train_file = state.hold_file(api_id, record["training_file"], key_id)
+    except NotFoundError:
+        raise not_found(f"No such File object: {excerpt(record['training_file'], 100)}", "training_file") from None
+    if record["validation_file"] is not None:
+        try:
+            valid_file = state.hold_file(api_id, record["validation_file"], key_id)
+        except NotFoundError:
+            raise not_found(f"No such File object: {excerpt(record['validation_file'], 100)}",
+                            "validation_file") from None
+        job.setdefault("validation", {})["dataset"] = str(blob_path(home, valid_file))
+    job["dataset"] = {"path": str(blob_path(home, train_file)), "format": train_file.format}
+    base = job["base_model"]
     try:
         result = api.submit_document({"jobs": [job]}, home=home, label="request", queue_path=home.root / "api.yaml",
-                                     allow_roots=[base] if local else [])
+                                     allow_roots=[base] if base.startswith("/") else [])
     except (SpecError, DataError) as exc:
         # a setting given by its flat name (lora_r) is named so in the refusal
         flat = {".".join(dotted): key for key, dotted in FLAT_EXTRAS.items() if key in body}
         refusal = _refused(exc)
         refusal.param = flat.get(refusal.param or "", refusal.param)
         raise refusal from None
-    spec_seed = seed if seed is not None else int((job["training"] or {}).get("seed", 42))
-    return state.add_job(api_id=api_id, job_id=result.job_ids[0], key_id=key_id, model=model, suffix=suffix,
-                         metadata=metadata, training_file=training_id, validation_file=validation_id, seed=spec_seed,
-                         request={"method": method})
+    return state.add_job(job_id=result.job_ids[0], **record)
 
 
 def _refused(exc: ProblemsError) -> ApiError:
@@ -396,10 +414,26 @@ def checkpoints_json(home: Home, api_job: ApiJob) -> list[dict[str, Any]]:
         metrics = by_step.get(step, {})
         out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{api_job.job_id}-{step}",
                     "created_at": int(found[step]), "fine_tuning_job_id": api_job.id, "step_number": step,
-                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:ckpt-step-{step}",
+                    "fine_tuned_model_checkpoint": f"{fine_tuned_model(api_job)}:{CHECKPOINT_PREFIX}{step}",
                     "metrics": {"step": float(step), "train_loss": metrics.get("loss"),
                                 "valid_loss": metrics.get("eval_loss"), "full_valid_loss": metrics.get("eval_loss")}})
     return out
+
+
+def checkpoint_adapter(home: Home, job: Job, label: str) -> Path | None:
+    """The adapter folder of the checkpoint ``label`` (``ckpt-step-<n>``, as :func:`checkpoints_json` names it), or
+    ``None``: a complete checkpoint folder of the job's (the newest attempt's at that step), or, for a succeeded job's
+    final step, its published adapter."""
+    found = CHECKPOINT_LABEL.fullmatch(label)
+    if found is None:
+        return None
+    step = int(found.group(1))
+    if is_published(home, job) and step == job.progress_step:
+        return home.adapter_dir(job.name)
+    folders = [c.path for c in checkpoints.complete_checkpoints(home.job_dir(job.id)) if c.step == step]
+    if folders and (folders[-1] / "adapter_config.json").is_file():
+        return folders[-1]
+    return None
 
 
 def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:

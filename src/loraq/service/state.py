@@ -72,7 +72,19 @@ SCHEMA = (
         created_at REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_key ON jobs (key_id, n)",
+    # a job being created holds its files' content from the moment they are looked up until the job is recorded
+    """
+    CREATE TABLE IF NOT EXISTS holds (
+        hold TEXT NOT NULL,
+        file_id TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS holds_content ON holds (sha256, kind)",
 )
+#: A hold older than this is a create cut off by a crash (a create takes seconds): it no longer keeps content.
+HOLD_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -264,11 +276,36 @@ class ApiState:
         return stored
 
     @_locked
+    def hold_file(self, hold: str, file_id: str, key_id: int) -> StoredFile:
+        """A file as :meth:`file` finds it, its content held under ``hold`` in the same transaction.
+
+        A delete of the file from then on leaves its content in the home (:meth:`unheld_blobs`)
+        until :meth:`release`: a job being created reads it, and is recorded after.
+        """
+        with self.transaction() as conn:
+            stored = self.file(file_id, key_id)
+            conn.execute("INSERT INTO holds (hold, file_id, sha256, kind, created_at) VALUES (?, ?, ?, ?, ?)",
+                         (hold, stored.id, stored.sha256, stored.kind, self.clock()))
+        return stored
+
+    @_locked
+    def release(self, hold: str) -> bool:
+        """Drop the holds of ``hold``; whether a file they held was deleted meanwhile (its content may be unneeded)."""
+        with self.transaction() as conn:
+            deleted = conn.execute("SELECT 1 FROM holds h JOIN files f ON f.id = h.file_id "
+                                   "WHERE h.hold = ? AND f.deleted = 1", (hold,)).fetchone()
+            conn.execute("DELETE FROM holds WHERE hold = ?", (hold,))
+        return deleted is not None
+
+    @_locked
     def unheld_blobs(self) -> list[tuple[str, list[int]]]:
-        """Each stored content (``StoredFile.blob``) that only deleted files name, with the loraq jobs trained on it."""
+        """Each stored content (``StoredFile.blob``) that only deleted files name and no job being created holds,
+        with the loraq jobs trained on it."""
         rows = self.conn.execute(
             "SELECT DISTINCT d.sha256, d.kind FROM files d WHERE d.deleted = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM files l WHERE l.sha256 = d.sha256 AND l.kind = d.kind AND l.deleted = 0)").fetchall()
+            "(SELECT 1 FROM files l WHERE l.sha256 = d.sha256 AND l.kind = d.kind AND l.deleted = 0) AND NOT EXISTS "
+            "(SELECT 1 FROM holds h WHERE h.sha256 = d.sha256 AND h.kind = d.kind AND h.created_at > ?)",
+            (self.clock() - HOLD_S,)).fetchall()
         out = []
         for row in rows:
             jobs = self.conn.execute(
