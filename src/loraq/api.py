@@ -485,6 +485,13 @@ class ExportResult:
                 "bytes": self.bytes, "seconds": self.seconds, **self.details}
 
 
+def checked_shard_size(value: str) -> str:
+    """``value`` as ``export`` takes a shard size (``5GB``); ValueError says why it is not one (100KB-1TB)."""
+    from .export.merged import shard_size
+
+    return shard_size(value)
+
+
 def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | None = None, dtype: str | None = None,
            data: str | Path | None = None, shard_size: str | None = None, force: bool = False,
            allow_roots: Iterable[str | Path] = ()) -> ExportResult:
@@ -515,10 +522,8 @@ def export(home: Home, adapter: str, *, to: str, dest: str | Path, base: str | N
     if to == "gguf" and (dtype is not None or shard_size is not None or data is not None):
         raise UsageError("--dtype, --shard-size and --data apply to --to merged; a GGUF LoRA is float32 pairs")
     if shard_size is not None:
-        from .export.merged import shard_size as checked_size
-
         try:
-            shard_size = checked_size(shard_size)
+            shard_size = checked_shard_size(shard_size)
         except ValueError as exc:
             raise UsageError(f"--shard-size: {exc}") from None
     roots = home.roots(queue_dir=Path.cwd(), extra=allow_roots)

@@ -539,9 +539,7 @@ def _print_serving(verdicts: dict[str, Any]) -> None:
 def _shard_size(value: str | None) -> str | None:
     """``--shard-size`` checked before any work: a usage error (exit 2) unless it is a size export takes."""
     try:
-        from .export.merged import shard_size
-
-        return None if value is None else shard_size(value)
+        return None if value is None else api.checked_shard_size(value)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from ..escape import excerpt
 from .errors import ApiError, bad_request
-from .generate import AdapterGone
 
 DEFAULT_MAX_TOKENS = 256
 CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -103,9 +102,6 @@ def options(body: dict[str, Any], chat: bool, most_tokens: int) -> dict[str, Any
 def error_of(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, AdapterGone):
-        return ApiError(404, "this checkpoint is no longer kept (a newer one replaced it): list the job's checkpoints "
-                             "again", "model", "model_not_found")
     if isinstance(exc, ValueError):
         return bad_request(str(exc)[:300], None, "invalid_request")
     return ApiError(500, f"generation failed: {type(exc).__name__}: {excerpt(str(exc), 200)}", None, "server_error",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import GeneratorBusy
+from ..errors import ApiError, GeneratorBusy
 
 MAX_ADAPTERS = 8
 #: A stream's chunks are at least this far apart: what the model makes meanwhile goes out in the next one.
@@ -101,10 +101,6 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-class AdapterGone(Exception):
-    """The adapter folder a model name resolved to was removed before it was loaded (a checkpoint pruned)."""
-
-
 @dataclass(frozen=True)
 class Finished:
     text: str
@@ -183,7 +179,9 @@ class Generator:
         model = self._model
         if folder is not None and name not in self._adapters and not os.path.isfile(os.path.join(folder,
                                                                                                 "adapter_config.json")):
-            raise AdapterGone(name or "")
+            # the folder a model name resolved to was removed before it was loaded (a checkpoint pruned)
+            raise ApiError(404, "this checkpoint is no longer kept (a newer one replaced it): list the job's "
+                                "checkpoints again", "model", "model_not_found")
         if name is None or folder is None:
             if isinstance(model, PeftModel):
                 return model.disable_adapter()
