@@ -1,7 +1,7 @@
 """The OpenAI-compatible API (issue 22): its overhead per job, its job listing at 10,000 jobs, its generation speed.
 
     .venv/bin/python benchmarks/bench_api.py [--steps 40] [--repeat 3] [--jobs 10000] [--tokens 96]
-        [--only jobs|listing|generation ...]
+        [--only jobs|listing|generation ...] [--base tiny|real]
 
 - **Overhead per job**: the same job (the demo's tiny model, the support dataset,
   LoRA r=8, batch 8, ``--steps`` steps) run end to end on one home with a ``loraq serve``
@@ -28,6 +28,13 @@
 
 ``--only generation`` (repeatable, with ``jobs`` and ``listing``) runs only that part;
 generation alone uses the 2-step warm-up job's adapter.
+
+``--base real`` measures generation on the project's real pretrained base,
+SmolLM2-135M-Instruct (built once per machine by ``tools/real_model.py`` into
+``$LORAQ_CACHE``), with an adapter the benchmark trains on it through the API first
+(:data:`REAL_JOB`: a minute or so on a CPU). Its folder is linked file by file into a
+temporary one whose own ``generation_config.json`` names the never-produced end (the
+cache is never written). The job-overhead part stays on the tiny model.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +60,8 @@ from loraq.service.state import ApiState
 from loraq.workspace import Home
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+#: The adapter trained on the real base before its generation is measured: small, for a CPU.
+REAL_JOB = {"steps": 16, "max_seq_len": 64}
 
 
 def training(steps: int) -> dict[str, Any]:
@@ -91,10 +101,14 @@ def queue_file_job(server: Server, model: Path, data: Path, steps: int, n: int) 
 class Server:
     """``loraq serve`` and ``loraq run --wait`` on one home, for the API's side."""
 
-    def __init__(self, home: Path, model: Path) -> None:
+    def __init__(self, home: Path, model: Path, name: str = "tiny") -> None:
         home.mkdir(parents=True)
-        (home / "config.yaml").write_text(f"models:\n  tiny: {model}\n", encoding="utf-8")
+        # the real base's files are links into the cache (real_base), which the trainer must be allowed to read
+        linked_to = (model / "config.json").resolve().parent
+        (home / "config.yaml").write_text(f"models:\n  {name}: {model}\nallow_roots: [{linked_to}]\n",
+                                          encoding="utf-8")
         self.home = home
+        self.model_name = name
         self.key = run([LORAQ, "--home", str(home), "keys", "create", "bench"], env=quiet_env()).stdout.strip()
         self.serve = subprocess.Popen([LORAQ, "--home", str(home), "serve", "--port", "0"], stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True, env=quiet_env())
@@ -121,17 +135,17 @@ class Server:
                 proc.kill()
 
 
-def api_job(server: Server, data: Path, steps: int) -> tuple[float, float, str]:
+def api_job(server: Server, data: Path, steps: int, max_seq_len: int = 128) -> tuple[float, float, str]:
     client = server.client()
     t0 = time.perf_counter()
     with open(data, "rb") as fh:
         uploaded = client.files.create(file=fh, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=uploaded.id, seed=3,
+        model=server.model_name, training_file=uploaded.id, seed=3,
         hyperparameters={"batch_size": 8, "learning_rate_multiplier": 1.0},
         extra_body={"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                     "target_modules": LORA["target_modules"], "max_steps": steps,
-                    "training": {"max_seq_len": 128, "save_steps": 20, "logging_steps": 5}})
+                    "training": {"max_seq_len": max_seq_len, "save_steps": 20, "logging_steps": 5}})
     enqueued = time.perf_counter() - t0
     while True:
         job = client.fine_tuning.jobs.retrieve(job.id)
@@ -230,6 +244,27 @@ def never_eos(model: Path) -> None:
                                                               "pad_token_id": 0}), encoding="utf-8")
 
 
+def real_base(work: Path) -> Path:
+    """SmolLM2-135M-Instruct's cached folder, linked file by file into ``work`` so that :func:`never_eos` can
+    write its own ``generation_config.json`` there without touching the cache."""
+    tools = str(BENCH_DIR.parent / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import real_model
+    finally:
+        sys.path.remove(tools)
+    try:
+        cached = real_model.ensure().folder
+    except real_model.RealModelUnavailable as exc:
+        raise SystemExit(f"--base real: the real model is unavailable: {exc}") from None
+    folder = work / "smollm2"
+    folder.mkdir()
+    for path in cached.iterdir():
+        if path.name != "generation_config.json":
+            (folder / path.name).symlink_to(path)
+    return folder
+
+
 PROMPT = [{"role": "user", "content": "Hello, I need help with a refund for my last order."}]
 
 
@@ -250,7 +285,7 @@ def api_generate(server: Server, model: str, tokens: int, stream: bool) -> tuple
     return time.perf_counter() - t0, produced
 
 
-def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat: int) -> None:
+def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat: int, base: str) -> None:
     """Rounds of plain, whole, streamed, back to back (each round's ratios under the same load), after a warm-up."""
     never_eos(model)
     # in a process of its own, started as the server was: neither side shares its cores with the other
@@ -280,6 +315,7 @@ def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat
             return seconds, produced, cpu_s(pid) - cpu0
 
         rows, ratios, cpu = [], {"whole": [], "stream": []}, {"plain": [], "whole": [], "stream": []}
+        produced: set[tuple[int, int, int]] = set()
         for n in range(repeat + 1):
             p_s, p_n, p_cpu = timed(plain_once, plain.pid)
             w_s, w_n, w_cpu = timed(lambda: api_generate(server, fine_tuned, tokens, stream=False), server.serve.pid)
@@ -287,6 +323,7 @@ def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat
             if n == 0:
                 continue  # the warm-up: the server loads the base and the adapter
             assert p_n == w_n == s_n == tokens, (p_n, w_n, s_n)
+            produced.add((p_n, w_n, s_n))
             ratios["whole"].append(p_s / w_s)
             ratios["stream"].append(p_s / s_s)
             for key, value in (("plain", p_cpu), ("whole", w_cpu), ("stream", s_cpu)):
@@ -296,13 +333,14 @@ def generation(server: Server, model: Path, fine_tuned: str, tokens: int, repeat
     finally:
         plain.stdin.close()  # type: ignore[union-attr]
         plain.wait(timeout=60)
-    print(f"\n3. greedy generation of {tokens} tokens on the same adapter, rounds back to back ({load()})")
+    print(f"\n3. greedy generation of {tokens} tokens on the same adapter of {base}, rounds back to back ({load()})")
     print(table(["round", "plain generate() s", "chat.completions whole s", "chat.completions stream=True s",
                  "whole vs plain (tokens/s)", "stream vs plain (tokens/s)",
                  "CPU ms a token: plain | server whole | server stream"], rows))
     print(f"median of {repeat}: whole {median(ratios['whole']):.2f}x, stream=True {median(ratios['stream']):.2f}x "
           f"the tokens/s of plain generate() (goal >= 0.9x); CPU ms a token: plain {median(cpu['plain']):.2f}, "
-          f"server whole {median(cpu['whole']):.2f}, server stream {median(cpu['stream']):.2f}")
+          f"server whole {median(cpu['whole']):.2f}, server stream {median(cpu['stream']):.2f}; tokens produced "
+          f"(plain, whole, stream) in every round: {', '.join(str(p) for p in sorted(produced))}")
 
 
 def main() -> None:
@@ -313,21 +351,34 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--only", choices=("jobs", "listing", "generation"), action="append",
                         help="run only this part (repeatable); generation alone uses the warm-up job's adapter")
+    parser.add_argument("--base", choices=("tiny", "real"), default="tiny",
+                        help="generation on the demo's tiny model or on the real SmolLM2-135M-Instruct "
+                             "(an adapter trained on it first, through the API)")
     args = parser.parse_args()
     parts_run = set(args.only or ("jobs", "listing", "generation"))
+    if args.base == "real" and "jobs" in parts_run:
+        parser.error("--base real measures generation only: add --only generation")
     quiet_hf()
     print(f"bench_api: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
-        model = demo.build_model(work / "tiny", pretrain_steps=20)
+        if args.base == "real":
+            model, base = real_base(work), "SmolLM2-135M-Instruct"
+        else:
+            model, base = demo.build_model(work / "tiny", pretrain_steps=20), "the tiny model"
         name, make = demo.DATASETS["support"]
         data = demo.write_jsonl(work / name, make(120, random.Random(1)))
 
-        server = Server(work / "api-home", model) if parts_run & {"jobs", "generation"} else None
+        server = (Server(work / "api-home", model, "smollm2" if args.base == "real" else "tiny")
+                  if parts_run & {"jobs", "generation"} else None)
         try:
             rows, queue_s, api_s = [], [], []
             parts: list[list[str]] = []
-            if server is not None:
+            if server is not None and args.base == "real":
+                took, _, fine_tuned = api_job(server, data, REAL_JOB["steps"], REAL_JOB["max_seq_len"])
+                print(f"\nthe adapter: {REAL_JOB['steps']} steps on {base} through the API (max_seq_len "
+                      f"{REAL_JOB['max_seq_len']}, batch 8, LoRA r=8 on q/v), {took:.0f} s end to end")
+            elif server is not None:
                 # the worker's trainer starts and loads the base: neither path pays it
                 _, _, fine_tuned = api_job(server, data, 2)
             for n in range(args.repeat if "jobs" in parts_run else 0):
@@ -349,7 +400,7 @@ def main() -> None:
                 print(f"median: queue file {median(queue_s):.2f} s, API {median(api_s):.2f} s, "
                       f"ratio {median(api_s) / median(queue_s):.3f} (goal <= 1.05)")
             if server is not None and "generation" in parts_run:
-                generation(server, model, fine_tuned, args.tokens, args.repeat)
+                generation(server, model, fine_tuned, args.tokens, args.repeat, base)
         finally:
             if server is not None:
                 server.stop()
