@@ -366,6 +366,7 @@ def test_a_dpo_job_trains_through_the_queue_and_publishes_a_plain_peft_lora(pair
     home = pairs_dir / "h"
     queue = write_queue(pairs_dir, QUEUE + "  - name: dpo\n    dataset: ./data/pairs.jsonl\n"
                         "    method: {type: dpo, beta: 0.5}\n    validation: {min_preference_accuracy: 0.5}\n"
+                        "    tracking: {report_to: [tensorboard]}\n"
                         "  - name: oai-simpo\n    dataset: ./data/openai.jsonl\n    method: simpo\n"
                         "    training: {epochs: 1}\n"
                         "  - name: warm\n    after: sft\n    dataset: ./data/pairs.jsonl\n    method: dpo\n"
@@ -388,6 +389,15 @@ def test_a_dpo_job_trains_through_the_queue_and_publishes_a_plain_peft_lora(pair
     logged = {m["name"] for m in shown["metrics"]}
     assert {"rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "logps_rejected"} <= logged
     assert "preference_accuracy: base" in loraq(home, "show", "dpo").stdout
+    # The experiment trackers get the preference metrics as the job's events do, and the final figures.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(home / "tensorboard" / "dpo"))
+    board.Reload()
+    tracked = set(board.Tags()["scalars"])
+    assert {"loss", "eval_loss", "reward_margin", "eval_rewards_chosen", "preference_accuracy",
+            "base_preference_accuracy", "base_eval_loss"} <= tracked, tracked
+    assert board.Scalars("preference_accuracy")[-1].value == pytest.approx(dpo["preference_accuracy"])
     report = loraq(home, "report", "--format", "md", "-o", str(pairs_dir / "report.md"))
     assert report.returncode == 0 and "preference\\_accuracy" in (pairs_dir / "report.md").read_text()  # md-escaped
 

@@ -122,7 +122,7 @@ TRAIN_MAY_IMPORT: dict[str, set[str]] = {
     "__main__": {"pipe"},
     "pipe": {"service"},
     "service": {"job", "preference"},
-    "preference": {"job", "controls", "faults", "prepare", "quality"},  # a JobRun with the preference loop (issue 23)
+    "preference": {"job", "controls", "faults", "prepare", "quality", "tracking"},  # a JobRun with the preference loop (issue 23)
     "job": {"controls", "faults", "layout", "prepare", "quality", "tracking"},
     "prepare": {"faults"},  # the injected bug is found in the job's rows
     "quality": {"controls"},  # early stopping's Measure

@@ -443,9 +443,6 @@ class JobSpec(_Strict):
                                     "log-probability, which a fused loss never materialises"),
             "validation.early_stopping": (validation.early_stopping is not None,
                                           "is not offered for preference jobs yet; set training.epochs or max_steps"),
-            "tracking": (self.tracking is not None and bool(self.tracking.report_to),
-                         "experiment trackers are not reported to from preference jobs yet (show and the report "
-                         "have their metrics)"),
             "lora.init": (rewrites_base(self.lora.init), "PiSSA and OLoRA rewrite the base weights, and DPO's "
                           "reference is the base as it is"),
         }

@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import data, fsutil
+from .. import checkpoints, data, fsutil
 from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, describe
 from ..model.base import release_memory, resolve_dtype
 from ..protocol import Event, Progress, Started, Stopped, TrainRequest, TrainResult
 from ..queue.spec import JobSpec, PreferenceMethod
-from . import controls, faults, quality
+from . import controls, faults, quality, tracking
 from .job import JobRun, _last_train_loss, _OutOfMemory, _Pass
 from .prepare import read_roots
 
@@ -487,8 +487,8 @@ def trainer_class(base: Any) -> Any:
     return PreferenceTrainer
 
 
-def _metrics_callback(emit: Emit) -> Any:
-    """Sends the preference metrics of each log (train and eval) out as ``progress`` metrics."""
+def _metrics_callback(emit: Emit, track: tracking.Tracking) -> Any:
+    """Sends the preference metrics of each log (train and eval) out as ``progress`` metrics, and to the trackers."""
     from transformers import TrainerCallback
 
     wanted = set(LOGGED) | {f"eval_{k}" for k in LOGGED}
@@ -499,6 +499,7 @@ def _metrics_callback(emit: Emit) -> Any:
                        if k in wanted and isinstance(v, (int, float)) and math.isfinite(v)}
             if metrics:
                 emit(Progress(step=state.global_step, max_steps=state.max_steps, metrics=metrics))
+                track.log(metrics, state.global_step)
 
     return PreferenceMetrics()
 
@@ -535,6 +536,7 @@ class PreferenceRun(JobRun):
             raise TrainingError(f"lora: {exc}", kind=FailureKind.SPEC) from exc
         trainer = None
         resume = request.resume_from
+        published = False
         try:
             t0 = time.perf_counter()
             # The warm start is loaded whatever checkpoint the attempt resumes: the reference is the starting
@@ -563,6 +565,11 @@ class PreferenceRun(JobRun):
                          n_train=len(pairs.train), n_eval=len(pairs.eval)))
             log(f"{len(pairs.train)} train / {len(pairs.eval)} eval pairs, {steps} steps; eval {method.type} loss "
                 f"{start.loss:.4f}, preference accuracy: base {base.accuracy:.3f}, start {start.accuracy:.3f}")
+            job_dir = Path(request.log_path).parent.parent  # jobs/<id>: the runs continue across its attempts
+            self.tracking = tracking.open_runs(spec, job_dir=job_dir, home=job_dir.parent.parent, attempt=request.attempt,
+                                               sweep=request.job.sweep, log=log,
+                                               resume_step=checkpoints.step_of(resume) if resume else None)
+            self.tracking.log({"base_eval_loss": start.loss, "base_preference_accuracy": base.accuracy}, 0)
             batching = controls.Batching.of(spec, spec.training.gradient_checkpointing is True)
             initial = _lora_state(model) if resume is None else None  # where a back-off with no checkpoint restarts
             while True:  # once, unless the OOM back-off goes on with smaller micro-batches
@@ -612,6 +619,10 @@ class PreferenceRun(JobRun):
                 "started_from": request.job.init_from_path, "eval_pairs": len(pairs.eval),
                 "base": dataclasses.asdict(base), "start": dataclasses.asdict(start), "adapter": dataclasses.asdict(final),
             }
+            self.tracking.log({"eval_loss": final.loss, "base_eval_loss": start.loss, **metrics}, step)
+            if self.tracking.trackers or self.tracking.warnings:
+                extras["tracking"] = self.tracking.summary()
+            published = True
             log(f"preference accuracy: base {base.accuracy:.3f}, start {start.accuracy:.3f} -> adapter "
                 f"{final.accuracy:.3f} on {len(pairs.eval)} eval pairs; eval loss {start.loss:.4f} -> {final.loss:.4f}")
             emit(Progress(step=step, max_steps=steps, metrics={
@@ -627,6 +638,7 @@ class PreferenceRun(JobRun):
                 timings={k: round(v, 3) for k, v in timings.items()},
             )
         finally:
+            self.tracking.close(published)
             del trainer
             controls.end_gradient_checkpointing(resident.model)
             model.unload().eval()
@@ -661,7 +673,7 @@ class PreferenceRun(JobRun):
         extra = [faults.FaultCallback(pairs.fault, batching).callback()] if pairs.fault is not None else []
         trainer = trainer_class(Trainer)(
             model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
-            data_collator=collator, method=method, callbacks=[_metrics_callback(self.emit), *extra,
+            data_collator=collator, method=method, callbacks=[_metrics_callback(self.emit, self.tracking), *extra,
                                                               *self._callbacks(current)],
         )
         return current, trainer, time.perf_counter()
