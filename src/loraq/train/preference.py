@@ -29,10 +29,13 @@ Quality: ``preference_accuracy`` is the share of held-out pairs whose log-probab
 and the adapter (and, for a warm start, the starting adapter: ``extras["preference"]``).
 The eval loss is the method's loss on the eval pairs; the base's is the starting model's
 (DPO's: ln 2). Chosen and rejected log-probabilities, rewards, margins and the reward
-accuracy go out as ``progress`` metrics at each logging step and evaluation.
+accuracy go out as ``progress`` metrics at each logging step and evaluation, and to the job's
+experiment trackers (``tracking.report_to``).
 
-Not here (refused at submit or documented): packing, the fused loss, early stopping, the OOM
-back-off's smaller micro-batches (an out-of-memory error fails the attempt, which is retried).
+As for SFT jobs, an out-of-memory error in training goes on with smaller micro-batches (the
+same pairs per optimizer step) from the newest checkpoint, or from the starting LoRA weights
+(:meth:`PreferenceRun._train`). Not here (refused at submit): packing, the fused loss, early
+stopping, PiSSA/OLoRA.
 """
 
 from __future__ import annotations
