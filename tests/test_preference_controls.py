@@ -97,3 +97,27 @@ def test_out_of_memory_in_a_dpo_job_halves_the_micro_batch_and_trains_the_same_a
     for key, value in reference.items():
         assert (backed_off[key] - value).abs().max().item() < 1e-5, key
     assert max(v.abs().max().item() for k, v in reference.items() if "lora_B" in k) > 1e-3  # it did train
+
+
+def test_early_stopping_stops_a_dpo_job_and_publishes_its_best_evaluated_step(pairs_dir: Path) -> None:  # noqa: F811
+    """``validation.early_stopping`` on a DPO job watches the held-out DPO loss: with a min_delta no evaluation can
+    beat, it stops at the second evaluation (patience 1) and publishes the better of the two evaluated steps."""
+    home = pairs_dir / "h"
+    loraq(home, "submit", str(write_queue(pairs_dir, QUEUE + """\
+  - name: early
+    dataset: ./data/pairs.jsonl
+    method: dpo
+    training: {max_steps: 12, save_steps: 2, eval_steps: 2, lr_scheduler: constant}
+    validation: {early_stopping: {patience: 1, min_delta: 1000}}
+""")))
+    loraq(home, "run")
+    shown = json.loads(loraq(home, "show", "early", "--json").stdout)
+    job = shown["job"]
+    assert job["status"] == "completed" and job["attempts"] == 1, job
+    evaluated = {m["step"]: m["value"] for m in shown["metrics"] if m["name"] == "eval_loss"}
+    assert sorted(evaluated)[:2] == [2, 4] and max(evaluated) == 4, evaluated  # stopped at its second evaluation
+    best = min((2, 4), key=lambda s: evaluated[s])
+    assert job["eval_loss"] == pytest.approx(evaluated[best], abs=1e-6)
+    manifest = json.loads((home / "adapters" / "early" / "loraq-manifest.json").read_text())
+    stopping = json.dumps(manifest)
+    assert f'"published_step": {best}' in stopping and "early stopping: no eval_loss improvement" in stopping

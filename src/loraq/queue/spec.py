@@ -441,8 +441,9 @@ class JobSpec(_Strict):
         refusals = {
             "training.fused_loss": (training.fused_loss, "the preference losses need each answer token's "
                                     "log-probability, which a fused loss never materialises"),
-            "validation.early_stopping": (validation.early_stopping is not None,
-                                          "is not offered for preference jobs yet; set training.epochs or max_steps"),
+            "validation.early_stopping.metric": (
+                validation.early_stopping is not None and validation.early_stopping.metric != "eval_loss",
+                "a preference job stops on eval_loss (the method's loss on the eval pairs)"),
             "lora.init": (rewrites_base(self.lora.init), "PiSSA and OLoRA rewrite the base weights, and DPO's "
                           "reference is the base as it is"),
         }

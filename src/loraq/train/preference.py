@@ -34,8 +34,9 @@ experiment trackers (``tracking.report_to``).
 
 As for SFT jobs, an out-of-memory error in training goes on with smaller micro-batches (the
 same pairs per optimizer step) from the newest checkpoint, or from the starting LoRA weights
-(:meth:`PreferenceRun._train`). Not here (refused at submit): packing, the fused loss, early
-stopping, PiSSA/OLoRA.
+(:meth:`PreferenceRun._train`); early stopping watches the eval loss and publishes the best
+evaluated step. Not here (refused at submit): packing, the fused loss, early stopping on another
+metric, PiSSA/OLoRA.
 """
 
 from __future__ import annotations
@@ -603,10 +604,20 @@ class PreferenceRun(JobRun):
             staging = Path(request.staging_dir)
             if staging.exists():
                 fsutil.remove_tree(staging)
+            published_step, stopping = step, None
+            if current.keeper is not None:  # the adapter published is the best evaluated, the last step's included
+                if not controls.evaluated_at(trainer.state, step):
+                    trainer.evaluate()
+                stopping = current.keeper.publish_best(step, steps)
+                published_step = int(stopping["published_step"])
+                log(f"publishing step {published_step} ({stopping['published_because']}); "
+                    f"{stopping['stopped_because']}")
             controls.save_adapter(model, staging, None)
-            # Trainer evaluated the last step (the end of a steps eval strategy) on the same pairs and batches:
-            # only weights no evaluation of this attempt saw (a resume from the last checkpoint) are evaluated here
-            final = trainer.evaluations.get(step) or evaluate_pairs(model, pairs.eval, collator, method, batch)
+            # Trainer evaluated the published step (the last of a steps eval strategy, or early stopping's best) on
+            # the same pairs and batches: only weights no evaluation of this attempt saw (a resume from the last
+            # checkpoint) are evaluated here
+            final = trainer.evaluations.get(published_step) or evaluate_pairs(model, pairs.eval, collator, method,
+                                                                              batch)
             timings["save_eval_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             answers = quality.answer(model, resident.tokenizer, spec, pairs.prompts)
@@ -616,6 +627,8 @@ class PreferenceRun(JobRun):
             timings["generate_s"] = time.perf_counter() - t0
             # measured for every preference job (validation.metrics may name it to gate on it)
             metrics |= {"preference_accuracy": final.accuracy, "base_preference_accuracy": base.accuracy}
+            if stopping is not None:
+                extras["stopping"] = stopping
             extras["preference"] = {
                 "method": method.model_dump(), "reference": ("none" if not method.uses_reference else
                                                              "the starting adapter" if warm else "the base"),
@@ -674,6 +687,9 @@ class PreferenceRun(JobRun):
             resume = controls.settle_resume(resume, Path(request.checkpoints_dir).parent / "resume", batching, args)
         current = _Pass(batching, resume)  # what the job's callbacks fill in: problems, evaluations
         extra = [faults.FaultCallback(pairs.fault, batching).callback()] if pairs.fault is not None else []
+        if (early := spec.validation.early_stopping) is not None:  # on the eval loss: the method's on the eval pairs
+            current.keeper = controls.EarlyStopping(early, model, resume, self.log)
+            extra.insert(0, current.keeper.callback())
         trainer = trainer_class(Trainer)(
             model=model, args=args, train_dataset=data_list(pairs.train), eval_dataset=data_list(pairs.eval),
             data_collator=collator, method=method, callbacks=[_metrics_callback(self.emit, self.tracking), *extra,
