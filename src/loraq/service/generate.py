@@ -322,24 +322,25 @@ class Answer:
         piece, self.sent = self.text[self.sent:ready], max(self.sent, ready)
         return piece
 
+    def _take_new(self, *, last: bool) -> None:
+        """Append the text of the tokens not read yet, decoded after their context: whole characters only, unless
+        ``last`` (the end of the answer, where a token's text is what it is)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = (len(self.ids), len(self.ids)) if last else (self._read, len(self.ids))
+
     def add(self, ids: list[int]) -> str:
         if self.stopped:
             return ""
         self.ids.extend(ids)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+        self._take_new(last=False)
         return self._cut()
 
     def finish(self) -> str:
         """The rest once generation has ended: what was held back, and a last token's text decoded whatever it is."""
         if not self.stopped:
-            before = self._decode(self.ids[self._prefix:self._read])
-            after = self._decode(self.ids[self._prefix:])
-            if len(after) > len(before):
-                self.text += after[len(before):]
-                self._prefix = self._read = len(self.ids)
+            self._take_new(last=True)
             self._hold = 0
         return self._cut()

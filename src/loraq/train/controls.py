@@ -239,6 +239,16 @@ class EarlyStopping:
         save_file(self.weights, str(folder / BEST_WEIGHTS))
         fsutil.atomic_write_json(folder / BEST_META, asdict(self.best))
 
+    def publish_after(self, trainer: Any, max_steps: int) -> dict[str, Any]:
+        """:meth:`publish_best` once ``trainer`` has trained, its last step evaluated first if it was not; logged."""
+        step = trainer.state.global_step
+        if not evaluated_at(trainer.state, step):
+            trainer.evaluate()
+        stopping = self.publish_best(step, max_steps)
+        self.log(f"publishing step {stopping['published_step']} ({stopping['published_because']}); "
+                 f"{stopping['stopped_because']}")
+        return stopping
+
     def publish_best(self, final_step: int, max_steps: int) -> dict[str, Any]:
         """Put the best weights into the model; return what the manifest and ``show`` say about it."""
         stopped_at, why = self.stopped or (final_step, f"reached max_steps {max_steps}")

@@ -98,6 +98,12 @@ class _OutOfMemory:
     error: str
     asked: str | None
 
+    @classmethod
+    def of(cls, exc: BaseException, trainer: Any) -> _OutOfMemory:
+        """The out-of-memory error ``exc`` that ``trainer`` met at its next optimizer step."""
+        return cls(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
+                   asked=controls.asked(exc))
+
 
 class JobRun:
     """One job's training, set up step by step; its state lives on ``self``, not in parameter lists."""
@@ -255,8 +261,7 @@ class JobRun:
             except BaseException as exc:  # an out-of-memory error goes back to the back-off, once cleaned up
                 if not controls.is_oom(exc):
                     raise
-                oom = _OutOfMemory(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
-                                   asked=controls.asked(exc))
+                oom = _OutOfMemory.of(exc, trainer)
             if oom is None:
                 result = self._finish(p, model, trainer, output)
         finally:
@@ -335,11 +340,7 @@ class JobRun:
         extras: dict[str, Any] = batches.extras(p.batching, spec.training.seed, prepared)
         extras["packing"]["epochs_trained"] = round(float(trainer.state.epoch or 0.0), 4)
         if p.keeper is not None:  # the adapter published is the best evaluated, the last step's included
-            if not controls.evaluated_at(trainer.state, step):
-                trainer.evaluate()
-            extras["stopping"] = p.keeper.publish_best(step, self.steps)
-            log(f"publishing step {extras['stopping']['published_step']} "
-                f"({extras['stopping']['published_because']}); {extras['stopping']['stopped_because']}")
+            extras["stopping"] = p.keeper.publish_after(trainer, self.steps)
         t0 = time.perf_counter()
         staging = Path(self.request.staging_dir)
         if staging.exists():

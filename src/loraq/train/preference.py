@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import checkpoints, data, fsutil
-from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError, describe
+from ..errors import DataError, FailureKind, TemplateBudgetError, TrainingError
 from ..model.base import release_memory, resolve_dtype
 from ..protocol import Event, Progress, Started, Stopped, TrainRequest, TrainResult
 from ..queue.spec import JobSpec, PreferenceMethod
@@ -575,7 +575,7 @@ class PreferenceRun(JobRun):
                                                resume_step=checkpoints.step_of(resume) if resume else None)
             self.tracking.log({"base_eval_loss": start.loss, "base_preference_accuracy": base.accuracy}, 0)
             batching = controls.Batching.of(spec, spec.training.gradient_checkpointing is True)
-            initial = _lora_state(model) if resume is None else None  # where a back-off with no checkpoint restarts
+            initial = controls.lora_state(model) if resume is None else None  # where a back-off with no checkpoint restarts
             while True:  # once, unless the OOM back-off goes on with smaller micro-batches
                 current, trainer, t_train = self._pass(model, pairs, collator, batching, resume)
                 try:
@@ -584,14 +584,13 @@ class PreferenceRun(JobRun):
                 except BaseException as exc:  # an out-of-memory error goes to the back-off, as for SFT jobs
                     if not controls.is_oom(exc):
                         raise
-                    oom = _OutOfMemory(step=trainer.state.global_step + 1, error=describe(exc).splitlines()[0][:500],
-                                       asked=controls.asked(exc))
+                    oom = _OutOfMemory.of(exc, trainer)
                 trainer = None
                 release_memory()
                 after = self._after_oom(current, oom)
                 batching, resume = after.batching, after.resume
                 if resume is None and initial is not None:  # no checkpoint yet: from the weights it started with
-                    _load_lora_state(model, initial)
+                    controls.load_lora_state(model, initial)
             train_s = timings["train_s"] = time.perf_counter() - t_train
             timings["eval_s"] = trainer.eval_s  # inside train_s
             if current.problems:
@@ -606,12 +605,8 @@ class PreferenceRun(JobRun):
                 fsutil.remove_tree(staging)
             published_step, stopping = step, None
             if current.keeper is not None:  # the adapter published is the best evaluated, the last step's included
-                if not controls.evaluated_at(trainer.state, step):
-                    trainer.evaluate()
-                stopping = current.keeper.publish_best(step, steps)
+                stopping = current.keeper.publish_after(trainer, steps)
                 published_step = int(stopping["published_step"])
-                log(f"publishing step {published_step} ({stopping['published_because']}); "
-                    f"{stopping['stopped_because']}")
             controls.save_adapter(model, staging, None)
             # Trainer evaluated the published step (the last of a steps eval strategy, or early stopping's best) on
             # the same pairs and batches: only weights no evaluation of this attempt saw (a resume from the last
@@ -696,19 +691,6 @@ class PreferenceRun(JobRun):
                                                               *self._callbacks(current)],
         )
         return current, trainer, time.perf_counter()
-
-
-def _lora_state(model: Any) -> dict[str, Any]:
-    """A copy of the LoRA's weights as they are (a few MB)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def _load_lora_state(model: Any, state: dict[str, Any]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, state)
 
 
 def data_list(items: list[dict[str, Any]]) -> Any:
